@@ -1,0 +1,1 @@
+"""The ``pacnet`` command line: argparse verbs; all printing lives here."""

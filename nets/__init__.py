@@ -1,0 +1,1 @@
+"""The zoo of YAML graphs, installed as package data."""

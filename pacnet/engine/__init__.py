@@ -1,0 +1,1 @@
+"""The engine: solver, data, metrics, checkpoints, the train/test loop."""
