@@ -152,9 +152,39 @@ def fill_(tensor: torch.Tensor, spec: Optional[Dict[str, Any]],
     return tensor
 
 
+def filler_problem(spec: Optional[Dict[str, Any]], shape: Sequence[int],
+                   allow_xy: bool = False) -> Optional[str]:
+    """Why Caffe's filler ``spec`` cannot fill a blob of ``shape`` (None when it can).
+
+    Mirrors the CHECKs of ``filler.hpp``: ``sparse`` only for gaussian, ``bilinear`` only
+    for square 4-D blobs, ``uniform`` needs min <= max, ``xy`` only for data blobs
+    (``allow_xy``) of shape N x 2 x H x W.
+    """
+    spec = dict(spec or {})
+    kind = spec.get("type", "constant")
+    shape = tuple(int(d) for d in shape)
+    if kind != "gaussian" and int(spec.get("sparse", -1)) != -1:
+        return f"'sparse' is only supported by the gaussian filler, not {kind!r}"
+    if kind == "bilinear" and (len(shape) != 4 or shape[2] != shape[3]):
+        return f"the bilinear filler needs a square 4-D blob, got shape {list(shape)}"
+    if kind == "uniform" and float(spec.get("min", 0.0)) > float(spec.get("max", 1.0)):
+        return "the uniform filler needs min <= max"
+    if kind == "xy":
+        if not allow_xy:
+            return "the 'xy' filler fills data blobs (DummyData), not learnable weights"
+        if len(shape) != 4 or shape[1] != 2:
+            return f"the 'xy' filler needs an N x 2 x H x W blob, got shape {list(shape)}"
+    return None
+
+
 def bilinear_kernel(size: int) -> torch.Tensor:
-    """Caffe's bilinear upsampling kernel (size x size): f = ceil(K/2), c = (K-1)/(2f)."""
+    """Caffe's bilinear upsampling kernel (size x size): f = ceil(K/2), c = (2f-1-f%2)/(2f).
+
+    This ``c`` is the one in ``filler.hpp``; it equals (K-1)/(2f) for the kernel sizes
+    Caffe documents (K = 2*factor - factor%2) and differs for the others (K=3 gives taps
+    0.25, 0.75, 0.75).
+    """
     f = math.ceil(size / 2.0)
-    c = (size - 1) / (2.0 * f)
+    c = (2 * f - 1 - f % 2) / (2.0 * f)
     taps = torch.tensor([1 - abs(i / f - c) for i in range(size)], dtype=torch.float64)
     return taps[:, None] * taps[None, :]

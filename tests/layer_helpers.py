@@ -47,9 +47,18 @@ __all__ = ["make_spec", "defaults", "infer", "build", "run_layer", "layer_error"
 
 def defaults(type_name: str) -> Dict[str, Any]:
     """The ``default`` of every parameter of ``type_name`` that has one (deep copies)."""
-    layer = get(type_name)
-    return {key: copy.deepcopy(prop["default"])
-            for key, prop in layer.params.items() if "default" in prop}
+    return _fill_defaults({}, get(type_name).schema())
+
+
+def _fill_defaults(values: Dict[str, Any], schema: Dict[str, Any]) -> Dict[str, Any]:
+    # Same rule as the compiler's validator: top-level defaults, then recursively into
+    # objects (a user's ``weight_filler: {type: gaussian}`` gets ``mean``, ``std``, ...).
+    for key, sub in (schema.get("properties") or {}).items():
+        if key not in values and "default" in sub:
+            values[key] = copy.deepcopy(sub["default"])
+        if isinstance(values.get(key), dict) and sub.get("properties"):
+            _fill_defaults(values[key], sub)
+    return values
 
 
 def bottom_names(n: int) -> Tuple[str, ...]:
@@ -94,8 +103,7 @@ def make_spec(type_name: str, name: str = "l", phase: str = "test", n_bottoms: i
     if n_tops < lo or (hi is not None and n_tops > hi):
         raise SchemaError(f"takes {lo}..{hi if hi is not None else 'any'} tops, got {n_tops}",
                           location=location, layer=name, layer_type=type_name)
-    full = defaults(type_name)
-    full.update(copy.deepcopy(params))
+    full = _fill_defaults(copy.deepcopy(params), layer.schema())
     locations = {key: Location("<test>", i + 2, 5) for i, key in enumerate(params)}
     spec = LayerSpec(
         name=name,
