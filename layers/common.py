@@ -13,6 +13,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
+from pacnet.errors import ShapeError
 from pacnet.registry import LayerSpec
 
 # ----------------------------------------------------------------------------- schema bits
@@ -31,6 +32,25 @@ def int_or_pair(description: str, minimum: int = 0, default: Any = None) -> dict
     if default is not None:
         schema["default"] = default
     return schema
+
+
+def repeated(item: dict, description: str, default: Any = None) -> dict:
+    """Schema of a Caffe ``repeated`` field: one value, or a list of them (prototxt writes
+    a field given once as a single value).  Read it back with :func:`as_list`."""
+    schema = {"description": description,
+              "oneOf": [item, {"type": "array", "items": item}]}
+    if default is not None:
+        schema["default"] = default
+    return schema
+
+
+def as_list(value: Any) -> list:
+    """A repeated field's values as a list (None -> [], a single value -> [value])."""
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
 
 
 FILLER = {
@@ -88,6 +108,17 @@ def conv_out(size: int, kernel: int, pad: int, stride: int, dilation: int = 1) -
 
 def numel(shape: Sequence[int]) -> int:
     return math.prod(int(d) for d in shape)
+
+
+def canonical_axis(spec: LayerSpec, axis: int, ndim: int, key: str = "axis") -> int:
+    """Caffe's ``CanonicalAxisIndex``: ``axis`` in ``[-ndim, ndim)`` -> ``[0, ndim)``.
+
+    Out of range is a :class:`~pacnet.errors.ShapeError` located at ``key``.
+    """
+    if not -ndim <= axis < ndim:
+        raise spec.error(f"{key} {axis} is out of range for a {ndim}-D bottom",
+                         key=key, hint=f"use an axis in [{-ndim}, {ndim - 1}]", cls=ShapeError)
+    return axis + ndim if axis < 0 else axis
 
 
 # ----------------------------------------------------------------------------- fillers
