@@ -1,0 +1,140 @@
+"""``pacnet build NET``: validate, compile and show every layer's output shape.
+
+The table is Caffe's Net::Init log as a table: layer, type, bottoms -> tops, output
+shape, parameters, FLOPs and activation memory, with totals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import List
+
+from pacnet.atomic import atomic_write
+from pacnet.cli.common import add_net_arguments, build_from_args
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("build", help="validate and compile a net; show shapes, params, FLOPs",
+                       description=__doc__.splitlines()[0])
+    add_net_arguments(p)
+    p.add_argument("--code", action="store_true", help="print the generated forward() code")
+    p.add_argument("--dot", metavar="FILE", help="write the layer graph in Graphviz dot format")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.set_defaults(run=run)
+
+
+def human(n: float, unit: str = "", base: int = 1000) -> str:
+    """1234567 -> '1.23M' (base 1000) or bytes with base 1024 -> '1.2 MiB'."""
+    if base == 1024:
+        for suffix in ("B", "KiB", "MiB", "GiB", "TiB"):
+            if abs(n) < 1024 or suffix == "TiB":
+                return f"{n:.0f} {suffix}" if suffix == "B" else f"{n:.1f} {suffix}"
+            n /= 1024
+    for suffix in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000 or suffix == "T":
+            return (f"{n:.0f}" if suffix == "" else f"{n:.2f}{suffix}") + unit
+        n /= 1000
+    return str(n)
+
+
+def _shape(s) -> str:
+    return "×".join(str(d) for d in s) if s else "scalar"
+
+
+def run(args: argparse.Namespace) -> int:
+    from pacnet.api import parameter_count, summarize
+
+    net = build_from_args(args)
+    rows = summarize(net)
+    total_params = parameter_count(net)
+    total_flops = sum(r.flops for r in rows)
+    total_mem = sum(r.memory for r in rows) + sum(4 * _numel(s) for s in net.inputs.values())
+
+    if args.dot:
+        with atomic_write(args.dot) as f:
+            f.write(to_dot(net))
+    if args.json:
+        print(json.dumps({
+            "name": net.ir.name,
+            "phase": net.ir.phase,
+            "inputs": {k: list(v) for k, v in net.inputs.items()},
+            "outputs": [r.name for r in net.ir.outputs],
+            "blobs": {k: list(v) for k, v in net.shapes.items()},
+            "params": total_params,
+            "flops": total_flops,
+            "memory": total_mem,
+            "loss_weights": dict(net.loss_weights),
+            "layers": [{"name": r.name, "type": r.type, "bottoms": list(r.bottoms), "tops": list(r.tops),
+                        "shapes": [list(s) for s in r.shapes], "params": r.params, "flops": r.flops,
+                        "memory": r.memory, "fused": r.fused} for r in rows],
+        }, indent=None))
+        return 0
+    if args.code:
+        print(net.code)
+        return 0
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{net.ir.name} ({net.ir.phase})", show_lines=False, header_style="bold")
+    for col, justify in (("layer", "left"), ("type", "left"), ("bottoms → tops", "left"),
+                         ("output shape", "left"), ("params", "right"), ("FLOPs", "right"),
+                         ("memory", "right")):
+        table.add_column(col, justify=justify, overflow="fold")
+    for name, shape in net.inputs.items():
+        table.add_row(name, "input", "", _shape(shape), "", "", human(4 * _numel(shape), base=1024))
+    for r in rows:
+        kind = r.type + (" (fused)" if r.fused else "")
+        flow = f"{', '.join(r.bottoms)} → {', '.join(r.tops)}"
+        table.add_row(r.name, kind, flow, "  ".join(_shape(s) for s in r.shapes),
+                      human(r.params) if r.params else "", human(r.flops) if r.flops else "",
+                      human(r.memory, base=1024))
+    table.add_section()
+    table.add_row("total", f"{len(rows)} layers", f"outputs: {', '.join(o.name for o in net.ir.outputs)}",
+                  "", human(total_params), human(total_flops), human(total_mem, base=1024))
+    Console(file=sys.stdout, width=max(100, _terminal_width())).print(table)
+    for r in rows:
+        if r.fused:
+            print(f"fused: {r.name}: {r.fused}")
+    return 0
+
+
+def _terminal_width() -> int:
+    import shutil
+
+    return shutil.get_terminal_size((140, 20)).columns
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def to_dot(net) -> str:
+    """Graphviz dot text: boxes for layers, ellipses for blobs labelled with their shapes."""
+    lines: List[str] = [f'digraph "{net.ir.name}" {{', "  rankdir=TB;"]
+    g = net.ir.to_networkx()
+    ids = {node: f"n{i}" for i, node in enumerate(g.nodes)}
+    for node, data in g.nodes(data=True):
+        kind, name = node
+        if kind == "layer":
+            lines.append(f'  {ids[node]} [shape=box, label="{name}\\n{data.get("type")}"];')
+        else:
+            shape = net.blob_shapes.get(_ref(name))
+            label = name + (f"\\n{_shape(shape)}" if shape is not None else "")
+            lines.append(f'  {ids[node]} [shape=ellipse, label="{label}"];')
+    for u, v in g.edges():
+        lines.append(f"  {ids[u]} -> {ids[v]};")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def _ref(text: str):
+    from pacnet.graph import BlobRef
+
+    name, _, version = text.partition("@")
+    return BlobRef(name, int(version) if version else 0)

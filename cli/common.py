@@ -1,0 +1,64 @@
+"""Argument helpers shared by the verbs (net source, inputs, overrides, vars)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from pacnet.errors import PacnetError
+from pacnet.load import parse_assignment
+
+
+def add_net_arguments(parser: argparse.ArgumentParser, *, phase: str = "test") -> None:
+    """NET, --input, --phase, --set, --var, --no-fuse: how every verb names a net."""
+    parser.add_argument("net", metavar="NET", help="net file: YAML (.yaml/.yml) or Caffe .prototxt")
+    parser.add_argument("--input", "-i", action="append", default=[], metavar="NAME=NxCxHxW",
+                        help="concrete shape of an input blob (binds symbolic dims); repeatable")
+    parser.add_argument("--phase", choices=("train", "test"), default=phase,
+                        help=f"Caffe phase for include/exclude rules (default {phase})")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="override a value, e.g. layers.conv1.num_output=32 or dims.H=128; repeatable")
+    parser.add_argument("--var", action="append", default=[], metavar="NAME=VALUE", dest="vars",
+                        help="value of a ${NAME} template variable; repeatable")
+    parser.add_argument("--no-fuse", action="store_true", help="keep the graph as written (no fusion passes)")
+
+
+_SHAPE = re.compile(r"^\d+(x\d+)*$")
+
+
+def parse_inputs(items: Sequence[str]) -> Dict[str, Tuple[int, ...]]:
+    shapes: Dict[str, Tuple[int, ...]] = {}
+    for item in items:
+        if "=" not in item:
+            raise PacnetError(f"--input {item!r}: expected NAME=NxCxHxW", hint="e.g. --input data=1x3x224x224")
+        name, dims = item.split("=", 1)
+        dims = dims.strip().lower().replace(",", "x")
+        if not _SHAPE.match(dims):
+            raise PacnetError(f"--input {item!r}: the shape must be positive integers joined by 'x'",
+                              hint="e.g. --input data=1x3x224x224")
+        shape = tuple(int(d) for d in dims.split("x"))
+        if any(d <= 0 for d in shape):
+            raise PacnetError(f"--input {item!r}: dims must be positive")
+        shapes[name.strip()] = shape
+    return shapes
+
+
+def parse_assignments(items: Sequence[str], flag: str) -> Dict[str, object]:
+    out: Dict[str, object] = {}
+    for item in items:
+        try:
+            key, value = parse_assignment(item)
+        except PacnetError as err:
+            raise PacnetError(f"{flag} {item!r}: {err.message}", hint="use KEY=VALUE") from None
+        out[key] = value
+    return out
+
+
+def build_from_args(args: argparse.Namespace, *, phase: Optional[str] = None):
+    """Compile the net named by the common arguments."""
+    from pacnet.api import build
+
+    return build(args.net, inputs=parse_inputs(args.input), phase=phase or args.phase,
+                 vars=parse_assignments(args.vars, "--var"),
+                 overrides=parse_assignments(args.overrides, "--set"), fuse=not args.no_fuse)

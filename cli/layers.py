@@ -1,0 +1,80 @@
+"""``pacnet layers [TYPE]``: list registered layer types, or one type's parameters and docs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pacnet.errors import SchemaError, did_you_mean
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("layers", help="list layer types, or show one type's parameters",
+                       description=__doc__.splitlines()[0])
+    p.add_argument("type", nargs="?", metavar="TYPE", help="a layer type, e.g. Convolution")
+    p.add_argument("--schema", action="store_true", help="print the JSON schema instead")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from pacnet import registry
+    from pacnet.schema import layer_schema, net_schema
+
+    types = registry.types()
+    console = Console(file=sys.stdout, width=120)
+    if args.type is None:
+        if args.schema:
+            print(json.dumps(net_schema(), indent=1))
+            return 0
+        table = Table(title=f"{len(types)} layer types", header_style="bold")
+        table.add_column("type")
+        table.add_column("bottoms", justify="center")
+        table.add_column("tops", justify="center")
+        table.add_column("summary", overflow="fold")
+        for name in sorted(types):
+            t = types[name]
+            table.add_row(name, _arity(t.bottoms), _arity(t.tops), (t.doc().splitlines() or [""])[0])
+        console.print(table)
+        return 0
+    if args.type not in types:
+        raise SchemaError(f"unknown layer type {args.type!r}",
+                          hint=did_you_mean(args.type, types) or "run 'pacnet layers' for the list")
+    t = types[args.type]
+    if args.schema:
+        print(json.dumps(layer_schema(args.type), indent=1))
+        return 0
+    console.print(f"[bold]{args.type}[/bold]  bottoms {_arity(t.bottoms)}, tops {_arity(t.tops)}"
+                  + (f", learnable blobs: {', '.join(t.blobs)}" if t.blobs else "")
+                  + (", loss layer" if t.loss else ""))
+    console.print(t.doc(), markup=False)
+    table = Table(header_style="bold")
+    for col in ("parameter", "type", "default", "description"):
+        table.add_column(col, overflow="fold")
+    for key, schema in t.params.items():
+        required = key in t.required
+        table.add_row(key + (" *" if required else ""), _kind(schema),
+                      json.dumps(schema["default"]) if "default" in schema else "",
+                      schema.get("description", ""))
+    console.print(table)
+    return 0
+
+
+def _arity(bounds) -> str:
+    lo, hi = bounds
+    if hi is None:
+        return f"{lo}+"
+    return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
+def _kind(schema: dict) -> str:
+    if "enum" in schema:
+        return "|".join(str(v) for v in schema["enum"])
+    if "type" in schema:
+        return schema["type"] if isinstance(schema["type"], str) else "|".join(schema["type"])
+    if "oneOf" in schema:
+        return " or ".join(_kind(s) for s in schema["oneOf"])
+    return "any"

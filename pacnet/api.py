@@ -1,0 +1,142 @@
+"""The public entry point: :func:`build` runs the whole pipeline.
+
+    load -> validate + graph (IR) -> passes (fusion) -> shapes -> codegen -> Net
+
+``PACNET_DEBUG=1`` logs the IR with shapes, ``=2`` also the generated code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from pacnet import registry
+from pacnet.codegen import Net, compile_graph
+from pacnet.graph import BlobRef, Graph, build_graph
+from pacnet.load import Source, load
+from pacnet.shapes import bind_inputs, infer_shapes, latest_shapes
+
+log = logging.getLogger("pacnet")
+
+#: Graph passes run between graph building and code generation, in order.  Each takes
+#: and returns a Graph (plus the bound input shapes) and must keep the numbers unchanged.
+GraphPass = Callable[[Graph, Mapping[str, Tuple[int, ...]]], Graph]
+PASSES: List[Tuple[str, GraphPass]] = []
+
+
+def register_pass(name: str, fn: GraphPass) -> None:
+    """Add a graph pass (e.g. the segaware fusion); ``build(..., fuse=False)`` skips them."""
+    if any(n == name for n, _ in PASSES):
+        raise RuntimeError(f"graph pass {name!r} registered twice")
+    PASSES.append((name, fn))
+
+
+def debug_level() -> int:
+    try:
+        return int(os.environ.get("PACNET_DEBUG", "0") or 0)
+    except ValueError:
+        return 0
+
+
+def build(source: Source, *, inputs: Optional[Mapping[str, Sequence[int]]] = None,
+          phase: str = "test", vars: Optional[Mapping[str, Any]] = None,
+          overrides: Optional[Mapping[str, Any]] = None, fuse: bool = True,
+          stages: Sequence[str] = (), level: int = 0) -> Net:
+    """Compile a net description into a :class:`~pacnet.codegen.Net`.
+
+    Args:
+      source: path to a YAML net (or a Caffe ``.prototxt``), or the net as a dict.
+      inputs: concrete shapes for input blobs, e.g. ``{"data": (1, 3, 64, 64)}``; they also
+        bind symbolic dims (``N``, ``H``...) used by other inputs.
+      phase: ``"train"`` or ``"test"`` (Caffe's include/exclude rules; module mode).
+      vars: values of ``${VAR}`` template variables.
+      overrides: dotted keys to set after loading, e.g. ``{"layers.conv1.num_output": 32}``.
+      fuse: run the fusion passes (``False`` keeps the graph as written).
+      stages, level: Caffe's NetState stages and level for include/exclude rules.
+
+    Raises:
+      PacnetError: for every mistake in the net, with file, line, layer and a hint.
+    """
+    source_name = None if isinstance(source, Mapping) else os.fspath(source)
+    tree = load(source, vars=vars, overrides=overrides)
+    graph = build_graph(tree, phase=phase, level=level, stages=stages, source=source_name)
+    input_shapes = bind_inputs(graph, inputs)
+    if fuse:
+        for name, fn in PASSES:
+            graph = fn(graph, input_shapes)
+    shapes = infer_shapes(graph, input_shapes)
+    net, mults = compile_graph(graph, shapes)
+    net.ir = graph
+    net.inputs = MappingProxyType(dict(input_shapes))
+    net.blob_shapes = MappingProxyType(dict(shapes))
+    net.shapes = MappingProxyType(latest_shapes(graph, shapes))
+    net.param_specs = MappingProxyType(mults)
+    net.loss_weights = MappingProxyType({
+        ref.name: w for n in graph.nodes for ref, w in zip(n.outputs, n.loss_weights) if w})
+    net.config = graph.config
+    if debug_level() >= 1:
+        log.warning("pacnet: %s", describe(net))
+    if debug_level() >= 2:
+        log.warning("pacnet: generated code:\n%s", net.code)
+    return net
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One row of the build table (plain data; the CLI draws it)."""
+
+    name: str
+    type: str
+    bottoms: Tuple[str, ...]
+    tops: Tuple[str, ...]
+    shapes: Tuple[Tuple[int, ...], ...]
+    params: int
+    flops: int
+    memory: int  # bytes of the layer's outputs at float32
+    fused: Optional[str] = None
+
+
+def summarize(net: Net) -> List[LayerRow]:
+    """Per-layer facts for ``pacnet build``: shapes, parameter count, FLOPs, memory."""
+    rows: List[LayerRow] = []
+    seen: set = set()
+    graph: Graph = net.ir
+    for node in graph.nodes:
+        module = net.get_submodule(node.name.replace(".", "_"))
+        count = 0
+        for p in list(module.parameters()):
+            if id(p) not in seen:
+                seen.add(id(p))
+                count += p.numel()
+        in_shapes = [net.blob_shapes[b] for b in node.inputs]
+        out_shapes = [net.blob_shapes[t] for t in node.outputs]
+        flops = registry.get(node.type).flops(node.spec, in_shapes, out_shapes)
+        memory = sum(4 * _numel(s) for s in out_shapes)
+        rows.append(LayerRow(node.name, node.type, tuple(str(b) for b in node.inputs),
+                             tuple(str(t) for t in node.outputs), tuple(out_shapes), count,
+                             int(flops), memory, node.fused))
+    return rows
+
+
+def parameter_count(net: Net) -> int:
+    """Learnable parameters, each shared tensor counted once."""
+    return sum(p.numel() for p in net.parameters())  # Module.parameters() dedups by identity
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def describe(net: Net) -> str:
+    lines = [f"net {net.ir.name} ({net.ir.phase}): inputs " +
+             ", ".join(f"{k} {tuple(v)}" for k, v in net.inputs.items())]
+    for row in summarize(net):
+        lines.append(f"  {row.name} [{row.type}] {','.join(row.bottoms)} -> {','.join(row.tops)} "
+                     f"{' '.join(str(s) for s in row.shapes)}")
+    return "\n".join(lines)

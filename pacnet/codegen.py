@@ -1,0 +1,191 @@
+"""Code generation: IR -> one ``torch.nn.Module`` per layer -> ``torch.fx`` Graph -> :class:`Net`.
+
+Node and module names are the YAML names, so ``print(net.code)`` reads like a hand-written
+forward and ``state_dict`` keys are ``<layer>.<blob>``.  Blobs shared by ``param.name``
+become one tensor object owned by the first layer that names it (Caffe's AppendParam).
+"""
+
+from __future__ import annotations
+
+import keyword
+import operator
+import re
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from pacnet import registry
+from pacnet.errors import GraphError, PacnetError
+from pacnet.graph import BlobRef, Graph, Node, ParamSpec
+from pacnet.shapes import Shape
+
+
+def _identifier(name: str) -> str:
+    """A valid Python identifier for a blob name (fx node names must be identifiers)."""
+    ident = re.sub(r"\W", "_", name)
+    if not ident or ident[0].isdigit() or keyword.iskeyword(ident):
+        ident = "_" + ident
+    return ident
+
+
+def module_name(layer_name: str) -> str:
+    """Submodule name for a layer: the layer name, with '.' (not allowed by torch) as '_'."""
+    return layer_name.replace(".", "_")
+
+
+def build_modules(graph: Graph, shapes: Mapping[BlobRef, Shape]) -> Dict[str, nn.Module]:
+    """Build every layer's module (Caffe fillers applied by each type)."""
+    modules: Dict[str, nn.Module] = {}
+    for node in graph.nodes:
+        ltype = registry.get(node.type)
+        try:
+            module = ltype.build(node.spec, [shapes[b] for b in node.inputs])
+        except PacnetError as err:
+            raise err.at(node.spec.location, node.name, node.type) from None
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"{node.type}.build returned {type(module).__name__}, not an nn.Module")
+        modules[node.name] = module
+    return modules
+
+
+def share_blobs(graph: Graph, modules: Mapping[str, nn.Module]) -> Dict[str, Tuple[float, float]]:
+    """Apply ``param`` specs: share named blobs, freeze ``lr_mult: 0``.
+
+    Returns ``{state_dict key: (lr_mult, decay_mult)}`` for every learnable blob that has
+    an owner (sharers map to the owner's key, so optimisers see each tensor once).
+    """
+    owners: Dict[str, Tuple[str, str, ParamSpec, Node]] = {}  # param name -> (layer, attr, spec, node)
+    mults: Dict[str, Tuple[float, float]] = {}
+    for node in graph.nodes:
+        ltype = registry.get(node.type)
+        module = modules[node.name]
+        for index, attr in enumerate(ltype.blobs):
+            spec = node.params[index] if index < len(node.params) else ParamSpec()
+            tensor = _blob(module, attr)
+            if tensor is None:
+                continue  # e.g. bias_term: false
+            key = f"{module_name(node.name)}.{attr}"
+            if spec.name and spec.name in owners:
+                o_layer, o_attr, o_spec, o_node = owners[spec.name]
+                owner_tensor = _blob(modules[o_layer], o_attr)
+                if spec.share_mode == "PERMISSIVE" and owner_tensor.numel() == tensor.numel() and \
+                        owner_tensor.shape != tensor.shape:
+                    raise node.spec.error(
+                        f"param {spec.name!r}: PERMISSIVE sharing between shapes "
+                        f"{tuple(owner_tensor.shape)} and {tuple(tensor.shape)} is not supported",
+                        key="param", hint="share blobs of identical shape", cls=GraphError)
+                if owner_tensor.shape != tensor.shape:
+                    raise node.spec.error(
+                        f"param {spec.name!r} is shared with layer {o_layer!r} but shapes differ: "
+                        f"{tuple(tensor.shape)} here, {tuple(owner_tensor.shape)} there",
+                        key="param", cls=GraphError)
+                for field in ("lr_mult", "decay_mult"):
+                    mine, theirs = getattr(spec, field), getattr(o_spec, field)
+                    if mine is not None and theirs is not None and mine != theirs:
+                        raise node.spec.error(
+                            f"param {spec.name!r}: {field} {mine} differs from {theirs} set by "
+                            f"layer {o_layer!r}", key="param", cls=GraphError,
+                            hint="shared blobs must agree on lr_mult/decay_mult (or leave them unset)")
+                _set_blob(module, attr, owner_tensor)
+                continue
+            lr = spec.lr_mult if spec.lr_mult is not None else 1.0
+            decay = spec.decay_mult if spec.decay_mult is not None else 1.0
+            if spec.name:
+                owners[spec.name] = (node.name, attr, spec, node)
+                # A later sharer may set what the owner left unset (Caffe inherits both ways).
+                for later in graph.nodes:
+                    for j, other in enumerate(later.params):
+                        if other.name == spec.name:
+                            if spec.lr_mult is None and other.lr_mult is not None:
+                                lr = other.lr_mult
+                            if spec.decay_mult is None and other.decay_mult is not None:
+                                decay = other.decay_mult
+            if isinstance(tensor, nn.Parameter):
+                if lr == 0:
+                    tensor.requires_grad_(False)
+                mults[key] = (float(lr), float(decay))
+    return mults
+
+
+def _blob(module: nn.Module, attr: str) -> Optional[torch.Tensor]:
+    owner, _, leaf = _resolve(module, attr)
+    value = getattr(owner, leaf, None)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _set_blob(module: nn.Module, attr: str, tensor: torch.Tensor) -> None:
+    owner, _, leaf = _resolve(module, attr)
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = tensor
+    elif leaf in owner._buffers:
+        owner._buffers[leaf] = tensor
+    else:
+        setattr(owner, leaf, tensor)
+
+
+def _resolve(module: nn.Module, attr: str) -> Tuple[nn.Module, str, str]:
+    parts = attr.split(".")
+    owner = module
+    for p in parts[:-1]:
+        owner = getattr(owner, p)
+    return owner, ".".join(parts[:-1]), parts[-1]
+
+
+def build_fx_graph(graph: Graph) -> fx.Graph:
+    """The forward as an fx Graph: one placeholder per input, one call per layer,
+    returning a dict of output blobs."""
+    g = fx.Graph()
+    env: Dict[BlobRef, fx.Node] = {}
+    for name in graph.inputs:
+        env[BlobRef(name)] = g.placeholder(_identifier(name))
+    for node in graph.nodes:
+        args = tuple(env[b] for b in node.inputs)
+        first = node.outputs[0] if node.outputs else None
+        call = g.create_node("call_module", module_name(node.name), args, {},
+                             name=_identifier(first.name if first and len(node.outputs) == 1 else node.name))
+        if len(node.outputs) == 1:
+            env[node.outputs[0]] = call
+        else:
+            for i, ref in enumerate(node.outputs):
+                env[ref] = g.create_node("call_function", operator.getitem, (call, i), {},
+                                         name=_identifier(ref.name))
+    g.output({ref.name: env[ref] for ref in graph.outputs})
+    return g
+
+
+class Net(fx.GraphModule):
+    """A compiled pacnet net: a ``torch.fx.GraphModule`` with the build's facts attached.
+
+    ``forward(*inputs)`` (or keyword arguments named after the input blobs) returns a dict
+    ``{output blob: tensor}``.  Attributes: ``shapes`` (blob -> shape of its last
+    version), ``inputs`` (input blob -> shape), ``loss_weights`` (output blob -> weight),
+    ``param_specs`` (state_dict key -> (lr_mult, decay_mult)), ``ir`` (the
+    :class:`~pacnet.graph.Graph`), ``blob_shapes`` (every version), ``config`` (the
+    resolved net file, including ``solver:``/``data:``), and ``code`` (the generated
+    Python source of ``forward``).
+    """
+
+    def loss(self, outputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Caffe's total loss: the sum over loss tops of ``loss_weight * blob.sum()``."""
+        if not self.loss_weights:
+            raise PacnetError("this net has no loss (no loss layer or loss_weight in this phase)",
+                              hint="build it with phase='train', or add a loss layer")
+        total = None
+        for name, weight in self.loss_weights.items():
+            term = outputs[name].sum() * weight
+            total = term if total is None else total + term
+        return total
+
+
+def compile_graph(graph: Graph, shapes: Mapping[BlobRef, Shape]) -> Tuple[Net, Dict[str, Tuple[float, float]]]:
+    modules = build_modules(graph, shapes)
+    mults = share_blobs(graph, modules)
+    root = nn.Module()
+    for name, module in modules.items():
+        root.add_module(module_name(name), module)
+    fx_graph = build_fx_graph(graph)
+    net = Net(root, fx_graph, class_name=_identifier(graph.name))
+    net.train(graph.phase == "train")
+    return net, mults
