@@ -19,7 +19,7 @@ D = torch.float64
 
 def rand(*shape, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=D)
+    return torch.randn(tuple(shape), generator=g, dtype=D)
 
 
 @pytest.mark.parametrize("type_name", TYPES)
