@@ -289,8 +289,9 @@ def expand_blocks(layers: List[Any], blocks: Mapping[str, Any], depth: int = 0) 
     A block is ``{args: {name: default-or-null}, layers: [...]}``.  An instance is a layer
     ``{name, type: <block>, bottom, top, <arg>: value...}``.  Inside the block ``${arg}``,
     ``${name}``, ``${bottom}``/``${bottom0}``.., ``${top}``/``${top0}``.. are substituted.
-    Layer names become ``<instance>/<layer>`` and blobs produced inside the block become
-    ``<instance>/<blob>``, except the instance's own tops, which keep their names.
+    Plain layer and top names are local: they become ``<instance>/<name>``.  Names
+    written with substitutions (``"${name}_branch1"``, ``"${top}"``) are used as they
+    come out, which is how a block reproduces Caffe's naming schemes.
     """
     out = MarkedList()
     out.loc = getattr(layers, "loc", None)
@@ -344,22 +345,26 @@ def _instantiate(instance: Mapping[str, Any], block: Mapping[str, Any], block_na
     for j, t in enumerate(tops):
         env[f"top{j}"] = t
 
+    raw = block.get("layers") or []
+    # Names written with ${...} (e.g. "${name}_branch2a") are used as substituted; plain
+    # names are local to the instance and get its prefix.
+    templated_names = [isinstance(l.get("name"), str) and "${" in l["name"] for l in raw]
+    templated_tops = {t for l in raw for t in _as_list(l.get("top")) if isinstance(t, str) and "${" in t}
     missing: Dict[str, Optional[Location]] = {}
-    body = substitute(copy.deepcopy(block.get("layers") or []), env, missing)
+    body = substitute(copy.deepcopy(raw), env, missing)
     # Names the block leaves unset are global template variables, resolved later.
-    external = set(bottoms) | set(tops)
-    produced = set()
-    for layer in body:
+    local = set()
+    for layer in raw:
         for t in _as_list(layer.get("top")):
-            if isinstance(t, str) and t not in external:
-                produced.add(t)
+            if isinstance(t, str) and t not in templated_tops:
+                local.add(t)
 
     def rename(blob: Any) -> Any:
-        return f"{name}/{blob}" if isinstance(blob, str) and blob in produced else blob
+        return f"{name}/{blob}" if isinstance(blob, str) and blob in local else blob
 
-    for layer in body:
+    for layer, templated in zip(body, templated_names):
         lname = layer.get("name")
-        if isinstance(lname, str):
+        if isinstance(lname, str) and not templated:
             layer["name"] = f"{name}/{lname}"
         for key in ("bottom", "top"):
             if key in layer:
