@@ -11,28 +11,16 @@ import logging
 import os
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from pacnet import registry
 from pacnet.codegen import Net, compile_graph
 from pacnet.graph import BlobRef, Graph, build_graph
 from pacnet.load import Source, load
+from pacnet.passes import passes
 from pacnet.shapes import bind_inputs, infer_shapes, latest_shapes
 
 log = logging.getLogger("pacnet")
-
-#: Graph passes run between graph building and code generation, in order.  Each takes
-#: and returns a Graph (plus the bound input shapes) and must keep the numbers unchanged.
-GraphPass = Callable[[Graph, Mapping[str, Tuple[int, ...]]], Graph]
-PASSES: List[Tuple[str, GraphPass]] = []
-
-
-def register_pass(name: str, fn: GraphPass) -> None:
-    """Add a graph pass (e.g. the segaware fusion); ``build(..., fuse=False)`` skips them."""
-    if any(n == name for n, _ in PASSES):
-        raise RuntimeError(f"graph pass {name!r} registered twice")
-    PASSES.append((name, fn))
-
 
 def debug_level() -> int:
     try:
@@ -65,7 +53,7 @@ def build(source: Source, *, inputs: Optional[Mapping[str, Sequence[int]]] = Non
     graph = build_graph(tree, phase=phase, level=level, stages=stages, source=source_name)
     input_shapes = bind_inputs(graph, inputs)
     if fuse:
-        for name, fn in PASSES:
+        for name, fn in passes():
             graph = fn(graph, input_shapes)
     shapes = infer_shapes(graph, input_shapes)
     net, mults = compile_graph(graph, shapes)
