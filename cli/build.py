@@ -46,7 +46,8 @@ def _shape(s) -> str:
 def run(args: argparse.Namespace) -> int:
     from pacnet.api import parameter_count, summarize
 
-    net = build_from_args(args)
+    # Nothing is run: build on the meta device (no allocation, no initialisation).
+    net = build_from_args(args, device="meta")
     rows = summarize(net)
     total_params = parameter_count(net)
     total_flops = sum(r.flops for r in rows)

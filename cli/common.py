@@ -55,10 +55,11 @@ def parse_assignments(items: Sequence[str], flag: str) -> Dict[str, object]:
     return out
 
 
-def build_from_args(args: argparse.Namespace, *, phase: Optional[str] = None):
+def build_from_args(args: argparse.Namespace, *, phase: Optional[str] = None, device=None):
     """Compile the net named by the common arguments."""
     from pacnet.api import build
 
     return build(args.net, inputs=parse_inputs(args.input), phase=phase or args.phase,
                  vars=parse_assignments(args.vars, "--var"),
-                 overrides=parse_assignments(args.overrides, "--set"), fuse=not args.no_fuse)
+                 overrides=parse_assignments(args.overrides, "--set"), fuse=not args.no_fuse,
+                 device=device)

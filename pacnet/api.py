@@ -32,7 +32,7 @@ def debug_level() -> int:
 def build(source: Source, *, inputs: Optional[Mapping[str, Sequence[int]]] = None,
           phase: str = "test", vars: Optional[Mapping[str, Any]] = None,
           overrides: Optional[Mapping[str, Any]] = None, fuse: bool = True,
-          stages: Sequence[str] = (), level: int = 0) -> Net:
+          stages: Sequence[str] = (), level: int = 0, device: Any = None) -> Net:
     """Compile a net description into a :class:`~pacnet.codegen.Net`.
 
     Args:
@@ -44,6 +44,9 @@ def build(source: Source, *, inputs: Optional[Mapping[str, Sequence[int]]] = Non
       overrides: dotted keys to set after loading, e.g. ``{"layers.conv1.num_output": 32}``.
       fuse: run the fusion passes (``False`` keeps the graph as written).
       stages, level: Caffe's NetState stages and level for include/exclude rules.
+      device: where parameters are created (default: torch's default device).  ``"meta"``
+        builds without allocating or initialising anything: shapes, parameter counts and the
+        code are all there, which is what ``pacnet build`` shows.
 
     Raises:
       PacnetError: for every mistake in the net, with file, line, layer and a hint.
@@ -56,7 +59,7 @@ def build(source: Source, *, inputs: Optional[Mapping[str, Sequence[int]]] = Non
         for name, fn in passes():
             graph = fn(graph, input_shapes)
     shapes = infer_shapes(graph, input_shapes)
-    net, mults = compile_graph(graph, shapes)
+    net, mults = compile_graph(graph, shapes, device=device)
     net.ir = graph
     net.inputs = MappingProxyType(dict(input_shapes))
     net.blob_shapes = MappingProxyType(dict(shapes))

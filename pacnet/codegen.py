@@ -179,8 +179,13 @@ class Net(fx.GraphModule):
         return total
 
 
-def compile_graph(graph: Graph, shapes: Mapping[BlobRef, Shape]) -> Tuple[Net, Dict[str, Tuple[float, float]]]:
-    modules = build_modules(graph, shapes)
+def compile_graph(graph: Graph, shapes: Mapping[BlobRef, Shape],
+                  device: Any = None) -> Tuple[Net, Dict[str, Tuple[float, float]]]:
+    if device is None:
+        modules = build_modules(graph, shapes)
+    else:
+        with torch.device(device):
+            modules = build_modules(graph, shapes)
     mults = share_blobs(graph, modules)
     root = nn.Module()
     for name, module in modules.items():
