@@ -20,6 +20,10 @@ Stable API (other layer families' tests rely on it):
 * ``build(spec, *shapes, dtype=None)`` -> the built ``nn.Module``
 * ``run_layer(spec, *tensors, module=None)`` -> list of top tensors (asserts ``infer``)
 * ``layer_error(match=None, layer="l", cls=PacnetError)`` -> ``pytest.raises`` context
+* ``single_thread``: a module-scoped fixture; import it into a test module
+  (``from layer_helpers import single_thread  # noqa: F401``) and that module runs with
+  ``torch.set_num_threads(1)`` (restored after).  Tiny float64 ops are ~100x faster
+  single-threaded on a loaded 2-core machine.
 
 Every parameter a test passes to ``make_spec`` counts as "written by the user"
 (``spec.has(key)`` is True, with a fake location ``<test>:<n>``); defaults do not.
@@ -42,7 +46,7 @@ from pacnet.registry import LayerSpec, get
 Shape = Tuple[int, ...]
 
 __all__ = ["make_spec", "defaults", "infer", "build", "run_layer", "layer_error",
-           "bottom_names", "top_names"]
+           "bottom_names", "top_names", "single_thread"]
 
 
 def defaults(type_name: str) -> Dict[str, Any]:
@@ -168,3 +172,14 @@ def layer_error(match: Optional[str] = None, layer: str = "l",
     err = info.value
     assert err.layer == layer, f"error does not name layer {layer!r}: {err}"
     assert f"layer '{layer}'" in str(err), str(err)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread() -> Iterator[None]:
+    """Run the importing test module with one torch thread (restored afterwards)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from layer_helpers import build, infer, layer_error, make_spec, run_layer
+from layer_helpers import single_thread  # noqa: F401  (autouse: one torch thread)
 from pacnet.errors import PacnetError, SchemaError, ShapeError
 from pacnet.registry import get
 
