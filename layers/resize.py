@@ -1,0 +1,232 @@
+"""Interp (DeepLab's bilinear resize, align-corners) and Crop (BVLC).
+
+Interp follows ``interp_layer.cpp`` + ``util/interp.cpp`` of the DeepLab-v2 fork
+(caffe.md §5.1): crop by the non-positive ``pad_beg``/``pad_end``, then resize bilinearly
+with align-corners geometry (source row = h' (H_eff - 1) / (H' - 1)).  The output size is
+taken, in this order of precedence, from: shrink only -> (H_eff - 1) / s + 1; zoom only ->
+H_eff + (H_eff - 1)(z - 1); height and width; shrink and zoom -> shrink, then zoom.  Crop
+follows ``crop_layer.cpp`` (caffe.md §7.5).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pacnet.layers.common import numel
+from pacnet.registry import Layer, LayerSpec, Shape, register
+
+# ----------------------------------------------------------------------------- Interp
+
+
+def _given(spec: LayerSpec, key: str) -> bool:
+    # Caffe's Interp tests has_<field>(), so "given" means written, not "non-default";
+    # the schema gives these keys no default, hence "not None" == "written".
+    return spec.get(key) is not None
+
+
+def interp_size(spec: LayerSpec, h_eff: int, w_eff: int) -> Tuple[int, int, str]:
+    """Caffe's Interp output size for an effective (cropped) input, and the rule used."""
+    has_s, has_z = _given(spec, "shrink_factor"), _given(spec, "zoom_factor")
+    if has_s and not has_z:
+        s = int(spec["shrink_factor"])
+        return (h_eff - 1) // s + 1, (w_eff - 1) // s + 1, "shrink_factor"
+    if has_z and not has_s:
+        z = int(spec["zoom_factor"])
+        return h_eff + (h_eff - 1) * (z - 1), w_eff + (w_eff - 1) * (z - 1), "zoom_factor"
+    if _given(spec, "height") and _given(spec, "width"):
+        return int(spec["height"]), int(spec["width"]), "height"
+    if has_s and has_z:
+        s, z = int(spec["shrink_factor"]), int(spec["zoom_factor"])
+        h, w = (h_eff - 1) // s + 1, (w_eff - 1) // s + 1
+        return h + (h - 1) * (z - 1), w + (w - 1) * (z - 1), "shrink_factor"
+    raise spec.error("Interp needs shrink_factor, zoom_factor, or height and width",
+                     key="height" if _given(spec, "height") or _given(spec, "width") else None,
+                     hint="give e.g. 'zoom_factor: 8' or both 'height' and 'width'")
+
+
+class InterpModule(nn.Module):
+    """Crop ``[-pad_beg, -pad_beg + H_eff)`` on both axes, then bilinear align-corners resize
+    to ``size`` (or to the spatial size of a second bottom)."""
+
+    def __init__(self, offset: int, eff_hw: Tuple[int, int], size: Optional[Tuple[int, int]]) -> None:
+        super().__init__()
+        self.offset, self.eff_hw, self.size = offset, eff_hw, size
+
+    def forward(self, x: torch.Tensor, like: Optional[torch.Tensor] = None) -> torch.Tensor:
+        o, (he, we) = self.offset, self.eff_hw
+        if not x.is_floating_point():  # Caffe blobs are floats; labels pass through as floats
+            x = x.to(torch.get_default_dtype())
+        x = x[:, :, o:o + he, o:o + we]
+        size = self.size if like is None else tuple(like.shape[2:4])
+        if tuple(size) == (he, we):  # Caffe copies when the sizes are equal
+            return x
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+
+    def extra_repr(self) -> str:
+        return f"crop_offset={self.offset}, eff={self.eff_hw}, size={self.size}"
+
+
+@register("Interp")
+class Interp(Layer):
+    """Bilinear resize with align-corners geometry (DeepLab ``Interp``).
+
+    Shapes: N x C x H x W -> N x C x H' x W'.  With H_eff = H + pad_beg + pad_end (pads
+    <= 0 crop; the input is read from row/column -pad_beg), H' is, by precedence:
+    shrink only (H_eff - 1) / shrink_factor + 1 (integer division); zoom only
+    H_eff + (H_eff - 1)(zoom_factor - 1); ``height``/``width``; shrink and zoom: shrink
+    first, then zoom on the shrunk size.  Parameters a rule ignores are ignored, as in
+    Caffe.  With a second bottom (as in the PSPNet-era forks) the output takes its H x W
+    and no size parameter may be given.
+
+    Values: out[h'] = (1 - l) in[h0] + l in[h0 + 1], source row h' (H_eff - 1) / (H' - 1)
+    (0 when H' = 1), = ``F.interpolate(..., align_corners=True)``.  Shrinking by s is an
+    exact subsample (every s-th pixel) when (H_eff - 1) is divisible by (H' - 1): that is
+    how DeepLab shrinks label maps.  Caffe computes the source position in float32 even for
+    double blobs; this layer uses the tensor's precision (differences ~1e-7 in float64).
+    """
+
+    params = {
+        "height": {"type": "integer", "minimum": 1,
+                   "description": "output height (used with width when no shrink/zoom is given)"},
+        "width": {"type": "integer", "minimum": 1,
+                  "description": "output width (used with height when no shrink/zoom is given)"},
+        "zoom_factor": {"type": "integer", "minimum": 1,
+                        "description": "upsample: H' = H + (H - 1)(z - 1)  (unset by default)"},
+        "shrink_factor": {"type": "integer", "minimum": 1,
+                          "description": "downsample: H' = (H - 1) / s + 1  (unset by default)"},
+        "pad_beg": {"type": "integer", "maximum": 0, "default": 0,
+                    "description": "<= 0: rows/columns cropped at the top/left before resizing"},
+        "pad_end": {"type": "integer", "maximum": 0, "default": 0,
+                    "description": "<= 0: rows/columns cropped at the bottom/right before resizing"},
+    }
+    bottoms = (1, 2)
+    tops = (1, 1)
+
+    def check(self, spec: LayerSpec) -> None:
+        size_keys = [k for k in ("shrink_factor", "zoom_factor", "height", "width") if _given(spec, k)]
+        if len(spec.bottoms) > 1:
+            if size_keys:
+                raise spec.error(f"with a second bottom the output size comes from it; "
+                                 f"remove {size_keys[0]}", key=size_keys[0])
+            return
+        interp_size(spec, 2, 2)  # raises when no rule applies
+
+    def _eff(self, spec: LayerSpec, shape: Shape) -> Tuple[int, int]:
+        if len(shape) != 4:
+            raise spec.shape_error(f"needs a 4-D bottom (N x C x H x W), got shape {list(shape)}")
+        crop = int(spec["pad_beg"]) + int(spec["pad_end"])
+        he, we = shape[2] + crop, shape[3] + crop
+        if he < 1 or we < 1:
+            raise spec.shape_error(
+                f"pad_beg + pad_end = {crop} crops the whole {shape[2]}x{shape[3]} input",
+                hint="use smaller (less negative) pads")
+        return he, we
+
+    def infer(self, spec: LayerSpec, shapes: List[Shape]) -> List[Shape]:
+        shape = shapes[0]
+        he, we = self._eff(spec, shape)
+        if len(shapes) > 1:
+            like = shapes[1]
+            if len(like) != 4 or like[0] != shape[0] or min(like[2:]) < 1:
+                raise spec.shape_error(f"the second bottom must be N x * x H' x W' with N = "
+                                       f"{shape[0]}, got {list(like)}")
+            return [(shape[0], shape[1], like[2], like[3])]
+        ho, wo, rule = interp_size(spec, he, we)
+        if ho < 1 or wo < 1:
+            raise spec.shape_error(f"output would be empty ({ho}x{wo})", hint=f"check {rule}")
+        return [(shape[0], shape[1], ho, wo)]
+
+    def build(self, spec: LayerSpec, shapes: List[Shape]) -> nn.Module:
+        out = self.infer(spec, shapes)[0]
+        size = None if len(shapes) > 1 else (out[2], out[3])
+        return InterpModule(-int(spec["pad_beg"]), self._eff(spec, shapes[0]), size)
+
+    def flops(self, spec: LayerSpec, shapes: List[Shape], out_shapes: List[Shape]) -> int:
+        return 8 * numel(out_shapes[0])  # 4 multiply-adds per output value
+
+
+# ----------------------------------------------------------------------------- Crop
+
+
+class CropModule(nn.Module):
+    """``a[..., o_i : o_i + size_i, ...]`` on the axes from ``axis`` on; ``b`` gives the sizes."""
+
+    def __init__(self, axis: int, offsets: Tuple[int, ...], sizes: Tuple[int, ...]) -> None:
+        super().__init__()
+        self.axis, self.offsets, self.sizes = axis, offsets, sizes
+
+    def forward(self, a: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
+        index = [slice(None)] * self.axis + [slice(o, o + s) for o, s in zip(self.offsets, self.sizes)]
+        return a[tuple(index)]
+
+    def extra_repr(self) -> str:
+        return f"axis={self.axis}, offsets={self.offsets}, sizes={self.sizes}"
+
+
+@register("Crop")
+class Crop(Layer):
+    """Crop bottom 0 to the shape of bottom 1 on the axes from ``axis`` on (BVLC ``Crop``).
+
+    Shapes: A (bottom 0), B (bottom 1, same number of axes) -> A[:axis] + B[axis:].
+    Cropped axis i keeps A's indices offset_i .. offset_i + B[i] - 1, where ``offset`` is
+    none (all 0), one value (for every cropped axis) or one value per axis from ``axis`` on;
+    offset_i + B[i] must be <= A[i].
+    """
+
+    params = {
+        "axis": {"type": "integer", "default": 2,
+                 "description": "first axis to crop (negative: from the end); the axes before it "
+                                "keep bottom 0's size"},
+        "offset": {"description": "crop start: none (0), one value for every cropped axis, "
+                                  "or one per cropped axis",
+                   "oneOf": [{"type": "integer", "minimum": 0},
+                             {"type": "array", "items": {"type": "integer", "minimum": 0}}]},
+    }
+    bottoms = (2, 2)
+    tops = (1, 1)
+
+    def _plan(self, spec: LayerSpec, shapes: List[Shape]) -> Tuple[int, Tuple[int, ...], Tuple[int, ...]]:
+        a, b = shapes
+        if len(a) != len(b):
+            raise spec.shape_error(f"both bottoms need the same number of axes, got {list(a)} "
+                                   f"and {list(b)}")
+        ndim = len(a)
+        axis = int(spec["axis"])
+        if not -ndim <= axis < ndim:
+            raise spec.shape_error(f"axis {axis} is out of range for {ndim}-D bottoms",
+                                   hint=f"use an axis in [{-ndim}, {ndim - 1}]")
+        axis %= ndim
+        n_crop = ndim - axis
+        raw = spec.get("offset")
+        if raw is None or raw == []:
+            offsets = (0,) * n_crop
+        elif isinstance(raw, int) or len(raw) == 1:
+            offsets = (int(raw if isinstance(raw, int) else raw[0]),) * n_crop
+        elif len(raw) == n_crop:
+            offsets = tuple(int(o) for o in raw)
+        else:
+            raise spec.error(f"offset has {len(raw)} values but {n_crop} axes are cropped "
+                             f"(axis {axis} of {ndim}-D bottoms)", key="offset",
+                             hint=f"give one offset, or exactly {n_crop}")
+        for i, o in enumerate(offsets):
+            d = axis + i
+            if o + b[d] > a[d]:
+                raise spec.shape_error(
+                    f"crop of axis {d} does not fit: offset {o} + size {b[d]} > {a[d]} "
+                    f"(bottom shapes {list(a)} and {list(b)})",
+                    hint="reduce offset, or check the sizes of the bottoms")
+        return axis, offsets, tuple(b[axis:])
+
+    def infer(self, spec: LayerSpec, shapes: List[Shape]) -> List[Shape]:
+        axis, _, sizes = self._plan(spec, shapes)
+        return [tuple(shapes[0][:axis]) + sizes]
+
+    def build(self, spec: LayerSpec, shapes: List[Shape]) -> nn.Module:
+        return CropModule(*self._plan(spec, shapes))
+
+    def flops(self, spec: LayerSpec, shapes: List[Shape], out_shapes: List[Shape]) -> int:
+        return 0

@@ -1,0 +1,317 @@
+"""Interp and Crop against direct formulas; the FCN-8s shape walk at 500 x 500."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from layer_helpers import build, infer, layer_error, make_spec, run_layer
+from layer_helpers import single_thread  # noqa: F401  (autouse: one torch thread)
+from pacnet.errors import SchemaError, ShapeError
+from pacnet.registry import get
+
+D = torch.float64
+
+
+def rand(*shape, seed=0, dtype=D):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- oracles
+
+def interp_oracle(x, ho, wo, pad_beg=0, pad_end=0):
+    """Align-corners bilinear after cropping, written out per output pixel (float64)."""
+    n, c, h, w = x.shape
+    he, we = h + pad_beg + pad_end, w + pad_beg + pad_end
+    src = x[:, :, -pad_beg:-pad_beg + he, -pad_beg:-pad_beg + we].numpy()
+    out = np.zeros((n, c, ho, wo))
+    rh = (he - 1) / (ho - 1) if ho > 1 else 0.0
+    rw = (we - 1) / (wo - 1) if wo > 1 else 0.0
+    for i in range(ho):
+        r = rh * i
+        h0 = int(r)
+        h1 = h0 + (1 if h0 < he - 1 else 0)
+        lh = r - h0
+        for j in range(wo):
+            q = rw * j
+            w0 = int(q)
+            w1 = w0 + (1 if w0 < we - 1 else 0)
+            lw = q - w0
+            out[:, :, i, j] = ((1 - lh) * ((1 - lw) * src[:, :, h0, w0] + lw * src[:, :, h0, w1])
+                               + lh * ((1 - lw) * src[:, :, h1, w0] + lw * src[:, :, h1, w1]))
+    return out
+
+
+def caffe_interp2_float(x, ho, wo):
+    """Port of caffe_cpu_interp2 with Dtype = float (rheight/h1r are float32 as in Caffe)."""
+    x = x.numpy().astype(np.float32)
+    n, c, h1_, w1_ = x.shape
+    out = np.zeros((n, c, ho, wo), dtype=np.float32)
+    if (h1_, w1_) == (ho, wo):
+        return x.copy()
+    one = np.float32(1)
+    rheight = np.float32(h1_ - 1) / np.float32(ho - 1) if ho > 1 else np.float32(0)
+    rwidth = np.float32(w1_ - 1) / np.float32(wo - 1) if wo > 1 else np.float32(0)
+    # the w2 loop is vectorised: the same float32 operations, elementwise
+    w2 = np.arange(wo, dtype=np.float32)
+    w1r = (rwidth * w2).astype(np.float32)
+    w1 = w1r.astype(np.int64)
+    w1p = (w1 < w1_ - 1).astype(np.int64)
+    w1lambda = (w1r - w1.astype(np.float32)).astype(np.float32)
+    w0lambda = one - w1lambda
+    for h2 in range(ho):
+        h1r = np.float32(rheight * np.float32(h2))
+        h1 = int(h1r)
+        h1p = 1 if h1 < h1_ - 1 else 0
+        h1lambda = np.float32(h1r - np.float32(h1))
+        h0lambda = one - h1lambda
+        out[:, :, h2, :] = (h0lambda * (w0lambda * x[:, :, h1, w1] + w1lambda * x[:, :, h1, w1 + w1p])
+                            + h1lambda * (w0lambda * x[:, :, h1 + h1p, w1]
+                                          + w1lambda * x[:, :, h1 + h1p, w1 + w1p]))
+    return out
+
+
+# ----------------------------------------------------------------------------- Interp sizes
+
+@pytest.mark.parametrize("params,hw,out", [
+    (dict(shrink_factor=2), (321, 321), (161, 161)),
+    (dict(shrink_factor=8), (321, 321), (41, 41)),
+    (dict(shrink_factor=16), (321, 321), (21, 21)),
+    (dict(shrink_factor=8), (513, 513), (65, 65)),
+    (dict(shrink_factor=3), (10, 11), (4, 4)),
+    (dict(zoom_factor=2), (21, 21), (41, 41)),
+    (dict(zoom_factor=8), (65, 65), (513, 513)),
+    (dict(zoom_factor=8), (60, 60), (473, 473)),
+    (dict(zoom_factor=1), (7, 9), (7, 9)),
+    (dict(shrink_factor=4, zoom_factor=3), (321, 321), (241, 241)),   # shrink, then zoom
+    (dict(zoom_factor=4, shrink_factor=3), (31, 31), (41, 41)),
+    (dict(height=60, width=50), (5, 6), (60, 50)),
+    # precedence: a lone shrink or zoom wins over height/width; height/width win over the pair
+    (dict(shrink_factor=2, height=7, width=7), (9, 9), (5, 5)),
+    (dict(zoom_factor=2, height=7, width=7), (9, 9), (17, 17)),
+    (dict(shrink_factor=2, zoom_factor=3, height=7, width=8), (9, 9), (7, 8)),
+    # cropping pads
+    (dict(zoom_factor=2, pad_beg=-1, pad_end=-2), (10, 12), (13, 17)),
+    (dict(shrink_factor=2, pad_end=-1), (10, 12), (5, 6)),
+])
+def test_interp_output_size(params, hw, out):
+    spec = make_spec("Interp", **params)
+    assert infer(spec, (1, 2) + hw) == [(1, 2) + out]
+
+
+@pytest.mark.parametrize("params,hw", [
+    (dict(zoom_factor=2), (5, 7)),
+    (dict(zoom_factor=3, pad_beg=-1, pad_end=-1), (6, 5)),
+    (dict(shrink_factor=3), (11, 8)),
+    (dict(shrink_factor=4, zoom_factor=3), (13, 17)),
+    (dict(height=9, width=4), (5, 7)),
+    (dict(height=1, width=1), (5, 7)),
+    (dict(height=4, width=9, pad_beg=-2), (6, 5)),
+    (dict(height=1, width=6), (1, 3)),
+    (dict(height=5, width=5), (5, 5)),
+])
+def test_interp_values_align_corners_after_crop(params, hw):
+    x = rand(2, 3, *hw)
+    spec = make_spec("Interp", **params)
+    (y,) = run_layer(spec, x)
+    ref = interp_oracle(x, y.shape[2], y.shape[3], spec["pad_beg"], spec["pad_end"])
+    np.testing.assert_allclose(y.numpy(), ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("hw,out", [((5, 7), (9, 13)), ((41, 41), (321, 321)), ((13, 9), (4, 3)),
+                                    ((7, 7), (7, 7)), ((3, 5), (1, 1))])
+def test_interp_float32_matches_caffe_port(hw, out):
+    x = rand(1, 2, *hw, dtype=torch.float32)
+    spec = make_spec("Interp", height=out[0], width=out[1])
+    (y,) = run_layer(spec, x)
+    np.testing.assert_allclose(y.numpy(), caffe_interp2_float(x, *out), rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("size,shrink", [(321, 8), (321, 16), (321, 2), (513, 8), (513, 16)])
+def test_interp_label_shrink_is_exact_subsample(size, shrink):
+    g = torch.Generator().manual_seed(size + shrink)
+    label = torch.randint(0, 21, (1, 1, size, size), generator=g).to(torch.float32)
+    label[0, 0, ::7, ::5] = 255.0
+    (y,) = run_layer(make_spec("Interp", shrink_factor=shrink), label)
+    assert torch.equal(y, label[:, :, ::shrink, ::shrink])
+
+
+def test_interp_label_shrink_3_4_blends():
+    # caffe.md: 321 -> 241 is not a subsample (ratio 4/3): label ids get blended
+    label = torch.arange(321, dtype=torch.float32).repeat(321, 1)[None, None]
+    (y,) = run_layer(make_spec("Interp", shrink_factor=4, zoom_factor=3), label)
+    assert y.shape[-1] == 241
+    assert not torch.equal(y, y.round())
+
+
+def test_interp_second_bottom_gives_size():
+    x, like = rand(2, 3, 5, 7), rand(2, 1, 9, 4)
+    spec = make_spec("Interp", n_bottoms=2)
+    (y,) = run_layer(spec, x, like)
+    np.testing.assert_allclose(y.numpy(), interp_oracle(x, 9, 4), rtol=1e-12, atol=1e-12)
+
+
+def test_interp_gradient_is_transpose_of_the_map():
+    x = rand(1, 1, 4, 5).requires_grad_()
+    spec = make_spec("Interp", zoom_factor=3, pad_beg=-1)
+    m = build(spec, x.shape)
+    assert torch.autograd.gradcheck(lambda x: m(x), (x,))
+    assert get("Interp").flops(spec, [(1, 1, 4, 5)], infer(spec, (1, 1, 4, 5))) == 8 * 7 * 10
+
+
+@pytest.mark.parametrize("params,match", [
+    (dict(), "needs shrink_factor, zoom_factor, or height and width"),
+    (dict(height=5), "needs shrink_factor"),
+    (dict(width=5), "needs shrink_factor"),
+    (dict(zoom_factor=0), "zoom_factor"),
+    (dict(shrink_factor=0), "shrink_factor"),
+    (dict(zoom_factor=2, pad_beg=1), "pad_beg"),
+    (dict(zoom_factor=2, pad_end=2), "pad_end"),
+    (dict(height=0, width=3), "height"),
+    (dict(zoom_factor=2, size=3), "size"),
+])
+def test_interp_bad_params(params, match):
+    with layer_error(match, layer="interp1"):
+        make_spec("Interp", name="interp1", **params)
+
+
+def test_interp_bad_shapes_and_second_bottom_conflict():
+    with layer_error("second bottom", layer="interp2"):
+        make_spec("Interp", name="interp2", n_bottoms=2, zoom_factor=2)
+    spec = make_spec("Interp", name="interp2", zoom_factor=2, pad_beg=-2, pad_end=-3)
+    with layer_error("crops the whole", layer="interp2", cls=ShapeError):
+        infer(spec, (1, 1, 5, 9))
+    with layer_error("4-D", layer="interp2", cls=ShapeError):
+        infer(spec, (1, 9, 9))
+    spec = make_spec("Interp", name="interp2", n_bottoms=2)
+    with layer_error("second bottom", layer="interp2", cls=ShapeError):
+        infer(spec, (2, 1, 5, 5), (1, 1, 5, 5))
+
+
+# ----------------------------------------------------------------------------- Crop
+
+@pytest.mark.parametrize("a,b,params,out,start", [
+    ((1, 21, 44, 44), (1, 21, 34, 34), dict(axis=2, offset=5), (1, 21, 34, 34), (0, 0, 5, 5)),
+    ((1, 21, 88, 88), (1, 21, 70, 70), dict(offset=9), (1, 21, 70, 70), (0, 0, 9, 9)),
+    ((1, 21, 568, 568), (1, 3, 500, 500), dict(axis=2, offset=31), (1, 21, 500, 500), (0, 0, 31, 31)),
+    ((2, 5, 9, 8), (2, 5, 4, 3), dict(), (2, 5, 4, 3), (0, 0, 0, 0)),
+    ((2, 5, 9, 8), (2, 5, 4, 3), dict(offset=[3, 5]), (2, 5, 4, 3), (0, 0, 3, 5)),
+    ((2, 5, 9, 8), (1, 2, 4, 3), dict(axis=1, offset=[1, 2, 3]), (2, 2, 4, 3), (0, 1, 2, 3)),
+    ((2, 5, 9, 8), (1, 2, 4, 3), dict(axis=0, offset=[1, 2, 3, 4]), (1, 2, 4, 3), (1, 2, 3, 4)),
+    ((2, 5, 9, 8), (7, 7, 7, 3), dict(axis=-1, offset=[5]), (2, 5, 9, 3), (0, 0, 0, 5)),
+    ((2, 5, 9, 8), (7, 7, 9, 8), dict(axis=2), (2, 5, 9, 8), (0, 0, 0, 0)),
+])
+def test_crop_values(a, b, params, out, start):
+    x = rand(*a)
+    spec = make_spec("Crop", n_bottoms=2, **params)
+    assert infer(spec, a, b) == [out]
+    small = torch.zeros(b, dtype=D)
+    (y,) = run_layer(spec, x, small)
+    ref = x[tuple(slice(s, s + n) for s, n in zip(start, out))]
+    assert torch.equal(y, ref)
+
+
+@pytest.mark.parametrize("a,b,params,match", [
+    ((1, 21, 44, 44), (1, 21, 34, 34), dict(offset=11), "offset 11 \\+ size 34 > 44"),
+    ((1, 21, 44, 44), (1, 21, 34, 34), dict(offset=[0, 11]), "axis 3"),
+    ((1, 21, 44, 44), (1, 21, 50, 34), dict(), "axis 2"),
+    ((1, 21, 44, 44), (1, 21, 34, 34), dict(offset=[1, 2, 3]), "3 values but 2 axes"),
+    ((1, 21, 44, 44), (1, 21, 34), dict(), "same number of axes"),
+    ((1, 21, 44, 44), (1, 21, 34, 34), dict(axis=4), "out of range"),
+])
+def test_crop_errors(a, b, params, match):
+    spec = make_spec("Crop", name="score_pool4c", n_bottoms=2, **params)
+    with layer_error(match, layer="score_pool4c"):
+        infer(spec, a, b)
+
+
+def test_crop_schema_errors():
+    with layer_error("offset", layer="c"):
+        make_spec("Crop", name="c", n_bottoms=2, offset=-1)
+    with layer_error("bottoms", layer="c", cls=SchemaError):
+        make_spec("Crop", name="c", n_bottoms=1)
+
+
+# ----------------------------------------------------------------------------- FCN-8s walk
+
+def _shape(type_name, shapes, **params):
+    return infer(make_spec(type_name, n_bottoms=len(shapes), **params), *shapes)[0]
+
+
+def _fcn8s_walk(size, ch=None):
+    """voc-fcn8s/deploy.prototxt through the layers' infer(); ``ch`` shrinks the channel
+    counts (to also run the real modules cheaply)."""
+    c = (lambda n: n) if ch is None else (lambda n: ch)
+    shapes = {}
+    x = (1, 3, size, size)
+    conv = dict(kernel_size=3, pad=1)
+    pool = dict(pool="MAX", kernel_size=2, stride=2)
+    stages = [(2, 64), (2, 128), (3, 256), (3, 512), (3, 512)]
+    layers = []
+    s = x
+    for i, (reps, n) in enumerate(stages, 1):
+        for r in range(1, reps + 1):
+            p = dict(num_output=c(n), **conv)
+            if (i, r) == (1, 1):
+                p["pad"] = 100
+            layers.append((f"conv{i}_{r}", "Convolution", p, ["prev"]))
+        layers.append((f"pool{i}", "Pooling", pool, ["prev"]))
+    layers += [
+        ("fc6", "Convolution", dict(num_output=c(4096), kernel_size=7), ["prev"]),
+        ("fc7", "Convolution", dict(num_output=c(4096), kernel_size=1), ["prev"]),
+        ("score_fr", "Convolution", dict(num_output=21, kernel_size=1), ["prev"]),
+        ("upscore2", "Deconvolution", dict(num_output=21, kernel_size=4, stride=2,
+                                           bias_term=False), ["prev"]),
+        ("score_pool4", "Convolution", dict(num_output=21, kernel_size=1), ["pool4"]),
+        ("score_pool4c", "Crop", dict(axis=2, offset=5), ["score_pool4", "upscore2"]),
+        ("fuse_pool4", None, None, ["upscore2", "score_pool4c"]),
+        ("upscore_pool4", "Deconvolution", dict(num_output=21, kernel_size=4, stride=2,
+                                                bias_term=False), ["fuse_pool4"]),
+        ("score_pool3", "Convolution", dict(num_output=21, kernel_size=1), ["pool3"]),
+        ("score_pool3c", "Crop", dict(axis=2, offset=9), ["score_pool3", "upscore_pool4"]),
+        ("fuse_pool3", None, None, ["upscore_pool4", "score_pool3c"]),
+        ("upscore8", "Deconvolution", dict(num_output=21, kernel_size=16, stride=8,
+                                           bias_term=False), ["fuse_pool3"]),
+        ("score", "Crop", dict(axis=2, offset=31), ["upscore8", "data"]),
+    ]
+    shapes["data"] = x
+    prev = "data"
+    for name, type_name, params, bottoms in layers:
+        bottoms = [prev if b == "prev" else b for b in bottoms]
+        if type_name is None:  # Eltwise SUM: same shapes
+            assert shapes[bottoms[0]] == shapes[bottoms[1]]
+            shapes[name] = shapes[bottoms[0]]
+        else:
+            shapes[name] = _shape(type_name, [shapes[b] for b in bottoms], **params)
+        prev = name
+    return layers, shapes
+
+
+def test_fcn8s_shape_walk_500():
+    _, s = _fcn8s_walk(500)
+    hw = {k: v[2] for k, v in s.items()}
+    assert hw["conv1_1"] == 698
+    assert [hw[f"pool{i}"] for i in range(1, 6)] == [349, 175, 88, 44, 22]
+    assert hw["fc6"] == 16 and s["fc7"] == (1, 4096, 16, 16)
+    assert hw["upscore2"] == 34 and hw["score_pool4"] == 44 and hw["score_pool4c"] == 34
+    assert hw["upscore_pool4"] == 70 and hw["score_pool3"] == 88 and hw["score_pool3c"] == 70
+    assert hw["upscore8"] == 568
+    assert s["score"] == (1, 21, 500, 500)
+
+
+def test_fcn8s_modules_run_at_500_with_few_channels():
+    layers, shapes = _fcn8s_walk(500, ch=2)
+    values = {"data": torch.randn(shapes["data"])}
+    prev = "data"
+    for name, type_name, params, bottoms in layers:
+        bottoms = [prev if b == "prev" else b for b in bottoms]
+        if type_name is None:
+            values[name] = values[bottoms[0]] + values[bottoms[1]]
+        else:
+            spec = make_spec(type_name, name=name, n_bottoms=len(bottoms), **params)
+            (values[name],) = run_layer(spec, *[values[b] for b in bottoms])
+        assert tuple(values[name].shape) == shapes[name], name
+        prev = name
+    assert values["score"].shape == (1, 21, 500, 500)
