@@ -155,18 +155,22 @@ def _plain(v: Any) -> Any:
 
 # ----------------------------------------------------------------------------- tokenizer
 
-# One alternation scanned with ``match`` at the current position.  Group order matters:
-# whitespace and comments first (the common case), then punctuation, strings, bare words.
+# One match per token: whitespace and comments are eaten as the prefix of the next token,
+# so the Python loop runs once per token.  ``end`` matches once, at the end of the text.
 _TOKEN = re.compile(
     r"""
-    (?P<ws>[ \t\r\n\f\v]+)
-  | (?P<comment>\#[^\n]*)
-  | (?P<punct>[{}\[\]:,;<>])
-  | (?P<string>"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*')
-  | (?P<bare>(?:[A-Za-z0-9_.+\-]|\$\{[^}\n]*\})+)
-  | (?P<open>["'])
+    [ \t\r\n\f\v]*(?:\#[^\n]*[ \t\r\n\f\v]*)*
+    (?:
+      (?P<punct>[{}\[\]:,;<>])
+    | (?P<string>"[^"\\\n]*(?:\\.[^"\\\n]*)*"|'[^'\\\n]*(?:\\.[^'\\\n]*)*')
+    | (?P<bare>[A-Za-z0-9_.+\-]+(?:\$\{[^}\n]*\}[A-Za-z0-9_.+\-]*)*
+             |\$\{[^}\n]*\}(?:[A-Za-z0-9_.+\-]|\$\{[^}\n]*\})*)
+    | (?P<open>["'])
+    | (?P<end>\Z)
+    | (?P<bad>.)
+    )
     """,
-    re.VERBOSE,
+    re.VERBOSE | re.DOTALL,
 )
 _VAR = re.compile(r"\$\{([^}\n]*)\}")
 _VAR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -289,35 +293,31 @@ class _Tokenizer:
         text = self.src.text
         toks: List[_Tok] = []
         append = toks.append
-        match = _TOKEN.match
-        pos, n = 0, len(text)
-        while pos < n:
-            m = match(text, pos)
-            if m is None:
-                raise self.src.error(pos, f"unexpected character {text[pos]!r}",
-                                     hint="expected a field name, value, '{', '}', ':' or '['")
+        for m in _TOKEN.finditer(text):
             kind = m.lastgroup
-            end = m.end()
-            if kind == "ws" or kind == "comment":
-                pass
-            elif kind == "punct":
-                c = m.group()
+            pos = m.start(kind)
+            if kind == "punct":
+                c = m.group(kind)
                 append(_Tok(T_PUNCT, c, c, pos))
             elif kind == "bare":
-                raw = m.group()
+                raw = m.group(kind)
                 val = self._subst(raw, pos) if "${" in raw else raw
                 append(_Tok(T_BARE, raw, val, pos))
             elif kind == "string":
-                raw = m.group()
+                raw = m.group(kind)
                 body = raw[1:-1]
                 if "${" in body:
                     body = self._subst(body, pos + 1)
                 append(_Tok(T_STRING, raw, _unescape(self.src, body, pos + 1), pos))
-            else:  # an opening quote with no closing quote on its line
+            elif kind == "end":
+                break
+            elif kind == "open":  # an opening quote with no closing quote on its line
                 raise self.src.error(pos, "unterminated string",
                                      hint="close it with a matching quote on the same line")
-            pos = end
-        append(_Tok(T_EOF, "end of file", None, n))
+            else:
+                raise self.src.error(pos, f"unexpected character {text[pos]!r}",
+                                     hint="expected a field name, value, '{', '}', ':' or '['")
+        append(_Tok(T_EOF, "end of file", None, len(text)))
         return toks
 
 
@@ -365,7 +365,8 @@ class _Parser:
     def fail(self, tok: _Tok, expected: str, hint: Optional[str] = None) -> LoadError:
         return self.src.error(tok.pos, f"expected {expected}, got {_describe(tok)}", hint=hint)
 
-    def message_body(self, close: Optional[str], opener: Optional[_Tok], owner: str) -> List[Field]:
+    def message_body(self, close: Optional[str], opener: Optional[Tuple[int, int]],
+                     owner: str) -> List[Field]:
         """Fields until ``close`` (``}``/``>``) or, at top level, end of file."""
         toks = self.toks
         src = self.src
@@ -391,7 +392,7 @@ class _Parser:
             if k == T_EOF:
                 if close is None:
                     return fields
-                line, col = src.linecol(opener.pos)
+                line, col = opener
                 raise src.error(tok.pos, f"unexpected end of file: expected '{close}' to close "
                                 f"'{owner}' opened at line {line}, column {col}",
                                 hint="the file looks truncated, or a brace is missing")
@@ -424,7 +425,7 @@ class _Parser:
 
     def message_field(self, name: str, brace: _Tok, line: int, col: int) -> Field:
         close = "}" if brace.value == "{" else ">"
-        sub = self.message_body(close, brace, name)
+        sub = self.message_body(close, (line, col), name)
         vline, vcol = self.src.linecol(brace.pos)
         return Field(name, Message(sub, vline, vcol, self.src.file), "message", line, col, vline, vcol)
 
