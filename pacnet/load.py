@@ -129,13 +129,45 @@ def _yaml_to_marked(text: str, filename: str) -> Any:
         loader.dispose()
 
 
+def zoo_path(name: str) -> Optional[str]:
+    """The installed zoo file for ``name`` (e.g. ``deeplab/deeplab_v2_resnet101``), if any."""
+    import pacnet.nets
+
+    root = os.path.dirname(pacnet.nets.__file__)
+    for candidate in (name, name + ".yaml"):
+        path = os.path.join(root, candidate)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def zoo_names() -> List[str]:
+    """Every net in the installed zoo, as ``family/name`` (without ``.yaml``)."""
+    import pacnet.nets
+
+    root = os.path.dirname(pacnet.nets.__file__)
+    names = []
+    for folder, _, files in os.walk(root):
+        for f in files:
+            if f.endswith(".yaml") and not os.path.relpath(folder, root).startswith("common"):
+                names.append(os.path.relpath(os.path.join(folder, f), root)[:-5])
+    return sorted(names)
+
+
 def read_yaml(path: str) -> Any:
-    """Parse a YAML file into a marked tree; missing/unreadable files are LoadErrors."""
+    """Parse a YAML file into a marked tree; missing/unreadable files are LoadErrors.
+
+    A path that does not exist but names a zoo net (``deeplab/deeplab_v2_resnet101``) loads
+    that net from the installed zoo."""
+    if not os.path.exists(path) and not os.path.isabs(path):
+        path = zoo_path(path) or path
     try:
         with open(path, "r", encoding="utf-8") as f:
             text = f.read()
     except FileNotFoundError:
-        raise LoadError(f"file not found: {path}", hint="check the path") from None
+        hint = did_you_mean(path.removesuffix(".yaml"), zoo_names())
+        raise LoadError(f"file not found: {path}", hint=hint or "check the path, or give a zoo "
+                        "name such as deeplab/deeplab_v2_resnet101") from None
     except IsADirectoryError:
         raise LoadError(f"{path} is a directory, expected a net file") from None
     except (OSError, UnicodeDecodeError) as err:
@@ -193,6 +225,8 @@ def _merge_layers(base: List[Any], override: List[Any]) -> List[Any]:
 
 
 def _load_with_bases(path: str, seen: Tuple[str, ...] = ()) -> Any:
+    if not os.path.exists(path) and not os.path.isabs(path):
+        path = zoo_path(path) or path
     real = os.path.realpath(path)
     if real in seen:
         chain = " -> ".join(list(seen) + [real])
