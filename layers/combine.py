@@ -896,12 +896,12 @@ class NonLocal2d(Layer):
     ``dot_product`` theta_i . phi_j / L_k, ``concatenation`` relu(w . [theta_i; phi_j]) / L_k.
     ``sub_sample`` max-pools (2x2) g and phi (x itself for gaussian).
 
-    Shapes: N x C x H x W -> same.  Blobs (mmcv state_dict order; absent ones are None and
-    skipped): ``g_weight`` (C' x C x 1 x 1), ``g_bias`` (C'), ``out_weight`` (C x C' x 1 x 1),
+    Shapes: N x C x H x W -> same.  Blobs (mmcv state_dict order; absent ones are None):
+    ``g_weight`` (C' x C x 1 x 1), ``g_bias`` (C'), ``out_weight`` (C x C' x 1 x 1),
     ``out_bias`` (C; absent with ``norm``), ``out_bn_weight``, ``out_bn_bias`` (C; only with
-    ``norm``), ``theta_weight``, ``theta_bias``, ``phi_weight``, ``phi_bias`` (not in gaussian
-    mode), ``concat_weight`` (1 x 2C' x 1 x 1; concatenation only), then the buffers
-    ``out_bn_mean``, ``out_bn_var`` (only with ``norm``).
+    ``norm``), ``theta_weight``, ``theta_bias``, ``phi_weight``, ``phi_bias`` (not in
+    gaussian mode), ``concat_weight`` (1 x 2C' x 1 x 1; concatenation only), then the
+    buffers ``out_bn_mean``, ``out_bn_var`` (only with ``norm``).
     """
 
     params = {

@@ -60,6 +60,12 @@ class _Located:
                 hint="fix the labels, or set ignore_label to that value")
 
 
+def _valid(labels: torch.Tensor, ignore_label: Optional[int]) -> torch.Tensor:
+    if ignore_label is None:
+        return torch.ones_like(labels, dtype=torch.bool)
+    return labels != ignore_label
+
+
 def _resolve_normalization(spec, default: str) -> str:
     """``normalization`` if written (or defaulted by the schema), else the ``normalize`` mapping."""
     normalize = spec.get("normalize")
@@ -97,7 +103,7 @@ class SoftmaxWithLossModule(nn.Module, _Located):
             raise self._data_error(f"label has {label.numel()} elements, the scores need {outer * inner}")
         logp = F.log_softmax(scores, dim=self.axis).reshape(outer, classes, inner)
         labels = label.detach().reshape(outer, inner).to(torch.int64)        # truncates, as static_cast<int>
-        valid = labels != self.ignore_label if self.ignore_label is not None else torch.ones_like(labels, dtype=torch.bool)
+        valid = _valid(labels, self.ignore_label)
         self._check_labels(labels, valid, classes)
         picked = logp.gather(1, torch.where(valid, labels, 0).unsqueeze(1)).squeeze(1)
         # Value clamped at log(FLT_MIN) as Caffe; gradient p - 1 unclamped, as Caffe's backward.
@@ -257,7 +263,7 @@ class AccuracyModule(nn.Module, _Located):
         outer, inner = _outer_inner(scores.shape, self.axis)
         s = scores.reshape(outer, classes, inner)
         labels = label.reshape(outer, inner).to(torch.int64)
-        valid = labels != self.ignore_label if self.ignore_label is not None else torch.ones_like(labels, dtype=torch.bool)
+        valid = _valid(labels, self.ignore_label)
         self._check_labels(labels, valid, classes)
         safe = torch.where(valid, labels, 0)
         true_score = s.gather(1, safe.unsqueeze(1))

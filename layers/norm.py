@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pacnet.errors import ShapeError
@@ -59,6 +60,9 @@ class BatchNormModule(nn.Module):
             sf = self.scale_factor[0]
             inv = torch.where(sf == 0, torch.zeros_like(sf), 1.0 / sf)
             mean, var = self.mean * inv, self.var * inv
+            # One fused pass (inference hot path); same formula as below.
+            y = F.batch_norm(flat, mean.to(x.dtype), var.to(x.dtype), None, None, False, 0.0, self.eps)
+            return y.reshape(x.shape)
         else:
             mean = flat.mean(dim=(0, 2))
             var = (flat - mean[None, :, None]).pow(2).mean(dim=(0, 2))   # biased, as Caffe
@@ -214,9 +218,9 @@ class Scale(Layer):
     """y = x * s (+ b), s broadcast over the axes outside [axis, axis + num_axes).
 
     Shapes: bottom 0 any -> same; optional bottom 1 = the scale, whose shape must equal
-    bottom 0's dims from ``axis`` on.  Blobs: ``weight`` (the learned scale; absent with a
-    second bottom), ``bias`` (with ``bias_term``), in that order; an absent one is None and
-    is skipped when numbering Caffe's blobs (so with two bottoms the bias is blob 0).
+    bottom 0's dims from ``axis`` on.  Blobs: ``weight`` (the learned scale; None with a
+    second bottom), ``bias`` (with ``bias_term``; None otherwise).  Caffe numbers only the
+    blobs a layer has, so with a second bottom and ``bias_term`` its blob 0 is the bias.
     """
 
     params = {
