@@ -114,6 +114,31 @@ def _fill(node: Any, schema: Mapping[str, Any]) -> None:
             _fill(node[key], sub)
 
 
+def marked_locator(container: Any, root: Sequence[Any] = ()) -> Optional[Locate]:
+    """A ``locate`` for a tree loaded by :mod:`pacnet.load` (containers with ``loc``/``locs``):
+    the location of the deepest key of the path that was written, else None.  Returns None
+    when ``container`` carries no marks."""
+    if getattr(container, "locs", None) is None and getattr(container, "loc", None) is None:
+        return None
+    root = tuple(root)
+
+    def locate(path: Sequence[Any]) -> Optional[Location]:
+        rel = tuple(path)[len(root):] if tuple(path)[:len(root)] == root else tuple(path)
+        node, found = container, getattr(container, "loc", None)
+        for key in rel:
+            locs = getattr(node, "locs", None) or {}
+            if key in locs:
+                found = locs[key]
+            try:
+                node = node[key]
+            except (KeyError, IndexError, TypeError):
+                break
+            found = getattr(node, "loc", None) or found
+        return found
+
+    return locate
+
+
 def validate(instance: Any, schema: Mapping[str, Any], *, root: Sequence[Any] = (),
              locate: Optional[Locate] = None, source: Optional[str] = None) -> Dict[str, Any]:
     """Check ``instance`` against ``schema``; return a copy with defaults filled.
@@ -122,6 +147,8 @@ def validate(instance: Any, schema: Mapping[str, Any], *, root: Sequence[Any] = 
     key path to a :class:`Location`; ``source`` names the file when ``locate`` is absent
     or does not know the path.
     """
+    if locate is None:
+        locate = marked_locator(instance, root)
     validator = Draft202012Validator(schema)
     errors = list(validator.iter_errors(instance))
     if errors:

@@ -252,6 +252,8 @@ def parse_solver(raw: Optional[Mapping[str, Any]], *, root: Sequence[Any] = ("so
     :class:`~pacnet.errors.Location` where it was written; ``source`` names the file
     otherwise.  Raises :class:`~pacnet.errors.SchemaError` naming the field.
     """
+    if locate is None:
+        locate = _schema.marked_locator(raw, root)
     if raw is None:
         raise _schema.error(list(root), "missing: training needs a solver section",
                             hint="add e.g. 'solver: {base_lr: 0.01, max_iter: 1000}'",

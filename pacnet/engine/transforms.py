@@ -1,0 +1,237 @@
+"""Caffe-style data transforms, deterministic given a ``numpy.random.Generator``.
+
+* :class:`SegTransform`: DeepLab's ``ImageSegData`` transform
+  (``DataTransformer::TransformImgAndSeg``, caffe.md §5.3) for an image and its label map:
+  random scale from ``scale_factors`` (image bilinear, label nearest), pad bottom/right to
+  the crop (image with the mean, label with ``ignore_label``), crop (random in train,
+  centred in test), random mirror, then ``(pixel - mean) * scale``.
+* :class:`JointTransform`: the joint-upsampling sample of the PAC paper (pac.md §3):
+  crop, mirror, low-res target by ``center`` sampling (NYU) or anti-aliased bilinear
+  resize (Sintel), target normalised per sample by its own min/max.
+* :func:`lowres`, :func:`normalize_range`, :func:`denormalize`, :func:`resize`: the pieces.
+
+Arrays are numpy, channels first (``C x H x W``), float32.  Randomness comes only from the
+generator passed in, so a sample is a pure function of (data, generator seed).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pacnet.errors import DataError
+
+__all__ = ["resize", "SegTransform", "lowres", "normalize_range", "denormalize", "JointTransform",
+           "LOWRES_MODES"]
+
+LOWRES_MODES = ("center", "last", "bilinear", "nearest")
+
+
+def resize(arr: np.ndarray, size: Tuple[int, int], mode: str, antialias: bool = False) -> np.ndarray:
+    """Resize ``C x H x W`` to ``size`` (h, w).  ``bilinear`` is half-pixel (OpenCV
+    INTER_LINEAR, align_corners=False); ``nearest`` picks ``floor(dst * src/dst)`` like
+    OpenCV INTER_NEAREST.  ``antialias`` low-passes when shrinking."""
+    h, w = size
+    if arr.shape[1:] == (h, w):
+        return arr
+    t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None]
+    if mode == "nearest":
+        out = F.interpolate(t, size=(h, w), mode="nearest")
+    else:
+        out = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False, antialias=antialias)
+    return out[0].numpy()
+
+
+def _pair(value, name: str) -> Tuple[int, int]:
+    if value is None:
+        return 0, 0
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2:
+            raise DataError(f"{name} must be one size or [height, width], got {value!r}")
+        return int(value[0]), int(value[1])
+    return int(value), int(value)
+
+
+class SegTransform:
+    """Caffe's ``TransformImgAndSeg``.  Sizes in pixels; ``mean`` per channel in the
+    image's channel order (BGR for Caffe nets); ``crop`` 0 = no crop.
+
+    ``__call__(image, label, rng)`` takes ``3 x H x W`` float32 pixel values (0-255) and
+    an ``H x W`` label map (or None: filled with ``ignore_label``), and returns
+    ``(data 3 x h x w, label 1 x h x w, data_dim 1 x 1 x 2)``, all float32 (Caffe blobs);
+    ``data_dim`` is ``[min(crop_h, H'), min(crop_w, W')]`` of the scaled image.
+    """
+
+    def __init__(self, *, crop: Sequence[int] | int | None = None, mean: Optional[Sequence[float]] = None,
+                 scale: float = 1.0, mirror: bool = False, scale_factors: Sequence[float] = (),
+                 ignore_label: int = 255, train: bool = True) -> None:
+        self.crop_h, self.crop_w = _pair(crop, "crop_size")
+        if (self.crop_h > 0) != (self.crop_w > 0):
+            raise DataError(f"crop needs both a height and a width, got {self.crop_h} x {self.crop_w}")
+        self.mean = None if not mean else np.asarray(mean, dtype=np.float32).reshape(-1, 1, 1)
+        self.scale = float(scale)
+        self.mirror = bool(mirror)
+        self.scale_factors = tuple(float(s) for s in scale_factors)
+        self.ignore_label = int(ignore_label)
+        self.train = bool(train)
+
+    def __call__(self, image: np.ndarray, label: Optional[np.ndarray], rng: np.random.Generator
+                 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        image = np.asarray(image, dtype=np.float32)
+        c, h, w = image.shape
+        if self.mean is not None and self.mean.shape[0] not in (1, c):
+            raise DataError(f"mean_value has {self.mean.shape[0]} entries for a {c}-channel image")
+        if label is None:
+            label = np.full((h, w), self.ignore_label, dtype=np.float32)
+        label = np.asarray(label, dtype=np.float32)
+        if label.shape != (h, w):
+            raise DataError(f"image is {h} x {w} but its label map is {label.shape[0]} x {label.shape[1]}")
+        # 1. random scale
+        if self.scale_factors:
+            s = self.scale_factors[int(rng.integers(len(self.scale_factors)))]
+            nh, nw = max(1, int(round(h * s))), max(1, int(round(w * s)))
+            image = resize(image, (nh, nw), "bilinear")
+            label = resize(label[None], (nh, nw), "nearest")[0]
+            h, w = nh, nw
+        data_dim = np.array([[[min(self.crop_h, h) if self.crop_h else h,
+                               min(self.crop_w, w) if self.crop_w else w]]], dtype=np.float32)
+        if self.crop_h:
+            # 2. pad bottom/right: image with the mean (0 after subtraction), label with ignore
+            ph, pw = max(self.crop_h - h, 0), max(self.crop_w - w, 0)
+            if ph or pw:
+                fill = self.mean if self.mean is not None else np.zeros((c, 1, 1), np.float32)
+                padded = np.empty((c, h + ph, w + pw), np.float32)
+                padded[:] = fill
+                padded[:, :h, :w] = image
+                image = padded
+                lab = np.full((h + ph, w + pw), self.ignore_label, np.float32)
+                lab[:h, :w] = label
+                label = lab
+                h, w = h + ph, w + pw
+            # 3. crop: random in train, centred in test
+            if self.train:
+                y = int(rng.integers(h - self.crop_h + 1))
+                x = int(rng.integers(w - self.crop_w + 1))
+            else:
+                y, x = (h - self.crop_h) // 2, (w - self.crop_w) // 2
+            image = image[:, y:y + self.crop_h, x:x + self.crop_w]
+            label = label[y:y + self.crop_h, x:x + self.crop_w]
+        # 4. mirror (Caffe: whenever the flag is on, in any phase)
+        if self.mirror and rng.integers(2):
+            image = image[:, :, ::-1]
+            label = label[:, ::-1]
+        # 5. mean and scale
+        if self.mean is not None:
+            image = image - self.mean
+        if self.scale != 1.0:
+            image = image * self.scale
+        return (np.ascontiguousarray(image, dtype=np.float32),
+                np.ascontiguousarray(label[None], dtype=np.float32), data_dim)
+
+
+def lowres(x: np.ndarray, factor: int, mode: str = "center") -> np.ndarray:
+    """The low-resolution input of joint upsampling, ``C x ceil(H/f) x ceil(W/f)``.
+
+    ``center``: every f-th pixel starting at ``(f-1)//2`` (NYU, PAC paper); ``last``:
+    starting at ``f-1``; ``bilinear``: anti-aliased bilinear resize (Sintel); ``nearest``.
+    A size that is not a multiple of f is first resized (bilinear) up to the next multiple,
+    as the original code does.
+    """
+    if mode not in LOWRES_MODES:
+        raise DataError(f"unknown lowres_mode {mode!r}; use one of {', '.join(LOWRES_MODES)}")
+    f = int(factor)
+    c, h0, w0 = x.shape
+    h, w = math.ceil(h0 / f), math.ceil(w0 / f)
+    if (h * f, w * f) != (h0, w0):
+        x = resize(x, (h * f, w * f), "bilinear")
+    if mode in ("center", "last"):
+        o = (f - 1) // 2 if mode == "center" else f - 1
+        return np.ascontiguousarray(x[:, o::f, o::f], dtype=np.float32)
+    return resize(x, (h, w), mode, antialias=mode == "bilinear")
+
+
+def normalize_range(low: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Per-channel min/max of ``low`` (``C x h x w``) as ``C x 2``; a flat channel gets
+    min - 0.5 and max + 0.5.  Returns (``(low - min) / (max - min)``, range)."""
+    lo = low.reshape(low.shape[0], -1).min(axis=1).astype(np.float64)
+    hi = low.reshape(low.shape[0], -1).max(axis=1).astype(np.float64)
+    flat = lo == hi
+    lo, hi = lo - 0.5 * flat, hi + 0.5 * flat
+    rng = np.stack([lo, hi], axis=1)
+    norm = (low - lo[:, None, None]) / (hi - lo)[:, None, None]
+    return norm.astype(np.float32), rng.astype(np.float32)
+
+
+def denormalize(x, value_range):
+    """Undo :func:`normalize_range` on a batch: ``x`` ``N x C x H x W`` (tensor or array),
+    ``value_range`` ``N x C x 2``; returns ``x * (max - min) + min``."""
+    lo = value_range[..., 0][..., None, None]
+    hi = value_range[..., 1][..., None, None]
+    return x * (hi - lo) + lo
+
+
+class JointTransform:
+    """The joint-upsampling sample (pac.md §3, NVlabs ``AssembleJointUpsamplingInputs``).
+
+    ``__call__(guide, gt, rng)``: ``guide`` ``3 x H x W`` in [0, 1], ``gt`` ``C x H x W`` in
+    its units (metres, pixels of flow).  Returns a dict:
+
+    * ``guide``: ``3 x H' x W'`` in [0, 1];
+    * ``target``: ``C x H'/f x W'/f``, the low-res input (normalised if ``normalize``);
+    * ``gt``: ``C x H' x W'`` in the same space as ``target`` (what a loss compares with);
+    * ``gt_raw``: ``C x H' x W'`` in the original units (what metrics compare with after
+      :func:`denormalize` of the output);
+    * ``target_range``: ``C x 2`` (min, max) used to normalise; (0, 1) when not normalising.
+
+    Crop: random in train, centred in test; must be a multiple of ``factor``.  Mirror: a
+    random horizontal flip when on.  Unlike the original, ``gt`` is not cropped by an
+    evaluation border: metrics take a ``border`` argument instead, so shapes match the net.
+    """
+
+    def __init__(self, factor: int, *, crop: Sequence[int] | int | None = None, mirror: bool = False,
+                 lowres_mode: str = "center", normalize: bool = True, train: bool = True) -> None:
+        self.factor = int(factor)
+        self.crop_h, self.crop_w = _pair(crop, "crop_size")
+        if self.crop_h % self.factor or self.crop_w % self.factor:
+            raise DataError(f"crop {self.crop_h} x {self.crop_w} is not a multiple of factor {self.factor}")
+        if lowres_mode not in LOWRES_MODES:
+            raise DataError(f"unknown lowres_mode {lowres_mode!r}; use one of {', '.join(LOWRES_MODES)}")
+        self.mirror = bool(mirror)
+        self.lowres_mode = lowres_mode
+        self.normalize = bool(normalize)
+        self.train = bool(train)
+
+    def __call__(self, guide: np.ndarray, gt: np.ndarray, rng: np.random.Generator) -> Dict[str, np.ndarray]:
+        guide = np.asarray(guide, np.float32)
+        gt = np.asarray(gt, np.float32)
+        if gt.ndim == 2:
+            gt = gt[None]
+        h, w = gt.shape[1:]
+        if guide.shape[1:] != (h, w):
+            raise DataError(f"guide is {guide.shape[1]} x {guide.shape[2]} but the target is {h} x {w}")
+        if self.crop_h:
+            if self.crop_h > h or self.crop_w > w:
+                raise DataError(f"crop {self.crop_h} x {self.crop_w} is larger than the image {h} x {w}")
+            if self.train:
+                y, x = int(rng.integers(h - self.crop_h + 1)), int(rng.integers(w - self.crop_w + 1))
+            else:
+                y, x = (h - self.crop_h) // 2, (w - self.crop_w) // 2
+            guide = guide[:, y:y + self.crop_h, x:x + self.crop_w]
+            gt = gt[:, y:y + self.crop_h, x:x + self.crop_w]
+        if self.mirror and rng.integers(2):
+            guide, gt = guide[:, :, ::-1], gt[:, :, ::-1]
+        low = lowres(np.ascontiguousarray(gt), self.factor, self.lowres_mode)
+        if self.normalize:
+            target, value_range = normalize_range(low)
+            lo, hi = value_range[:, 0, None, None], value_range[:, 1, None, None]
+            gt_norm = (gt - lo) / (hi - lo)
+        else:
+            target, gt_norm = low, gt
+            value_range = np.tile(np.array([[0.0, 1.0]], np.float32), (gt.shape[0], 1))
+        return {"guide": np.ascontiguousarray(guide, np.float32), "target": target,
+                "gt": np.ascontiguousarray(gt_norm, np.float32), "gt_raw": np.ascontiguousarray(gt, np.float32),
+                "target_range": value_range}
