@@ -1,0 +1,258 @@
+"""pacnet.engine.checkpoint and workdir: atomic checkpoints, resume, refusal of bad files."""
+
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pacnet.errors import DataError
+from pacnet.engine.checkpoint import (
+    CheckpointManager, capture_rng_state, check_compatible, load_state, load_weights, restore_rng_state,
+    save_weights, seed_everything,
+)
+from pacnet.engine.solver import Solver
+from pacnet.engine.workdir import WorkDir, plain
+
+
+class Net(nn.Module):
+    def __init__(self, width=4):
+        super().__init__()
+        self.conv = nn.Conv2d(2, width, 3, padding=1)
+        self.bn = nn.BatchNorm2d(width)
+        self.fc = nn.Linear(width, 3)
+
+    def forward(self, x):
+        return self.fc(self.bn(self.conv(x)).mean((2, 3)))
+
+
+class SharedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 3, bias=False)
+        self.b = nn.Linear(3, 3, bias=False)
+        self.b.weight = self.a.weight
+
+
+def train(model, solver, x, n):
+    for _ in range(n):
+        solver.step(lambda: (model(x) ** 2).mean() + torch.rand(()) * 0)
+
+
+def test_rng_state_round_trip_through_weights_only_load(tmp_path):
+    seed_everything(3)
+    state = capture_rng_state()
+    torch.save(state, tmp_path / "rng.pt")
+    expect = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)], np.random.randn())
+    torch.rand(5), np.random.rand(7), random.random()
+    restore_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    got = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)], np.random.randn())
+    assert torch.equal(expect[0], got[0]) and np.array_equal(expect[1], got[1])
+    assert expect[2] == got[2] and expect[3] == got[3]
+
+
+def test_weights_are_safetensors_and_shared_blobs_stored_once(tmp_path):
+    from safetensors import safe_open
+
+    m = SharedNet()
+    path = str(tmp_path / "w.safetensors")
+    save_weights(path, m.state_dict(), {"iteration": "5"})
+    with safe_open(path, framework="pt") as f:
+        assert list(f.keys()) == ["a.weight"]
+        assert f.metadata()["iteration"] == "5"
+    weights, meta = load_weights(path)
+    assert weights["b.weight"] is weights["a.weight"]
+    torch.testing.assert_close(weights["a.weight"], m.a.weight.detach())
+    fresh = SharedNet()
+    fresh.load_state_dict(weights)
+    assert fresh.b.weight is fresh.a.weight and torch.equal(fresh.a.weight, m.a.weight)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp")]
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    conf = {"base_lr": 0.05, "max_iter": 6, "momentum": 0.9, "lr_policy": "step", "gamma": 0.5,
+            "stepsize": 2, "weight_decay": 1e-3, "average_loss": 2}
+    seed_everything(0)
+    x = torch.randn(4, 2, 5, 5)
+    init = Net().state_dict()
+
+    def fresh():
+        m = Net()
+        m.load_state_dict(init)
+        return m, Solver(conf, m)
+
+    ref, s_ref = fresh()
+    seed_everything(1)
+    train(ref, s_ref, x, 3)
+    noise_ref = torch.rand(4)  # the RNG stream continues after iteration 3
+    train(ref, s_ref, x, 3)
+
+    a, s_a = fresh()
+    seed_everything(1)
+    train(a, s_a, x, 3)
+    mgr = CheckpointManager(str(tmp_path / "ck"))
+    ck = mgr.save(s_a.iter, a, solver=s_a, extra={"data_position": 12})
+    assert os.path.basename(ck.weights) == "iter_00000003.safetensors"
+    torch.rand(100)  # disturb the RNG; loading must restore it
+
+    b, s_b = fresh()
+    state = mgr.load(mgr.latest(), b, solver=s_b)
+    assert state["iteration"] == 3 and state["extra"] == {"data_position": 12}
+    assert torch.equal(torch.rand(4), noise_ref)
+    train(b, s_b, x, 3)
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[k], v, msg=k)
+    assert s_b.smoothed_loss == pytest.approx(s_ref.smoothed_loss)
+
+
+def test_keep_last_and_latest(tmp_path):
+    m = Net()
+    mgr = CheckpointManager(str(tmp_path), keep_last=2)
+    for it in (10, 20, 30):
+        mgr.save(it, m)
+    assert [c.iteration for c in mgr.list()] == [20, 30]
+    assert sorted(os.listdir(tmp_path)) == ["iter_00000020.safetensors", "iter_00000020.state.pt",
+                                            "iter_00000030.safetensors", "iter_00000030.state.pt"]
+    # a save interrupted between the two files (weights only) does not count
+    save_weights(str(tmp_path / "iter_00000040.safetensors"), m.state_dict())
+    (tmp_path / ".tmp-iter_00000050.state.pt-xyz").write_bytes(b"partial")
+    assert mgr.latest().iteration == 30
+    assert CheckpointManager(str(tmp_path / "none")).latest() is None
+
+
+def test_incompatible_checkpoints_are_refused_naming_the_file(tmp_path):
+    mgr = CheckpointManager(str(tmp_path))
+    ck = mgr.save(1, Net(width=4))
+    with pytest.raises(DataError) as info:
+        mgr.load(ck, Net(width=8))
+    text = str(info.value)
+    assert ck.weights in text and "another shape (conv.weight: file [4, 2, 3, 3], net [8, 2, 3, 3]" in text
+
+    class Renamed(Net):
+        def __init__(self):
+            super().__init__()
+            self.extra = nn.Linear(1, 1)
+
+    with pytest.raises(DataError, match=r"2 blob\(s\) of the net missing \(extra.weight, extra.bias\)"):
+        mgr.load(ck, Renamed())
+    with pytest.raises(DataError, match="not in the net"):
+        check_compatible({"a": torch.zeros(1), "b": torch.zeros(2)}, {"a": (1,)}, "x.safetensors")
+
+
+def test_solver_state_that_does_not_fit_is_refused(tmp_path):
+    m = Net()
+    s = Solver({"base_lr": 0.1, "max_iter": 2, "momentum": 0.9}, m)
+    train(m, s, torch.randn(2, 2, 4, 4), 1)
+    mgr = CheckpointManager(str(tmp_path))
+    ck = mgr.save(1, m, solver=s)
+    m2 = Net()
+    s2 = Solver({"base_lr": 0.1, "max_iter": 2, "momentum": 0.9}, m2, {"fc.bias": (2, 0)})
+    with pytest.raises(DataError, match=r"cannot resume from .*iter_00000001.state.pt"):
+        mgr.load(ck, m2, solver=s2)
+    s3 = Solver({"base_lr": 0.1, "max_iter": 2, "type": "Adam"}, Net())
+    with pytest.raises(DataError, match="cannot resume a SGD solver state with a Adam solver"):
+        mgr.load(ck, s3.model, solver=s3)
+    nosolver = mgr.save(2, m)
+    with pytest.raises(DataError, match="holds no solver state"):
+        mgr.load(nosolver, m, solver=s)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_corrupt_files_give_data_errors(tmp_path, damage):
+    mgr = CheckpointManager(str(tmp_path))
+    ck = mgr.save(7, Net())
+    for path in (ck.weights, ck.state):
+        data = open(path, "rb").read()
+        with open(path, "wb") as f:
+            f.write({"truncate": data[: len(data) // 2], "garbage": b"\x00garbage" * 10, "empty": b""}[damage])
+    with pytest.raises(DataError, match=r"iter_00000007.safetensors"):
+        load_weights(ck.weights)
+    with pytest.raises(DataError, match=r"iter_00000007.state.pt"):
+        load_state(ck.state)
+    with pytest.raises(DataError, match=r"iter_00000007"):
+        mgr.load(ck, Net())
+
+
+def test_state_files_never_unpickle_objects(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    path = tmp_path / "iter_00000001.state.pt"
+    torch.save({"format": 1, "x": Evil()}, path)
+    with pytest.raises(DataError, match="cannot read training state"):
+        load_state(str(path))
+    assert not (tmp_path / "pwned").exists()
+    torch.save({"format": 99}, path)
+    with pytest.raises(DataError, match="not a pacnet training state"):
+        load_state(str(path))
+    with pytest.raises(DataError, match="not a checkpoint file"):
+        CheckpointManager(str(tmp_path)).load(str(tmp_path / "w.bin"), Net())
+    with pytest.raises(DataError, match="weights file not found"):
+        load_weights(str(tmp_path / "missing.safetensors"))
+
+
+def test_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    mgr = CheckpointManager(str(tmp_path))
+    mgr.save(1, Net())
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError, match="disk full"):
+        mgr.save(2, Net())
+    assert mgr.latest().iteration == 1
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp")]
+
+
+# ----------------------------------------------------------------------------- work dir
+
+
+def test_work_dir_layout_config_environment_metrics(tmp_path):
+    from types import MappingProxyType
+
+    with WorkDir(str(tmp_path / "run"), tensorboard=False) as wd:
+        cfg = MappingProxyType({"name": "net", "solver": {"base_lr": 0.1, "stepvalue": (1, 2)},
+                                "layers": [{"name": "conv", "shape": torch.Size([1, 2])}]})
+        wd.write_config(cfg)
+        assert wd.read_config() == {"name": "net", "solver": {"base_lr": 0.1, "stepvalue": [1, 2]},
+                                    "layers": [{"name": "conv", "shape": [1, 2]}]}
+        env = wd.write_environment(argv=["pacnet", "train", "net.yaml"], device="cpu")
+        saved = json.load(open(wd.environment_path))
+        assert saved["argv"] == ["pacnet", "train", "net.yaml"] and saved["torch"] == torch.__version__
+        assert env["device"] == "cpu" and "python" in env
+        for step in (10, 20, 30):
+            wd.log(step, {"loss": torch.tensor(1.5), "lr": 0.1, "bad": float("nan")})
+        wd.log(20, {"mean_iou": 0.5}, phase="test")
+        assert [r["step"] for r in wd.read_metrics("train")] == [10, 20, 30]
+        assert wd.read_metrics("train")[0]["loss"] == 1.5 and wd.read_metrics("train")[0]["bad"] is None
+        with open(wd.metrics_path, "a") as f:
+            f.write('{"step": 40, "pha')  # torn by a crash
+        assert len(wd.read_metrics()) == 4
+        assert wd.truncate_metrics(20) == 1  # resuming at 20 drops step 30 (and the torn line)
+        assert [r["step"] for r in wd.read_metrics()] == [10, 20, 20]
+        assert os.path.isdir(wd.checkpoint_dir)
+        ck = wd.checkpoints(keep_last=1).save(5, Net())
+        assert os.path.dirname(ck.weights) == wd.checkpoint_dir
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match="is not a folder"):
+        WorkDir(str(tmp_path / "file"))
+    with pytest.raises(DataError, match="work dir not found"):
+        WorkDir(str(tmp_path / "nope"), create=False)
+
+
+def test_work_dir_tensorboard_events(tmp_path):
+    pytest.importorskip("tensorboard")
+    with WorkDir(str(tmp_path / "run"), tensorboard=True) as wd:
+        wd.log(1, {"loss": 2.0})
+    events = os.listdir(os.path.join(wd.path, "tensorboard"))
+    assert any(e.startswith("events.out.tfevents") for e in events)
+
+
+def test_plain_makes_yaml_safe_values():
+    assert plain({"a": (1, np.float32(2.5)), "b": torch.tensor([1, 2]), 3: None, "c": object}) == {
+        "a": [1, 2.5], "b": [1, 2], "3": None, "c": "<class 'object'>"}
