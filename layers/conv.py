@@ -345,7 +345,11 @@ class InnerProduct(Layer):
     blobs = ("weight", "bias")
 
     def check(self, spec: LayerSpec) -> None:
-        problem = filler_problem(spec["weight_filler"], (1, 1))
+        if spec["weight_filler"].get("type") == "bilinear":
+            raise spec.error("weight_filler: the bilinear filler needs a 4-D blob; the "
+                             "InnerProduct weight is 2-D", key="weight_filler",
+                             hint="use gaussian, xavier or msra")
+        problem = filler_problem(spec["weight_filler"], (1, 1))  # the rest is shape-free
         if problem:
             raise spec.error(f"weight_filler: {problem}", key="weight_filler")
         if spec["bias_term"]:
