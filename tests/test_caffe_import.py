@@ -169,11 +169,11 @@ layers {
   convolution_param { num_output: 1024 pad: 12 hole: 12 kernel_size: 3 }
 }
 layers { bottom: "fc6" top: "fc6" name: "relu6" type: RELU }
-layers { bottom: "fc6" top: "p" name: "p" type: POOLING pooling_param { pool: AVE kernel_size: 3 } }
+layers { bottom: "fc6" top: "p" name: "p" type: POOLING pooling_param { pool: AVE kernel_size: 3 stride: 8 pad: 1 } }
 layers { bottom: "p" top: "fc8" name: "fc8" type: CONVOLUTION blobs_lr: 10
          convolution_param { num_output: ${NUM_LABELS} kernel_size: 1 hole_h: 2 hole_w: 3 } }
 layers { bottom: "label" top: "ls" name: "ls" type: INTERP interp_param { shrink_factor: 8 } }
-layers { bottom: "fc8" bottom: "ls" name: "loss" type: SOFTMAX_LOSS softmaxloss_param { ignore_label: 255 }
+layers { bottom: "fc8" bottom: "ls" name: "loss8" type: SOFTMAX_LOSS softmaxloss_param { ignore_label: 255 }
          include: { phase: TRAIN } }
 layers { bottom: "fc8" bottom: "ls" top: "acc" name: "acc" type: SEG_ACCURACY
          seg_accuracy_param { ignore_label: 255 } }
@@ -194,7 +194,7 @@ def test_v1_upgrade():
     fc8 = layer(net, "fc8")
     assert fc8["param"] == [{"lr_mult": 10}] and fc8["dilation"] == [2, 3]
     assert fc8["num_output"] == 21
-    assert layer(net, "loss")["ignore_label"] == 255
+    assert layer(net, "loss8")["ignore_label"] == 255
     assert layer(net, "acc")["ignore_label"] == [255]
     assert net["inputs"] == {"data": [30, 3, 321, 321], "label": [30, 1, 321, 321]}
     (d,) = net["data"]
@@ -475,3 +475,74 @@ def test_real_graph_details():
 def test_unknown_types_helper():
     net = {"layers": [{"name": "a", "type": "X"}, {"name": "b", "type": "ReLU"}, {"name": "c", "type": "X"}]}
     assert unknown_types(net, ["ReLU"]) == {"X": ["a", "c"]}
+
+
+# ----------------------------------------------------------------------------- CLI
+
+import pacnet  # noqa: E402
+from pacnet.cli.main import main  # noqa: E402
+
+
+def test_cli_convert_writes_yaml_that_builds(tmp_path, capsys):
+    src = tmp_path / "net.prototxt"
+    src.write_text(V1_NET)
+    out = tmp_path / "net.yaml"
+    assert main(["convert", str(src), "-o", str(out), "--var", "LIST=l.txt", "--var", "NUM_LABELS=21"]) == 0
+    err = capsys.readouterr().err
+    assert "warning:" in err and "'mat' (MatWrite) dropped" in err
+    assert f"wrote {out} (7 layers)" in err
+    text = out.read_text()
+    assert text.startswith("# converted from net.prototxt by pacnet convert\nname: legacy\n")
+    net = yaml.safe_load(text)
+    with pytest.warns(UserWarning, match="MatWrite"):
+        assert net == conv(V1_NET, {"LIST": "l.txt", "NUM_LABELS": 21})[0]
+    built = pacnet.build(str(out), phase="train", device="meta")
+    assert built.shapes["fc8"] == (30, 21, 41, 41) and built.shapes["ls"] == (30, 1, 41, 41)
+    assert main(["build", str(out), "--phase", "train"]) == 0
+
+
+def test_cli_convert_to_stdout(tmp_path, capsys):
+    src = tmp_path / "d.prototxt"
+    src.write_text('input: "data" input_dim: 1 input_dim: 3 input_dim: 4 input_dim: 4\n'
+                   'layer { name: "r" type: "ReLU" bottom: "data" top: "r" }\n')
+    assert main(["convert", str(src)]) == 0
+    out = capsys.readouterr().out
+    assert yaml.safe_load(out) == {"name": "d", "pacnet_version": 1, "inputs": {"data": [1, 3, 4, 4]},
+                                   "layers": [{"name": "r", "type": "ReLU", "bottom": "data", "top": "r"}]}
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["{src}", "-o", "{tmp}/x.txt"], "cannot tell what to write from the extension"),
+    (["{src}", "-o", "{tmp}/a.yaml", "-o", "{tmp}/b.yaml"], "two YAML outputs"),
+    (["{src}", "-o", "{tmp}/w.safetensors"], "no --weights to convert"),
+    (["{src}", "-o", "{tmp}/missing/dir/x.yaml"], "does not exist"),
+    (["{tmp}/net.yaml"], "already a pacnet net"),
+    (["{tmp}/none.prototxt"], "no such file"),
+    (["{src}", "--var", "NOEQUALS"], "--var 'NOEQUALS'"),
+    (["{bad}", "-o", "{tmp}/bad.yaml"], "bad.prototxt:2:"),
+    (["{src}", "--weights", "{tmp}/none.caffemodel"], "no such file"),
+])
+def test_cli_convert_user_errors(tmp_path, capsys, argv, fragment):
+    src = tmp_path / "t.prototxt"
+    src.write_text('name: "${NAME}"\nlayer { name: "r" type: "ReLU" bottom: "x" top: "x" }\n')
+    bad = tmp_path / "bad.prototxt"
+    bad.write_text('layer {\n  name "r"\n}\n')
+    (tmp_path / "net.yaml").write_text("layers: []\n")
+    args = [a.format(src=src, tmp=tmp_path, bad=bad) for a in argv]
+    if "--var" not in args:
+        args += ["--var", "NAME=n"]
+    assert main(["convert"] + args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and fragment in err, err
+    assert not (tmp_path / "bad.yaml").exists()
+    assert [f for f in os.listdir(tmp_path) if f.startswith(".tmp")] == []
+
+
+def test_cli_convert_unset_vars_lists_all(tmp_path, capsys):
+    src = tmp_path / "t.prototxt"
+    src.write_text('name: "${NET_ID}"\nlayer { name: "fc_${EXP}" type: "Convolution"\n'
+                   '  convolution_param { num_output: ${NUM_LABELS} } }\n')
+    assert main(["convert", str(src), "--var", "EXP=voc12"]) == 2
+    err = capsys.readouterr().err
+    assert "unset template variables: NET_ID (line 1), NUM_LABELS (line 3)" in err
+    assert "--var NAME=VALUE" in err
