@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pacnet.layers.common import (NON_NEGATIVE_INT, POSITIVE_INT, conv_out, fill_, filler,
+from pacnet.layers.common import (POSITIVE_INT, conv_out, fill_, filler,
                                   filler_problem, int_or_pair, numel, spatial_pair)
 from pacnet.errors import ShapeError
 from pacnet.registry import Layer, LayerSpec, Shape, register
