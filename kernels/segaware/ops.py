@@ -20,6 +20,7 @@ Numba-CUDA kernels, anything else (and float16/bfloat16) the plain-torch referen
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional, Sequence, Tuple, Union
 
@@ -69,6 +70,29 @@ def _cuda():
     return cuda
 
 
+#: Below this many inner-loop steps a Numba call runs on one thread: forking a parallel
+#: region costs more than it saves on tiny inputs (and much more on a loaded machine).
+SMALL_WORK = 1 << 16
+
+
+@contextlib.contextmanager
+def _threads_for(work: int):
+    if work >= SMALL_WORK:
+        yield
+        return
+    import numba
+
+    previous = numba.get_num_threads()
+    if previous == 1:
+        yield
+        return
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(previous)
+
+
 def _np(t: torch.Tensor):
     return t.detach().numpy()
 
@@ -102,9 +126,10 @@ def _im2dist_op(emb: torch.Tensor, kernel: Sequence[int], pad: Sequence[int],
     out = torch.empty((N, kernel[0] * kernel[1], *_hw(emb, kernel, pad, stride, dilation)),
                       dtype=emb.dtype)
     d = emb.dtype
-    _cpu().im2dist_forward(_np(emb), _np(out), *kernel, *pad, *stride, *dilation, int(norm),
-                           bool(remove_center), bool(remove_bounds), _scalar(d, 0.0),
-                           _scalar(d, 0.5), _scalar(d, BIG))
+    with _threads_for(out.numel() * emb.shape[1]):
+        _cpu().im2dist_forward(_np(emb), _np(out), *kernel, *pad, *stride, *dilation, int(norm),
+                               bool(remove_center), bool(remove_bounds), _scalar(d, 0.0),
+                               _scalar(d, 0.5), _scalar(d, BIG))
     return out
 
 
@@ -128,8 +153,9 @@ def _im2dist_backward_op(grad: torch.Tensor, emb: torch.Tensor, kernel: Sequence
     if backend == "cuda":
         return _cuda().im2dist_backward(grad, emb, kernel, pad, stride, dilation, norm)
     gE = torch.empty_like(emb)
-    _cpu().im2dist_backward(_np(grad), _np(emb), _np(gE), *kernel, *pad, *stride, *dilation,
-                            int(norm), _scalar(emb.dtype, 0.0), _scalar(emb.dtype, 1.0))
+    with _threads_for(2 * grad.numel() * emb.shape[1]):
+        _cpu().im2dist_backward(_np(grad), _np(emb), _np(gE), *kernel, *pad, *stride, *dilation,
+                                int(norm), _scalar(emb.dtype, 0.0), _scalar(emb.dtype, 1.0))
     return gE
 
 
@@ -173,9 +199,10 @@ def _im2parity_op(labels: torch.Tensor, kernel: Sequence[int], pad: Sequence[int
         return _cuda().im2parity_forward(lab, out_dtype, hw, kernel, pad, stride, dilation,
                                          has_ignore, int(ignore_label), outside)
     out = torch.empty((labels.shape[0], kernel[0] * kernel[1], *hw), dtype=out_dtype)
-    _cpu().im2parity_forward(_np(lab), _np(out), *kernel, *pad, *stride, *dilation,
-                             bool(has_ignore), int(ignore_label), _scalar(out_dtype, outside),
-                             _scalar(out_dtype, 1.0), _scalar(out_dtype, 0.0))
+    with _threads_for(out.numel()):
+        _cpu().im2parity_forward(_np(lab), _np(out), *kernel, *pad, *stride, *dilation,
+                                 bool(has_ignore), int(ignore_label), _scalar(out_dtype, outside),
+                                 _scalar(out_dtype, 1.0), _scalar(out_dtype, 0.0))
     return out
 
 
@@ -213,8 +240,9 @@ def _lws_op(x: torch.Tensor, weights: torch.Tensor, kernel: Sequence[int], pad: 
     if backend == "cuda":
         return _cuda().local_weighted_sum_forward(x, weights, kernel, pad, stride, dilation)
     out = torch.empty((x.shape[0], x.shape[1], *weights.shape[2:]), dtype=x.dtype)
-    _cpu().local_weighted_sum_forward(_np(x), _np(weights), _np(out), *kernel, *pad, *stride,
-                                      *dilation, _scalar(x.dtype, 0.0))
+    with _threads_for(out.numel() * weights.shape[1]):
+        _cpu().local_weighted_sum_forward(_np(x), _np(weights), _np(out), *kernel, *pad, *stride,
+                                          *dilation, _scalar(x.dtype, 0.0))
     return out
 
 
@@ -241,10 +269,11 @@ def _lws_backward_op(grad: torch.Tensor, x: torch.Tensor, weights: torch.Tensor,
     gx = torch.empty_like(x)
     gw = torch.empty_like(weights)
     zero = _scalar(x.dtype, 0.0)
-    _cpu().local_weighted_sum_backward_input(_np(grad), _np(weights), _np(gx), *kernel, *pad,
-                                             *stride, *dilation, zero)
-    _cpu().local_weighted_sum_backward_weights(_np(grad), _np(x), _np(gw), *kernel, *pad,
-                                               *stride, *dilation, zero)
+    with _threads_for(grad.numel() * weights.shape[1]):
+        _cpu().local_weighted_sum_backward_input(_np(grad), _np(weights), _np(gx), *kernel, *pad,
+                                                 *stride, *dilation, zero)
+        _cpu().local_weighted_sum_backward_weights(_np(grad), _np(x), _np(gw), *kernel, *pad,
+                                                   *stride, *dilation, zero)
     return gx, gw
 
 
