@@ -31,6 +31,20 @@ SHAPES = {
                    "([[1, 3, 500, 500]]; Caffe's {dim: [...]} form is accepted too)",
     "anyOf": [_BLOB_SHAPE, {"type": "array", "items": _BLOB_SHAPE, "minItems": 1}],
 }
+# Input shapes may also use symbolic dims (N, H, ...), bound at build time like `inputs:`.
+_SYM_DIMS = {"type": "array", "minItems": 1, "items": {"anyOf": [
+    {"type": "integer", "minimum": 1}, {"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_]*$"}]}}
+_SYM_BLOB_SHAPE = {"anyOf": [
+    _SYM_DIMS,
+    {"type": "object", "properties": {"dim": {"anyOf": [_SYM_DIMS, {"type": "integer", "minimum": 1}]}},
+     "required": ["dim"], "additionalProperties": False},
+]}
+INPUT_SHAPES = {
+    "description": "blob shape(s): one list of dims shared by every top, or one per top "
+                   "([[N, 3, H, W]]; ints or symbolic dims bound at build time; Caffe's "
+                   "{dim: [...]} form is accepted too)",
+    "anyOf": [_SYM_BLOB_SHAPE, {"type": "array", "items": _SYM_BLOB_SHAPE, "minItems": 1}],
+}
 
 
 def _dims(value: Any) -> Tuple[int, ...]:
@@ -38,7 +52,7 @@ def _dims(value: Any) -> Tuple[int, ...]:
         value = value["dim"]
     if isinstance(value, int):
         return (int(value),)
-    return tuple(int(d) for d in value)
+    return tuple(d if isinstance(d, str) else int(d) for d in value)
 
 
 def blob_shapes(spec: LayerSpec, key: str = "shape") -> List[Tuple[int, ...]]:
@@ -46,7 +60,7 @@ def blob_shapes(spec: LayerSpec, key: str = "shape") -> List[Tuple[int, ...]]:
     value = spec.get(key)
     if value is None:
         return []
-    if isinstance(value, dict) or (isinstance(value, list) and value and isinstance(value[0], int)):
+    if isinstance(value, dict) or (isinstance(value, list) and value and isinstance(value[0], (int, str))):
         return [_dims(value)]
     return [_dims(v) for v in value]
 
@@ -90,7 +104,7 @@ class Input(Layer):
     used by the compiler (the module it returns raises a GraphError if called).
     """
 
-    params = {"shape": SHAPES}
+    params = {"shape": INPUT_SHAPES}
     required = ("shape",)
     bottoms = (0, 0)
     tops = (1, None)

@@ -14,7 +14,7 @@ from types import MappingProxyType
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from pacnet import registry
-from pacnet.codegen import Net, compile_graph
+from pacnet.codegen import Net, compile_graph, module_name
 from pacnet.graph import BlobRef, Graph, build_graph
 from pacnet.load import Source, load
 from pacnet.passes import passes
@@ -96,7 +96,7 @@ def summarize(net: Net) -> List[LayerRow]:
     seen: set = set()
     graph: Graph = net.ir
     for node in graph.nodes:
-        module = net.get_submodule(node.name.replace(".", "_"))
+        module = net.get_submodule(module_name(node.name))
         count = 0
         for p in list(module.parameters()):
             if id(p) not in seen:

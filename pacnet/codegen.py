@@ -30,9 +30,44 @@ def _identifier(name: str) -> str:
     return ident
 
 
+#: Attributes a compiled Net sets on itself (besides nn.Module's and GraphModule's).
+NET_ATTRIBUTES = ("ir", "inputs", "shapes", "blob_shapes", "param_specs", "loss_weights", "config",
+                  "total_loss")
+
+
 def module_name(layer_name: str) -> str:
-    """Submodule name for a layer: the layer name, with '.' (not allowed by torch) as '_'."""
-    return layer_name.replace(".", "_")
+    """Submodule name for a layer: the layer name, unless torch forbids it ('.' becomes '_')
+    or it would shadow an attribute of the compiled module (``forward``, ``code``, ``train``,
+    ...: a trailing '_' is added).  State-dict keys follow this name."""
+    name = layer_name.replace(".", "_")
+    while name in _reserved():
+        name += "_"
+    return name
+
+
+def _reserved() -> set:
+    global _RESERVED
+    if _RESERVED is None:
+        _RESERVED = set(dir(Net)) | set(NET_ATTRIBUTES) | {"training", "graph", "code"}
+    return _RESERVED
+
+
+_RESERVED = None
+
+
+def learnable_blobs(layer_type: registry.Layer, module: nn.Module) -> List[Tuple[str, torch.Tensor]]:
+    """The module's learnable blobs that exist, in Caffe's blob order.
+
+    Caffe numbers only the blobs a layer has: a Convolution without bias has one blob, and a
+    Scale whose scale comes from a second bottom has its bias as blob 0.  ``param:`` entries
+    and ``.caffemodel`` blobs are matched against this list.
+    """
+    out = []
+    for attr in layer_type.blobs:
+        tensor = _blob(module, attr)
+        if tensor is not None:
+            out.append((attr, tensor))
+    return out
 
 
 def build_modules(graph: Graph, shapes: Mapping[BlobRef, Shape]) -> Dict[str, nn.Module]:
@@ -58,14 +93,24 @@ def share_blobs(graph: Graph, modules: Mapping[str, nn.Module]) -> Dict[str, Tup
     """
     owners: Dict[str, Tuple[str, str, ParamSpec, Node]] = {}  # param name -> (layer, attr, spec, node)
     mults: Dict[str, Tuple[float, float]] = {}
+    # Caffe lets any user of a shared blob set lr_mult/decay_mult for all of them.
+    named: Dict[str, Dict[str, float]] = {}
+    for node in graph.nodes:
+        for p in node.params:
+            if p.name:
+                for field in ("lr_mult", "decay_mult"):
+                    if getattr(p, field) is not None:
+                        named.setdefault(p.name, {}).setdefault(field, getattr(p, field))
     for node in graph.nodes:
         ltype = registry.get(node.type)
         module = modules[node.name]
-        for index, attr in enumerate(ltype.blobs):
+        present = learnable_blobs(ltype, module)
+        if len(node.params) > len(present):
+            raise node.spec.error(
+                f"has {len(node.params)} 'param' entries but only {len(present)} learnable blob(s) "
+                f"({', '.join(a for a, _ in present) or 'none'})", key="param", cls=GraphError)
+        for index, (attr, tensor) in enumerate(present):
             spec = node.params[index] if index < len(node.params) else ParamSpec()
-            tensor = _blob(module, attr)
-            if tensor is None:
-                continue  # e.g. bias_term: false
             key = f"{module_name(node.name)}.{attr}"
             if spec.name and spec.name in owners:
                 o_layer, o_attr, o_spec, o_node = owners[spec.name]
@@ -90,18 +135,11 @@ def share_blobs(graph: Graph, modules: Mapping[str, nn.Module]) -> Dict[str, Tup
                             hint="shared blobs must agree on lr_mult/decay_mult (or leave them unset)")
                 _set_blob(module, attr, owner_tensor)
                 continue
-            lr = spec.lr_mult if spec.lr_mult is not None else 1.0
-            decay = spec.decay_mult if spec.decay_mult is not None else 1.0
+            shared = named.get(spec.name, {}) if spec.name else {}
+            lr = spec.lr_mult if spec.lr_mult is not None else shared.get("lr_mult", 1.0)
+            decay = spec.decay_mult if spec.decay_mult is not None else shared.get("decay_mult", 1.0)
             if spec.name:
                 owners[spec.name] = (node.name, attr, spec, node)
-                # A later sharer may set what the owner left unset (Caffe inherits both ways).
-                for later in graph.nodes:
-                    for j, other in enumerate(later.params):
-                        if other.name == spec.name:
-                            if spec.lr_mult is None and other.lr_mult is not None:
-                                lr = other.lr_mult
-                            if spec.decay_mult is None and other.decay_mult is not None:
-                                decay = other.decay_mult
             if isinstance(tensor, nn.Parameter):
                 if lr == 0:
                     tensor.requires_grad_(False)
@@ -159,7 +197,8 @@ class Net(fx.GraphModule):
     """A compiled pacnet net: a ``torch.fx.GraphModule`` with the build's facts attached.
 
     ``forward(*inputs)`` (or keyword arguments named after the input blobs) returns a dict
-    ``{output blob: tensor}``.  Attributes: ``shapes`` (blob -> shape of its last
+    ``{output blob: tensor}``; :meth:`total_loss` turns it into Caffe's training loss.
+    Submodules are named after the layers (see :func:`module_name`).  Attributes: ``shapes`` (blob -> shape of its last
     version), ``inputs`` (input blob -> shape), ``loss_weights`` (output blob -> weight),
     ``param_specs`` (state_dict key -> (lr_mult, decay_mult)), ``ir`` (the
     :class:`~pacnet.graph.Graph`), ``blob_shapes`` (every version), ``config`` (the
@@ -167,7 +206,7 @@ class Net(fx.GraphModule):
     Python source of ``forward``).
     """
 
-    def loss(self, outputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def total_loss(self, outputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Caffe's total loss: the sum over loss tops of ``loss_weight * blob.sum()``."""
         if not self.loss_weights:
             raise PacnetError("this net has no loss (no loss layer or loss_weight in this phase)",
