@@ -289,3 +289,42 @@ def test_net_schema_is_valid_jsonschema():
     from pacnet.schema import net_schema
 
     jsonschema.Draft202012Validator.check_schema(net_schema())
+
+
+def test_inferred_shapes_equal_the_real_blobs_for_every_layer_type_in_a_net(tmp_path):
+    """Shape inference vs running the module, blob by blob, on a net mixing many types."""
+    layers = [
+        {"name": "conv", "type": "Convolution", "bottom": "data", "top": "conv", "num_output": 6,
+         "kernel_size": 3, "stride": 2, "pad": 1, "weight_filler": {"type": "xavier"}},
+        {"name": "bn", "type": "BatchNorm", "bottom": "conv", "top": "conv"},
+        {"name": "sc", "type": "Scale", "bottom": "conv", "top": "conv", "bias_term": True},
+        {"name": "relu", "type": "ReLU", "bottom": "conv", "top": "conv"},
+        {"name": "pool", "type": "Pooling", "bottom": "conv", "top": "pool", "pool": "MAX", "kernel_size": 3,
+         "stride": 2},
+        {"name": "ave", "type": "Pooling", "bottom": "conv", "top": "ave", "pool": "AVE", "kernel_size": 2,
+         "stride": 3, "pad": 1},
+        {"name": "up", "type": "Deconvolution", "bottom": "pool", "top": "up", "num_output": 6, "kernel_size": 4,
+         "stride": 2, "weight_filler": {"type": "gaussian", "std": 0.1}},
+        {"name": "crop", "type": "Crop", "bottom": ["up", "conv"], "top": "crop", "offset": 1},
+        {"name": "sum", "type": "Eltwise", "bottom": ["crop", "conv"], "top": "sum", "coeff": [1, -0.5]},
+        {"name": "interp", "type": "Interp", "bottom": "sum", "top": "interp", "zoom_factor": 2},
+        {"name": "cat", "type": "Concat", "bottom": ["interp", "interp"], "top": "cat"},
+        {"name": "slice", "type": "Slice", "bottom": "cat", "top": ["s1", "s2"], "slice_point": [4]},
+        {"name": "fc", "type": "InnerProduct", "bottom": "s2", "top": "fc", "num_output": 5,
+         "weight_filler": {"type": "gaussian", "std": 0.01}},
+        {"name": "prob", "type": "Softmax", "bottom": "fc", "top": "prob"},
+        {"name": "flat", "type": "Flatten", "bottom": "ave", "top": "flat"},
+        {"name": "tile", "type": "Tile", "bottom": "s1", "top": "tile", "tiles": 2, "axis": 2},
+        {"name": "arg", "type": "ArgMax", "bottom": "s1", "top": "arg", "axis": 1},
+        {"name": "red", "type": "Reduction", "bottom": "tile", "top": "red", "operation": "MEAN", "axis": 1},
+    ]
+    net = pacnet.build({"inputs": {"data": [2, 3, 23, 19]}, "layers": layers,
+                        "outputs": [t for l in layers for t in ([l["top"]] if isinstance(l["top"], str) else l["top"])]})
+    with torch.no_grad():
+        for key, value in net.state_dict().items():
+            if key.endswith(("scale_factor", ".var")):
+                value.fill_(1.0)
+    out = net(torch.randn(2, 3, 23, 19))
+    assert set(out) == set(net.shapes) - {"data"}
+    for blob, tensor in out.items():
+        assert tuple(tensor.shape) == net.shapes[blob], blob
