@@ -49,6 +49,7 @@ from pacnet.prototxt import Field, Ident, Message, parse, read_text
 
 __all__ = [
     "load_prototxt", "convert", "convert_text", "convert_to_yaml_text", "unknown_types",
+    "unique_layer_names",
     "V1_TYPES", "DATA_TYPES", "SINK_TYPES", "DEFAULT_SPATIAL",
 ]
 
@@ -308,11 +309,27 @@ class _Converter:
             net["dims"] = dims
         if data:
             net["data"] = data
+        self.rename_duplicates(layers)
         net["layers"] = layers
         self.marks[("layers",)] = self.loc(root)
         if self.marks.get(("inputs",)) is None:
             self.marks.pop(("inputs",), None)
         return net
+
+    def rename_duplicates(self, layers: List[Dict[str, Any]]) -> None:
+        """Caffe accepts several layers with one name (segaware's vgg/res nets have them);
+        pacnet keys modules and weights by name, so later ones get ``_2``, ``_3``, ..."""
+        new = unique_layer_names([l["name"] for l in layers])
+        renamed = []
+        for i, (layer, name) in enumerate(zip(layers, new)):
+            if name != layer["name"]:
+                loc = self.marks.get(("layers", i, "name"))
+                renamed.append(f"{layer['name']} (line {loc.line if loc else '?'}) -> {name}")
+                layer["name"] = name
+        if renamed:
+            _warn(f"{self.file or '<input>'}: renamed {len(renamed)} duplicate layer name(s) "
+                  f"(Caffe allows them, pacnet names modules and weights by them): "
+                  + ", ".join(renamed))
 
     def net_inputs(self, root: Message, inputs: Dict[str, List[Any]]) -> None:
         names = root.all("input")
@@ -740,6 +757,26 @@ class _Converter:
             raise self.err(f"{ltype} has at most {len(shapes)} tops, got {len(tops)}", f,
                            layer=name, layer_type=ltype)
         return [list(s) for s in shapes[:len(tops)]]
+
+
+def unique_layer_names(names: Sequence[str]) -> List[str]:
+    """The k-th layer (k >= 2) of a repeated name becomes ``<name>_<k>`` (more suffix if
+    that is taken too).  :mod:`pacnet.caffemodel` maps repeated names the same way."""
+    taken = set(names)
+    seen: Dict[str, int] = {}
+    out = []
+    for name in names:
+        k = seen.get(name, 0) + 1
+        seen[name] = k
+        if k == 1:
+            out.append(name)
+            continue
+        new = f"{name}_{k}"
+        while new in taken:
+            new += "_"
+        taken.add(new)
+        out.append(new)
+    return out
 
 
 def convert(root: Message, *, file: Optional[str] = None,

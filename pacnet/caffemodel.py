@@ -356,9 +356,15 @@ def map_blobs(model: CaffeModel, net, *, strict_types: bool = False) -> MappedWe
     filled: Dict[int, Tuple[str, str, int]] = {}  # tensor id -> (key, layer, blob index)
     caffe_file = model.file
 
-    for layer in model.layers:
+    from pacnet.caffe_import import unique_layer_names
+
+    # Repeated layer names are renamed on import (``name_2``...): follow the same rule.
+    net_names = unique_layer_names([layer.name for layer in model.layers])
+    for layer, net_name in zip(model.layers, net_names):
         if not layer.blobs:
             continue
+        if net_name != layer.name:
+            layer = CaffeLayer(net_name, layer.type, layer.blobs, layer.param_names, layer.index)
         ltype = types.get(layer.name)
         if ltype is None:
             result.unexpected.append(layer.name)

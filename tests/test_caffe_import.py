@@ -366,7 +366,9 @@ def _vars_for(path):
     text = open(path, encoding="utf-8").read()
     names = set(re.findall(r"\$\{(\w+)\}", text))
     values = {n: "x" for n in names}
-    values.update(NUM_LABELS=21, EXP="voc12", CROP_SIZE=321, BATCH_SIZE=1, HALF_SIZE=161,
+    # the segaware res nets: xy grid at half the crop (321 train, 513 test)
+    half = 257 if "test" in os.path.basename(path) else 161
+    values.update(NUM_LABELS=21, EXP="voc12", CROP_SIZE=321, BATCH_SIZE=1, HALF_SIZE=half,
                   NET_ID="net")
     for n in names:
         if n.endswith(("_LR1", "_LR2", "_LR3")):
@@ -546,3 +548,105 @@ def test_cli_convert_unset_vars_lists_all(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unset template variables: NET_ID (line 1), NUM_LABELS (line 3)" in err
     assert "--var NAME=VALUE" in err
+
+
+# ----------------------------------------------------------------------------- builds
+
+def _phase(rel):
+    return "train" if os.path.basename(rel).startswith("train") else "test"
+
+
+# Blob shapes Caffe computes (caffe.md §1.4, §2.4-2.5, §3.3; segaware.md §5), at the
+# inputs the files declare (FCN's whole-image data layer: the 500 x 500 default).
+SHAPES = {
+    "fcn/voc-fcn8s/deploy.prototxt": {"pool2": (1, 128, 175, 175), "upscore2": (1, 21, 34, 34),
+                                      "upscore_pool4": (1, 21, 70, 70),
+                                      "upscore8": (1, 21, 568, 568), "score": (1, 21, 500, 500)},
+    "fcn/voc-fcn8s/train.prototxt": {"pool2": (1, 128, 175, 175), "score": (1, 21, 500, 500),
+                                     "loss": ()},
+    "fcn/voc-fcn32s/val.prototxt": {"fc7": (1, 4096, 16, 16), "upscore": (1, 21, 544, 544),
+                                    "score": (1, 21, 500, 500)},
+    "pspnet/pspnet101_VOC2012_473.prototxt": {"conv5_3": (1, 2048, 60, 60),
+                                              "conv5_3_pool6": (1, 2048, 6, 6),
+                                              "conv5_3_concat": (1, 4096, 60, 60),
+                                              "conv6": (1, 21, 60, 60),
+                                              "conv6_interp": (1, 21, 473, 473)},
+    "pspnet/pspnet101_cityscapes_713.prototxt": {"conv6": (1, 19, 90, 90),
+                                                 "conv6_interp": (1, 19, 713, 713)},
+    "pspnet/pspnet50_ADE20K_473.prototxt": {"conv6_interp": (1, 150, 473, 473)},
+    "deeplab/v2_resnet101_aspp_msc/test.prototxt": {"res5c": (1, 2048, 65, 65),
+                                                    "fc_fusion": (1, 21, 65, 65),
+                                                    "fc1_interp": (1, 21, 513, 513)},
+    "deeplab/v2_resnet101_aspp_msc/train.prototxt": {"data_res075": (1, 3, 241, 241),
+                                                     "data_res05": (1, 3, 161, 161),
+                                                     "fc1_voc12": (1, 21, 41, 41),
+                                                     "fc1_voc12_res05": (1, 21, 21, 21),
+                                                     "fc_fusion": (1, 21, 41, 41),
+                                                     "label_shrink16": (1, 1, 21, 21), "loss": ()},
+    "deeplab/v2_resnet101_deploy_derived/deploy.prototxt": {"fc1_voc12": (1, 21, 41, 41)},
+    "deeplab/v2_vgg16_aspp_l/train.prototxt": {"pool5": (10, 512, 41, 41), "fc8_voc12": (10, 21, 41, 41)},
+    "deeplab/v2_vgg16_aspp_l/test.prototxt": {"fc8_interp": (1, 21, 513, 513)},
+    "deeplab/v1_largefov_legacy/train.prototxt": {"pool5a": (30, 512, 41, 41), "fc8_voc12": (30, 21, 41, 41)},
+    "segaware/config/vgg/deploy.prototxt": {"fc8_interp": (1, 21, 321, 321)},
+    "segaware/config/res/deploy.prototxt": {"crf_interp": (1, 21, 513, 513)},
+    "segaware/config/res/test.prototxt": {"crf_interp": (1, 21, 513, 513)},
+}
+
+
+def _net_files():
+    if not os.path.isdir(GRAPHS):
+        return []
+    out = []
+    for root, _, files in os.walk(GRAPHS):
+        for f in files:
+            if f.endswith(".prototxt") and "solver" not in f:
+                out.append(os.path.relpath(os.path.join(root, f), GRAPHS))
+    return sorted(out)
+
+
+@needs_graphs
+@pytest.mark.slow
+@pytest.mark.parametrize("rel", _net_files())
+def test_real_graph_builds_with_caffe_shapes(rel):
+    from pacnet import registry
+
+    path = os.path.join(GRAPHS, rel)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net_dict, _ = load_prototxt(path, _vars_for(path))
+        missing = unknown_types(net_dict, registry.types())
+        if missing:
+            pytest.skip("layer types not registered yet: " + ", ".join(sorted(missing)))
+        net = pacnet.build(path, vars=_vars_for(path), phase=_phase(rel), device="meta")
+    assert net.ir.outputs, rel
+    for blob, shape in SHAPES.get(rel, {}).items():
+        assert net.shapes[blob] == shape, (blob, net.shapes[blob], shape)
+
+
+def test_compiler_errors_point_at_prototxt_lines(tmp_path):
+    from pacnet.errors import GraphError, SchemaError
+
+    p = tmp_path / "n.prototxt"
+    p.write_text('input: "data"\ninput_dim: 1 input_dim: 3 input_dim: 8 input_dim: 8\n'
+                 'layer {\n  name: "c" type: "Convolution" bottom: "data" top: "c"\n'
+                 '  convolution_param {\n    num_output: 4\n    kernel_size: 0\n  }\n}\n')
+    with pytest.raises(SchemaError) as e:
+        pacnet.build(str(p), device="meta")
+    assert (e.value.location.file, e.value.location.line, e.value.location.col) == (str(p), 7, 5)
+    assert e.value.layer == "c"
+    p.write_text('input: "data"\ninput_dim: 1 input_dim: 3 input_dim: 8 input_dim: 8\n'
+                 'layer { name: "r" type: "Eltwise"\n  bottom: "data" bottom: "nothere" top: "r" }\n')
+    with pytest.raises(PacnetError) as e:
+        pacnet.build(str(p), device="meta")
+    assert e.value.location.line == 4 and "nothere" in str(e.value)
+
+
+def test_repeated_layer_names_are_renamed_with_a_warning():
+    with pytest.warns(UserWarning, match=r"renamed 2 duplicate layer name\(s\).*relu \(line 3\) -> relu_2"):
+        net, marks = conv('''
+            layer { name: "relu" type: "ReLU" bottom: "x" top: "x" }
+            layer { name: "relu" type: "ReLU" bottom: "x" top: "x" }
+            layer { name: "relu_2" type: "ReLU" bottom: "x" top: "x" }
+            layer { name: "relu" type: "ReLU" bottom: "x" top: "x" }
+        ''')
+    assert [l["name"] for l in net["layers"]] == ["relu", "relu_2_", "relu_2", "relu_3"]

@@ -301,3 +301,21 @@ def test_save_safetensors_is_atomic(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["x.safetensors"]
     with pytest.raises(LoadError, match="does not exist"):
         save_safetensors({"a": torch.ones(1)}, tmp_path / "no" / "x.safetensors")
+
+
+def test_repeated_layer_names_follow_the_import_renaming(tmp_path):
+    p = tmp_path / "dup.prototxt"
+    p.write_text('input: "data"\ninput_dim: 1 input_dim: 2 input_dim: 3 input_dim: 3\n'
+                 'layer { name: "c" type: "Convolution" bottom: "data" top: "a"\n'
+                 '        convolution_param { num_output: 2 kernel_size: 1 } }\n'
+                 'layer { name: "c" type: "Convolution" bottom: "a" top: "b"\n'
+                 '        convolution_param { num_output: 2 kernel_size: 1 } }\n')
+    with pytest.warns(UserWarning, match="duplicate layer name"):
+        net = pacnet.build(str(p))
+    w1, w2 = r(2, 2, 1, 1), r(2, 2, 1, 1)
+    model = parse_caffemodel(write_caffemodel([("c", "Convolution", [w1, r(2)]),
+                                               ("c", "Convolution", [w2, r(2)])]))
+    mapped = map_blobs(model, net)
+    np.testing.assert_array_equal(mapped.tensors["c.weight"].numpy(), w1)
+    np.testing.assert_array_equal(mapped.tensors["c_2.weight"].numpy(), w2)
+    assert mapped.missing == [] and mapped.unexpected == []
