@@ -15,6 +15,7 @@ kernels stay float32.
 
 from __future__ import annotations
 
+import numpy as np
 from numba import njit, prange
 
 
@@ -96,19 +97,8 @@ def im2dist_forward(E, out, kh, kw, ph, pw, sh, sw, dh, dw, norm, remove_center,
                     orow[x] += half * d * d
 
 
-@njit(cache=True, inline="always")
-def _grad_term(d, norm, zero, one):
-    if norm == 1:
-        if d > zero:
-            return one
-        if d < zero:
-            return -one
-        return zero
-    return d
-
-
 @njit(parallel=True, cache=True)
-def im2dist_backward(G, E, gE, kh, kw, ph, pw, sh, sw, dh, dw, norm, zero, one):
+def im2dist_backward(G, E, gE, kh, kw, ph, pw, sh, sw, dh, dw, norm, zero):
     """``gE = d(sum G * im2dist(E)) / dE``; one thread per input row ``(n, c, py)``."""
     N, C, H, W = E.shape
     K = G.shape[1]
@@ -144,10 +134,14 @@ def im2dist_backward(G, E, gE, kh, kw, ph, pw, sh, sw, dh, dw, norm, zero, one):
                 nlo, nhi = _span(Wo, W, noff, sw)
                 nrow = E[n, c, ny]
                 gorow = G[n, o, y]
-                for x in range(max(clo, nlo), min(chi, nhi)):
-                    pc = x * sw + coff
-                    d = erow[pc] - nrow[x * sw + noff]
-                    grow[pc] += _grad_term(d, norm, zero, one) * gorow[x]
+                if norm == 1:
+                    for x in range(max(clo, nlo), min(chi, nhi)):
+                        pc = x * sw + coff
+                        grow[pc] += np.sign(erow[pc] - nrow[x * sw + noff]) * gorow[x]
+                else:
+                    for x in range(max(clo, nlo), min(chi, nhi)):
+                        pc = x * sw + coff
+                        grow[pc] += (erow[pc] - nrow[x * sw + noff]) * gorow[x]
         # (b) this row holds the neighbour of tap o for output row y: -s(E_c - E_p) * G.
         for o in range(K):
             if o == ctr:
@@ -166,10 +160,14 @@ def im2dist_backward(G, E, gE, kh, kw, ph, pw, sh, sw, dh, dw, norm, zero, one):
             nlo, nhi = _span(Wo, W, noff, sw)
             crow = E[n, c, cy]
             gorow = G[n, o, y]
-            for x in range(max(clo, nlo), min(chi, nhi)):
-                pn = x * sw + noff
-                d = crow[x * sw + coff] - erow[pn]
-                grow[pn] -= _grad_term(d, norm, zero, one) * gorow[x]
+            if norm == 1:
+                for x in range(max(clo, nlo), min(chi, nhi)):
+                    pn = x * sw + noff
+                    grow[pn] -= np.sign(crow[x * sw + coff] - erow[pn]) * gorow[x]
+            else:
+                for x in range(max(clo, nlo), min(chi, nhi)):
+                    pn = x * sw + noff
+                    grow[pn] -= (crow[x * sw + coff] - erow[pn]) * gorow[x]
 
 
 # ----------------------------------------------------------------------------- Im2parity

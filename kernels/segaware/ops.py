@@ -155,7 +155,7 @@ def _im2dist_backward_op(grad: torch.Tensor, emb: torch.Tensor, kernel: Sequence
     gE = torch.empty_like(emb)
     with _threads_for(2 * grad.numel() * emb.shape[1]):
         _cpu().im2dist_backward(_np(grad), _np(emb), _np(gE), *kernel, *pad, *stride, *dilation,
-                                int(norm), _scalar(emb.dtype, 0.0), _scalar(emb.dtype, 1.0))
+                                int(norm), _scalar(emb.dtype, 0.0))
     return gE
 
 
