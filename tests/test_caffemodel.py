@@ -319,3 +319,72 @@ def test_repeated_layer_names_follow_the_import_renaming(tmp_path):
     np.testing.assert_array_equal(mapped.tensors["c.weight"].numpy(), w1)
     np.testing.assert_array_equal(mapped.tensors["c_2.weight"].numpy(), w2)
     assert mapped.missing == [] and mapped.unexpected == []
+
+
+# ----------------------------------------------------------------------------- CLI
+
+from pacnet.cli.main import main  # noqa: E402
+
+
+def test_cli_convert_weights(net_path, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    b = blobs()
+    w = tmp_path / "tiny.caffemodel"
+    w.write_bytes(model_bytes(b))
+    yaml_out, st_out = tmp_path / "tiny.yaml", tmp_path / "out.safetensors"
+    assert main(["convert", str(net_path), "--weights", str(w), "-o", str(st_out), "-o", str(yaml_out)]) == 0
+    err = capsys.readouterr().err
+    assert f"wrote {st_out} (" in err and "from 6 layers" in err and "warning" not in err
+    state = load_file(str(st_out))
+    np.testing.assert_array_equal(state["up.weight"].numpy(), b["up"][0])
+    np.testing.assert_array_equal(state["psp.var"].numpy(), b["psp"][3])
+    # the YAML and the weights go together
+    net = pacnet.build(str(yaml_out))
+    net.load_state_dict(state)
+    net.eval()
+    x = torch.randn(1, 4, 6, 6)
+    torch.testing.assert_close(net(x)["fc"], reference_forward(b, x), rtol=1e-4, atol=1e-4)
+    # default output next to the caffemodel; stdout stays clean
+    assert main(["convert", str(net_path), "--weights", str(w)]) == 0
+    out = capsys.readouterr()
+    assert out.out == "" and (tmp_path / "tiny.safetensors").exists()
+
+
+def test_cli_convert_weights_partial_and_strict(net_path, tmp_path, capsys):
+    w = tmp_path / "part.caffemodel"
+    w.write_bytes(write_caffemodel([("conv1", "Convolution", blobs()["conv1"]),
+                                    ("old_fc", "InnerProduct", [r(3, 3)])]))
+    st = tmp_path / "part.safetensors"
+    assert main(["convert", str(net_path), "--weights", str(w), "--strict", "-o", str(st)]) == 2
+    err = capsys.readouterr().err
+    assert "error: net blobs without weights (" in err and "caffemodel layers not in the net (1): old_fc" in err
+    assert not st.exists()
+    assert main(["convert", str(net_path), "--weights", str(w), "-o", str(st)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: net blobs without weights (keep their fillers) (" in err
+    assert "warning: caffemodel layers not in the net (skipped) (1): old_fc" in err
+    assert st.exists()
+
+
+def test_cli_convert_weights_errors_leave_no_file(net_path, tmp_path, capsys):
+    b = blobs()
+    b["fc"][0] = r(5, 7)
+    w = tmp_path / "bad.caffemodel"
+    w.write_bytes(model_bytes(b))
+    st, yml = tmp_path / "bad.safetensors", tmp_path / "bad.yaml"
+    assert main(["convert", str(net_path), "--weights", str(w), "-o", str(st), "-o", str(yml)]) == 2
+    err = capsys.readouterr().err
+    assert "layer 'fc' (InnerProduct): blob 0 (weight) has shape [5, 7]" in err
+    assert not st.exists() and not yml.exists()
+    w.write_bytes(model_bytes(blobs())[:-100])
+    assert main(["convert", str(net_path), "--weights", str(w), "-o", str(st)]) == 2
+    assert "not a valid caffemodel: field 100 claims" in capsys.readouterr().err
+    assert not st.exists()
+    other = tmp_path / "other.caffemodel"
+    other.write_bytes(write_caffemodel([("nothing", "Convolution", [r(1, 1, 1, 1)])]))
+    assert main(["convert", str(net_path), "--weights", str(other), "-o", str(st)]) == 2
+    assert "matches a layer of" in capsys.readouterr().err
+    assert main(["convert", str(net_path), "--weights", str(net_path)]) == 2
+    assert "looks like a prototxt" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["bad.caffemodel", "other.caffemodel", "tiny.prototxt"]
