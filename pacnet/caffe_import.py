@@ -901,7 +901,7 @@ def _emit(lines: List[str], key: Optional[str], v: Any, indent: int, first_prefi
                 _emit(lines, k, x, col + 2)
             return
         for x in v:
-            if isinstance(x, Mapping) and x:
+            if isinstance(x, Mapping) and x and col + 4 + len(_flow(x)) > _FLOW_WIDTH:
                 items = list(x.items())
                 _emit(lines, items[0][0], items[0][1], col + 2, "- ")
                 for k, y in items[1:]:

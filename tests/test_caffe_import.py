@@ -352,11 +352,11 @@ def test_yaml_text_round_trips_and_is_readable():
 
 def test_yaml_long_values_go_block_style():
     net = {"name": "x", "pacnet_version": 1, "layers": [
-        {"name": "a", "type": "T", "param": [{"name": "p" * 40, "lr_mult": 1}, {"name": "q" * 40}],
+        {"name": "a", "type": "T", "param": [{"name": "p" * 90, "lr_mult": 1}, {"name": "q" * 40}],
          "big": {"k" * 50: 1, "z" * 50: [1, 2]}, "long": list(range(40))}]}
     text = convert_to_yaml_text(net)
     assert yaml.safe_load(text) == net
-    assert "  param:\n    - name: " + "p" * 40 + "\n      lr_mult: 1\n" in text
+    assert "  param:\n    - name: " + "p" * 90 + "\n      lr_mult: 1\n    - {name: " + "q" * 40 + "}\n" in text
     assert "  big:\n    " in text
 
 
