@@ -13,7 +13,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call
 
 from layer_helpers import single_thread  # noqa: F401  (module-scoped torch threads = 1)
