@@ -1,15 +1,18 @@
-"""Interp (DeepLab's bilinear resize, align-corners) and Crop (BVLC).
+"""Interp (DeepLab's bilinear resize, align-corners), Resize (PyTorch's interpolate) and Crop (BVLC).
 
 Interp follows ``interp_layer.cpp`` + ``util/interp.cpp`` of the DeepLab-v2 fork
 (caffe.md §5.1): crop by the non-positive ``pad_beg``/``pad_end``, then resize bilinearly
 with align-corners geometry (source row = h' (H_eff - 1) / (H' - 1)).  The output size is
 taken, in this order of precedence, from: shrink only -> (H_eff - 1) / s + 1; zoom only ->
 H_eff + (H_eff - 1)(z - 1); height and width; shrink and zoom -> shrink, then zoom.  Crop
-follows ``crop_layer.cpp`` (caffe.md §7.5).
+follows ``crop_layer.cpp`` (caffe.md §7.5).  Resize is not in Caffe: it is
+``F.interpolate`` (bilinear or nearest, half-pixel or align-corners geometry, a scale
+factor or a size), which the PyTorch-era nets (PAC joint upsampling, mmseg heads) use.
 """
 
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -147,6 +150,127 @@ class Interp(Layer):
 
     def flops(self, spec: LayerSpec, shapes: List[Shape], out_shapes: List[Shape]) -> int:
         return 8 * numel(out_shapes[0])  # 4 multiply-adds per output value
+
+
+# ----------------------------------------------------------------------------- Resize
+
+
+class ResizeModule(nn.Module):
+    """``F.interpolate`` to a fixed size, by a scale factor, or to a second bottom's H x W."""
+
+    def __init__(self, mode: str, align_corners: Optional[bool], size: Optional[Tuple[int, int]],
+                 scale: Optional[Tuple[float, float]]) -> None:
+        super().__init__()
+        self.mode, self.align_corners, self.size, self.scale = mode, align_corners, size, scale
+
+    def forward(self, x: torch.Tensor, like: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if not x.is_floating_point():
+            x = x.to(torch.get_default_dtype())
+        if like is not None:
+            return F.interpolate(x, size=tuple(like.shape[2:4]), mode=self.mode, align_corners=self.align_corners)
+        if self.scale is not None:
+            # The scale itself (not out/in) sets the sampling positions, as F.interpolate
+            # with scale_factor does: src = (dst + 0.5) / scale - 0.5.
+            return F.interpolate(x, scale_factor=self.scale, mode=self.mode, align_corners=self.align_corners)
+        return F.interpolate(x, size=self.size, mode=self.mode, align_corners=self.align_corners)
+
+    def extra_repr(self) -> str:
+        how = f"scale_factor={self.scale}" if self.scale is not None else (
+            f"size={self.size}" if self.size is not None else "size=bottom 1")
+        return f"mode={self.mode!r}, {how}, align_corners={self.align_corners}"
+
+
+@register("Resize")
+class Resize(Layer):
+    """Bilinear or nearest resize as PyTorch's ``F.interpolate`` (not in Caffe).
+
+    Shapes: N x C x H x W -> N x C x H' x W', with exactly one of: ``scale_factor`` s
+    (one number or [s_h, s_w]): H' = floor(H s_h), PyTorch's rule; ``height`` and
+    ``width``; a second bottom, whose H x W the output takes.
+
+    Values: ``F.interpolate(x, ..., mode, align_corners)``.  Bilinear with
+    ``align_corners: false`` (the default) samples at src = (dst + 0.5) / s - 0.5 (clamped
+    at 0), the half-pixel geometry of PyTorch/mmseg/PAC; with a scale factor, s is the
+    given factor, not H' / H (they differ when H s is not an integer).  ``align_corners:
+    true`` is DeepLab's ``Interp`` geometry.  Nearest takes src = floor(dst / s) and has no
+    align_corners.  Unlike Interp, a resize to the same size is not skipped for
+    ``scale_factor`` != 1 (it cannot be) and the FLOPs count 4 multiply-adds per output
+    value for bilinear, none for nearest.
+    """
+
+    params = {
+        "mode": {"enum": ["bilinear", "nearest"], "default": "bilinear",
+                 "description": "interpolation: bilinear or nearest"},
+        "scale_factor": {"description": "output = floor(input * scale_factor); one number or [h, w]",
+                         "oneOf": [{"type": "number", "exclusiveMinimum": 0},
+                                   {"type": "array", "items": {"type": "number", "exclusiveMinimum": 0},
+                                    "minItems": 1, "maxItems": 2}]},
+        "height": {"type": "integer", "minimum": 1, "description": "output height (with width)"},
+        "width": {"type": "integer", "minimum": 1, "description": "output width (with height)"},
+        "align_corners": {"type": "boolean", "default": False,
+                          "description": "bilinear only: corner pixels aligned (Interp's geometry) "
+                                         "instead of half-pixel centres (PyTorch's default)"},
+    }
+    bottoms = (1, 2)
+    tops = (1, 1)
+
+    def check(self, spec: LayerSpec) -> None:
+        has_scale = spec.get("scale_factor") is not None
+        has_h, has_w = spec.get("height") is not None, spec.get("width") is not None
+        if has_h != has_w:
+            raise spec.error("height and width go together", key="height" if has_h else "width",
+                             hint="give both, or a scale_factor instead")
+        ways = [w for w, on in (("scale_factor", has_scale), ("height", has_h),
+                                ("a second bottom", len(spec.bottoms) > 1)) if on]
+        if len(ways) != 1:
+            key = "scale_factor" if has_scale else ("height" if has_h else None)
+            if not ways:
+                raise spec.error("Resize needs scale_factor, height and width, or a second bottom",
+                                 hint="e.g. 'scale_factor: 0.5' or 'height: 64, width: 64'")
+            raise spec.error(f"give one output size, not {' and '.join(ways)}", key=key,
+                             hint="remove all but one of scale_factor, height/width, the second bottom")
+        if spec["mode"] == "nearest" and spec.has("align_corners") and spec["align_corners"]:
+            raise spec.error("align_corners applies to bilinear only", key="align_corners",
+                             hint="remove it, or use mode: bilinear")
+
+    def _scale(self, spec: LayerSpec) -> Optional[Tuple[float, float]]:
+        s = spec.get("scale_factor")
+        if s is None:
+            return None
+        if isinstance(s, (int, float)):
+            return float(s), float(s)
+        return (float(s[0]), float(s[0])) if len(s) == 1 else (float(s[0]), float(s[1]))
+
+    def infer(self, spec: LayerSpec, shapes: List[Shape]) -> List[Shape]:
+        shape = shapes[0]
+        if len(shape) != 4:
+            raise spec.shape_error(f"needs a 4-D bottom (N x C x H x W), got shape {list(shape)}")
+        if len(shapes) > 1:
+            like = shapes[1]
+            if len(like) != 4 or like[0] != shape[0]:
+                raise spec.shape_error(f"the second bottom must be N x * x H' x W' with N = "
+                                       f"{shape[0]}, got {list(like)}")
+            return [(shape[0], shape[1], like[2], like[3])]
+        scale = self._scale(spec)
+        if scale is not None:
+            ho, wo = math.floor(shape[2] * scale[0]), math.floor(shape[3] * scale[1])
+            if ho < 1 or wo < 1:
+                raise spec.shape_error(f"scale_factor {list(scale)} makes the {shape[2]}x{shape[3]} "
+                                       f"input empty ({ho}x{wo})", hint="use a larger scale_factor")
+        else:
+            ho, wo = int(spec["height"]), int(spec["width"])
+        return [(shape[0], shape[1], ho, wo)]
+
+    def build(self, spec: LayerSpec, shapes: List[Shape]) -> nn.Module:
+        out = self.infer(spec, shapes)[0]
+        mode = spec["mode"]
+        align = bool(spec["align_corners"]) if mode == "bilinear" else None
+        scale = self._scale(spec) if len(shapes) == 1 else None
+        size = (out[2], out[3]) if len(shapes) == 1 and scale is None else None
+        return ResizeModule(mode, align, size, scale)
+
+    def flops(self, spec: LayerSpec, shapes: List[Shape], out_shapes: List[Shape]) -> int:
+        return 8 * numel(out_shapes[0]) if spec["mode"] == "bilinear" else 0
 
 
 # ----------------------------------------------------------------------------- Crop

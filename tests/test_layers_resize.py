@@ -315,3 +315,129 @@ def test_fcn8s_modules_run_at_500_with_few_channels():
         assert tuple(values[name].shape) == shapes[name], name
         prev = name
     assert values["score"].shape == (1, 21, 500, 500)
+
+
+# ----------------------------------------------------------------------------- Resize
+
+def resize_oracle(x, ho, wo, scale=None, mode="bilinear", align_corners=False):
+    """F.interpolate's maps written out per output pixel (float64).  ``scale`` (s_h, s_w)
+    is the factor that sets the source positions; None means in/out sizes."""
+    n, c, h, w = x.shape
+    src = x.numpy()
+    out = np.zeros((n, c, ho, wo))
+    inv_h = 1.0 / scale[0] if scale else h / ho
+    inv_w = 1.0 / scale[1] if scale else w / wo
+
+    def taps(i, size_in, size_out, inv):
+        if mode == "nearest":
+            return [(min(int(np.floor(i * inv)), size_in - 1), 1.0)]
+        if align_corners:
+            r = i * (size_in - 1) / (size_out - 1) if size_out > 1 else 0.0
+        else:
+            r = max((i + 0.5) * inv - 0.5, 0.0)
+        i0 = min(int(np.floor(r)), size_in - 1)
+        i1 = min(i0 + 1, size_in - 1)
+        lam = r - i0
+        return [(i0, 1 - lam), (i1, lam)]
+
+    for i in range(ho):
+        for j in range(wo):
+            for a, wa in taps(i, h, ho, inv_h):
+                for b, wb in taps(j, w, wo, inv_w):
+                    out[:, :, i, j] += wa * wb * src[:, :, a, b]
+    return out
+
+
+@pytest.mark.parametrize("params,hw,out", [
+    (dict(scale_factor=0.5), (64, 48), (32, 24)),
+    (dict(scale_factor=0.125), (64, 64), (8, 8)),
+    (dict(scale_factor=[0.25, 0.5]), (16, 16), (4, 8)),
+    (dict(scale_factor=[2]), (5, 7), (10, 14)),
+    (dict(scale_factor=0.5), (7, 9), (3, 4)),          # floor, as PyTorch
+    (dict(scale_factor=0.3), (10, 20), (3, 6)),
+    (dict(height=9, width=4, mode="nearest"), (5, 5), (9, 4)),
+])
+def test_resize_output_size(params, hw, out):
+    spec = make_spec("Resize", **params)
+    assert infer(spec, (2, 3) + hw) == [(2, 3) + out]
+
+
+@pytest.mark.parametrize("params,hw", [
+    (dict(scale_factor=0.25), (16, 12)),               # the PAC guide pyramid: exact quarter
+    (dict(scale_factor=0.5), (7, 9)),                  # 3x4 but sampled with the factor 0.5, not 3/7
+    (dict(scale_factor=[2, 3]), (3, 4)),
+    (dict(scale_factor=0.5, align_corners=True), (9, 9)),
+    (dict(height=5, width=3), (4, 7)),
+    (dict(height=5, width=3, align_corners=True), (4, 7)),
+    (dict(scale_factor=0.5, mode="nearest"), (7, 9)),
+    (dict(scale_factor=3, mode="nearest"), (2, 3)),
+])
+def test_resize_values_match_per_pixel_oracle(params, hw):
+    x = rand(2, 3, *hw)
+    spec = make_spec("Resize", **params)
+    (y,) = run_layer(spec, x)
+    s = params.get("scale_factor")
+    scale = None if s is None else ((s, s) if not isinstance(s, list) else (s[0], s[-1]))
+    want = resize_oracle(x, y.shape[2], y.shape[3], scale, params.get("mode", "bilinear"),
+                         params.get("align_corners", False))
+    np.testing.assert_allclose(y.numpy(), want, rtol=1e-12, atol=1e-12)
+
+
+def test_resize_scale_factor_samples_with_the_factor_not_the_size_ratio():
+    # 7 -> floor(3.5) = 3: the factor 0.5 puts output row 2 at source 4.5, size 3 at 5.33
+    x = rand(1, 1, 7, 7)
+    (by_scale,) = run_layer(make_spec("Resize", scale_factor=0.5), x)
+    (by_size,) = run_layer(make_spec("Resize", height=3, width=3), x)
+    assert by_scale.shape == by_size.shape == (1, 1, 3, 3)
+    assert not torch.allclose(by_scale, by_size)
+
+
+def test_resize_align_corners_equals_interp():
+    x = rand(2, 2, 6, 5)
+    (a,) = run_layer(make_spec("Resize", height=11, width=9, align_corners=True), x)
+    (b,) = run_layer(make_spec("Interp", height=11, width=9), x)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_resize_second_bottom_gives_size_and_broadcasts_a_pooled_map():
+    x, like = rand(2, 3, 5, 7), rand(2, 1, 9, 4)
+    (y,) = run_layer(make_spec("Resize", n_bottoms=2), x, like)
+    np.testing.assert_allclose(y.numpy(), resize_oracle(x, 9, 4), rtol=1e-12, atol=1e-12)
+    pooled = rand(2, 3, 1, 1)  # mmseg's image pooling branch: 1x1 -> H x W is a broadcast
+    (y,) = run_layer(make_spec("Resize", n_bottoms=2), pooled, like)
+    torch.testing.assert_close(y, pooled.expand(2, 3, 9, 4), rtol=0, atol=1e-15)
+
+
+def test_resize_gradient_and_flops():
+    x = rand(1, 2, 4, 6).requires_grad_()
+    spec = make_spec("Resize", scale_factor=1.5)
+    m = build(spec, x.shape)
+    assert torch.autograd.gradcheck(lambda x: m(x), (x,))
+    assert get("Resize").flops(spec, [(1, 2, 4, 6)], infer(spec, (1, 2, 4, 6))) == 8 * 2 * 6 * 9
+    near = make_spec("Resize", scale_factor=2, mode="nearest")
+    assert get("Resize").flops(near, [(1, 2, 4, 6)], infer(near, (1, 2, 4, 6))) == 0
+
+
+@pytest.mark.parametrize("params,n_bottoms,match", [
+    (dict(), 1, "needs scale_factor, height and width, or a second bottom"),
+    (dict(height=4), 1, "height and width go together"),
+    (dict(width=4), 1, "height and width go together"),
+    (dict(scale_factor=2, height=4, width=4), 1, "not scale_factor and height"),
+    (dict(scale_factor=2), 2, "not scale_factor and a second bottom"),
+    (dict(scale_factor=0), 1, "scale_factor"),
+    (dict(scale_factor=[1, 2, 3]), 1, "scale_factor"),
+    (dict(scale_factor=2, mode="nearest", align_corners=True), 1, "bilinear only"),
+    (dict(scale_factor=2, mode="bicubic"), 1, "mode"),
+])
+def test_resize_bad_params(params, n_bottoms, match):
+    with layer_error(match, layer="r1"):
+        make_spec("Resize", name="r1", n_bottoms=n_bottoms, **params)
+
+
+def test_resize_bad_shapes():
+    with layer_error("empty", layer="r2", cls=ShapeError):
+        infer(make_spec("Resize", name="r2", scale_factor=0.1), (1, 1, 5, 40))
+    with layer_error("4-D", layer="r2", cls=ShapeError):
+        infer(make_spec("Resize", name="r2", scale_factor=2), (1, 5, 5))
+    with layer_error("second bottom", layer="r2", cls=ShapeError):
+        infer(make_spec("Resize", name="r2", n_bottoms=2), (2, 1, 5, 5), (1, 1, 5, 5))
