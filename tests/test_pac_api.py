@@ -166,36 +166,14 @@ def ref_pool(x, K, k, s=1, p=0, d=1):
     return (cols * K).sum((2, 3))
 
 
-# Development fallback for the fused ops, used only while pacnet.kernels.pac does not yet
-# export them (it is the oracle above in the kernels' calling convention).
-def _fb_dist(guide, center, kernel_size, stride, padding, dilation, asym=False, channel_wise=False):
-    k, s, p, d = map(_p2, (kernel_size, stride, padding, dilation))
-    H, W = guide.shape[-2:]
-    oh, ow = conv_size(H, k[0], s[0], p[0], d[0]), conv_size(W, k[1], s[1], p[1], d[1])
-    ih, vh = _idx_conv(H, k[0], s[0], p[0], d[0], oh)
-    iw, vw = _idx_conv(W, k[1], s[1], p[1], d[1], ow)
-    f_t, _ = _gather(guide, ih, vh, iw, vw)
-    ctr = f_t[:, :, k[0] // 2, k[1] // 2] if center is None else center
-    diff = f_t - ctr[:, :, None, None]
-    if asym:
-        diff = diff.clamp(min=0)
-    dist = diff ** 2
-    return dist if channel_wise else dist.sum(1, keepdim=True)
-
-
-def _fb_conv(x, K, weight, bias, stride, padding, dilation, shared_filters=False):
-    return ref_conv(x, K, weight, bias, stride, padding, dilation, shared_filters)
-
-
-def _fb_pool(x, K, kernel_size, stride, padding, dilation):
-    return ref_pool(x, K, kernel_size, stride, padding, dilation)
-
-
 @pytest.fixture(autouse=True)
 def _kernels_or_fallback(monkeypatch):
-    for name, fb in (("pac_dist", _fb_dist), ("pac_conv2d", _fb_conv), ("pac_pool2d", _fb_pool)):
+    """Development only: the kernels' plain-torch reference while the package does not yet
+    export the fused ops."""
+    from pacnet.kernels.pac import reference
+    for name in ("pac_dist", "pac_conv2d", "pac_pool2d"):
         if not hasattr(kernels, name):
-            monkeypatch.setattr(kernels, name, fb, raising=False)
+            monkeypatch.setattr(kernels, name, getattr(reference, name), raising=False)
 
 
 @pytest.fixture(autouse=True, scope="module")
