@@ -703,8 +703,9 @@ class NormConvMeanfieldModule(_Located):
 
     @staticmethod
     def _mix(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        c = matrix.shape[-1]
-        return F.conv2d(x, matrix.reshape(c, c, 1, 1))
+        """``out[:, o] = sum_c matrix[o, c] x[:, c]`` (Caffe's gemm with the C x C blob)."""
+        n, c, h, w = x.shape
+        return torch.matmul(matrix.reshape(c, c), x.reshape(n, c, h * w)).reshape(n, c, h, w)
 
     def forward(self, unary: torch.Tensor, q0: torch.Tensor, embxy: torch.Tensor,
                 xy: torch.Tensor) -> torch.Tensor:
