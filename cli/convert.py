@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import warnings
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from pacnet.errors import PacnetError
 
@@ -62,6 +63,20 @@ def _outputs(items: List[str]) -> Tuple[Optional[str], Optional[str]]:
     return yaml_out, weights_out
 
 
+def _raw_vars(items: List[str]) -> Dict[str, str]:
+    """``NAME=VALUE`` pairs kept as typed text: a prototxt template is text, so ``--var
+    NET_ID=01`` must give ``01`` (Caffe's scripts substitute with sed), not the number 1."""
+    out: Dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise PacnetError(f"--var {item!r}: expected NAME=VALUE with NAME a letter or '_' "
+                              f"followed by letters, digits or '_'", hint="e.g. --var NUM_LABELS=21")
+        out[name] = value
+    return out
+
+
 def _check_folder(path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
@@ -77,7 +92,7 @@ def _show_list(label: str, items: List[str], limit: int = 8) -> str:
 def run(args: argparse.Namespace) -> int:
     from pacnet.atomic import atomic_write
     from pacnet.caffe_import import convert_to_yaml_text, load_prototxt
-    from pacnet.cli.common import parse_assignments, parse_inputs
+    from pacnet.cli.common import parse_inputs
 
     src = args.net
     if src.lower().endswith((".yaml", ".yml")):
@@ -87,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     if weights_out is not None and not args.weights:
         raise PacnetError(f"-o {weights_out}: no --weights to convert",
                           hint="add --weights W.caffemodel")
-    vars = parse_assignments(args.vars, "--var")
+    vars = _raw_vars(args.vars)
     inputs = parse_inputs(args.input)
     if args.weights and weights_out is None:
         weights_out = os.path.splitext(args.weights)[0] + ".safetensors"

@@ -16,7 +16,7 @@ Syntax accepted (protobuf's ``TextFormat`` plus what the real files need):
 * ``field: value``, ``field { ... }``, ``field: { ... }``, ``field < ... >``;
 * list syntax ``field: [1, 2, 3]`` and ``field [{...}, {...}]`` (one field entry per element);
 * values: strings in ``"`` or ``'`` with C escapes (adjacent strings concatenate), integers
-  (decimal, ``0x`` hex, negative), floats (``1.``, ``.5``, ``1e-5``, ``2.5f``, ``inf``,
+  (decimal, ``0x`` hex, ``0``-prefixed octal as in protobuf, negative), floats (``1.``, ``.5``, ``1e-5``, ``2.5f``, ``inf``,
   ``-inf``, ``nan``), bare identifiers (enums, ``true``/``false``);
 * ``#`` comments, CRLF line endings, tabs, optional ``,`` / ``;`` separators.
 
@@ -329,7 +329,14 @@ def parse_scalar(text: str) -> Tuple[Any, str]:
     if _INT.match(text):
         neg = text.startswith("-")
         body = text.lstrip("+-")
-        v = int(body, 16) if body[:2].lower() == "0x" else int(body, 10)
+        if body[:2].lower() == "0x":
+            v = int(body, 16)
+        elif len(body) > 1 and body[0] == "0":  # protobuf (and C): a leading 0 means octal
+            if any(c in "89" for c in body):
+                return text, "bad"
+            v = int(body, 8)
+        else:
+            v = int(body, 10)
         return (-v if neg else v), "int"
     if _FLOAT.match(text):
         return float(text.rstrip("fF")), "float"

@@ -520,7 +520,8 @@ def test_cli_convert_to_stdout(tmp_path, capsys):
     (["{src}", "-o", "{tmp}/missing/dir/x.yaml"], "does not exist"),
     (["{tmp}/net.yaml"], "already a pacnet net"),
     (["{tmp}/none.prototxt"], "no such file"),
-    (["{src}", "--var", "NOEQUALS"], "--var 'NOEQUALS'"),
+    (["{src}", "--var", "NOEQUALS"], "--var 'NOEQUALS': expected NAME=VALUE"),
+    (["{src}", "--var", "1X=2"], "--var '1X=2': expected NAME=VALUE"),
     (["{bad}", "-o", "{tmp}/bad.yaml"], "bad.prototxt:2:"),
     (["{src}", "--weights", "{tmp}/none.caffemodel"], "no such file"),
 ])
@@ -538,6 +539,17 @@ def test_cli_convert_user_errors(tmp_path, capsys, argv, fragment):
     assert err.startswith("error: ") and fragment in err, err
     assert not (tmp_path / "bad.yaml").exists()
     assert [f for f in os.listdir(tmp_path) if f.startswith(".tmp")] == []
+
+
+def test_cli_vars_are_text(tmp_path, capsys):
+    src = tmp_path / "t.prototxt"
+    src.write_text('name: "net_${ID}"\nlayer { name: "c${ID}" type: "Convolution"\n'
+                   '  convolution_param { num_output: ${N} } }\n')
+    assert main(["convert", str(src), "--var", "ID=01", "--var", "N=021", "--var", "UNUSED=x=y"]) == 0
+    # (021 is octal in protobuf text, as Caffe reads it)
+    net = yaml.safe_load(capsys.readouterr().out)
+    assert net["name"] == "net_01" and net["layers"][0]["name"] == "c01"
+    assert net["layers"][0]["num_output"] == 17
 
 
 def test_cli_convert_unset_vars_lists_all(tmp_path, capsys):

@@ -67,7 +67,8 @@ def test_list_syntax_for_scalars_and_messages():
 
 
 @pytest.mark.parametrize("text,value,kind", [
-    ("1", 1, "int"), ("-3", -3, "int"), ("+7", 7, "int"), ("0x1F", 31, "int"),
+    ("1", 1, "int"), ("-3", -3, "int"), ("+7", 7, "int"), ("0x1F", 31, "int"), ("0", 0, "int"),
+    ("010", 8, "int"), ("-017", -15, "int"), ("0.5", 0.5, "float"), ("010.5", 10.5, "float"),
     ("1.5", 1.5, "float"), ("-0.25", -0.25, "float"), ("1e-5", 1e-5, "float"),
     ("2.5E+3", 2500.0, "float"), (".5", 0.5, "float"), ("1.", 1.0, "float"),
     ("3.0f", 3.0, "float"), ("-1e3", -1000.0, "float"), ("inf", math.inf, "float"),
@@ -153,6 +154,7 @@ def test_bad_variable_name():
     ("a: }", 1, 4, "expected a value for field 'a'"),
     ("}", 1, 1, "expected a field name"),
     ("a: 1.2.3", 1, 4, "bad value '1.2.3'"),
+    ("a: 09", 1, 4, "bad value '09'"),
     ("layer {\n  a: 1\n  }\n}", 4, 1, "extra '}'"),
     ("a: [1, 2", 1, 9, "expected ']' to close the list of 'a'"),
     ("a: [1 2]", 1, 7, "expected ',' or ']'"),
