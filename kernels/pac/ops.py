@@ -1,0 +1,444 @@
+"""PAC primitives as ``torch.library`` custom ops, with argument checks and backend dispatch.
+
+Three public functions, each a thin wrapper that checks its arguments (raising
+:class:`pacnet.errors.PacnetValueError` before any kernel runs) and calls a custom op:
+
+* :func:`pac_dist`   ``guide [b,Cg,H,W] -> D [b, 1|Cg, kh, kw, oh, ow]``
+* :func:`pac_conv2d` ``x [b,C,H,W], K [b,1,kh,kw,oh,ow], weight [O,C,kh,kw] -> [b,O,oh,ow]``
+* :func:`pac_pool2d` ``x [b,C,H,W], K [b,1|C,kh,kw,oh,ow] -> [b,C,oh,ow]``
+
+Geometry (shared by all three): an output pixel ``o`` (row or column) reads tap ``t`` at input
+position ``pos(o, t) = o*s - p + t*d``; positions outside the image read 0 (zero padding, as
+``F.unfold``).  ``oh, ow`` follow the ``nn.Conv2d`` rule ``(H + 2p - d(k-1) - 1) // s + 1``.
+``kernel_size``/``stride``/``padding``/``dilation`` are ``(h, w)`` pairs (a single int means
+both); kernel sizes must be odd, any padding >= 0 is accepted.
+
+Backends: CPU tensors run the fused Numba kernels (:mod:`.cpu`), CUDA tensors the Numba CUDA
+kernels (:mod:`.cuda`, imported on first use).  ``PACNET_BACKEND=reference`` makes the public
+functions use the plain-torch oracle (:mod:`.reference`, autograd backward) instead;
+``PACNET_BACKEND=numba`` (or unset) uses the fused kernels.  Devices without fused kernels
+use the reference unless ``numba`` is forced, which is an error there.
+
+Custom ops (``torch.ops.pacnet.*``): ``pac_dist``, ``pac_conv2d``, ``pac_pool2d`` and their
+backward ops ``pac_dist_backward``, ``pac_conv2d_backward``, ``pac_pool2d_backward``; each
+has a fake (shape) implementation, so they work with ``torch.compile``/``torch.export``, and
+the forward ops have autograd formulas that call the backward ops (no double backward).
+Between forward and backward only the inputs are saved (guide[, centre]; x, K, weight).
+
+dtypes: float32 and float64; float16/bfloat16 are accepted and computed in float32 (results
+cast back).  Under autocast (CPU or CUDA) the ops run in float32.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+from typing import Any, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from pacnet.errors import PacnetValueError
+
+from . import reference as _reference
+
+__all__ = ["pac_dist", "pac_conv2d", "pac_pool2d", "out_size", "backend_for"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_BACKEND_ENV = "PACNET_BACKEND"
+_BACKENDS = ("numba", "reference")
+_FUSED_DEVICES = ("cpu", "cuda")
+
+out_size = _reference.out_size
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+def backend_for(device: torch.device) -> str:
+    """The backend the public functions use for tensors on ``device``: ``'numba'`` or ``'reference'``.
+
+    Reads ``PACNET_BACKEND`` at every call (``reference`` | ``numba``; unset = by device).
+    """
+    choice = os.environ.get(_BACKEND_ENV, "").strip().lower()
+    if choice not in ("",) + _BACKENDS:
+        raise PacnetValueError(f"{_BACKEND_ENV}={os.environ.get(_BACKEND_ENV)!r} is not a PAC "
+                               f"backend", hint="use 'numba' or 'reference', or unset it")
+    if choice == "reference":
+        return "reference"
+    if device.type in _FUSED_DEVICES:
+        return "numba"
+    if choice == "numba":
+        raise PacnetValueError(f"no fused PAC kernels for device '{device.type}'",
+                               hint=f"move the tensors to CPU or CUDA, or set "
+                                    f"{_BACKEND_ENV}=reference")
+    return "reference"
+
+
+def _kernels(device: torch.device):
+    """The fused-kernel module for ``device`` (imported lazily: numba.cuda only on CUDA)."""
+    if device.type == "cpu":
+        from . import cpu
+        return cpu
+    if device.type == "cuda":
+        from . import cuda
+        return cuda
+    raise PacnetValueError(f"no fused PAC kernels for device '{device.type}'",
+                           hint=f"set {_BACKEND_ENV}=reference")
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty((0,))
+
+
+# ----------------------------------------------------------------------------- pac_dist ops
+
+@torch.library.custom_op("pacnet::pac_dist", mutates_args=())
+def _pac_dist_op(guide: Tensor, center: Optional[Tensor], kernel_size: Sequence[int],
+                 stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                 asym: bool, channel_wise: bool) -> Tensor:
+    return _kernels(guide.device).pac_dist_fwd(guide, center, tuple(kernel_size), tuple(stride),
+                                               tuple(padding), tuple(dilation), asym,
+                                               channel_wise)
+
+
+@_pac_dist_op.register_fake
+def _(guide, center, kernel_size, stride, padding, dilation, asym, channel_wise):
+    b, cg = guide.shape[:2]
+    oh, ow = out_size(guide.shape[-2:], kernel_size, stride, padding, dilation)
+    return guide.new_empty((b, cg if channel_wise else 1, kernel_size[0], kernel_size[1], oh, ow))
+
+
+@torch.library.custom_op("pacnet::pac_dist_backward", mutates_args=())
+def _pac_dist_backward_op(grad: Tensor, guide: Tensor, center: Optional[Tensor],
+                          kernel_size: Sequence[int], stride: Sequence[int],
+                          padding: Sequence[int], dilation: Sequence[int], asym: bool,
+                          channel_wise: bool) -> Tuple[Tensor, Tensor]:
+    return _kernels(guide.device).pac_dist_bwd(grad, guide, center, tuple(kernel_size),
+                                               tuple(stride), tuple(padding), tuple(dilation),
+                                               asym, channel_wise)
+
+
+@_pac_dist_backward_op.register_fake
+def _(grad, guide, center, kernel_size, stride, padding, dilation, asym, channel_wise):
+    b, cg = guide.shape[:2]
+    return torch.empty_like(guide), guide.new_empty((b, cg, grad.shape[-2], grad.shape[-1]))
+
+
+def _pac_dist_setup(ctx, inputs, output):
+    guide, center, kernel_size, stride, padding, dilation, asym, channel_wise = inputs
+    ctx.save_for_backward(guide, center)
+    ctx.args = (kernel_size, stride, padding, dilation, asym, channel_wise)
+
+
+def _pac_dist_backward(ctx, grad):
+    guide, center = ctx.saved_tensors
+    gf, gc = torch.ops.pacnet.pac_dist_backward(grad, guide, center, *ctx.args)
+    return gf, (gc if center is not None else None), None, None, None, None, None, None
+
+
+_pac_dist_op.register_autograd(_pac_dist_backward, setup_context=_pac_dist_setup)
+
+
+# ----------------------------------------------------------------------------- pac_conv2d ops
+
+@torch.library.custom_op("pacnet::pac_conv2d", mutates_args=())
+def _pac_conv2d_op(x: Tensor, K: Tensor, weight: Tensor, bias: Optional[Tensor],
+                   stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                   shared_filters: bool) -> Tensor:
+    return _kernels(x.device).pac_conv2d_fwd(x, K, weight, bias, tuple(stride), tuple(padding),
+                                             tuple(dilation), shared_filters)
+
+
+@_pac_conv2d_op.register_fake
+def _(x, K, weight, bias, stride, padding, dilation, shared_filters):
+    o = x.shape[1] if shared_filters else weight.shape[0]
+    return x.new_empty((x.shape[0], o, K.shape[-2], K.shape[-1]))
+
+
+@torch.library.custom_op("pacnet::pac_conv2d_backward", mutates_args=())
+def _pac_conv2d_backward_op(grad: Tensor, x: Tensor, K: Tensor, weight: Tensor,
+                            stride: Sequence[int], padding: Sequence[int],
+                            dilation: Sequence[int], shared_filters: bool, need_x: bool,
+                            need_k: bool, need_weight: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    gx, gK, gW = _kernels(x.device).pac_conv2d_bwd(grad, x, K, weight, tuple(stride),
+                                                   tuple(padding), tuple(dilation),
+                                                   shared_filters, (need_x, need_k, need_weight))
+    return (gx if need_x else _empty(x), gK if need_k else _empty(K),
+            gW if need_weight else _empty(weight))
+
+
+@_pac_conv2d_backward_op.register_fake
+def _(grad, x, K, weight, stride, padding, dilation, shared_filters, need_x, need_k,
+      need_weight):
+    return (torch.empty_like(x) if need_x else _empty(x),
+            torch.empty_like(K) if need_k else _empty(K),
+            torch.empty_like(weight) if need_weight else _empty(weight))
+
+
+def _pac_conv2d_setup(ctx, inputs, output):
+    x, K, weight, bias, stride, padding, dilation, shared_filters = inputs
+    ctx.save_for_backward(x, K, weight)
+    ctx.args = (stride, padding, dilation, shared_filters)
+    ctx.has_bias = bias is not None
+
+
+def _pac_conv2d_backward(ctx, grad):
+    x, K, weight = ctx.saved_tensors
+    nx, nk, nw = ctx.needs_input_grad[:3]
+    gx = gK = gW = gb = None
+    if nx or nk or nw:
+        gx, gK, gW = torch.ops.pacnet.pac_conv2d_backward(grad, x, K, weight, *ctx.args,
+                                                          nx, nk, nw)
+    if ctx.has_bias and ctx.needs_input_grad[3]:
+        gb = grad.sum(dim=(0, 2, 3))
+    return (gx if nx else None, gK if nk else None, gW if nw else None, gb,
+            None, None, None, None)
+
+
+_pac_conv2d_op.register_autograd(_pac_conv2d_backward, setup_context=_pac_conv2d_setup)
+
+
+# ----------------------------------------------------------------------------- pac_pool2d ops
+
+@torch.library.custom_op("pacnet::pac_pool2d", mutates_args=())
+def _pac_pool2d_op(x: Tensor, K: Tensor, kernel_size: Sequence[int], stride: Sequence[int],
+                   padding: Sequence[int], dilation: Sequence[int]) -> Tensor:
+    return _kernels(x.device).pac_pool2d_fwd(x, K, tuple(kernel_size), tuple(stride),
+                                             tuple(padding), tuple(dilation))
+
+
+@_pac_pool2d_op.register_fake
+def _(x, K, kernel_size, stride, padding, dilation):
+    return x.new_empty((x.shape[0], x.shape[1], K.shape[-2], K.shape[-1]))
+
+
+@torch.library.custom_op("pacnet::pac_pool2d_backward", mutates_args=())
+def _pac_pool2d_backward_op(grad: Tensor, x: Tensor, K: Tensor, kernel_size: Sequence[int],
+                            stride: Sequence[int], padding: Sequence[int],
+                            dilation: Sequence[int], need_x: bool,
+                            need_k: bool) -> Tuple[Tensor, Tensor]:
+    gx, gK, _ = _kernels(x.device).pac_pool2d_bwd(grad, x, K, tuple(kernel_size), tuple(stride),
+                                                  tuple(padding), tuple(dilation),
+                                                  (need_x, need_k, False))
+    return gx if need_x else _empty(x), gK if need_k else _empty(K)
+
+
+@_pac_pool2d_backward_op.register_fake
+def _(grad, x, K, kernel_size, stride, padding, dilation, need_x, need_k):
+    return (torch.empty_like(x) if need_x else _empty(x),
+            torch.empty_like(K) if need_k else _empty(K))
+
+
+def _pac_pool2d_setup(ctx, inputs, output):
+    x, K, kernel_size, stride, padding, dilation = inputs
+    ctx.save_for_backward(x, K)
+    ctx.args = (kernel_size, stride, padding, dilation)
+
+
+def _pac_pool2d_backward(ctx, grad):
+    x, K = ctx.saved_tensors
+    nx, nk = ctx.needs_input_grad[:2]
+    gx = gK = None
+    if nx or nk:
+        gx, gK = torch.ops.pacnet.pac_pool2d_backward(grad, x, K, *ctx.args, nx, nk)
+    return gx if nx else None, gK if nk else None, None, None, None, None
+
+
+_pac_pool2d_op.register_autograd(_pac_pool2d_backward, setup_context=_pac_pool2d_setup)
+
+
+# Autocast: run in float32 (a distance and an exp-weighted sum; the kernels accumulate in
+# float32 anyway), so inputs coming from float16/bfloat16 layers mix safely with float32 ones.
+for _name in ("pac_dist", "pac_conv2d", "pac_pool2d"):
+    for _dev in ("cpu", "cuda"):
+        torch.library.register_autocast(f"pacnet::{_name}", _dev, torch.float32)
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+def _pair(value: Any, name: str, minimum: int) -> Tuple[int, int]:
+    def ok(v):
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+    if ok(value):
+        pair = (int(value), int(value))
+    elif isinstance(value, (tuple, list, torch.Size)) and len(value) == 2 and all(map(ok, value)):
+        pair = (int(value[0]), int(value[1]))
+    else:
+        raise PacnetValueError(f"{name} must be an int or a pair of ints (h, w), got {value!r}")
+    if min(pair) < minimum:
+        raise PacnetValueError(f"{name} must be >= {minimum}, got {pair}")
+    return pair
+
+
+def _kernel_size(value: Any, name: str = "kernel_size") -> Tuple[int, int]:
+    k = _pair(value, name, 1)
+    if k[0] % 2 == 0 or k[1] % 2 == 0:
+        raise PacnetValueError(f"{name} must be odd (PAC filters have a centre tap), got {k}",
+                               hint="use e.g. 3 or 5")
+    return k
+
+
+def _tensor(t: Any, name: str, ndim: int, layout: str, batched: bool = True) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise PacnetValueError(f"{name} must be a torch.Tensor {layout}, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise PacnetValueError(f"{name} must be a floating-point tensor (float32, float64, "
+                               f"float16 or bfloat16), got {t.dtype}",
+                               hint=f"convert it, e.g. {name}.float()")
+    if t.dim() != ndim:
+        raise PacnetValueError(f"{name} must be {ndim}-D {layout}, got shape {list(t.shape)}")
+    if any(s == 0 for s in t.shape[1 if batched else 0:]):
+        raise PacnetValueError(f"{name} {layout} has an empty dimension: {list(t.shape)}")
+    return t
+
+
+def _same(named: Sequence[Tuple[str, Optional[Tensor]]]) -> None:
+    present = [(n, t) for n, t in named if t is not None]
+    n0, t0 = present[0]
+    for n, t in present[1:]:
+        if t.device != t0.device:
+            raise PacnetValueError(f"{n} is on {t.device} but {n0} is on {t0.device}",
+                                   hint="move all tensors to the same device")
+        if t.dtype != t0.dtype:
+            raise PacnetValueError(f"{n} has dtype {t.dtype} but {n0} has {t0.dtype}",
+                                   hint="convert them to one dtype (or run under autocast)")
+
+
+def _geometry(hw, kernel_size, stride, padding, dilation, what: str):
+    k = _kernel_size(kernel_size)
+    s = _pair(stride, "stride", 1)
+    p = _pair(padding, "padding", 0)
+    d = _pair(dilation, "dilation", 1)
+    oh, ow = out_size(hw, k, s, p, d)
+    if oh < 1 or ow < 1:
+        ext = tuple(d[i] * (k[i] - 1) + 1 for i in range(2))
+        raise PacnetValueError(
+            f"{what}: the {ext[0]}x{ext[1]} window (kernel {k}, dilation {d}) does not fit the "
+            f"{tuple(hw)} input padded by {p}, so the output would be {oh}x{ow}",
+            hint="use a larger input or padding, or a smaller kernel or dilation")
+    return k, s, p, d, (oh, ow)
+
+
+def _check_K(K: Tensor, b: int, k, out_hw, channels: Sequence[int], for_what: str) -> None:
+    want_c = "|".join(str(c) for c in dict.fromkeys(channels))
+    want = f"[{b}, {want_c}, {k[0]}, {k[1]}, {out_hw[0]}, {out_hw[1]}]"
+    shape = tuple(K.shape)
+    if shape[1] not in channels or shape[:1] + shape[2:] != (b, k[0], k[1], *out_hw):
+        raise PacnetValueError(
+            f"K must be {want} (batch, channels, kh, kw, out h, out w) for {for_what}, "
+            f"got {list(shape)}",
+            hint="compute it with pac_dist (then e.g. exp(-0.5 * D)) using the same kernel "
+                 "size, stride, padding and dilation")
+
+
+# ----------------------------------------------------------------------------- public API
+
+def pac_dist(guide: Tensor, center: Optional[Tensor], kernel_size, stride, padding, dilation,
+             asym: bool = False, channel_wise: bool = False) -> Tensor:
+    """Squared guide differences over each output pixel's window (the PAC "im2dist").
+
+    ``D[b, ., ty, tx, y, x] = sum_c diff_c²`` with ``diff_c = f[b, c, pos(y,ty), pos(x,tx)] -
+    ctr[b, c, y, x]`` (``relu(diff_c)`` if ``asym``); out-of-image taps read ``f = 0``.
+
+    Args:
+        guide: ``f``, ``b x Cg x H x W``.
+        center: ``b x Cg x oh x ow`` centre features (e.g. a smoothed guide), or ``None`` for
+            the centre tap ``f(pos(o, k//2))`` (also zero-padded).
+        kernel_size, stride, padding, dilation: ints or ``(h, w)`` pairs; odd kernel sizes.
+        asym: keep only neighbours larger than the centre.
+        channel_wise: keep one distance per guide channel instead of summing them.
+
+    Returns:
+        ``D``: ``b x 1 x kh x kw x oh x ow``, or ``b x Cg x kh x kw x oh x ow`` if
+        ``channel_wise``; same dtype and device as ``guide``.  Differentiable w.r.t. ``guide``
+        and ``center``.
+    """
+    _tensor(guide, "guide", 4, "[b, Cg, H, W]")
+    k, s, p, d, (oh, ow) = _geometry(guide.shape[-2:], kernel_size, stride, padding, dilation,
+                                     "pac_dist")
+    if center is not None:
+        _tensor(center, "center", 4, "[b, Cg, oh, ow]")
+        _same([("guide", guide), ("center", center)])
+        want = (guide.shape[0], guide.shape[1], oh, ow)
+        if tuple(center.shape) != want:
+            raise PacnetValueError(f"center must be {list(want)} (batch, guide channels, out h, "
+                                   f"out w), got {list(center.shape)}")
+    asym, channel_wise = bool(asym), bool(channel_wise)
+    if backend_for(guide.device) == "reference":
+        return _reference.pac_dist(guide, center, k, s, p, d, asym, channel_wise)
+    return torch.ops.pacnet.pac_dist(guide, center, k, s, p, d, asym, channel_wise)
+
+
+def pac_conv2d(x: Tensor, K: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding,
+               dilation, shared_filters: bool = False) -> Tensor:
+    """Pixel-adaptive cross-correlation (like ``F.conv2d``, each tap scaled by ``K``).
+
+    ``out[b, o, y] = bias[o] + sum_{c, t} weight[o, c, t] * K[b, 0, t, y] * x[b, c, pos(y, t)]``
+    (``y`` an output pixel, ``t`` a tap); with ``shared_filters`` the single filter is applied
+    depthwise: ``out[b, c, y] = bias[c] + sum_t weight[0, 0, t] * K[b, 0, t, y] * x[b, c, pos]``.
+
+    Args:
+        x: ``b x C x H x W``.
+        K: ``b x 1 x kh x kw x oh x ow`` adaptive kernel (e.g. ``exp(-0.5 * pac_dist(...))``).
+        weight: ``O x C x kh x kw`` (odd ``kh, kw``), or ``1 x 1 x kh x kw`` with
+            ``shared_filters`` (then ``O = C``).
+        bias: ``O`` or ``None``.
+        stride, padding, dilation: ints or ``(h, w)`` pairs.
+
+    Returns:
+        ``b x O x oh x ow`` with the ``nn.Conv2d`` output size.  Differentiable w.r.t. ``x``,
+        ``K``, ``weight`` and ``bias``.
+    """
+    _tensor(x, "x", 4, "[b, C, H, W]")
+    _tensor(K, "K", 6, "[b, 1, kh, kw, oh, ow]")
+    _tensor(weight, "weight", 4, "[1, 1, kh, kw]" if shared_filters else "[O, C, kh, kw]",
+            batched=False)
+    if bias is not None:
+        _tensor(bias, "bias", 1, "[O]", batched=False)
+    _same([("x", x), ("K", K), ("weight", weight), ("bias", bias)])
+    c = x.shape[1]
+    if shared_filters:
+        if tuple(weight.shape[:2]) != (1, 1):
+            raise PacnetValueError(f"with shared_filters the weight must be [1, 1, kh, kw], "
+                                   f"got {list(weight.shape)}")
+        out_c = c
+    else:
+        if weight.shape[1] != c:
+            raise PacnetValueError(f"weight {list(weight.shape)} ([O, C, kh, kw]) expects "
+                                   f"{weight.shape[1]} input channels, x has {c}")
+        out_c = weight.shape[0]
+    if bias is not None and bias.shape[0] != out_c:
+        raise PacnetValueError(f"bias must have {out_c} entries (one per output channel), "
+                               f"got {bias.shape[0]}")
+    k = _kernel_size(tuple(weight.shape[-2:]), "weight's kernel size")
+    k, s, p, d, out_hw = _geometry(x.shape[-2:], k, stride, padding, dilation, "pac_conv2d")
+    _check_K(K, x.shape[0], k, out_hw, (1,), "pac_conv2d")
+    if backend_for(x.device) == "reference":
+        return _reference.pac_conv2d(x, K, weight, bias, s, p, d, bool(shared_filters))
+    return torch.ops.pacnet.pac_conv2d(x, K, weight, bias, s, p, d, bool(shared_filters))
+
+
+def pac_pool2d(x: Tensor, K: Tensor, kernel_size, stride, padding, dilation) -> Tensor:
+    """Pixel-adaptive pooling: a ``K``-weighted **sum** over each window (no normalisation).
+
+    ``out[b, c, y] = sum_t K[b, 0 | c, t, y] * x[b, c, pos(y, t)]``.
+
+    Args:
+        x: ``b x C x H x W``.
+        K: ``b x 1 x kh x kw x oh x ow`` (shared by all channels) or ``b x C x kh x kw x oh x ow``
+            (channel-wise).
+        kernel_size, stride, padding, dilation: ints or ``(h, w)`` pairs; odd kernel sizes.
+
+    Returns:
+        ``b x C x oh x ow``.  Differentiable w.r.t. ``x`` and ``K`` (also channel-wise).
+    """
+    _tensor(x, "x", 4, "[b, C, H, W]")
+    _tensor(K, "K", 6, "[b, 1|C, kh, kw, oh, ow]")
+    _same([("x", x), ("K", K)])
+    k, s, p, d, out_hw = _geometry(x.shape[-2:], kernel_size, stride, padding, dilation,
+                                   "pac_pool2d")
+    _check_K(K, x.shape[0], k, out_hw, (1, x.shape[1]), "pac_pool2d")
+    if backend_for(x.device) == "reference":
+        return _reference.pac_pool2d(x, K, k, s, p, d)
+    return torch.ops.pacnet.pac_pool2d(x, K, k, s, p, d)
