@@ -155,9 +155,24 @@ class CaffeModel:
         return {layer.name: layer for layer in self.layers}
 
 
-def _wire_problem(data: bytes) -> Tuple[int, str]:
-    """Walk the top-level wire records of ``data``; return (offset, what is wrong)."""
-    pos, n = 0, len(data)
+# Length-delimited fields that hold messages (the ones worth descending into when looking
+# for the broken spot): message kind -> {field number: (name, message kind)}.
+_NESTED = {
+    "NetParameter": {100: ("layer", "LayerParameter"), 2: ("layers", "V1LayerParameter")},
+    "LayerParameter": {7: ("blobs", "BlobProto")},
+    "V1LayerParameter": {6: ("blobs", "BlobProto"), 1: ("layer", "V0LayerParameter")},
+    "V0LayerParameter": {50: ("blobs", "BlobProto")},
+    "BlobProto": {7: ("shape", "BlobShape")},
+    "BlobShape": {},
+}
+
+
+def _wire_problem(data: bytes, start: int = 0, end: Optional[int] = None,
+                  kind: str = "NetParameter", where: str = "") -> Optional[Tuple[int, str]]:
+    """Walk the wire records of ``data[start:end]`` (a ``kind`` message), descending into
+    the messages of :data:`_NESTED`; return (absolute offset, what is wrong) or None."""
+    n = len(data) if end is None else end
+    pos = start
 
     def varint(p: int) -> Tuple[int, int]:
         shift = value = 0
@@ -173,15 +188,16 @@ def _wire_problem(data: bytes) -> Tuple[int, str]:
             if shift > 63:
                 raise ValueError(p)
 
+    counts: Dict[int, int] = {}
     while pos < n:
-        start = pos
+        rec = pos
         try:
             key, pos = varint(pos)
         except (IndexError, ValueError):
-            return start, "a field tag is cut off or malformed"
+            return rec, f"{where}a field tag is cut off or malformed"
         number, wire = key >> 3, key & 7
         if number == 0:
-            return start, "field number 0 (not a protobuf message)"
+            return rec, f"{where}field number 0 (not a protobuf message)"
         try:
             if wire == 0:
                 _, pos = varint(pos)
@@ -190,18 +206,26 @@ def _wire_problem(data: bytes) -> Tuple[int, str]:
             elif wire == 2:
                 length, pos = varint(pos)
                 if pos + length > n:
-                    return start, (f"field {number} claims {length} bytes but only {n - pos} "
-                                   f"remain (truncated file?)")
+                    return rec, (f"{where}field {number} claims {length} bytes but only "
+                                 f"{n - pos} remain (truncated file?)")
+                sub = _NESTED.get(kind, {}).get(number)
+                if sub is not None:
+                    i = counts.get(number, 0)
+                    counts[number] = i + 1
+                    found = _wire_problem(data, pos, pos + length, sub[1],
+                                          f"{where}{sub[0]} {i}: ")
+                    if found is not None:
+                        return found
                 pos += length
             elif wire == 5:
                 pos += 4
             else:
-                return start, f"field {number} has invalid wire type {wire}"
+                return rec, f"{where}field {number} has invalid wire type {wire}"
         except (IndexError, ValueError):
-            return start, f"field {number} is cut off"
+            return rec, f"{where}field {number} is cut off"
         if pos > n:
-            return start, f"field {number} is cut off (truncated file?)"
-    return n, "a nested message is malformed"
+            return rec, f"{where}field {number} is cut off (truncated file?)"
+    return None
 
 
 def _blob_array(blob, exact_cls, where: str, file: Optional[str]) -> np.ndarray:
@@ -255,7 +279,7 @@ def parse_caffemodel(data: bytes, *, file: Optional[str] = None) -> CaffeModel:
     try:
         net.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError) as err:
-        offset, what = _wire_problem(data)
+        offset, what = _wire_problem(data) or (0, "the data do not decode as a NetParameter")
         raise LoadError(f"not a valid caffemodel: {what} (byte offset {offset} of {len(data)})",
                         location=Location(file),
                         hint="the file is truncated or is not a Caffe NetParameter") from err

@@ -388,3 +388,14 @@ def test_cli_convert_weights_errors_leave_no_file(net_path, tmp_path, capsys):
     assert main(["convert", str(net_path), "--weights", str(net_path)]) == 2
     assert "looks like a prototxt" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["bad.caffemodel", "other.caffemodel", "tiny.prototxt"]
+
+
+def test_corrupt_nested_message_is_located():
+    good = write_caffemodel([("a", "ReLU", []), ("conv", "Convolution", [r(2, 1, 1, 1)])])
+    layer = bytes([0x0A, 1]) + b"c" + bytes([0x3A, 50]) + bytes(10)  # blob claims 50, has 10
+    data = good + bytes([0xA2, 0x06, len(layer)]) + layer
+    with pytest.raises(LoadError) as e:
+        parse_caffemodel(data, file="x.caffemodel")
+    msg = str(e.value)
+    assert "layer 2: field 7 claims 50 bytes but only 10 remain" in msg
+    assert f"(byte offset {len(good) + 3 + 3} of {len(data)})" in msg
