@@ -173,7 +173,7 @@ layers { bottom: "fc6" top: "p" name: "p" type: POOLING pooling_param { pool: AV
 layers { bottom: "p" top: "fc8" name: "fc8" type: CONVOLUTION blobs_lr: 10
          convolution_param { num_output: ${NUM_LABELS} kernel_size: 1 hole_h: 2 hole_w: 3 } }
 layers { bottom: "label" top: "ls" name: "ls" type: INTERP interp_param { shrink_factor: 8 } }
-layers { bottom: "fc8" bottom: "ls" name: "loss8" type: SOFTMAX_LOSS softmaxloss_param { ignore_label: 255 }
+layers { bottom: "fc8" bottom: "ls" name: "loss" type: SOFTMAX_LOSS softmaxloss_param { ignore_label: 255 }
          include: { phase: TRAIN } }
 layers { bottom: "fc8" bottom: "ls" top: "acc" name: "acc" type: SEG_ACCURACY
          seg_accuracy_param { ignore_label: 255 } }
@@ -194,7 +194,7 @@ def test_v1_upgrade():
     fc8 = layer(net, "fc8")
     assert fc8["param"] == [{"lr_mult": 10}] and fc8["dilation"] == [2, 3]
     assert fc8["num_output"] == 21
-    assert layer(net, "loss8")["ignore_label"] == 255
+    assert layer(net, "loss")["ignore_label"] == 255
     assert layer(net, "acc")["ignore_label"] == [255]
     assert net["inputs"] == {"data": [30, 3, 321, 321], "label": [30, 1, 321, 321]}
     (d,) = net["data"]
