@@ -84,7 +84,6 @@ def test_im2dist_numba_matches_reference(geo):
 def test_im2dist_rules_by_hand():
     """The centre/out-of-image rules on a 1-channel 3x3 image, k=3, pad 1 (and pad 3)."""
     e = torch.arange(9, dtype=torch.float64).reshape(1, 1, 3, 3)
-    k = [3, 3]
     out = ops.im2dist(e, 3, 1, 1, 1, "L1", False, False)
     # pixel (0, 0): taps (0,*) and (*,0) are outside -> 0; tap (2,2) is pixel (1,1) = 4
     assert out[0, :, 0, 0].tolist() == [0, 0, 0, 0, 0, 1, 0, 3, 4]
@@ -98,7 +97,9 @@ def test_im2dist_rules_by_hand():
     # even kernel: the centre is tap (1, 1), i.e. channel 3 for k=2
     out = ops.im2dist(e, [2, 2], 0, 1, 1, "L1", True, False)
     assert out[0, 3].eq(BIG).all() and not out[0, :3].eq(BIG).any()
-    del k
+    # the raw op checks the norm code too
+    with pytest.raises(PacnetValueError, match="unknown norm 3"):
+        torch.ops.pacnet.im2dist(e, [3, 3], [1, 1], [1, 1], [1, 1], 3, False, False)
 
 
 def test_im2dist_sums_over_channels_not_mean():

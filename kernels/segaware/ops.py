@@ -34,6 +34,8 @@ Pair = Tuple[int, int]
 
 BIG = ref.BIG
 _NUMBA_DTYPES = (torch.float32, torch.float64)
+# Numba launches have not been checked under CUDA-graph capture on a real GPU yet.
+_TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
 _NORMS = {"L1": ref.L1, "L2": ref.L2, 1: ref.L1, 2: ref.L2}
 
 
@@ -109,10 +111,11 @@ def _hw(x: torch.Tensor, kernel, pad, stride, dilation) -> Pair:
 
 # ----------------------------------------------------------------------------- im2dist op
 
-@torch.library.custom_op("pacnet::im2dist", mutates_args=())
+@torch.library.custom_op("pacnet::im2dist", mutates_args=(), tags=_TAGS)
 def _im2dist_op(emb: torch.Tensor, kernel: Sequence[int], pad: Sequence[int],
                 stride: Sequence[int], dilation: Sequence[int], norm: int,
                 remove_center: bool, remove_bounds: bool) -> torch.Tensor:
+    norm_code(norm)
     backend = backend_for(emb)
     if backend == "reference":
         with torch.no_grad():
@@ -139,10 +142,11 @@ def _(emb, kernel, pad, stride, dilation, norm, remove_center, remove_bounds):
                           *_hw(emb, kernel, pad, stride, dilation)))
 
 
-@torch.library.custom_op("pacnet::im2dist_backward", mutates_args=())
+@torch.library.custom_op("pacnet::im2dist_backward", mutates_args=(), tags=_TAGS)
 def _im2dist_backward_op(grad: torch.Tensor, emb: torch.Tensor, kernel: Sequence[int],
                          pad: Sequence[int], stride: Sequence[int], dilation: Sequence[int],
                          norm: int, remove_center: bool, remove_bounds: bool) -> torch.Tensor:
+    norm_code(norm)
     backend = backend_for(emb)
     if backend == "reference":
         with torch.no_grad():
@@ -183,7 +187,7 @@ _im2dist_op.register_autograd(_im2dist_grad, setup_context=_im2dist_setup)
 
 # ----------------------------------------------------------------------------- im2parity op
 
-@torch.library.custom_op("pacnet::im2parity", mutates_args=())
+@torch.library.custom_op("pacnet::im2parity", mutates_args=(), tags=_TAGS)
 def _im2parity_op(labels: torch.Tensor, kernel: Sequence[int], pad: Sequence[int],
                   stride: Sequence[int], dilation: Sequence[int], has_ignore: bool,
                   ignore_label: int) -> torch.Tensor:
@@ -228,7 +232,7 @@ _im2parity_op.register_autograd(_im2parity_grad, setup_context=_im2parity_setup)
 
 # ----------------------------------------------------------------------------- local weighted sum op
 
-@torch.library.custom_op("pacnet::local_weighted_sum", mutates_args=())
+@torch.library.custom_op("pacnet::local_weighted_sum", mutates_args=(), tags=_TAGS)
 def _lws_op(x: torch.Tensor, weights: torch.Tensor, kernel: Sequence[int], pad: Sequence[int],
             stride: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:
     backend = backend_for(x)
@@ -251,7 +255,7 @@ def _(x, weights, kernel, pad, stride, dilation):
     return x.new_empty((x.shape[0], x.shape[1], *weights.shape[2:]))
 
 
-@torch.library.custom_op("pacnet::local_weighted_sum_backward", mutates_args=())
+@torch.library.custom_op("pacnet::local_weighted_sum_backward", mutates_args=(), tags=_TAGS)
 def _lws_backward_op(grad: torch.Tensor, x: torch.Tensor, weights: torch.Tensor,
                      kernel: Sequence[int], pad: Sequence[int], stride: Sequence[int],
                      dilation: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
