@@ -44,14 +44,16 @@ def parse_inputs(items: Sequence[str]) -> Dict[str, Tuple[int, ...]]:
     return shapes
 
 
-def parse_assignments(items: Sequence[str], flag: str) -> Dict[str, object]:
+def parse_assignments(items: Sequence[str], flag: str, *, typed: bool = True) -> Dict[str, object]:
+    """``KEY=VALUE`` items to a dict; values parsed as YAML scalars when ``typed``, else kept as
+    text (template variables: a prototxt's ``${ID}`` = ``01`` must stay ``01``)."""
     out: Dict[str, object] = {}
     for item in items:
         try:
             key, value = parse_assignment(item)
         except PacnetError as err:
             raise PacnetError(f"{flag} {item!r}: {err.message}", hint="use KEY=VALUE") from None
-        out[key] = value
+        out[key] = value if typed else item.split("=", 1)[1]
     return out
 
 
@@ -60,6 +62,6 @@ def build_from_args(args: argparse.Namespace, *, phase: Optional[str] = None, de
     from pacnet.api import build
 
     return build(args.net, inputs=parse_inputs(args.input), phase=phase or args.phase,
-                 vars=parse_assignments(args.vars, "--var"),
+                 vars=parse_assignments(args.vars, "--var", typed=False),
                  overrides=parse_assignments(args.overrides, "--set"), fuse=not args.no_fuse,
                  device=device)

@@ -79,8 +79,12 @@ def mark(value: Any, loc: Optional[Location]) -> Any:
 
 # ----------------------------------------------------------------------------- YAML
 
+#: libyaml's parser when PyYAML was built with it (several times faster), else pure Python.
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def _yaml_to_marked(text: str, filename: str) -> Any:
-    loader = yaml.SafeLoader(text)
+    loader = _Loader(text)
     try:
         node = loader.get_single_node()
     except yaml.MarkedYAMLError as err:
@@ -299,6 +303,16 @@ def substitute(value: Any, env: Mapping[str, Any], missing: Dict[str, Optional[L
     return value
 
 
+def _typed(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+    return parsed if isinstance(parsed, (int, float, bool, str)) else value
+
+
 def _missing_error(missing: Mapping[str, Optional[Location]], what: str) -> LoadError:
     listed = ", ".join(f"{n} (line {l.line})" if l and l.line else n for n, l in missing.items())
     first = next(iter(missing.values()))
@@ -500,7 +514,8 @@ def load(source: Source, *, vars: Optional[Mapping[str, Any]] = None,
         tree["layers"] = expand_blocks(tree["layers"], blocks)
 
     env = dict(tree.get("vars") or {})
-    env.update(vars or {})
+    # Text values (from --var) take YAML's types here, so ${NUM_LABELS} = "21" is the int 21.
+    env.update({k: _typed(v) for k, v in (vars or {}).items()})
     missing: Dict[str, Optional[Location]] = {}
     body = MarkedDict((k, v) for k, v in tree.items() if k not in ("blocks", "vars"))
     body.loc, body.locs = tree.loc, dict(tree.locs)

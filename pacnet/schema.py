@@ -9,6 +9,7 @@ the schema are filled into the returned parameters.
 from __future__ import annotations
 
 import copy
+import json
 from functools import lru_cache
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -192,14 +193,37 @@ def validate_layer(layer: MarkedDict, location: Optional[Location]) -> Tuple[Dic
         raise SchemaError("layer without a 'type'", location=location, layer=name,
                           hint="add 'type: <LayerType>' (see 'pacnet layers')")
     type_obj = registry.get(ltype, location=where(layer, "type") or location, layer=name)
-    errors = list(_layer_validator(ltype).iter_errors(_plain(layer)))
-    if errors:
-        known = list(COMMON_LAYER_KEYS) + list(type_obj.params)
-        raise _error_from(_best(errors), layer, layer=name, layer_type=ltype, known=known)
-    params = {k: _plain(v) for k, v in layer.items() if k not in COMMON_LAYER_KEYS}
+    plain = _plain(layer)
+    key = _validation_key(ltype, plain)
+    if key not in _VALID:
+        errors = list(_layer_validator(ltype).iter_errors(plain))
+        if errors:
+            known = list(COMMON_LAYER_KEYS) + list(type_obj.params)
+            raise _error_from(_best(errors), layer, layer=name, layer_type=ltype, known=known)
+        _VALID.add(key)
+    params = {k: v for k, v in plain.items() if k not in COMMON_LAYER_KEYS}
     locs = {k: where(layer, k) or location for k in params}
-    fill_defaults(params, type_obj.schema())
+    fill_defaults(params, _type_schema(ltype))
     return params, locs
+
+
+#: Layers already found valid, by type and content (names, bottoms and tops reduced to their
+#: form).  Real nets repeat the same layer hundreds of times (ResNet blocks, MSC towers).
+_VALID: set = set()
+
+
+def _validation_key(ltype: str, plain: Mapping[str, Any]) -> str:
+    def form(value: Any) -> Any:
+        return "" if isinstance(value, str) else (["" if isinstance(v, str) else v for v in value]
+                                                    if isinstance(value, list) else value)
+
+    reduced = {k: (form(v) if k in ("name", "bottom", "top") else v) for k, v in plain.items()}
+    return ltype + json.dumps(reduced, sort_keys=True, default=repr)
+
+
+@lru_cache(maxsize=None)
+def _type_schema(ltype: str) -> dict:
+    return registry.get(ltype).schema()
 
 
 def fill_defaults(values: Dict[str, Any], schema: Mapping[str, Any]) -> Dict[str, Any]:
