@@ -396,7 +396,9 @@ def map_blobs(model: CaffeModel, net, *, strict_types: bool = False) -> MappedWe
         if strict_types and layer.type and layer.type != ltype:
             raise LoadError(f"layer '{layer.name}' is {layer.type} in the caffemodel but {ltype} "
                             f"in the net", location=Location(caffe_file))
-        names = registry.get(ltype).blobs
+        # Caffe numbers only the blobs a layer has (a Scale fed its scale by a second bottom
+        # has its bias as blob 0), as pacnet.codegen.learnable_blobs does.
+        names = [a for a in registry.get(ltype).blobs if f"{module_name(layer.name)}.{a}" in state]
         if len(layer.blobs) > len(names):
             raise ShapeError(
                 f"the caffemodel has {len(layer.blobs)} blobs for this layer, {ltype} has "

@@ -224,11 +224,21 @@ def test_too_many_blobs_and_missing_bias(tmp_path):
         {"name": "c", "type": "Convolution", "bottom": "data", "top": "c", "num_output": 3,
          "kernel_size": 1, "bias_term": False}]})
     model = parse_caffemodel(write_caffemodel([("c", "Convolution", [r(3, 2, 1, 1), r(3)])]))
-    with pytest.raises(ShapeError, match="blob 1 \\(bias\\) but the net's layer has none"):
+    # Blobs are numbered as the layer has them (no bias here): a bias blob is one too many.
+    with pytest.raises(ShapeError, match="2 blobs for this layer, Convolution has 1 \\(weight\\)"):
         map_blobs(model, net)
     model = parse_caffemodel(write_caffemodel([("c", "Convolution", [r(3, 2, 1, 1), r(3), r(3)])]))
-    with pytest.raises(ShapeError, match="3 blobs for this layer, Convolution has 2"):
+    with pytest.raises(ShapeError, match="3 blobs for this layer, Convolution has 1"):
         map_blobs(model, net)
+
+
+def test_scale_with_a_second_bottom_takes_its_bias_as_blob_0():
+    net = pacnet.build({"inputs": {"x": [1, 3, 2, 2], "s": [3]}, "layers": [
+        {"name": "sc", "type": "Scale", "bottom": ["x", "s"], "top": "y", "bias_term": True}]})
+    bias = r(3)
+    mapped = map_blobs(parse_caffemodel(write_caffemodel([("sc", "Scale", [bias])])), net)
+    assert mapped.loaded == ["sc"]
+    torch.testing.assert_close(mapped.tensors["sc.bias"], torch.from_numpy(bias).float())
 
 
 def test_missing_and_unexpected_layers_are_reported(net_path):
