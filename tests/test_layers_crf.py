@@ -12,6 +12,7 @@ import torch
 import pacnet
 from layer_helpers import build, defaults, infer, layer_error, make_spec, run_layer
 from layer_helpers import single_thread  # noqa: F401
+from test_crf import numba_one_thread  # noqa: F401
 from pacnet import registry
 from pacnet.crf import PacCRF, PacCRFLoose
 from pacnet.errors import PacnetError, SchemaError, ShapeError
@@ -125,16 +126,16 @@ def test_net_from_yaml_has_the_original_names_under_the_layer(tmp_path):
           - {name: crf, type: PacCRF, bottom: [unary, img], top: prob, model: crfi2p4d3121p0d3111,
              final_output: softmax}
     """).lstrip())
-    net = pacnet.build(path)
+    net = pacnet.build(path).to(D64)
     keys = list(net.state_dict())
     assert keys == ["crf.unary_weight", "crf.messengers.0.weight", "crf.messengers.1.weight",
                     "crf.pairwise_weights.0", "crf.pairwise_weights.1"]
-    out = net(torch.randn(1, 3, 9, 10), torch.randn(1, 3, 9, 10))["prob"]
+    out = net(rand(1, 3, 9, 10), rand(1, 3, 9, 10, seed=1))["prob"]
     assert out.shape == (1, 3, 9, 10)
-    torch.testing.assert_close(out.sum(1), torch.ones(1, 9, 10))
+    torch.testing.assert_close(out.sum(1), torch.ones(1, 9, 10, dtype=D64))
     # features of the wrong size at run time: a PacnetError naming the layer
     with pytest.raises(PacnetError, match=r"layer 'crf' \(PacCRF\).*edge_feat"):
-        net(torch.randn(1, 3, 9, 10), torch.randn(1, 3, 9, 11))
+        net(rand(1, 3, 9, 10), rand(1, 3, 9, 11))
 
 
 @pytest.mark.parametrize("params, n_bottoms, key, match", [
