@@ -256,3 +256,191 @@ def test_work_dir_tensorboard_events(tmp_path):
 def test_plain_makes_yaml_safe_values():
     assert plain({"a": (1, np.float32(2.5)), "b": torch.tensor([1, 2]), 3: None, "c": object}) == {
         "a": [1, 2.5], "b": [1, 2], "3": None, "c": "<class 'object'>"}
+
+
+# ----------------------------------------------------------------------------- the train/test loop
+
+import copy  # noqa: E402
+
+from pacnet.errors import PacnetError  # noqa: E402
+from pacnet.engine import trainer  # noqa: E402
+
+DEPTH_NET = {
+    "name": "tiny_depth",
+    "inputs": {"guide": ["N", 3, "H", "W"], "target": ["N", 1, "h", "w"], "gt": ["N", 1, "H", "W"]},
+    "dims": {"N": 1, "H": 32, "W": 32, "h": 4, "w": 4},
+    "solver": {"type": "Adam", "base_lr": 0.01, "momentum": 0.9, "max_iter": 6, "snapshot": 3,
+               "random_seed": 1, "lr_policy": "step", "gamma": 0.5, "stepsize": 2},
+    "data": {"dataset": "synthetic_depth", "size": 6, "height": 32, "width": 32, "batch_size": 2,
+             "train": {"crop_size": 16, "mirror": True}},
+    "layers": [
+        {"name": "up", "type": "Interp", "bottom": ["target", "guide"], "top": "up"},
+        {"name": "g1", "type": "Convolution", "bottom": "guide", "top": "g1", "num_output": 3,
+         "kernel_size": 3, "pad": 1, "weight_filler": {"type": "msra"}},
+        {"name": "cat", "type": "Concat", "bottom": ["up", "g1"], "top": "cat"},
+        {"name": "out", "type": "Convolution", "bottom": "cat", "top": "out", "num_output": 1,
+         "kernel_size": 3, "pad": 1, "weight_filler": {"type": "msra"}},
+        {"name": "loss", "type": "EuclideanLoss", "bottom": ["out", "gt"], "top": "loss",
+         "include": {"phase": "train"}},
+    ],
+}
+
+SEG_NET = {
+    "name": "tiny_seg",
+    "inputs": {"data": ["N", 3, 24, 24], "label": ["N", 1, 24, 24]},
+    "dims": {"N": 1},
+    "solver": {"base_lr": 1e-4, "momentum": 0.9, "max_iter": 4, "random_seed": 0},
+    "data": {"dataset": "synthetic_seg", "size": 5, "height": 20, "width": 20, "num_classes": 3,
+             "mean_value": [120, 120, 120], "crop_size": 24, "batch_size": 2},
+    "layers": [
+        {"name": "score", "type": "Convolution", "bottom": "data", "top": "score", "num_output": 3,
+         "kernel_size": 3, "pad": 1, "weight_filler": {"type": "gaussian", "std": 0.01}},
+        {"name": "loss", "type": "SoftmaxWithLoss", "bottom": ["score", "label"], "top": "loss",
+         "ignore_label": 255, "include": {"phase": "train"}},
+    ],
+}
+
+
+def _net(base, **solver):
+    net = copy.deepcopy(base)
+    net["solver"].update(solver)
+    return net
+
+
+def _final_weights(work_dir):
+    ck = CheckpointManager(os.path.join(work_dir, "checkpoints")).latest()
+    return ck.iteration, load_weights(ck.weights)[0]
+
+
+def test_train_writes_the_work_dir_and_improves(tmp_path):
+    events = []
+    net = _net(DEPTH_NET, max_iter=12, snapshot=4, snapshot_keep=2, test_interval=6, test_iter=2, display=3)
+    summary = trainer.train(net, str(tmp_path / "run"), on_event=events.append, tensorboard=False)
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "done" and kinds.count("snapshot") == 3
+    tests = [e for e in events if e["event"] == "test"]
+    assert [t["step"] for t in tests] == [0, 6, 12] and tests[-1]["rmse"] < tests[0]["rmse"]
+    assert tests[0]["batches"] == 2  # test_iter
+    wd = WorkDir(str(tmp_path / "run"), tensorboard=False)
+    assert [r["step"] for r in wd.read_metrics("train")] == [0, 3, 6, 9]
+    assert [r["step"] for r in wd.read_metrics("test")] == [0, 6, 12]
+    assert wd.read_config()["solver"]["max_iter"] == 12
+    assert json.load(open(wd.environment_path))["world_size"] == 1
+    assert [c.iteration for c in wd.checkpoints().list()] == [8, 12]  # snapshot_keep 2
+    assert summary["checkpoint"].endswith("iter_00000012.safetensors") and summary["step"] == 12
+
+
+def test_resumed_training_matches_uninterrupted_training(tmp_path):
+    trainer.train(DEPTH_NET, str(tmp_path / "whole"), tensorboard=False)
+    first = _net(DEPTH_NET, max_iter=3)
+    trainer.train(first, str(tmp_path / "split"), tensorboard=False)
+    assert _final_weights(str(tmp_path / "split"))[0] == 3
+    events = []
+    trainer.train(DEPTH_NET, str(tmp_path / "split"), tensorboard=False, on_event=events.append)
+    assert events[0] == {"event": "resume", "step": 3,
+                         "path": str(tmp_path / "split" / "checkpoints" / "iter_00000003.safetensors")}
+    (it_a, a), (it_b, b) = _final_weights(str(tmp_path / "whole")), _final_weights(str(tmp_path / "split"))
+    assert it_a == it_b == 6
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+    # a fresh start ignores the checkpoints and reproduces the same run
+    trainer.train(DEPTH_NET, str(tmp_path / "split"), resume=False, tensorboard=False)
+    for k, v in _final_weights(str(tmp_path / "split"))[1].items():
+        torch.testing.assert_close(v, a[k], rtol=0, atol=0)
+
+
+def test_training_errors_are_clear(tmp_path):
+    with pytest.raises(PacnetError, match="the loss became .* at iteration"):
+        trainer.train(_net(DEPTH_NET, type="SGD", base_lr=1e6), str(tmp_path / "a"), tensorboard=False)
+    renamed = _net(DEPTH_NET)
+    renamed["data"]["blobs"] = {"gt": "depth"}
+    with pytest.raises(DataError, match=r"net input 'gt' is not given by the SyntheticDepth data set") as info:
+        trainer.train(renamed, str(tmp_path / "b"), tensorboard=False)
+    assert "data.blobs" in str(info.value)
+    with pytest.raises(DataError, match="checkpoint not found"):
+        trainer.train(DEPTH_NET, str(tmp_path / "c"), resume=str(tmp_path / "nope.safetensors"), tensorboard=False)
+
+
+def test_init_weights_follow_caffe_copy_trained_layers(tmp_path):
+    import pacnet
+
+    net = pacnet.build(DEPTH_NET, phase="train")
+    path = str(tmp_path / "init.safetensors")
+    state = {"g1.weight": torch.full_like(net.state_dict()["g1.weight"], 0.5), "other.weight": torch.zeros(2)}
+    save_weights(path, state)
+    assert trainer.copy_trained_layers(net, [path]) == {"copied": 1, "kept": 3, "ignored": 1}
+    assert (net.state_dict()["g1.weight"] == 0.5).all()
+    save_weights(path, {"g1.weight": torch.zeros(1)})
+    with pytest.raises(DataError, match=r"init.safetensors: g1.weight has shape \[1\]"):
+        trainer.copy_trained_layers(net, [path])
+
+
+def test_test_verb_measures_miou_and_writes_palette_pngs(tmp_path):
+    from PIL import Image
+
+    run = str(tmp_path / "run")
+    trainer.train(SEG_NET, run, tensorboard=False)
+    out = tmp_path / "pred"
+    result = trainer.test(SEG_NET, run, out_dir=str(out))
+    assert result["samples"] == 5 and result["written"] == 5 and 0 <= result["mean_iou"] <= 1
+    img = Image.open(out / "000000.png")
+    assert img.mode == "P" and img.size == (20, 20)  # cropped back to data_dim (the 24 x 24 crop is padding)
+    assert set(np.unique(np.asarray(img))) <= {0, 1, 2}
+    bad = str(tmp_path / "bad.safetensors")
+    save_weights(bad, {"x": torch.zeros(1)})
+    with pytest.raises(DataError, match="lacks 2 blob"):
+        trainer.test(SEG_NET, bad)
+    two_outputs = copy.deepcopy(SEG_NET)
+    two_outputs["layers"].append({"name": "prob", "type": "Softmax", "bottom": "score", "top": "prob",
+                                  "include": {"phase": "test"}})
+    two_outputs["outputs"] = ["score", "prob"]
+    with pytest.raises(PacnetError, match="set data.predict"):
+        trainer.test(two_outputs, None)
+    two_outputs["data"]["predict"] = "prob"
+    assert "mean_iou" in trainer.test(two_outputs, None)
+
+
+def test_benchmark_times_forward_backward_and_layers():
+    import pacnet
+
+    net = pacnet.build(DEPTH_NET, phase="train")
+    inputs = {"guide": torch.rand(1, 3, 32, 32), "target": torch.rand(1, 1, 4, 4), "gt": torch.rand(1, 1, 32, 32)}
+    out = trainer.benchmark(net, inputs, iterations=2, warmup=1)
+    assert out["forward_ms"] > 0 and out["backward_ms"] > 0
+    assert set(out["layers"]) >= {"up", "g1", "out"}
+    with pytest.raises(PacnetError, match="iterations"):
+        trainer.benchmark(net, inputs, iterations=0)
+
+
+def test_distributed_training_keeps_ranks_in_sync(tmp_path):
+    """Two gloo ranks (forked): DDP averages gradients, rank 0 writes the checkpoint."""
+    import torch.multiprocessing as mp
+
+    if "fork" not in mp.get_all_start_methods():
+        pytest.skip("needs the fork start method")
+    mp.start_processes(_ddp_rank, args=(str(tmp_path),), nprocs=2, join=True, start_method="fork")
+    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    single = trainer.train(_net(DEPTH_NET, max_iter=4, snapshot=0), str(tmp_path / "one"), tensorboard=False)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+        assert not torch.equal(a[k], single["net"].state_dict()[k])  # two ranks saw more data
+    it, saved = _final_weights(str(tmp_path / "run"))
+    assert it == 4
+    for k in saved:
+        torch.testing.assert_close(saved[k], a[k])
+
+
+def _ddp_rank(rank, folder):
+    torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP pool
+    os.environ.update({"WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29500 + os.getpid() % 1000)})
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rdv", rank=rank, world_size=2)
+    try:
+        result = trainer.train(_net(DEPTH_NET, max_iter=4, snapshot=0), os.path.join(folder, "run"),
+                               tensorboard=False, device="cpu")
+        torch.save(result["net"].state_dict(), os.path.join(folder, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()

@@ -121,6 +121,7 @@ def test_all_reduce_sums_across_processes(tmp_path):
         assert res["rmse"] == pytest.approx(1.5)
 
 def _ranked(rank, world, rdv):
+    torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP pool
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{rdv}", rank=rank, world_size=world)

@@ -62,6 +62,13 @@ _COMMON = {
     "seed": _p("integer", "seed of the synthetic scenes and of the augmentation stream", 0),
     "blobs": _p({"type": "object", "additionalProperties": {"type": "string"}},
                 "rename sample keys to the net's input blobs, e.g. {guide: image, gt: label}"),
+    "metric": _p({"enum": ["auto", "miou", "rmse", "epe", "none"]},
+                 "what testing measures: miou (segmentation), rmse (depth), epe (flow); auto picks "
+                 "by data set", "auto"),
+    "predict": _p("string", "the test net's output blob the metric reads (default: its only "
+                  "output that is not a loss)"),
+    "eval_border": _p("integer", "pixels on each side left out of rmse/epe (default 6 for nyu, "
+                      "as the PAC paper, else 0)", minimum=0),
 }
 
 _SEG = {
@@ -154,6 +161,8 @@ DATASETS: Dict[str, Dict[str, Any]] = {
 # Options whose default depends on the data set (applied after validation).
 _LOWRES_DEFAULT = {"synthetic_depth": "center", "nyu": "center", "sintel": "bilinear"}
 _REQUIRED = {"voc": ["root"], "nyu": ["root"], "sintel": ["root"]}
+_AUTO_METRIC = {"synthetic_depth": "rmse", "nyu": "rmse", "sintel": "epe", "synthetic_seg": "miou",
+                "voc": "miou", "synthetic_embedding": "none"}
 
 
 def data_schema(dataset: str) -> Dict[str, Any]:
@@ -212,6 +221,14 @@ def parse_data(raw: Optional[Mapping[str, Any]], phase: str, *, root: Sequence[A
     for key in _REQUIRED.get(name, []):
         if key not in out:
             raise fail(key, f"is required for dataset {name!r}", hint=schema["properties"][key]["description"])
+    if "eval_border" not in out:
+        out["eval_border"] = 6 if name == "nyu" else 0
+    if out["metric"] == "auto":
+        out["metric"] = _AUTO_METRIC[name]
+    if out["metric"] == "miou" and name not in ("voc", "synthetic_seg", "synthetic_embedding"):
+        raise fail("metric", f"miou needs class labels, which dataset {name!r} does not have")
+    if out["metric"] in ("rmse", "epe") and name not in ("synthetic_depth", "nyu", "sintel"):
+        raise fail("metric", f"{out['metric']} needs a joint-upsampling data set, not {name!r}")
     if name in _LOWRES_DEFAULT and "lowres_mode" not in out:
         out["lowres_mode"] = _LOWRES_DEFAULT[name]
     if "crop_height" in out or "crop_width" in out:

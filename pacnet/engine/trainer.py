@@ -1,0 +1,632 @@
+"""The train, test and time loops: Caffe's ``Solver::Solve``, test pass and ``caffe time``.
+
+Thin on purpose: each step is one of the engine's pieces.
+
+:func:`train` -- read the net file's ``solver:`` and ``data:`` sections, build the train
+net (and the test net when ``test_interval`` is set) with the data's batch shapes, then
+run Caffe's loop: test every ``test_interval`` (and at 0 with ``test_initialization``),
+``iter_size`` forward/backward passes per update, display every ``display`` iterations,
+snapshot every ``snapshot``, snapshot/test once more at the end.  Everything goes to the
+work dir (:class:`~pacnet.engine.workdir.WorkDir`); an existing checkpoint there is
+resumed exactly (weights, optimizer, RNG, data stream position).  Under ``torchrun``
+(``WORLD_SIZE`` > 1) the net is wrapped in DistributedDataParallel, every rank reads its
+own part of the data stream, metrics are summed over ranks and rank 0 writes files.
+
+:func:`test` -- evaluate weights (a ``.safetensors`` file, a checkpoint or a work dir) on
+the test (or val) set; optionally write predictions (VOC palette PNGs, ``.flo``, ``.npy``).
+
+:func:`benchmark` -- forward/backward timings, total and per layer.
+
+Nothing here prints: progress goes to an ``on_event(record)`` callback (a dict with
+``event`` = ``start``/``resume``/``weights``/``train``/``test``/``snapshot``/``done``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from pacnet.engine.checkpoint import Checkpoint, CheckpointManager, load_weights, seed_everything
+from pacnet.engine.data import make_dataset, make_loader, parse_data
+from pacnet.engine.datasets import BlobDataset
+from pacnet.engine.metrics import EPE, RMSE, Average, ConfusionMatrix, all_reduce_
+from pacnet.engine.solver import Solver, parse_solver
+from pacnet.engine.transforms import denormalize
+from pacnet.engine.workdir import WorkDir
+from pacnet.errors import DataError, PacnetError, ShapeError
+
+__all__ = ["DistInfo", "init_distributed", "pick_device", "batch_shapes", "copy_trained_layers", "total_loss",
+           "Evaluator", "evaluate", "train", "test", "benchmark"]
+
+OnEvent = Optional[Callable[[Dict[str, Any]], None]]
+
+
+# --------------------------------------------------------------------------- processes and devices
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in a torchrun job (rank 0 of 1 when not distributed)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed() -> DistInfo:
+    """Join the torchrun process group when ``WORLD_SIZE`` > 1 (NCCL on GPUs, else gloo)."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return DistInfo()
+    info = DistInfo(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(info.local_rank)
+        dist.init_process_group(backend)
+    return info
+
+
+def pick_device(device: Any = None, info: DistInfo = DistInfo()) -> torch.device:
+    """``device`` as given (checked), else this rank's GPU, else the CPU."""
+    if device is None or device == "auto":
+        return torch.device(f"cuda:{info.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise PacnetError(f"unknown device {device!r}", hint="use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise PacnetError(f"device {device!r} requested but CUDA is not available", hint="use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise PacnetError(f"device {device!r}: only {torch.cuda.device_count()} GPU(s)")
+    return dev
+
+
+# --------------------------------------------------------------------------- nets and data
+
+
+def _input_names(tree: Mapping[str, Any]) -> List[str]:
+    inputs = tree.get("inputs")
+    if isinstance(inputs, Mapping) and inputs:
+        return [str(k) for k in inputs]
+    raise PacnetError("the net declares no inputs, so the engine cannot feed it data",
+                      hint="add an 'inputs:' section naming the blobs the data set gives")
+
+
+def batch_shapes(dataset: BlobDataset, names: Sequence[str], batch_size: int) -> Dict[str, Tuple[int, ...]]:
+    """Input shapes for :func:`pacnet.build` from sample 0 of ``dataset`` (batch first)."""
+    sample = dataset[0]
+    missing = [n for n in names if n not in sample]
+    if missing:
+        raise DataError(f"net input {missing[0]!r} is not given by the {type(dataset).__name__} data set "
+                        f"(it gives {', '.join(sample)})",
+                        hint=f"rename a data blob with data.blobs, e.g. blobs: {{{next(iter(sample))}: {missing[0]}}}")
+    return {n: (int(batch_size),) + tuple(sample[n].shape) for n in names}
+
+
+def copy_trained_layers(net: torch.nn.Module, paths: Iterable[str]) -> Dict[str, int]:
+    """Caffe's ``CopyTrainedLayersFrom``: copy every blob whose name is in the file; blobs
+    the file lacks keep their initialisation, blobs the net lacks are ignored, a blob
+    with another shape is an error (DataError naming the file).  Returns counts."""
+    state = net.state_dict()
+    copied, total_ignored = set(), 0
+    for path in paths:
+        path = os.fspath(path)
+        if not path.endswith(".safetensors"):
+            raise DataError(f"weights file {path} is not .safetensors",
+                            hint="convert Caffe weights with 'pacnet convert'")
+        weights, _ = load_weights(path)
+        for key, value in weights.items():
+            if key not in state:
+                total_ignored += 1
+                continue
+            if tuple(value.shape) != tuple(state[key].shape):
+                raise DataError(f"weights file {path}: {key} has shape {list(value.shape)}, the net "
+                                f"{list(state[key].shape)}", hint="the file belongs to another net")
+            with torch.no_grad():
+                state[key].copy_(value)
+            copied.add(key)
+    return {"copied": len(copied), "kept": len(state) - len(copied), "ignored": total_ignored}
+
+
+def total_loss(net: torch.nn.Module, outputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Caffe's weighted total loss of a compiled net's outputs (``Net.total_loss``)."""
+    fn = getattr(type(net), "total_loss", None) or getattr(type(net), "loss", None)
+    if fn is None or not callable(fn):
+        raise PacnetError("the net has no total_loss method", hint="build it with pacnet.build")
+    return fn(net, outputs)
+
+
+def _call(net: torch.nn.Module, names: Sequence[str], batch: Mapping[str, torch.Tensor], device: torch.device,
+          model: Optional[torch.nn.Module] = None) -> Dict[str, torch.Tensor]:
+    args = [batch[n].to(device, non_blocking=True) for n in names]
+    return (model or net)(*args)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+class Evaluator:
+    """What a test pass measures, from the resolved ``data:`` options of its phase:
+    the mean of every scalar output (losses, accuracies; Caffe's "Test net output"),
+    plus the data set's metric (mIoU, RMSE, EPE) on the ``predict`` blob."""
+
+    def __init__(self, options: Mapping[str, Any], outputs: Sequence[str], losses: Iterable[str] = ()) -> None:
+        self.options = dict(options)
+        self.kind = options.get("metric", "none")
+        rename = dict(options.get("blobs") or {})
+        self.key = lambda k: rename.get(k, k)
+        self.scalars: Dict[str, Average] = {}
+        self.metric: Any = None
+        self.predict: Optional[str] = None
+        if self.kind == "none":
+            return
+        candidates = [o for o in outputs if o not in set(losses)]
+        if options.get("predict"):
+            if options["predict"] not in outputs:
+                raise PacnetError(f"data.predict: {options['predict']!r} is not an output of the test net",
+                                  hint="outputs: " + ", ".join(outputs))
+            self.predict = options["predict"]
+        elif len(candidates) == 1:
+            self.predict = candidates[0]
+        else:
+            raise PacnetError(f"cannot tell which test-net output the {self.kind} metric should read "
+                              f"(outputs: {', '.join(outputs) or 'none'})",
+                              hint="set data.predict to the prediction blob, or data.metric: none")
+        if self.kind == "miou":
+            self.metric = ConfusionMatrix(options["num_classes"], options["ignore_label"])
+        elif self.kind == "rmse":
+            self.metric = RMSE(border=options.get("eval_border", 0))
+        elif self.kind == "epe":
+            self.metric = EPE(border=options.get("eval_border", 0))
+
+    def reset(self) -> None:
+        self.scalars = {}
+        if self.metric is not None:
+            self.metric.reset()
+
+    def prediction(self, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The predict blob in the ground truth's space (de-normalised for depth/flow)."""
+        pred = outputs[self.predict]
+        if self.kind in ("rmse", "epe"):
+            rng = batch[self.key("target_range")].to(pred.device)
+            pred = denormalize(pred, rng)
+        return pred
+
+    def truth(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return batch[self.key("label" if self.kind == "miou" else "gt_raw")]
+
+    def update(self, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]) -> Optional[torch.Tensor]:
+        for name, value in outputs.items():
+            if value.dim() == 0:
+                self.scalars.setdefault(name, Average(name)).update(value)
+        if self.metric is None:
+            return None
+        pred, truth = self.prediction(outputs, batch), self.truth(batch)
+        if self.kind == "miou":
+            if pred.shape[-2:] != truth.shape[-2:]:
+                raise ShapeError(f"prediction '{self.predict}' is {tuple(pred.shape[-2:])} but the labels are "
+                                 f"{tuple(truth.shape[-2:])}", hint="resize the scores to the label size in "
+                                 "the net (an Interp layer) before testing")
+        elif pred.shape != truth.shape:
+            raise ShapeError(f"prediction '{self.predict}' has shape {tuple(pred.shape)} but the ground truth "
+                             f"{tuple(truth.shape)}", hint="the net's output must match the full-resolution target")
+        self.metric.update(pred, truth)
+        return pred
+
+    def all_reduce(self) -> None:
+        for avg in self.scalars.values():
+            avg.all_reduce()
+        if self.metric is not None:
+            self.metric.all_reduce()
+
+    def compute(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {}
+        for avg in self.scalars.values():
+            out.update(avg.compute())
+        if self.metric is not None:
+            out.update(self.metric.compute())
+        return out
+
+
+@torch.no_grad()
+def evaluate(net: torch.nn.Module, loader: Iterable[Mapping[str, torch.Tensor]], evaluator: Evaluator,
+             device: torch.device, *, max_batches: Optional[int] = None,
+             on_prediction: Optional[Callable[[torch.Tensor, Mapping[str, torch.Tensor], int], None]] = None,
+             distributed: bool = False) -> Dict[str, Any]:
+    """Run ``net`` in eval mode over ``loader`` (at most ``max_batches``); return the
+    evaluator's results (summed over ranks when ``distributed``) with ``batches``."""
+    was_training = net.training
+    net.eval()
+    evaluator.reset()
+    names = list(getattr(net, "inputs", {}))
+    count = 0
+    try:
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            outputs = _call(net, names, batch, device)
+            pred = evaluator.update(outputs, batch)
+            if on_prediction is not None and pred is not None:
+                on_prediction(pred, batch, i)
+            count += 1
+    finally:
+        net.train(was_training)
+    if distributed:
+        evaluator.all_reduce()
+    return {**evaluator.compute(), "batches": count}
+
+
+# --------------------------------------------------------------------------- train
+
+
+def _emit(on_event: OnEvent, record: Dict[str, Any]) -> None:
+    if on_event is not None:
+        on_event(record)
+
+
+def _share_weights(test_net: torch.nn.Module, train_net: torch.nn.Module) -> None:
+    """Caffe's ``ShareTrainedLayersWith``: the test net reads the train net's blobs."""
+    src = train_net.state_dict()
+    dst = test_net.state_dict()
+    with torch.no_grad():
+        for key, value in dst.items():
+            if key in src:
+                if src[key].shape != value.shape:
+                    raise ShapeError(f"blob {key} is {list(src[key].shape)} in the train net but "
+                                     f"{list(value.shape)} in the test net",
+                                     hint="a blob must have the same shape in both phases")
+                value.copy_(src[key])
+
+
+def train(source: Any, work_dir: str, *, vars: Optional[Mapping[str, Any]] = None,
+          overrides: Optional[Mapping[str, Any]] = None, device: Any = None, resume: Any = True,
+          weights: Sequence[str] = (), on_event: OnEvent = None, tensorboard: Optional[bool] = None,
+          argv: Optional[Sequence[str]] = None, fuse: bool = True) -> Dict[str, Any]:
+    """Train the net of ``source`` into ``work_dir`` (see the module docstring).
+
+    ``resume``: True = continue from the work dir's latest checkpoint if any; False =
+    start fresh (the work dir's checkpoints are kept until overwritten); a path = resume
+    from that checkpoint.  ``weights``: safetensors files to initialise from when not
+    resuming (added to the solver's ``weights``).  Returns a summary dict.
+    """
+    from pacnet.api import build
+    from pacnet.load import load
+
+    src = None if isinstance(source, Mapping) else os.fspath(source)
+    tree = load(source, vars=vars, overrides=overrides)
+    config = parse_solver(tree.get("solver"), source=src)
+    data = tree.get("data")
+    info = init_distributed()
+    dev = pick_device(device, info)
+    train_opts = parse_data(data, "train", source=src)
+    train_set = make_dataset(data, "train", source=src)
+    names = _input_names(tree)
+    if config.random_seed >= 0:
+        seed_everything(config.random_seed)
+    kw = dict(vars=vars, overrides=overrides, fuse=fuse)
+    net = build(source, phase="train", inputs=batch_shapes(train_set, names, train_opts["batch_size"]), **kw).to(dev)
+    names = list(net.inputs)
+    solver = Solver(config, net, net.param_specs)
+
+    testing = config.test_interval > 0
+    test_net = test_loader = evaluator = None
+    if testing:
+        test_opts = parse_data(data, "test", source=src)
+        test_set = make_dataset(data, "test", source=src)
+        test_net = build(source, phase="test", inputs=batch_shapes(test_set, names, test_opts["batch_size"]),
+                         **kw).to(dev)
+        evaluator = Evaluator(test_opts, _outputs(test_net), test_net.loss_weights)
+        test_loader = make_loader(test_set, batch_size=test_opts["batch_size"], train=False, rank=info.rank,
+                                  world_size=info.world_size, num_workers=test_opts["num_workers"])
+    test_batches = config.test_iter[0] if config.test_iter and config.test_iter[0] > 0 else None
+
+    wd = WorkDir(work_dir, tensorboard=tensorboard if info.main else False)
+    manager = wd.checkpoints(keep_last=config.snapshot_keep)
+    if info.main:
+        wd.write_config(tree)
+        wd.write_environment(argv, dev, {"world_size": info.world_size})
+    position = 0
+    checkpoint = _resume_point(manager, resume)
+    if checkpoint is not None:
+        state = manager.load(checkpoint, net, solver=solver)
+        position = int(state.get("extra", {}).get("data_position", 0))
+        if info.main:
+            wd.truncate_metrics(solver.iter)
+        _emit(on_event, {"event": "resume", "step": solver.iter, "path": checkpoint.weights})
+    else:
+        init = list(config.weights) + [os.fspath(w) for w in weights]
+        if init:
+            counts = copy_trained_layers(net, init)
+            _emit(on_event, {"event": "weights", "step": 0, "files": init, **counts})
+
+    model: torch.nn.Module = net
+    if info.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
+    loader = make_loader(train_set, batch_size=train_opts["batch_size"], train=True, seed=train_opts["seed"],
+                         shuffle=train_opts["shuffle"], start=position, rank=info.rank,
+                         world_size=info.world_size, num_workers=train_opts["num_workers"],
+                         pin_memory=dev.type == "cuda")
+    batches = iter(loader)
+    _emit(on_event, {"event": "start", "step": solver.iter, "max_iter": config.max_iter, "device": str(dev),
+                     "work_dir": wd.path, "params": sum(p.numel() for p in solver.params),
+                     "frozen": len(solver.frozen), "world_size": info.world_size})
+    last_test: Dict[str, Any] = {}
+    last_checkpoint: Optional[Checkpoint] = None
+
+    def run_test() -> None:
+        nonlocal last_test
+        _share_weights(test_net, net)
+        started = time.perf_counter()
+        results = evaluate(test_net, test_loader, evaluator, dev, max_batches=test_batches,
+                           distributed=info.distributed)
+        results["seconds"] = round(time.perf_counter() - started, 3)
+        last_test = results
+        if info.main:
+            wd.log(solver.iter, results, phase="test")
+        _emit(on_event, {"event": "test", "step": solver.iter, **results})
+
+    def snapshot() -> None:
+        nonlocal last_checkpoint
+        if info.main:
+            last_checkpoint = manager.save(solver.iter, net, solver=solver, extra={"data_position": position})
+            _emit(on_event, {"event": "snapshot", "step": solver.iter, "path": last_checkpoint.weights})
+        if info.distributed:
+            torch.distributed.barrier()
+
+    tick, since = time.perf_counter(), solver.iter
+    try:
+        while not solver.done:
+            if testing and solver.should_test():
+                run_test()
+            solver.zero_grad()
+            losses = []
+            for k in range(config.iter_size):
+                sync = model.no_sync() if info.distributed and k < config.iter_size - 1 else contextlib.nullcontext()
+                with sync:
+                    loss = total_loss(net, _call(net, names, next(batches), dev, model))
+                    loss.backward()
+                losses.append(float(loss.detach()))
+            position += train_opts["batch_size"] * config.iter_size
+            mean_loss = sum(losses) / len(losses)
+            if info.distributed:  # log the global mean; every rank sees the same value below
+                mean_loss = float(all_reduce_(torch.tensor([mean_loss], dtype=torch.float64))[0]) / info.world_size
+            step = solver.apply(mean_loss)
+            if not math.isfinite(step.loss):
+                raise PacnetError(f"the loss became {step.loss} at iteration {step.iter}",
+                                  hint="lower solver.base_lr, or set solver.clip_gradients")
+            if solver.should_display():
+                now = time.perf_counter()
+                record = {"loss": step.loss, "smoothed_loss": step.smoothed_loss, "lr": step.lr,
+                          "seconds_per_iter": round((now - tick) / max(solver.iter - since, 1), 5)}
+                if step.grad_norm is not None:
+                    record["grad_norm"] = step.grad_norm
+                tick, since = now, solver.iter
+                if info.main:
+                    wd.log(step.iter, record, phase="train")
+                _emit(on_event, {"event": "train", "step": step.iter, **record})
+            if solver.should_snapshot():
+                snapshot()
+        if solver.snapshot_at_end():
+            snapshot()
+        if testing and solver.test_at_end():
+            run_test()
+    finally:
+        wd.close()
+    summary = {"event": "done", "step": solver.iter, "work_dir": wd.path,
+               "checkpoint": last_checkpoint.weights if last_checkpoint else None, "test": last_test,
+               "smoothed_loss": solver.smoothed_loss}
+    _emit(on_event, summary)
+    return {**summary, "net": net, "solver": solver}
+
+
+def _outputs(net: torch.nn.Module) -> List[str]:
+    """Names of the net's output blobs, read from the generated graph's output node."""
+    for node in net.graph.nodes:
+        if node.op == "output":
+            value = node.args[0]
+            if isinstance(value, Mapping):
+                return list(value)
+    return []
+
+
+def _resume_point(manager: CheckpointManager, resume: Any) -> Optional[Checkpoint]:
+    if resume is True:
+        return manager.latest()
+    if resume in (False, None):
+        return None
+    path = os.fspath(resume)
+    ck = manager._resolve(path)
+    if not os.path.isfile(ck.state) or not os.path.isfile(ck.weights):
+        raise DataError(f"checkpoint not found: {path}", hint="give a .safetensors or .state.pt of a checkpoint "
+                        "with both files present")
+    return ck
+
+
+# --------------------------------------------------------------------------- test
+
+
+def _weights_file(path: str) -> str:
+    """A ``.safetensors`` file from a file, a checkpoint ``.state.pt`` or a work dir."""
+    path = os.path.expanduser(os.fspath(path))
+    if os.path.isdir(path):
+        folder = path if os.path.basename(path.rstrip(os.sep)) == "checkpoints" else os.path.join(path, "checkpoints")
+        ck = CheckpointManager(folder).latest()
+        if ck is None:
+            raise DataError(f"no checkpoint in {folder}", hint="train first, or give a .safetensors file")
+        return ck.weights
+    if path.endswith(".state.pt"):
+        return path[: -len(".state.pt")] + ".safetensors"
+    return path
+
+
+def test(source: Any, weights: Optional[str], *, vars: Optional[Mapping[str, Any]] = None,
+         overrides: Optional[Mapping[str, Any]] = None, device: Any = None, split: str = "test",
+         out_dir: Optional[str] = None, max_batches: Optional[int] = None, on_event: OnEvent = None,
+         fuse: bool = True) -> Dict[str, Any]:
+    """Evaluate ``weights`` (None = the net's own initialisation) on the ``split`` set of the
+    net's ``data:`` section.  ``out_dir`` also writes one prediction per sample: a VOC
+    palette PNG of the argmax (cropped to ``data_dim``) for segmentation, ``.flo`` for
+    flow, ``.npy`` (float32, de-normalised) for depth."""
+    from pacnet.api import build
+    from pacnet.load import load
+
+    src = None if isinstance(source, Mapping) else os.fspath(source)
+    tree = load(source, vars=vars, overrides=overrides)
+    data = tree.get("data")
+    info = init_distributed()
+    dev = pick_device(device, info)
+    opts = parse_data(data, split, source=src)
+    dataset = make_dataset(data, split, source=src)
+    names = _input_names(tree)
+    net = build(source, phase="test", inputs=batch_shapes(dataset, names, opts["batch_size"]), vars=vars,
+                overrides=overrides, fuse=fuse).to(dev)
+    loaded = None
+    if weights is not None:
+        path = _weights_file(weights)
+        tensors, _ = load_weights(path)
+        state = net.state_dict()
+        missing = [k for k in state if k not in tensors]
+        if missing:
+            raise DataError(f"weights file {path} lacks {len(missing)} blob(s) of the test net "
+                            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})",
+                            hint="it belongs to another net")
+        copy_trained_layers(net, [path])
+        loaded = path
+    evaluator = Evaluator(opts, _outputs(net), net.loss_weights)
+    order = list(range(info.rank, len(dataset), info.world_size))
+    loader = make_loader(dataset, batch_size=opts["batch_size"], train=False, rank=info.rank,
+                         world_size=info.world_size, num_workers=opts["num_workers"])
+    writer = None
+    if out_dir is not None:
+        if evaluator.metric is None:
+            raise PacnetError("writing predictions needs a metric's prediction blob",
+                              hint="set data.predict (and data.metric)")
+        writer = _PredictionWriter(out_dir, dataset, order, opts["batch_size"], evaluator)
+    started = time.perf_counter()
+    results = evaluate(net, loader, evaluator, dev, max_batches=max_batches, on_prediction=writer,
+                       distributed=info.distributed)
+    results["seconds"] = round(time.perf_counter() - started, 3)
+    summary = {"event": "test", "split": split, "weights": loaded, "samples": len(dataset), **results}
+    if writer is not None:
+        summary["written"] = writer.count
+    _emit(on_event, summary)
+    return summary
+
+
+class _PredictionWriter:
+    def __init__(self, folder: str, dataset: BlobDataset, order: List[int], batch_size: int, ev: Evaluator) -> None:
+        self.folder, self.dataset, self.order, self.batch_size, self.ev = folder, dataset, order, batch_size, ev
+        self.count = 0
+        os.makedirs(folder, exist_ok=True)
+
+    def __call__(self, pred: torch.Tensor, batch: Mapping[str, torch.Tensor], i: int) -> None:
+        from pacnet.engine import formats
+        from pacnet.atomic import atomic_save
+
+        for j in range(pred.shape[0]):
+            index = self.order[i * self.batch_size + j]
+            base = os.path.join(self.folder, self.dataset.sample_id(index))
+            os.makedirs(os.path.dirname(base), exist_ok=True)
+            p = pred[j].detach().float().cpu()
+            if self.ev.kind == "miou":
+                labels = p.argmax(0) if p.dim() == 3 and p.shape[0] > 1 else p.reshape(p.shape[-2:]).round()
+                dim = batch.get(self.ev.key("data_dim"))
+                if dim is not None:
+                    h, w = (int(v) for v in dim[j].reshape(-1)[:2])
+                    labels = labels[:h, :w]
+                formats.write_label_png(base + ".png", labels.clamp(0, 255).to(torch.uint8))
+            elif self.ev.kind == "epe":
+                formats.write_flo(base + ".flo", p.permute(1, 2, 0).numpy())
+            else:
+                arr = p.numpy().astype(np.float32)
+                atomic_save(base + ".npy", lambda tmp: np.save(open(tmp, "wb"), arr))
+            self.count += 1
+
+
+# --------------------------------------------------------------------------- time
+
+
+def benchmark(net: torch.nn.Module, inputs: Mapping[str, torch.Tensor], *, iterations: int = 10,
+              warmup: int = 2, backward: bool = True) -> Dict[str, Any]:
+    """``caffe time``: mean milliseconds of the forward pass, the backward pass (of the
+    loss, or of the sum of the outputs when the net has none), and of each layer's forward
+    (by module hooks; layers run in the generated order).  ``inputs`` are on the net's device."""
+    if iterations < 1 or warmup < 0:
+        raise PacnetError(f"iterations must be >= 1 and warmup >= 0, got {iterations}, {warmup}")
+    names = list(getattr(net, "inputs", inputs))
+    args = [inputs[n] for n in names]
+    device = args[0].device if args else torch.device("cpu")
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    layer_ms: Dict[str, float] = {}
+    starts: Dict[str, float] = {}
+    recording = [False]
+
+    def pre(name):
+        def hook(module, args_):
+            if recording[0]:
+                sync()
+                starts[name] = time.perf_counter()
+        return hook
+
+    def post(name):
+        def hook(module, args_, out):
+            if recording[0]:
+                sync()
+                layer_ms[name] = layer_ms.get(name, 0.0) + 1000 * (time.perf_counter() - starts[name])
+        return hook
+
+    handles = []
+    for name, module in net.named_children():
+        handles.append(module.register_forward_pre_hook(pre(name)))
+        handles.append(module.register_forward_hook(post(name)))
+    has_params = any(p.requires_grad for p in net.parameters())
+    backward = backward and (has_params or any(a.requires_grad for a in args))
+    fwd = bwd = 0.0
+    try:
+        for it in range(warmup + iterations):
+            recording[0] = it >= warmup
+            net.zero_grad(set_to_none=True)
+            sync()
+            t0 = time.perf_counter()
+            with torch.set_grad_enabled(backward):
+                out = net(*args)
+            sync()
+            t1 = time.perf_counter()
+            if backward:
+                recording[0] = False
+                loss_weights = getattr(net, "loss_weights", None)
+                total = total_loss(net, out) if loss_weights else sum(v.float().sum() for v in out.values()
+                                                              if v.is_floating_point())
+                total.backward()
+                sync()
+            t2 = time.perf_counter()
+            if it >= warmup:
+                fwd += t1 - t0
+                bwd += t2 - t1
+    finally:
+        for h in handles:
+            h.remove()
+    return {"iterations": iterations, "forward_ms": 1000 * fwd / iterations,
+            "backward_ms": 1000 * bwd / iterations if backward else None,
+            "layers": {k: v / iterations for k, v in layer_ms.items()}}
