@@ -332,11 +332,16 @@ def test_train_writes_the_work_dir_and_improves(tmp_path):
 
 def test_resumed_training_matches_uninterrupted_training(tmp_path):
     trainer.train(DEPTH_NET, str(tmp_path / "whole"), tensorboard=False)
-    first = _net(DEPTH_NET, max_iter=3)
+    first = _net(DEPTH_NET, max_iter=3, display=1)
     trainer.train(first, str(tmp_path / "split"), tensorboard=False)
     assert _final_weights(str(tmp_path / "split"))[0] == 3
+    crashed = WorkDir(str(tmp_path / "split"), tensorboard=False)
+    crashed.log(3, {"loss": 99.0})  # logged by a run that died before its next checkpoint
     events = []
-    trainer.train(DEPTH_NET, str(tmp_path / "split"), tensorboard=False, on_event=events.append)
+    trainer.train(_net(DEPTH_NET, display=1), str(tmp_path / "split"), tensorboard=False,
+                  on_event=events.append)
+    records = crashed.read_metrics("train")
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4, 5] and 99.0 not in [r["loss"] for r in records]
     assert events[0] == {"event": "resume", "step": 3,
                          "path": str(tmp_path / "split" / "checkpoints" / "iter_00000003.safetensors")}
     (it_a, a), (it_b, b) = _final_weights(str(tmp_path / "whole")), _final_weights(str(tmp_path / "split"))

@@ -471,3 +471,16 @@ def test_schedule_helpers_follow_caffes_solver_loop():
     assert not s2.should_test()
     s2.iter = 3
     assert s2.snapshot_at_end() and s2.test_at_end()
+
+
+def test_resume_takes_hyperparameters_from_the_config_and_history_from_the_state():
+    torch.manual_seed(0)
+    m = Three()
+    s = Solver({"base_lr": 0.1, "max_iter": 5, "momentum": 0.9}, m)
+    s.step(lambda: m(torch.ones(1, 2)).sum())
+    state = s.state_dict()
+    s2 = Solver({"base_lr": 0.1, "max_iter": 5, "momentum": 0.5}, m)
+    s2.load_state_dict(state)
+    assert all(g["momentum"] == 0.5 for g in s2.optimizer.param_groups)
+    buffers = [s2.optimizer.state[p]["momentum_buffer"] for p in s2.params]
+    assert all(float(b.abs().sum()) > 0 for b in buffers)

@@ -699,6 +699,11 @@ class Solver:
         if state.get("type", self.config.type) != self.config.type:
             raise PacnetValueError(f"cannot resume a {state['type']} solver state with a "
                                    f"{self.config.type} solver", hint="keep the solver type when resuming")
+        # Caffe restores history (momentum buffers, iteration) from the snapshot and the
+        # hyperparameters from the solver file: keep this config's group settings.
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
+        for group, own in zip(self.optimizer.param_groups, settings):
+            group.update(own)
         self.iter = int(state["iter"])
         self._losses = deque((float(x) for x in state.get("losses", [])), maxlen=self.config.average_loss)

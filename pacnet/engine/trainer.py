@@ -350,7 +350,7 @@ def train(source: Any, work_dir: str, *, vars: Optional[Mapping[str, Any]] = Non
         state = manager.load(checkpoint, net, solver=solver)
         position = int(state.get("extra", {}).get("data_position", 0))
         if info.main:
-            wd.truncate_metrics(solver.iter)
+            wd.truncate_metrics(solver.iter - 1)  # records from iteration `iter` on came after it
         _emit(on_event, {"event": "resume", "step": solver.iter, "path": checkpoint.weights})
     else:
         init = list(config.weights) + [os.fspath(w) for w in weights]
