@@ -13,7 +13,6 @@ from PIL import Image
 from pacnet.errors import DataError, SchemaError
 from pacnet.engine import formats
 from pacnet.engine.data import StreamSampler, collate, input_shapes, make_dataset, make_loader, parse_data
-from pacnet.engine.datasets import NYUDepthV2, Sintel, VOCSegmentation
 from pacnet.engine.transforms import JointTransform, SegTransform, denormalize, lowres, normalize_range
 
 scipy_io = pytest.importorskip("scipy.io")

@@ -24,7 +24,7 @@ give ``guide``, ``target``, ``gt``, ``gt_raw``, ``target_range`` (see
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
