@@ -15,7 +15,9 @@ from pacnet.engine import formats
 from pacnet.engine.data import StreamSampler, collate, input_shapes, make_dataset, make_loader, parse_data
 from pacnet.engine.transforms import JointTransform, SegTransform, denormalize, lowres, normalize_range
 
-scipy_io = pytest.importorskip("scipy.io")
+def _sio():
+    """scipy.io (the test extra); only the .mat tests need it."""
+    return pytest.importorskip("scipy.io")
 
 
 def rng(seed=0):
@@ -108,7 +110,7 @@ def _write_hdf5_mat(path, variables):
 
 def test_mat_kinds_and_errors(tmp_path, monkeypatch):
     v5 = str(tmp_path / "v5.mat")
-    scipy_io.savemat(v5, {"a": np.arange(6).reshape(2, 3)})
+    _sio().savemat(v5, {"a": np.arange(6).reshape(2, 3)})
     assert formats.mat_kind(v5) == "v5"
     np.testing.assert_array_equal(formats.load_mat(v5, ["a"])["a"], np.arange(6).reshape(2, 3))
     with pytest.raises(DataError, match="no variable 'b'"):
@@ -385,7 +387,7 @@ def test_voc_train_aug_with_sbd_mat_labels(tmp_path):
     seg = np.zeros((10, 14), np.uint8)
     seg[2:6, 3:9] = 7
     Image.fromarray(rng(9).integers(0, 255, (10, 14, 3), dtype=np.uint8)).save(sbd / "img" / "s1.jpg")
-    scipy_io.savemat(str(sbd / "cls" / "s1.mat"),
+    _sio().savemat(str(sbd / "cls" / "s1.mat"),
                      {"GTcls": {"Segmentation": seg, "Boundaries": np.zeros((1, 1)), "CategoriesPresent": 7}})
     (sbd / "train.txt").write_text("s1\n")
     (sbd / "val.txt").write_text("c\n")  # VOC val ids are removed from train_aug
@@ -458,7 +460,7 @@ def test_nyu_v73_hdf5(tmp_path):
 def test_nyu_scipy_readable_v5(tmp_path):
     images, depths = _nyu_arrays()
     path = tmp_path / "nyu_small.mat"
-    scipy_io.savemat(str(path), {"images": images, "depths": depths})
+    _sio().savemat(str(path), {"images": images, "depths": depths})
     ds = make_dataset({"dataset": "nyu", "root": str(path), "train_count": 4, "normalize_target": False}, "test")
     assert len(ds) == 1
     _check_nyu(ds, images, depths, 4)
@@ -471,10 +473,10 @@ def test_nyu_scipy_readable_v5(tmp_path):
 def test_nyu_errors(tmp_path):
     with pytest.raises(DataError, match="NYU Depth v2 file not found: .*nyu_depth_v2_labeled.mat"):
         make_dataset({"dataset": "nyu", "root": str(tmp_path)}, "train")
-    scipy_io.savemat(str(tmp_path / "x.mat"), {"images": np.zeros((4, 4, 3, 2), np.uint8)})
+    _sio().savemat(str(tmp_path / "x.mat"), {"images": np.zeros((4, 4, 3, 2), np.uint8)})
     with pytest.raises(DataError, match="no variable 'depths'"):
         make_dataset({"dataset": "nyu", "root": str(tmp_path / "x.mat")}, "train")
-    scipy_io.savemat(str(tmp_path / "y.mat"), {"images": np.zeros((4, 4, 3, 2), np.uint8),
+    _sio().savemat(str(tmp_path / "y.mat"), {"images": np.zeros((4, 4, 3, 2), np.uint8),
                                                "depths": np.zeros((4, 5, 2), np.float32)})
     with pytest.raises(DataError, match="unexpected shapes"):
         make_dataset({"dataset": "nyu", "root": str(tmp_path / "y.mat")}, "train")
