@@ -42,6 +42,7 @@ import torch
 
 from pacnet.errors import Location, PacnetError, SchemaError
 from pacnet.registry import LayerSpec, get
+from pacnet.schema import fill_defaults
 
 Shape = Tuple[int, ...]
 
@@ -51,18 +52,12 @@ __all__ = ["make_spec", "defaults", "infer", "build", "run_layer", "layer_error"
 
 def defaults(type_name: str) -> Dict[str, Any]:
     """The ``default`` of every parameter of ``type_name`` that has one (deep copies)."""
-    return _fill_defaults({}, get(type_name).schema())
+    return fill_defaults({}, get(type_name).schema())
 
 
-def _fill_defaults(values: Dict[str, Any], schema: Dict[str, Any]) -> Dict[str, Any]:
-    # Same rule as the compiler's validator: top-level defaults, then recursively into
-    # objects (a user's ``weight_filler: {type: gaussian}`` gets ``mean``, ``std``, ...).
-    for key, sub in (schema.get("properties") or {}).items():
-        if key not in values and "default" in sub:
-            values[key] = copy.deepcopy(sub["default"])
-        if isinstance(values.get(key), dict) and sub.get("properties"):
-            _fill_defaults(values[key], sub)
-    return values
+def rand(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """A reproducible standard-normal tensor (its own generator: tests stay independent)."""
+    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
 def bottom_names(n: int) -> Tuple[str, ...]:
@@ -107,7 +102,7 @@ def make_spec(type_name: str, name: str = "l", phase: str = "test", n_bottoms: i
     if n_tops < lo or (hi is not None and n_tops > hi):
         raise SchemaError(f"takes {lo}..{hi if hi is not None else 'any'} tops, got {n_tops}",
                           location=location, layer=name, layer_type=type_name)
-    full = _fill_defaults(copy.deepcopy(params), layer.schema())
+    full = fill_defaults(copy.deepcopy(params), layer.schema())
     locations = {key: Location("<test>", i + 2, 5) for i, key in enumerate(params)}
     spec = LayerSpec(
         name=name,

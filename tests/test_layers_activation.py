@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import math
 
-import jsonschema
 import pytest
 import torch
 
-from layer_helpers import build, defaults, infer, layer_error, make_spec, run_layer
+from layer_helpers import build, defaults, infer, layer_error, make_spec, run_layer, rand
 from pacnet.errors import SchemaError, ShapeError
 from pacnet.registry import get
 
@@ -17,19 +16,7 @@ SHAPES = [(2, 3), (2, 3, 4), (1, 2, 3, 4), (2, 1, 2, 2, 3)]
 D = torch.float64
 
 
-def rand(*shape, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(tuple(shape), generator=g, dtype=D)
 
-
-@pytest.mark.parametrize("type_name", TYPES)
-def test_schema_is_valid_and_defaults_conform(type_name):
-    layer = get(type_name)
-    jsonschema.Draft202012Validator.check_schema(layer.schema())
-    jsonschema.Draft202012Validator({**layer.schema(), "required": []}).validate(defaults(type_name))
-    for key, prop in layer.params.items():
-        assert prop.get("description"), f"{type_name}.{key} has no description"
-    assert layer.doc(), type_name
 
 
 @pytest.mark.parametrize("type_name", TYPES)

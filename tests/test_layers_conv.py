@@ -9,17 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from layer_helpers import build, infer, layer_error, make_spec, run_layer
+from layer_helpers import build, infer, layer_error, make_spec, run_layer, rand
 from layer_helpers import single_thread  # noqa: F401  (autouse: one torch thread)
 from pacnet.errors import PacnetError, SchemaError, ShapeError
 from pacnet.registry import get
 
 D = torch.float64
 
-
-def rand(*shape, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=D)
 
 
 def randomize_(module, seed=1):

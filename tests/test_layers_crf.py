@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import pacnet
-from layer_helpers import build, defaults, infer, layer_error, make_spec, run_layer
+from layer_helpers import build, defaults, infer, layer_error, make_spec, run_layer, rand
 from layer_helpers import single_thread  # noqa: F401
 from test_crf import numba_one_thread  # noqa: F401
 from pacnet import registry
@@ -20,9 +20,6 @@ from pacnet.errors import PacnetError, SchemaError, ShapeError
 D64 = torch.float64
 N, C, H, W = 2, 3, 9, 10
 
-
-def rand(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=D64)
 
 
 @pytest.mark.parametrize("type_name", ["PacCRF", "PacCRFLoose"])

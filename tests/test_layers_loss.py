@@ -4,23 +4,17 @@ from __future__ import annotations
 
 import math
 
-import jsonschema
 import numpy as np
 import pytest
 import torch
 
-from layer_helpers import build, defaults, infer, layer_error, make_spec, run_layer
+from layer_helpers import build, defaults, infer, layer_error, make_spec, run_layer, rand
 from pacnet.errors import DataError, SchemaError, ShapeError
 from pacnet.registry import get
 
 D = torch.float64
 FLT_MIN = np.float32(np.finfo(np.float32).tiny).item()
-TYPES = ["SoftmaxWithLoss", "EuclideanLoss", "SigmoidCrossEntropyLoss", "Accuracy", "SegAccuracy"]
 
-
-def rand(*shape, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(tuple(shape), generator=g, dtype=D)
 
 
 def labels(shape, classes, seed=0, ignore=None, frac=0.3):
@@ -31,15 +25,6 @@ def labels(shape, classes, seed=0, ignore=None, frac=0.3):
     return lab
 
 
-@pytest.mark.parametrize("type_name", TYPES)
-def test_schema_is_valid_and_defaults_conform(type_name):
-    layer = get(type_name)
-    jsonschema.Draft202012Validator.check_schema(layer.schema())
-    jsonschema.Draft202012Validator({**layer.schema(), "required": []}).validate(defaults(type_name))
-    for key, prop in layer.params.items():
-        assert prop.get("description"), f"{type_name}.{key} has no description"
-    assert layer.doc()
-    assert layer.loss == type_name.endswith("Loss")
 
 
 # ----------------------------------------------------------------------------- SoftmaxWithLoss
