@@ -38,7 +38,7 @@ _OPTS = dict(parallel=True, cache=True, fastmath=False, nogil=True)
 # place.  A stride-1 view and a strided view are different Numba types, so every gather and
 # scatter is written as ``if sw == 1: helper(contiguous view) else: helper(strided view)``.
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _jrange(off, s, n_in, n_out):
     """Output columns ``j`` in ``[0, n_out)`` whose input column ``j*s + off`` is in the image."""
     lo = 0
@@ -53,7 +53,7 @@ def _jrange(off, s, n_in, n_out):
     return lo, hi
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _band_item(it, nitems_band, phase, L):
     """Map a work item of one phase to (batch index, first output row of its band)."""
     b = it // nitems_band
@@ -61,31 +61,31 @@ def _band_item(it, nitems_band, phase, L):
     return b, band * L
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _copy(dst, a, m):
     for j in range(m):
         dst[j] = a[j]
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _add(dst, a, m):
     for j in range(m):
         dst[j] += a[j]
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _mul(dst, a, b, m):
     for j in range(m):
         dst[j] = a[j] * b[j]
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _fma(dst, a, b, m):
     for j in range(m):
         dst[j] += a[j] * b[j]
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _taps(y, x0, n, kh, kw, sh, sw, ph, pw, dh, dw, H, W, lo_t, hi_t, st_t, iy_t):
     """Per tap ``t``: input row ``iy_t``, the in-image output columns ``[lo_t, hi_t)`` of the
     tile ``[x0, x0+n)`` of output row ``y``, and the input column ``st_t`` of column ``lo_t``."""
@@ -107,205 +107,232 @@ def _taps(y, x0, n, kh, kw, sh, sw, ph, pw, dh, dw, H, W, lo_t, hi_t, st_t, iy_t
 
 @njit(**_OPTS)
 def _dist_fwd(f, ctr, has_ctr, kh, kw, sh, sw, ph, pw, dh, dw, asym, cw, D):
+    for it in prange(f.shape[0] * D.shape[4]):
+        _dist_fwd_row(it, f, ctr, has_ctr, kh, kw, sh, sw, ph, pw, dh, dw, asym, cw, D)
+
+
+@njit(cache=True)
+def _dist_fwd_row(it, f, ctr, has_ctr, kh, kw, sh, sw, ph, pw, dh, dw, asym, cw, D):
     B, Cg, H, W = f.shape
     oh, ow = D.shape[4], D.shape[5]
     k2 = kh * kw
     c_t = (kh // 2) * kw + kw // 2  # the centre tap
-    for it in prange(B * oh):
-        b = it // oh
-        y = it % oh
-        lo_t = np.empty(k2, np.int64)
-        hi_t = np.empty(k2, np.int64)
-        st_t = np.empty(k2, np.int64)
-        iy_t = np.empty(k2, np.int64)
-        _taps(y, 0, ow, kh, kw, sh, sw, ph, pw, dh, dw, H, W, lo_t, hi_t, st_t, iy_t)
-        cbuf = np.zeros((Cg, ow), dtype=f.dtype)
-        lo = lo_t[c_t]
-        m = hi_t[c_t] - lo
-        st = st_t[c_t]
+    b = it // oh
+    y = it % oh
+    lo_t = np.empty(k2, np.int64)
+    hi_t = np.empty(k2, np.int64)
+    st_t = np.empty(k2, np.int64)
+    iy_t = np.empty(k2, np.int64)
+    _taps(y, 0, ow, kh, kw, sh, sw, ph, pw, dh, dw, H, W, lo_t, hi_t, st_t, iy_t)
+    cbuf = np.zeros((Cg, ow), dtype=f.dtype)
+    lo = lo_t[c_t]
+    m = hi_t[c_t] - lo
+    st = st_t[c_t]
+    for cg in range(Cg):
+        if has_ctr:
+            _copy(cbuf[cg], ctr[b, cg, y], ow)
+        elif m > 0:
+            fr = f[b, cg, iy_t[c_t]]
+            if sw == 1:
+                _copy(cbuf[cg, lo:lo + m], fr[st:st + m], m)
+            else:
+                _copy(cbuf[cg, lo:lo + m], fr[st:st + (m - 1) * sw + 1:sw], m)
+    acc = np.empty(ow, dtype=f.dtype)
+    for t in range(k2):
+        lo = lo_t[t]
+        m = hi_t[t] - lo
+        st = st_t[t]
         for cg in range(Cg):
-            if has_ctr:
-                _copy(cbuf[cg], ctr[b, cg, y], ow)
-            elif m > 0:
-                fr = f[b, cg, iy_t[c_t]]
+            cr = cbuf[cg]
+            for j in range(ow):
+                acc[j] = -cr[j]  # f - c, with f = 0 outside the image
+            if m > 0:
+                fr = f[b, cg, iy_t[t]]
                 if sw == 1:
-                    _copy(cbuf[cg, lo:lo + m], fr[st:st + m], m)
+                    _add(acc[lo:lo + m], fr[st:st + m], m)
                 else:
-                    _copy(cbuf[cg, lo:lo + m], fr[st:st + (m - 1) * sw + 1:sw], m)
-        acc = np.empty(ow, dtype=f.dtype)
-        for t in range(k2):
-            lo = lo_t[t]
-            m = hi_t[t] - lo
-            st = st_t[t]
-            for cg in range(Cg):
-                cr = cbuf[cg]
+                    _add(acc[lo:lo + m], fr[st:st + (m - 1) * sw + 1:sw], m)
+            if asym:
                 for j in range(ow):
-                    acc[j] = -cr[j]  # f - c, with f = 0 outside the image
-                if m > 0:
-                    fr = f[b, cg, iy_t[t]]
-                    if sw == 1:
-                        _add(acc[lo:lo + m], fr[st:st + m], m)
-                    else:
-                        _add(acc[lo:lo + m], fr[st:st + (m - 1) * sw + 1:sw], m)
-                if asym:
-                    for j in range(ow):
-                        if acc[j] < 0:
-                            acc[j] = 0
-                dr = D[b, cg if cw else 0, t // kw, t % kw, y]
-                if cw or cg == 0:
-                    _mul(dr, acc, acc, ow)
-                else:
-                    _fma(dr, acc, acc, ow)
+                    if acc[j] < 0:
+                        acc[j] = 0
+            dr = D[b, cg if cw else 0, t // kw, t % kw, y]
+            if cw or cg == 0:
+                _mul(dr, acc, acc, ow)
+            else:
+                _fma(dr, acc, acc, ow)
 
 
 @njit(**_OPTS)
 def _dist_bwd(gD, f, ctr, has_ctr, kh, kw, sh, sw, ph, pw, dh, dw, asym, cw,
               L, nbands, nchunks, gf, gc):
+    for phase in range(2):
+        for ch in prange(nchunks):
+            _dist_bwd_chunk(ch, phase, gD, f, ctr, has_ctr, kh, kw, sh, sw, ph, pw, dh, dw, asym,
+                            cw, L, nbands, nchunks, gf, gc)
+
+
+@njit(cache=True)
+def _dist_bwd_chunk(ch, phase, gD, f, ctr, has_ctr, kh, kw, sh, sw, ph, pw, dh, dw, asym, cw,
+                    L, nbands, nchunks, gf, gc):
     B, Cg, H, W = f.shape
     oh, ow = gD.shape[4], gD.shape[5]
     k2 = kh * kw
     c_t = (kh // 2) * kw + kw // 2
-    for phase in range(2):
-        nb = (nbands - phase + 1) // 2
-        nitems = B * nb
-        for ch in prange(nchunks):
-            lo_t = np.empty(k2, np.int64)
-            hi_t = np.empty(k2, np.int64)
-            st_t = np.empty(k2, np.int64)
-            iy_t = np.empty(k2, np.int64)
-            cbuf = np.empty((Cg, ow), dtype=f.dtype)
-            gcb = np.empty((Cg, ow), dtype=f.dtype)
-            e = np.empty(ow, dtype=f.dtype)
-            for it in range(ch * nitems // nchunks, (ch + 1) * nitems // nchunks):
-                b, y0 = _band_item(it, nb, phase, L)
-                for y in range(y0, min(oh, y0 + L)):
-                    _taps(y, 0, ow, kh, kw, sh, sw, ph, pw, dh, dw, H, W, lo_t, hi_t, st_t, iy_t)
-                    loc = lo_t[c_t]
-                    mc = hi_t[c_t] - loc
-                    stc = st_t[c_t]
-                    cbuf[:, :] = 0
-                    gcb[:, :] = 0
-                    for cg in range(Cg):
-                        if has_ctr:
-                            _copy(cbuf[cg], ctr[b, cg, y], ow)
-                        elif mc > 0:
-                            fr = f[b, cg, iy_t[c_t]]
-                            if sw == 1:
-                                _copy(cbuf[cg, loc:loc + mc], fr[stc:stc + mc], mc)
-                            else:
-                                _copy(cbuf[cg, loc:loc + mc], fr[stc:stc + (mc - 1) * sw + 1:sw],
-                                      mc)
-                    for t in range(k2):
-                        lo = lo_t[t]
-                        m = hi_t[t] - lo
-                        st = st_t[t]
-                        for cg in range(Cg):
-                            cr = cbuf[cg]
-                            for j in range(ow):
-                                e[j] = -cr[j]
-                            if m > 0:
-                                fr = f[b, cg, iy_t[t]]
-                                if sw == 1:
-                                    _add(e[lo:lo + m], fr[st:st + m], m)
-                                else:
-                                    _add(e[lo:lo + m], fr[st:st + (m - 1) * sw + 1:sw], m)
-                            if asym:
-                                for j in range(ow):
-                                    if e[j] < 0:
-                                        e[j] = 0
-                            # e <- dD/d f(tap) = 2 * diff * gD;  dD/d centre = -e
-                            gr = gD[b, cg if cw else 0, t // kw, t % kw, y]
-                            gcr = gcb[cg]
-                            for j in range(ow):
-                                v = (e[j] + e[j]) * gr[j]
-                                e[j] = v
-                                gcr[j] -= v
-                            if m > 0:
-                                gfr = gf[b, cg, iy_t[t]]
-                                if sw == 1:
-                                    _add(gfr[st:st + m], e[lo:lo + m], m)
-                                else:
-                                    _add(gfr[st:st + (m - 1) * sw + 1:sw], e[lo:lo + m], m)
-                    for cg in range(Cg):
-                        _copy(gc[b, cg, y], gcb[cg], ow)
-                        if not has_ctr and mc > 0:
-                            gfr = gf[b, cg, iy_t[c_t]]
-                            if sw == 1:
-                                _add(gfr[stc:stc + mc], gcb[cg, loc:loc + mc], mc)
-                            else:
-                                _add(gfr[stc:stc + (mc - 1) * sw + 1:sw], gcb[cg, loc:loc + mc],
-                                     mc)
+    nb = (nbands - phase + 1) // 2
+    nitems = B * nb
+    lo_t = np.empty(k2, np.int64)
+    hi_t = np.empty(k2, np.int64)
+    st_t = np.empty(k2, np.int64)
+    iy_t = np.empty(k2, np.int64)
+    cbuf = np.empty((Cg, ow), dtype=f.dtype)
+    gcb = np.empty((Cg, ow), dtype=f.dtype)
+    e = np.empty(ow, dtype=f.dtype)
+    for it in range(ch * nitems // nchunks, (ch + 1) * nitems // nchunks):
+        b, y0 = _band_item(it, nb, phase, L)
+        for y in range(y0, min(oh, y0 + L)):
+            _taps(y, 0, ow, kh, kw, sh, sw, ph, pw, dh, dw, H, W, lo_t, hi_t, st_t, iy_t)
+            loc = lo_t[c_t]
+            mc = hi_t[c_t] - loc
+            stc = st_t[c_t]
+            cbuf[:, :] = 0
+            gcb[:, :] = 0
+            for cg in range(Cg):
+                if has_ctr:
+                    _copy(cbuf[cg], ctr[b, cg, y], ow)
+                elif mc > 0:
+                    fr = f[b, cg, iy_t[c_t]]
+                    if sw == 1:
+                        _copy(cbuf[cg, loc:loc + mc], fr[stc:stc + mc], mc)
+                    else:
+                        _copy(cbuf[cg, loc:loc + mc], fr[stc:stc + (mc - 1) * sw + 1:sw],
+                              mc)
+            for t in range(k2):
+                lo = lo_t[t]
+                m = hi_t[t] - lo
+                st = st_t[t]
+                for cg in range(Cg):
+                    cr = cbuf[cg]
+                    for j in range(ow):
+                        e[j] = -cr[j]
+                    if m > 0:
+                        fr = f[b, cg, iy_t[t]]
+                        if sw == 1:
+                            _add(e[lo:lo + m], fr[st:st + m], m)
+                        else:
+                            _add(e[lo:lo + m], fr[st:st + (m - 1) * sw + 1:sw], m)
+                    if asym:
+                        for j in range(ow):
+                            if e[j] < 0:
+                                e[j] = 0
+                    # e <- dD/d f(tap) = 2 * diff * gD;  dD/d centre = -e
+                    gr = gD[b, cg if cw else 0, t // kw, t % kw, y]
+                    gcr = gcb[cg]
+                    for j in range(ow):
+                        v = (e[j] + e[j]) * gr[j]
+                        e[j] = v
+                        gcr[j] -= v
+                    if m > 0:
+                        gfr = gf[b, cg, iy_t[t]]
+                        if sw == 1:
+                            _add(gfr[st:st + m], e[lo:lo + m], m)
+                        else:
+                            _add(gfr[st:st + (m - 1) * sw + 1:sw], e[lo:lo + m], m)
+            for cg in range(Cg):
+                _copy(gc[b, cg, y], gcb[cg], ow)
+                if not has_ctr and mc > 0:
+                    gfr = gf[b, cg, iy_t[c_t]]
+                    if sw == 1:
+                        _add(gfr[stc:stc + mc], gcb[cg, loc:loc + mc], mc)
+                    else:
+                        _add(gfr[stc:stc + (mc - 1) * sw + 1:sw], gcb[cg, loc:loc + mc],
+                             mc)
 
 
 # ----------------------------------------------------------------------------- pac_conv2d
 
 @njit(**_OPTS)
 def _conv_fwd(x, K, W2, bias, kh, kw, sh, sw, ph, pw, dh, dw, T, out):
+    ntiles = (out.shape[3] + T - 1) // T
+    for it in prange(x.shape[0] * out.shape[2] * ntiles):
+        _conv_fwd_tile(it, x, K, W2, bias, kh, kw, sh, sw, ph, pw, dh, dw, T, out)
+
+
+@njit(cache=True)
+def _conv_fwd_tile(it, x, K, W2, bias, kh, kw, sh, sw, ph, pw, dh, dw, T, out):
     B, C, H, Wd = x.shape
     O = W2.shape[0]
     oh, ow = out.shape[2], out.shape[3]
     k2 = kh * kw
     ntiles = (ow + T - 1) // T
     O4 = O - O % 4
-    for it in prange(B * oh * ntiles):
-        b = it // (oh * ntiles)
-        y = (it // ntiles) % oh
-        x0 = (it % ntiles) * T
-        n = min(T, ow - x0)
-        lo_t = np.empty(k2, np.int64)
-        hi_t = np.empty(k2, np.int64)
-        st_t = np.empty(k2, np.int64)
-        iy_t = np.empty(k2, np.int64)
-        _taps(y, x0, n, kh, kw, sh, sw, ph, pw, dh, dw, H, Wd, lo_t, hi_t, st_t, iy_t)
-        # A private copy of the tile's K rows: in K they lie oh*ow apart and would evict
-        # each other from the caches while every channel rereads them.
-        Kt = np.empty((k2, n), dtype=x.dtype)
+    b = it // (oh * ntiles)
+    y = (it // ntiles) % oh
+    x0 = (it % ntiles) * T
+    n = min(T, ow - x0)
+    lo_t = np.empty(k2, np.int64)
+    hi_t = np.empty(k2, np.int64)
+    st_t = np.empty(k2, np.int64)
+    iy_t = np.empty(k2, np.int64)
+    _taps(y, x0, n, kh, kw, sh, sw, ph, pw, dh, dw, H, Wd, lo_t, hi_t, st_t, iy_t)
+    # A private copy of the tile's K rows: in K they lie oh*ow apart and would evict
+    # each other from the caches while every channel rereads them.
+    Kt = np.empty((k2, n), dtype=x.dtype)
+    for t in range(k2):
+        _copy(Kt[t], K[b, 0, t // kw, t % kw, y, x0:x0 + n], n)
+    S = np.zeros((k2, n), dtype=x.dtype)  # columns outside the image stay 0
+    acc = np.zeros((O, n), dtype=x.dtype)
+    for c in range(C):
+        # S[t, j] = K[t, y, x0+j] * x[c, pos(y, t)]
         for t in range(k2):
-            _copy(Kt[t], K[b, 0, t // kw, t % kw, y, x0:x0 + n], n)
-        S = np.zeros((k2, n), dtype=x.dtype)  # columns outside the image stay 0
-        acc = np.zeros((O, n), dtype=x.dtype)
-        for c in range(C):
-            # S[t, j] = K[t, y, x0+j] * x[c, pos(y, t)]
+            lo = lo_t[t]
+            m = hi_t[t] - lo
+            st = st_t[t]
+            if m > 0:
+                xr = x[b, c, iy_t[t]]
+                if sw == 1:
+                    _mul(S[t, lo:lo + m], Kt[t, lo:lo + m], xr[st:st + m], m)
+                else:
+                    _mul(S[t, lo:lo + m], Kt[t, lo:lo + m], xr[st:st + (m - 1) * sw + 1:sw],
+                         m)
+        # acc[O, n] += W2[:, c*k2:(c+1)*k2] @ S, four output channels per pass over S
+        r0 = c * k2
+        for o in range(0, O4, 4):
             for t in range(k2):
-                lo = lo_t[t]
-                m = hi_t[t] - lo
-                st = st_t[t]
-                if m > 0:
-                    xr = x[b, c, iy_t[t]]
-                    if sw == 1:
-                        _mul(S[t, lo:lo + m], Kt[t, lo:lo + m], xr[st:st + m], m)
-                    else:
-                        _mul(S[t, lo:lo + m], Kt[t, lo:lo + m], xr[st:st + (m - 1) * sw + 1:sw],
-                             m)
-            # acc[O, n] += W2[:, c*k2:(c+1)*k2] @ S, four output channels per pass over S
-            r0 = c * k2
-            for o in range(0, O4, 4):
-                for t in range(k2):
-                    w0 = W2[o, r0 + t]
-                    w1 = W2[o + 1, r0 + t]
-                    w2 = W2[o + 2, r0 + t]
-                    w3 = W2[o + 3, r0 + t]
-                    for j in range(n):
-                        s = S[t, j]
-                        acc[o, j] += w0 * s
-                        acc[o + 1, j] += w1 * s
-                        acc[o + 2, j] += w2 * s
-                        acc[o + 3, j] += w3 * s
-            for o in range(O4, O):
-                for t in range(k2):
-                    w0 = W2[o, r0 + t]
-                    for j in range(n):
-                        acc[o, j] += w0 * S[t, j]
-        for o in range(O):
-            orow = out[b, o, y, x0:x0 + n]
-            bo = bias[o]
-            for j in range(n):
-                orow[j] = acc[o, j] + bo
+                w0 = W2[o, r0 + t]
+                w1 = W2[o + 1, r0 + t]
+                w2 = W2[o + 2, r0 + t]
+                w3 = W2[o + 3, r0 + t]
+                for j in range(n):
+                    s = S[t, j]
+                    acc[o, j] += w0 * s
+                    acc[o + 1, j] += w1 * s
+                    acc[o + 2, j] += w2 * s
+                    acc[o + 3, j] += w3 * s
+        for o in range(O4, O):
+            for t in range(k2):
+                w0 = W2[o, r0 + t]
+                for j in range(n):
+                    acc[o, j] += w0 * S[t, j]
+    for o in range(O):
+        orow = out[b, o, y, x0:x0 + n]
+        bo = bias[o]
+        for j in range(n):
+            orow[j] = acc[o, j] + bo
 
 
 @njit(**_OPTS)
 def _conv_bwd(gout, x, K, WT, kh, kw, sh, sw, ph, pw, dh, dw, T, L, nbands, nchunks,
               need_x, need_k, need_w, gx, gK, gWp):
+    for phase in range(2):
+        for ch in prange(nchunks):
+            _conv_bwd_chunk(ch, phase, gout, x, K, WT, kh, kw, sh, sw, ph, pw, dh, dw, T, L,
+                            nbands, nchunks, need_x, need_k, need_w, gx, gK, gWp)
+
+
+@njit(cache=True)
+def _conv_bwd_chunk(ch, phase, gout, x, K, WT, kh, kw, sh, sw, ph, pw, dh, dw, T, L, nbands,
+                    nchunks, need_x, need_k, need_w, gx, gK, gWp):
     B, C, H, Wd = x.shape
     O = WT.shape[1]
     oh, ow = gout.shape[2], gout.shape[3]
@@ -313,114 +340,112 @@ def _conv_bwd(gout, x, K, WT, kh, kw, sh, sw, ph, pw, dh, dw, T, L, nbands, nchu
     k24 = k2 - k2 % 4
     ntiles = (ow + T - 1) // T
     need_g = need_x or need_k
-    for phase in range(2):
-        nb = (nbands - phase + 1) // 2
-        nitems = B * nb
-        for ch in prange(nchunks):
-            lo_t = np.empty(k2, np.int64)
-            hi_t = np.empty(k2, np.int64)
-            st_t = np.empty(k2, np.int64)
-            iy_t = np.empty(k2, np.int64)
-            Kt = np.empty((k2, T), dtype=x.dtype)
-            X = np.empty((k2, T), dtype=x.dtype)
-            S = np.empty((k2, T), dtype=x.dtype)
-            G = np.empty((k2, T), dtype=x.dtype)
-            gk = np.empty((k2, T), dtype=x.dtype)
-            g2 = np.empty((O, T), dtype=x.dtype)
-            gT = np.empty((T, O), dtype=x.dtype)
-            gw = gWp[ch]
-            for it in range(ch * nitems // nchunks, (ch + 1) * nitems // nchunks):
-                b, y0 = _band_item(it, nb, phase, L)
-                for y in range(y0, min(oh, y0 + L)):
-                    for tile in range(ntiles):
-                        x0 = tile * T
-                        n = min(T, ow - x0)
-                        _taps(y, x0, n, kh, kw, sh, sw, ph, pw, dh, dw, H, Wd,
-                              lo_t, hi_t, st_t, iy_t)
-                        for t in range(k2):
-                            _copy(Kt[t], K[b, 0, t // kw, t % kw, y, x0:x0 + n], n)
+    nb = (nbands - phase + 1) // 2
+    nitems = B * nb
+    lo_t = np.empty(k2, np.int64)
+    hi_t = np.empty(k2, np.int64)
+    st_t = np.empty(k2, np.int64)
+    iy_t = np.empty(k2, np.int64)
+    Kt = np.empty((k2, T), dtype=x.dtype)
+    X = np.empty((k2, T), dtype=x.dtype)
+    S = np.empty((k2, T), dtype=x.dtype)
+    G = np.empty((k2, T), dtype=x.dtype)
+    gk = np.empty((k2, T), dtype=x.dtype)
+    g2 = np.empty((O, T), dtype=x.dtype)
+    gT = np.empty((T, O), dtype=x.dtype)
+    gw = gWp[ch]
+    for it in range(ch * nitems // nchunks, (ch + 1) * nitems // nchunks):
+        b, y0 = _band_item(it, nb, phase, L)
+        for y in range(y0, min(oh, y0 + L)):
+            for tile in range(ntiles):
+                x0 = tile * T
+                n = min(T, ow - x0)
+                _taps(y, x0, n, kh, kw, sh, sw, ph, pw, dh, dw, H, Wd,
+                      lo_t, hi_t, st_t, iy_t)
+                for t in range(k2):
+                    _copy(Kt[t], K[b, 0, t // kw, t % kw, y, x0:x0 + n], n)
+                for o in range(O):
+                    _copy(g2[o], gout[b, o, y, x0:x0 + n], n)
+                if need_w:
+                    for j in range(n):
                         for o in range(O):
-                            _copy(g2[o], gout[b, o, y, x0:x0 + n], n)
-                        if need_w:
+                            gT[j, o] = g2[o, j]
+                X[:, :] = 0  # columns outside the image stay 0 for every channel
+                if need_k:
+                    gk[:, :] = 0
+                for c in range(C):
+                    # X[t, j] = x[c, pos(y, t)]
+                    for t in range(k2):
+                        lo = lo_t[t]
+                        m = hi_t[t] - lo
+                        st = st_t[t]
+                        if m > 0:
+                            xr = x[b, c, iy_t[t]]
+                            if sw == 1:
+                                _copy(X[t, lo:lo + m], xr[st:st + m], m)
+                            else:
+                                _copy(X[t, lo:lo + m], xr[st:st + (m - 1) * sw + 1:sw], m)
+                    r0 = c * k2
+                    if need_w:
+                        # gW^T[r0+t, :] += (K*X)[t, :] @ gT, inner loop over O
+                        for t in range(k2):
+                            _mul(S[t], Kt[t], X[t], n)
+                        for t in range(0, k24, 4):
                             for j in range(n):
+                                s0 = S[t, j]
+                                s1 = S[t + 1, j]
+                                s2 = S[t + 2, j]
+                                s3 = S[t + 3, j]
                                 for o in range(O):
-                                    gT[j, o] = g2[o, j]
-                        X[:, :] = 0  # columns outside the image stay 0 for every channel
+                                    g = gT[j, o]
+                                    gw[r0 + t, o] += s0 * g
+                                    gw[r0 + t + 1, o] += s1 * g
+                                    gw[r0 + t + 2, o] += s2 * g
+                                    gw[r0 + t + 3, o] += s3 * g
+                        for t in range(k24, k2):
+                            for j in range(n):
+                                s0 = S[t, j]
+                                for o in range(O):
+                                    gw[r0 + t, o] += s0 * gT[j, o]
+                    if need_g:
+                        # G[t, j] = sum_o W[o, c, t] * gout[o, y, x0+j]
+                        G[:, :] = 0
+                        for t in range(0, k24, 4):
+                            for o in range(O):
+                                w0 = WT[r0 + t, o]
+                                w1 = WT[r0 + t + 1, o]
+                                w2 = WT[r0 + t + 2, o]
+                                w3 = WT[r0 + t + 3, o]
+                                for j in range(n):
+                                    g = g2[o, j]
+                                    G[t, j] += w0 * g
+                                    G[t + 1, j] += w1 * g
+                                    G[t + 2, j] += w2 * g
+                                    G[t + 3, j] += w3 * g
+                        for t in range(k24, k2):
+                            for o in range(O):
+                                w0 = WT[r0 + t, o]
+                                for j in range(n):
+                                    G[t, j] += w0 * g2[o, j]
                         if need_k:
-                            gk[:, :] = 0
-                        for c in range(C):
-                            # X[t, j] = x[c, pos(y, t)]
+                            for t in range(k2):
+                                _fma(gk[t], G[t], X[t], n)
+                        if need_x:
                             for t in range(k2):
                                 lo = lo_t[t]
                                 m = hi_t[t] - lo
                                 st = st_t[t]
                                 if m > 0:
-                                    xr = x[b, c, iy_t[t]]
+                                    gxr = gx[b, c, iy_t[t]]
                                     if sw == 1:
-                                        _copy(X[t, lo:lo + m], xr[st:st + m], m)
+                                        _fma(gxr[st:st + m], G[t, lo:lo + m],
+                                             Kt[t, lo:lo + m], m)
                                     else:
-                                        _copy(X[t, lo:lo + m], xr[st:st + (m - 1) * sw + 1:sw], m)
-                            r0 = c * k2
-                            if need_w:
-                                # gW^T[r0+t, :] += (K*X)[t, :] @ gT, inner loop over O
-                                for t in range(k2):
-                                    _mul(S[t], Kt[t], X[t], n)
-                                for t in range(0, k24, 4):
-                                    for j in range(n):
-                                        s0 = S[t, j]
-                                        s1 = S[t + 1, j]
-                                        s2 = S[t + 2, j]
-                                        s3 = S[t + 3, j]
-                                        for o in range(O):
-                                            g = gT[j, o]
-                                            gw[r0 + t, o] += s0 * g
-                                            gw[r0 + t + 1, o] += s1 * g
-                                            gw[r0 + t + 2, o] += s2 * g
-                                            gw[r0 + t + 3, o] += s3 * g
-                                for t in range(k24, k2):
-                                    for j in range(n):
-                                        s0 = S[t, j]
-                                        for o in range(O):
-                                            gw[r0 + t, o] += s0 * gT[j, o]
-                            if need_g:
-                                # G[t, j] = sum_o W[o, c, t] * gout[o, y, x0+j]
-                                G[:, :] = 0
-                                for t in range(0, k24, 4):
-                                    for o in range(O):
-                                        w0 = WT[r0 + t, o]
-                                        w1 = WT[r0 + t + 1, o]
-                                        w2 = WT[r0 + t + 2, o]
-                                        w3 = WT[r0 + t + 3, o]
-                                        for j in range(n):
-                                            g = g2[o, j]
-                                            G[t, j] += w0 * g
-                                            G[t + 1, j] += w1 * g
-                                            G[t + 2, j] += w2 * g
-                                            G[t + 3, j] += w3 * g
-                                for t in range(k24, k2):
-                                    for o in range(O):
-                                        w0 = WT[r0 + t, o]
-                                        for j in range(n):
-                                            G[t, j] += w0 * g2[o, j]
-                                if need_k:
-                                    for t in range(k2):
-                                        _fma(gk[t], G[t], X[t], n)
-                                if need_x:
-                                    for t in range(k2):
-                                        lo = lo_t[t]
-                                        m = hi_t[t] - lo
-                                        st = st_t[t]
-                                        if m > 0:
-                                            gxr = gx[b, c, iy_t[t]]
-                                            if sw == 1:
-                                                _fma(gxr[st:st + m], G[t, lo:lo + m],
-                                                     Kt[t, lo:lo + m], m)
-                                            else:
-                                                _fma(gxr[st:st + (m - 1) * sw + 1:sw],
-                                                     G[t, lo:lo + m], Kt[t, lo:lo + m], m)
-                        if need_k:
-                            for t in range(k2):
-                                _copy(gK[b, 0, t // kw, t % kw, y, x0:x0 + n], gk[t], n)
+                                        _fma(gxr[st:st + (m - 1) * sw + 1:sw],
+                                             G[t, lo:lo + m], Kt[t, lo:lo + m], m)
+                if need_k:
+                    for t in range(k2):
+                        _copy(gK[b, 0, t // kw, t % kw, y, x0:x0 + n], gk[t], n)
 
 
 # ----------------------------------------------------------------------------- pac_pool2d
@@ -428,115 +453,127 @@ def _conv_bwd(gout, x, K, WT, kh, kw, sh, sw, ph, pw, dh, dw, T, L, nbands, nchu
 
 @njit(**_OPTS)
 def _pool_fwd(x, K, tw, bias, kh, kw, sh, sw, ph, pw, dh, dw, out):
+    for it in prange(x.shape[0] * out.shape[2]):
+        _pool_fwd_row(it, x, K, tw, bias, kh, kw, sh, sw, ph, pw, dh, dw, out)
+
+
+@njit(cache=True)
+def _pool_fwd_row(it, x, K, tw, bias, kh, kw, sh, sw, ph, pw, dh, dw, out):
     B, C, H, Wd = x.shape
     kc = K.shape[1]
     oh, ow = out.shape[2], out.shape[3]
     k2 = kh * kw
-    for it in prange(B * oh):
-        b = it // oh
-        y = it % oh
-        lo_t = np.empty(k2, np.int64)
-        hi_t = np.empty(k2, np.int64)
-        st_t = np.empty(k2, np.int64)
-        iy_t = np.empty(k2, np.int64)
-        _taps(y, 0, ow, kh, kw, sh, sw, ph, pw, dh, dw, H, Wd, lo_t, hi_t, st_t, iy_t)
-        WK = np.empty((k2, ow), dtype=x.dtype)
-        acc = np.empty(ow, dtype=x.dtype)
-        for c in range(C):
-            if c == 0 or kc > 1:
-                kk = c if kc > 1 else 0
-                for t in range(k2):
-                    wt = tw[t]
-                    kr = K[b, kk, t // kw, t % kw, y]
-                    wr = WK[t]
-                    for j in range(ow):
-                        wr[j] = wt * kr[j]
-            acc[:] = 0
+    b = it // oh
+    y = it % oh
+    lo_t = np.empty(k2, np.int64)
+    hi_t = np.empty(k2, np.int64)
+    st_t = np.empty(k2, np.int64)
+    iy_t = np.empty(k2, np.int64)
+    _taps(y, 0, ow, kh, kw, sh, sw, ph, pw, dh, dw, H, Wd, lo_t, hi_t, st_t, iy_t)
+    WK = np.empty((k2, ow), dtype=x.dtype)
+    acc = np.empty(ow, dtype=x.dtype)
+    for c in range(C):
+        if c == 0 or kc > 1:
+            kk = c if kc > 1 else 0
             for t in range(k2):
-                lo = lo_t[t]
-                m = hi_t[t] - lo
-                st = st_t[t]
-                if m > 0:
-                    xr = x[b, c, iy_t[t]]
-                    if sw == 1:
-                        _fma(acc[lo:lo + m], WK[t, lo:lo + m], xr[st:st + m], m)
-                    else:
-                        _fma(acc[lo:lo + m], WK[t, lo:lo + m], xr[st:st + (m - 1) * sw + 1:sw], m)
-            orow = out[b, c, y]
-            bc = bias[c]
-            for j in range(ow):
-                orow[j] = acc[j] + bc
+                wt = tw[t]
+                kr = K[b, kk, t // kw, t % kw, y]
+                wr = WK[t]
+                for j in range(ow):
+                    wr[j] = wt * kr[j]
+        acc[:] = 0
+        for t in range(k2):
+            lo = lo_t[t]
+            m = hi_t[t] - lo
+            st = st_t[t]
+            if m > 0:
+                xr = x[b, c, iy_t[t]]
+                if sw == 1:
+                    _fma(acc[lo:lo + m], WK[t, lo:lo + m], xr[st:st + m], m)
+                else:
+                    _fma(acc[lo:lo + m], WK[t, lo:lo + m], xr[st:st + (m - 1) * sw + 1:sw], m)
+        orow = out[b, c, y]
+        bc = bias[c]
+        for j in range(ow):
+            orow[j] = acc[j] + bc
 
 
 @njit(**_OPTS)
 def _pool_bwd(gout, x, K, tw, kh, kw, sh, sw, ph, pw, dh, dw, L, nbands, nchunks,
               need_x, need_k, need_w, gx, gK, gtp):
+    for phase in range(2):
+        for ch in prange(nchunks):
+            _pool_bwd_chunk(ch, phase, gout, x, K, tw, kh, kw, sh, sw, ph, pw, dh, dw, L, nbands,
+                            nchunks, need_x, need_k, need_w, gx, gK, gtp)
+
+
+@njit(cache=True)
+def _pool_bwd_chunk(ch, phase, gout, x, K, tw, kh, kw, sh, sw, ph, pw, dh, dw, L, nbands,
+                    nchunks, need_x, need_k, need_w, gx, gK, gtp):
     B, C, H, Wd = x.shape
     kc = K.shape[1]
     oh, ow = gout.shape[2], gout.shape[3]
     k2 = kh * kw
     need_q = need_k or need_w
-    for phase in range(2):
-        nb = (nbands - phase + 1) // 2
-        nitems = B * nb
-        for ch in prange(nchunks):
-            lo_t = np.empty(k2, np.int64)
-            hi_t = np.empty(k2, np.int64)
-            st_t = np.empty(k2, np.int64)
-            iy_t = np.empty(k2, np.int64)
-            WK = np.empty((k2, ow), dtype=x.dtype)
-            gq = np.empty((k2, ow), dtype=x.dtype)
-            gtw = gtp[ch]
-            for it in range(ch * nitems // nchunks, (ch + 1) * nitems // nchunks):
-                b, y0 = _band_item(it, nb, phase, L)
-                for y in range(y0, min(oh, y0 + L)):
-                    _taps(y, 0, ow, kh, kw, sh, sw, ph, pw, dh, dw, H, Wd, lo_t, hi_t, st_t, iy_t)
-                    for c in range(C):
-                        kk = c if kc > 1 else 0
-                        first = c == 0 or kc > 1
-                        if need_x and first:
-                            for t in range(k2):
-                                wt = tw[t]
-                                kr = K[b, kk, t // kw, t % kw, y]
-                                wr = WK[t]
-                                for j in range(ow):
-                                    wr[j] = wt * kr[j]
-                        if need_q and first:
-                            gq[:, :] = 0  # gq[t, j] = sum over the channels sharing K of g * x
-                        gr = gout[b, c, y]
-                        for t in range(k2):
-                            lo = lo_t[t]
-                            m = hi_t[t] - lo
-                            st = st_t[t]
-                            if m == 0:
-                                continue
-                            if need_q:
-                                xr = x[b, c, iy_t[t]]
-                                if sw == 1:
-                                    _fma(gq[t, lo:lo + m], gr[lo:lo + m], xr[st:st + m], m)
-                                else:
-                                    _fma(gq[t, lo:lo + m], gr[lo:lo + m],
-                                         xr[st:st + (m - 1) * sw + 1:sw], m)
-                            if need_x:
-                                gxr = gx[b, c, iy_t[t]]
-                                if sw == 1:
-                                    _fma(gxr[st:st + m], gr[lo:lo + m], WK[t, lo:lo + m], m)
-                                else:
-                                    _fma(gxr[st:st + (m - 1) * sw + 1:sw], gr[lo:lo + m],
-                                         WK[t, lo:lo + m], m)
-                        if need_q and (c == C - 1 or kc > 1):
-                            for t in range(k2):
-                                if need_k:
-                                    gkr = gK[b, kk, t // kw, t % kw, y]
-                                    wt = tw[t]
-                                    for j in range(ow):
-                                        gkr[j] = wt * gq[t, j]
-                                if need_w:
-                                    kr = K[b, kk, t // kw, t % kw, y]
-                                    s = gtw[t]
-                                    for j in range(ow):
-                                        s += kr[j] * gq[t, j]
-                                    gtw[t] = s
+    nb = (nbands - phase + 1) // 2
+    nitems = B * nb
+    lo_t = np.empty(k2, np.int64)
+    hi_t = np.empty(k2, np.int64)
+    st_t = np.empty(k2, np.int64)
+    iy_t = np.empty(k2, np.int64)
+    WK = np.empty((k2, ow), dtype=x.dtype)
+    gq = np.empty((k2, ow), dtype=x.dtype)
+    gtw = gtp[ch]
+    for it in range(ch * nitems // nchunks, (ch + 1) * nitems // nchunks):
+        b, y0 = _band_item(it, nb, phase, L)
+        for y in range(y0, min(oh, y0 + L)):
+            _taps(y, 0, ow, kh, kw, sh, sw, ph, pw, dh, dw, H, Wd, lo_t, hi_t, st_t, iy_t)
+            for c in range(C):
+                kk = c if kc > 1 else 0
+                first = c == 0 or kc > 1
+                if need_x and first:
+                    for t in range(k2):
+                        wt = tw[t]
+                        kr = K[b, kk, t // kw, t % kw, y]
+                        wr = WK[t]
+                        for j in range(ow):
+                            wr[j] = wt * kr[j]
+                if need_q and first:
+                    gq[:, :] = 0  # gq[t, j] = sum over the channels sharing K of g * x
+                gr = gout[b, c, y]
+                for t in range(k2):
+                    lo = lo_t[t]
+                    m = hi_t[t] - lo
+                    st = st_t[t]
+                    if m == 0:
+                        continue
+                    if need_q:
+                        xr = x[b, c, iy_t[t]]
+                        if sw == 1:
+                            _fma(gq[t, lo:lo + m], gr[lo:lo + m], xr[st:st + m], m)
+                        else:
+                            _fma(gq[t, lo:lo + m], gr[lo:lo + m],
+                                 xr[st:st + (m - 1) * sw + 1:sw], m)
+                    if need_x:
+                        gxr = gx[b, c, iy_t[t]]
+                        if sw == 1:
+                            _fma(gxr[st:st + m], gr[lo:lo + m], WK[t, lo:lo + m], m)
+                        else:
+                            _fma(gxr[st:st + (m - 1) * sw + 1:sw], gr[lo:lo + m],
+                                 WK[t, lo:lo + m], m)
+                if need_q and (c == C - 1 or kc > 1):
+                    for t in range(k2):
+                        if need_k:
+                            gkr = gK[b, kk, t // kw, t % kw, y]
+                            wt = tw[t]
+                            for j in range(ow):
+                                gkr[j] = wt * gq[t, j]
+                        if need_w:
+                            kr = K[b, kk, t // kw, t % kw, y]
+                            s = gtw[t]
+                            for j in range(ow):
+                                s += kr[j] * gq[t, j]
+                            gtw[t] = s
 
 
 # ----------------------------------------------------------------------------- torch wrappers
