@@ -96,6 +96,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import pacnet.kernels.pac as _kernels
 from pacnet.errors import PacnetValueError, did_you_mean
 from pacnet.kernels.pac import reference as _ref
 from pacnet.pac import PacConv2d
@@ -413,11 +414,12 @@ class PacCRF(nn.Module):
                 if key not in pooled:
                     pooled[key] = _blur_pool(f, b)
                 f = pooled[key]
-            if reference:
-                dist = _ref.pac_dist(f, None, m.kernel_size, m.stride, m.padding, m.dilation)
-                kernels.append(torch.exp(-0.5 * dist))
-            else:
-                kernels.append(m.compute_kernel(f)[0])
+            # K = exp(-D/2) as PacConv2d.compute_kernel for this (gaussian, unsmoothed,
+            # unnormalised) messenger, computed in place on D: neither op keeps its output
+            # for backward, so this saves two K-sized temporaries per kernel.
+            dist_op = _ref.pac_dist if reference else _kernels.pac_dist
+            dist = dist_op(f, None, m.kernel_size, m.stride, m.padding, m.dilation)
+            kernels.append(dist.mul_(-0.5).exp_())
         return kernels
 
     def _kernel_list(self, edge_kernel: Tensors, unary: torch.Tensor
@@ -501,7 +503,9 @@ class PacCRF(nn.Module):
                 msg = self._message(i, Qb, kernels[i], reference)
                 if b > 1:
                     msg = _unblur(msg, b, hw)
-                logQ = logQ - msg * self.pairwise_weight(i)
+                # logQ -= w_i * msg, in place: logQ is this step's own tensor and no op
+                # keeps it for backward
+                logQ = logQ.addcmul_(msg, self.pairwise_weight(i), value=-1)
         return logQ
 
     def forward(self, unary: torch.Tensor, edge_feat: Tensors = None,
