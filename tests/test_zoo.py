@@ -1,7 +1,14 @@
 """The nets/ zoo: every net builds, with the reference architectures' shapes and sizes."""
 
+import collections
+import math
+import os
+import warnings
+
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import pacnet
 from pacnet.api import parameter_count
@@ -18,6 +25,62 @@ VGG16_CONVS = sum(_conv(a, b, 3) for a, b in [(3, 64), (64, 64), (64, 128), (128
 FCN8S = (VGG16_CONVS + _conv(512, 4096, 7) + _conv(4096, 4096, 1) + _conv(4096, 21, 1) + _conv(512, 21, 1)
          + _conv(256, 21, 1) + 21 * (4 * 4 + 4 * 4 + 16 * 16))  # upsampling: group 21, one kernel per class
 
+
+
+def _bn(c):  # affine part of a norm layer (Scale weight + bias, or BN slope + bias)
+    return 2 * c
+
+
+def _resnet_backbone(blocks, bottleneck):
+    """Parameters of a ResNet v1 without fc: 7x7 stem (no bias) + BN, stages of 64..512
+    (bottleneck: x4 outputs), a 1x1 projection (+ BN) in each stage's first block where the
+    shape changes."""
+    n, cin = _conv(3, 64, 7, bias=False) + _bn(64), 64
+    for stage, (count, mid) in enumerate(zip(blocks, (64, 128, 256, 512))):
+        out = mid * 4 if bottleneck else mid
+        for b in range(count):
+            if bottleneck:
+                n += _conv(cin, mid, 1, False) + _conv(mid, mid, 3, False) + _conv(mid, out, 1, False)
+                n += _bn(mid) * 2 + _bn(out)
+            else:
+                n += _conv(cin, out, 3, False) + _conv(out, out, 3, False) + _bn(out) * 2
+            if b == 0 and cin != out:
+                n += _conv(cin, out, 1, False) + _bn(out)
+            cin = out
+    return n
+
+
+RESNET18 = _resnet_backbone((2, 2, 2, 2), bottleneck=False)
+RESNET50 = _resnet_backbone((3, 4, 6, 3), bottleneck=True)
+assert RESNET18 == 11_689_512 - 513_000 and RESNET50 == 25_557_032 - 2_049_000  # torchvision minus fc
+
+# DeepLab's VGG-16 (same convolutions as FCN's) + fc6 3x3 1024 -> fc7 1x1 1024 -> fc8 1x1 21 branches.
+DEEPLAB_FC = _conv(512, 1024, 3) + _conv(1024, 1024, 1) + _conv(1024, 21, 1)
+DEEPLAB_VGG16_ASPP = VGG16_CONVS + 4 * DEEPLAB_FC   # four branches, rates 6, 12, 18, 24
+DEEPLAB_LARGEFOV = VGG16_CONVS + DEEPLAB_FC         # one branch, rate 12
+
+# mmseg ASPPHead (2048 -> 512, 21 classes): image pool 1x1, 1x1 branch, three 3x3 dilated
+# branches (each conv without bias + BN), 3x3 bottleneck over the 5 x 512 concat, 1x1 classifier.
+ASPP_V3_HEAD = (2 * (_conv(2048, 512, 1, False) + _bn(512)) + 3 * (_conv(2048, 512, 3, False) + _bn(512))
+                + _conv(5 * 512, 512, 3, False) + _bn(512) + _conv(512, 21, 1))
+
+
+def _nl_head(mode):
+    """mmseg NLHead (512 -> 512, 21 classes) with mmcv NonLocal2d(512, reduction 2, BN)."""
+    inter = 256
+    block = _conv(512, inter, 1) + _conv(inter, 512, 1, False) + _bn(512)    # g, conv_out + BN
+    if mode != "gaussian":
+        block += 2 * _conv(512, inter, 1)                                     # theta, phi
+    if mode == "concatenation":
+        block += 2 * inter                                                    # concat_project 1 x 2C' x 1 x 1
+    convs = 2 * (_conv(512, 512, 3, False) + _bn(512))
+    return convs + block + _conv(1024, 512, 3, False) + _bn(512) + _conv(512, 21, 1)
+
+
+FCN8S_ALTPAD = FCN8S                             # same layers, other paddings
+FCN8SPAC = FCN8S - 21 * 16 * 16                  # upscore8 replaced by bilinear interpolation
+CRF_P4D5641P4D5161 = 2 * 21 * 21 * 5 * 5 + 1 + 2 + 2 * 3  # 4d messengers, unary + 2 pairwise weights, feat scales
+
 # name -> (build kwargs, {blob: shape}, parameter count of the reference architecture)
 EXPECTED = {
     "fcn/fcn8s": ({}, {"pool2": (1, 128, 175, 175), "upscore8": (1, 21, 568, 568), "score": (1, 21, 500, 500)},
@@ -27,6 +90,38 @@ EXPECTED = {
     "pspnet/pspnet101_voc2012": ({}, {"conv6": (1, 21, 60, 60), "conv6_interp": (1, 21, 473, 473)}, 65_708_501),
     "pspnet/pspnet101_cityscapes": ({}, {"conv6": (1, 19, 90, 90), "conv6_interp": (1, 19, 713, 713)}, 65_707_475),
     "pspnet/pspnet50_ade20k": ({}, {"conv6": (1, 150, 60, 60), "conv6_interp": (1, 150, 473, 473)}, 46_782_550),
+    "deeplab/deeplab_v2_vgg16_aspp": ({}, {"pool3": (1, 256, 41, 41), "pool5": (1, 512, 41, 41),
+                                           "fc8_voc12_4": (1, 21, 41, 41), "fc8_voc12": (1, 21, 41, 41),
+                                           "fc8_interp": (1, 21, 321, 321)}, DEEPLAB_VGG16_ASPP),
+    "deeplab/deeplab_v1_largefov": ({"inputs": {"data": (1, 3, 513, 513)}},
+                                    {"pool5a": (1, 512, 65, 65), "fc8_voc12": (1, 21, 65, 65),
+                                     "fc8_interp": (1, 21, 513, 513)}, DEEPLAB_LARGEFOV),
+    "deeplab/aspp_v3_head": ({}, {"res5c": (1, 2048, 65, 65), "image_pool": (1, 512, 65, 65),
+                                  "aspp_concat": (1, 2560, 65, 65), "conv_seg": (1, 21, 65, 65),
+                                  "seg": (1, 21, 513, 513)}, RESNET50 + ASPP_V3_HEAD),
+    "nonlocal/nonlocal_head": ({"inputs": {"data": (2, 3, 257, 321)}},
+                               {"res5b": (2, 512, 33, 41), "nl_block": (2, 512, 33, 41),
+                                "concat_input": (2, 1024, 33, 41), "seg": (2, 21, 257, 321)},
+                               RESNET18 + _nl_head("embedded_gaussian")),
+    # PAC joint upsampling: the parameter counts of the original models (pac.md section 3)
+    "jointupsample/pac_joint_upsample_x4": ({}, {"t": (1, 32, 64, 64), "guide0": (1, 16, 128, 128),
+                                                 "pred": (1, 1, 256, 256)}, 183_489),
+    "jointupsample/pac_joint_upsample_x8": ({}, {"t": (1, 32, 32, 32), "guide0": (1, 16, 64, 64),
+                                                 "guide1": (1, 16, 128, 128), "pred": (1, 1, 256, 256)}, 221_937),
+    "jointupsample/pac_joint_upsample_x16": ({}, {"guide0": (1, 16, 32, 32), "up3": (1, 32, 256, 256),
+                                                  "pred": (1, 1, 256, 256)}, 260_385),
+    "jointupsample/pac_joint_upsample_lite_x4": ({}, {"g": (1, 24, 256, 256), "pred": (1, 1, 256, 256)}, 55_509),
+    "jointupsample/pac_joint_upsample_lite_x8": ({}, {"g": (1, 36, 256, 256), "pred": (1, 1, 256, 256)}, 56_273),
+    "jointupsample/pac_joint_upsample_lite_x16": ({}, {"g": (1, 40, 256, 256), "guide0": (1, 10, 32, 32),
+                                                       "pred": (1, 1, 256, 256)}, 55_777),
+    "jointupsample/djif_x8": ({}, {"target_up": (1, 1, 256, 256), "t": (1, 1, 256, 256),
+                                   "pred": (1, 1, 256, 256)}, 56_323),
+    "fcn/fcn8s_altpad": ({}, {"pool5": (1, 512, 16, 16), "fc7": (1, 4096, 16, 16),
+                              "upscore_pool4": (1, 21, 64, 64), "score": (1, 21, 512, 512)}, FCN8S_ALTPAD),
+    "fcn/fcn8spac": ({}, {"conv3_3_guide": (1, 128, 128, 128), "conv5_3_guide": (1, 128, 32, 32),
+                          "conv5_3": (1, 512, 32, 32), "score": (1, 21, 512, 512)}, FCN8SPAC),
+    "fcn/fcn8s_crfi5p4d5641p4d5161": ({}, {"score": (1, 21, 500, 500), "edge_feat1": (1, 3, 500, 500),
+                                           "crf": (1, 21, 500, 500)}, FCN8S + CRF_P4D5641P4D5161),
 }
 
 
@@ -41,6 +136,8 @@ def test_zoo_net_shapes_and_parameter_count(name):
 
 def test_every_zoo_net_is_covered():
     assert set(EXPECTED) <= set(zoo_names())
+    # the segaware family is covered by its own tests
+    assert not {n for n in zoo_names() if not n.startswith("segaware/")} - set(EXPECTED)
 
 
 @pytest.mark.parametrize("name,size", [("fcn/fcn8s", 64), ("deeplab/deeplab_v2_resnet101", 65)])
@@ -54,3 +151,207 @@ def test_zoo_nets_run_forward_and_train_phase(name, size):
     assert all(torch.isfinite(v).all() for v in out.values())
     train = pacnet.build(name, phase="train", inputs={"data": (1, 3, size, size)}, device="meta")
     assert train.loss_weights and "label" in train.inputs
+
+
+# ----------------------------------------------------------------------------- PAC joint upsampling
+
+class _RefJointUpsample(nn.Module):
+    """PacJointUpsample written from pac.md section 3 with the original's module names
+    (branch_t.conv1, up_convts.0, ...): the oracle for the zoo graphs and their key mapping."""
+
+    def __init__(self, factor, t, g, k_ch, f):
+        super().__init__()
+        from pacnet.pac import PacConvTranspose2d
+
+        self.factor, self.k_ch, n = factor, k_ch, int(math.log2(factor))
+
+        def branch(chans, relu_last=False):
+            layers = []
+            for i in range(len(chans) - 1):
+                layers.append((f"conv{i + 1}", nn.Conv2d(chans[i], chans[i + 1], 5, padding=2)))
+                if i < len(chans) - 2:
+                    layers.append((f"relu{i + 1}", nn.ReLU()))
+            return nn.Sequential(collections.OrderedDict(layers))
+
+        self.branch_t = branch((1,) + t)
+        self.branch_g = branch((3,) + g + (k_ch * n,))
+        chans = (t[-1],) + f + (1,)
+        self.up_convts = nn.ModuleList(PacConvTranspose2d(chans[i], chans[i + 1], 5, stride=2, padding=2,
+                                                          output_padding=1) for i in range(n))
+        self.branch_f = branch(chans[n:])
+
+    def forward(self, target, guide):
+        x, g = self.branch_t(target), self.branch_g(guide)
+        for i, up in enumerate(self.up_convts):
+            scale = 2 ** (i + 1) / self.factor
+            gi = g[:, i * self.k_ch:(i + 1) * self.k_ch]
+            if scale != 1:
+                gi = F.interpolate(gi, scale_factor=scale, mode="bilinear", align_corners=False)
+            x = F.relu(up(x, gi))
+        return self.branch_f(x)
+
+
+class _RefDJIF(nn.Module):
+    """DJIF from pac.md section 3 (unnamed nn.Sequentials, as the original)."""
+
+    def __init__(self, factor):
+        super().__init__()
+        self.factor = factor
+
+        def branch(cin, n1, n2, pads):
+            return nn.Sequential(nn.Conv2d(cin, n1, 9, padding=pads[0]), nn.ReLU(), nn.Conv2d(n1, n2, 1, padding=pads[1]),
+                                 nn.ReLU(), nn.Conv2d(n2, 1, 5, padding=pads[2]))
+
+        self.branch_t, self.branch_g = branch(1, 96, 48, (2, 2, 2)), branch(3, 96, 48, (2, 2, 2))
+        self.branch_joint = branch(2, 64, 32, (4, 0, 2))
+
+    def forward(self, target, guide):
+        if target.shape[-1] < guide.shape[-1]:
+            target = F.interpolate(target, scale_factor=self.factor, mode="bilinear", align_corners=False)
+        return self.branch_joint(torch.cat((self.branch_t(target), self.branch_g(guide)), dim=1))
+
+
+JOINT_REFERENCES = {
+    "pac_joint_upsample_x8": lambda: _RefJointUpsample(8, (32, 32, 32), (32, 32), 16, (32,) * 4),
+    "pac_joint_upsample_lite_x4": lambda: _RefJointUpsample(4, (12, 16, 22), (12, 22), 12, (12, 16, 22)),
+    "pac_joint_upsample_lite_x16": lambda: _RefJointUpsample(16, (8, 16, 16), (8, 16), 10, (8, 16, 16, 16, 16)),
+    "djif_x8": lambda: _RefDJIF(8),
+}
+
+
+@pytest.mark.parametrize("name", sorted(JOINT_REFERENCES))
+def test_joint_upsampling_nets_equal_the_reference_modules(name):
+    """Zoo weights load strictly into the original's module layout ('/' -> '.') and the two
+    compute the same prediction (float64, a 3 x 2 low-res target)."""
+    factor = int(name.rsplit("x", 1)[1])
+    h, w = 3, 2
+    net = pacnet.build(f"jointupsample/{name}", inputs={"target": (2, 1, h, w), "guide": (2, 3, h * factor, w * factor)})
+    net = net.double()
+    ref = JOINT_REFERENCES[name]().double()
+    state = {k.replace("/", "."): v for k, v in net.state_dict().items()}
+    ref.load_state_dict(state, strict=True)
+    assert parameter_count(net) == sum(p.numel() for p in ref.parameters())
+    g = torch.Generator().manual_seed(0)
+    target = torch.rand(2, 1, h, w, generator=g, dtype=torch.float64)
+    guide = torch.rand(2, 3, h * factor, w * factor, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        out = net(target, guide)
+        want = ref(target, guide)
+    assert set(out) == {"pred"}
+    torch.testing.assert_close(out["pred"], want, rtol=1e-10, atol=1e-10)
+
+
+def test_joint_upsampling_train_phase_has_gt_and_a_loss_that_reaches_the_pac_weights():
+    net = pacnet.build("jointupsample/pac_joint_upsample_lite_x8", phase="train",
+                       inputs={"target": (2, 1, 2, 2), "guide": (2, 3, 16, 16)})
+    assert list(net.inputs) == ["target", "guide", "gt"] and net.inputs["gt"] == (2, 1, 16, 16)
+    assert dict(net.loss_weights) == {"loss": 1.0}
+    g = torch.Generator().manual_seed(1)
+    out = net(torch.rand(2, 1, 2, 2, generator=g), torch.rand(2, 3, 16, 16, generator=g),
+              torch.rand(2, 1, 16, 16, generator=g))
+    out["loss"].backward()
+    grad = net.get_submodule("up_convts/0").weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    test = pacnet.build("jointupsample/pac_joint_upsample_lite_x8", device="meta")
+    assert list(test.inputs) == ["target", "guide"] and [o.name for o in test.ir.outputs] == ["pred"]
+
+
+def test_joint_upsampling_x8_carries_a_trainable_data_and_solver_section():
+    from pacnet.engine.data import make_dataset, parse_data
+    from pacnet.engine.solver import parse_solver
+    from pacnet.load import load
+
+    tree = load("jointupsample/pac_joint_upsample_x8")
+    solver = parse_solver(tree["solver"])
+    assert solver.type == "Adam" and solver.max_iter > 0
+    options = parse_data(tree["data"], "train")
+    assert options["dataset"] == "synthetic_depth" and options["factor"] == 8
+    sample = make_dataset(tree["data"], "train")[0]
+    assert set(tree["inputs"]) <= set(sample) and "gt" in sample
+    f = options["factor"]
+    assert sample["guide"].shape[-1] == f * sample["target"].shape[-1] == sample["gt"].shape[-1]
+
+
+# ----------------------------------------------------------------------------- heads
+
+@pytest.mark.parametrize("mode", ["embedded_gaussian", "dot_product", "concatenation"])
+def test_nonlocal_head_modes_run_and_start_as_identity(mode):
+    net = pacnet.build("nonlocal/nonlocal_head", vars={"MODE": mode}, inputs={"data": (1, 3, 33, 33)},
+                       overrides={"outputs": ["seg", "convs/0", "nl_block"]})
+    assert net.ir.node("nl_block").spec["mode"] == mode
+    assert parameter_count(net) == RESNET18 + _nl_head(mode)
+    assert ("nl_block.concat_weight" in net.state_dict()) == (mode == "concatenation")
+    with torch.no_grad():
+        for key, value in net.state_dict().items():  # real statistics come with the weights
+            if key.endswith(("scale_factor", ".var")):
+                value.fill_(1.0)
+        out = net(torch.randn(1, 3, 33, 33, generator=torch.Generator().manual_seed(2)))
+        assert out["seg"].shape == (1, 21, 33, 33) and torch.isfinite(out["seg"]).all()
+        # mmcv zeros_init with a norm: the BN gamma is 0, so the block adds nothing yet
+        torch.testing.assert_close(out["nl_block"], out["convs/0"], rtol=0, atol=0)
+        # with gamma 1 (and positive theta/phi, so relu(concat) cannot be all 0) it does
+        block = net.get_submodule("nl_block")
+        block.out_bn_weight.fill_(1.0)
+        for name in ("theta_weight", "phi_weight", "concat_weight"):
+            if getattr(block, name, None) is not None:
+                getattr(block, name).abs_()
+        again = net(torch.randn(1, 3, 33, 33, generator=torch.Generator().manual_seed(2)))
+        assert (again["nl_block"] - again["convs/0"]).abs().max() > 1e-3
+
+
+def test_aspp_v3_head_wiring():
+    net = pacnet.build("deeplab/aspp_v3_head", device="meta")
+    ir = net.ir
+    assert [b.name for b in ir.node("aspp_concat").inputs] == [
+        "image_pool", "aspp_modules/0", "aspp_modules/1", "aspp_modules/2", "aspp_modules/3"]
+    assert [ir.node(f"aspp_modules/{i}").spec["dilation"] for i in (1, 2, 3)] == [12, 24, 36]
+    assert ir.node("image_pool/pool").spec["output_size"] == 1
+    assert [b.name for b in ir.node("image_pool").inputs] == ["image_pool/conv", "res5c"]
+    assert [b.name for b in ir.node("seg").inputs] == ["conv_seg", "data"]
+    assert not ir.node("seg").spec["align_corners"]
+    train = pacnet.build("deeplab/aspp_v3_head", phase="train", device="meta")
+    assert [b.name for b in train.ir.node("loss").inputs] == ["seg", "label"]
+    assert "conv_seg_dropout" in {n.name for n in train.ir.nodes} - {n.name for n in ir.nodes}
+
+
+# ----------------------------------------------------------------------------- DeepLab VGG vs the Caffe files
+
+GRAPHS = "/work/shared/graphs"
+if not os.path.isdir(GRAPHS):
+    GRAPHS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "graphs")
+needs_graphs = pytest.mark.skipif(not os.path.isdir(GRAPHS), reason="shared graphs not available")
+CAFFE_VARS = {"NUM_LABELS": 21, "EXP": "voc12", "NET_ID": "net", "DATA_ROOT": "x", "TRAIN_SET": "train",
+              "TEST_SET": "val", "FEATURE_DIR": "x", "LIST_DIR": "x", "NET_ROOT": "x"}
+
+
+def _caffe(rel, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pacnet.build(os.path.join(GRAPHS, rel), vars=CAFFE_VARS, **kwargs)
+
+
+@needs_graphs
+@pytest.mark.parametrize("rel,name", [("deeplab/v2_vgg16_aspp_l/train.prototxt", "deeplab/deeplab_v2_vgg16_aspp"),
+                                      ("deeplab/v1_largefov_legacy/train.prototxt", "deeplab/deeplab_v1_largefov")])
+def test_deeplab_vgg_nets_match_the_authors_caffe_files(rel, name):
+    caffe = _caffe(rel, phase="train", device="meta")
+    zoo = pacnet.build(name, phase="train", device="meta", inputs={"data": caffe.inputs["data"]})
+    assert {k: tuple(v.shape) for k, v in zoo.state_dict().items()} == \
+        {k: tuple(v.shape) for k, v in caffe.state_dict().items()}
+    assert dict(zoo.param_specs) == dict(caffe.param_specs)  # lr/decay multipliers, blob by blob
+    assert zoo.shapes["fc8_voc12"] == caffe.shapes["fc8_voc12"]
+
+
+@needs_graphs
+def test_deeplab_v2_vgg16_aspp_computes_what_the_caffe_test_net_computes():
+    # the file's data layer crops 513 x 513; 33 x 33 (32k - 31) keeps every level aligned
+    caffe = _caffe("deeplab/v2_vgg16_aspp_l/test.prototxt",
+                   overrides={"inputs.data": [1, 3, 33, 33], "inputs.label": [1, 1, 33, 33]})
+    zoo = pacnet.build("deeplab/deeplab_v2_vgg16_aspp", inputs={"data": (1, 3, 33, 33)})
+    zoo.load_state_dict(caffe.state_dict(), strict=True)
+    x = torch.randn(1, 3, 33, 33, generator=torch.Generator().manual_seed(3)) * 50
+    with torch.no_grad():
+        want = caffe(x, torch.zeros(caffe.inputs["label"]), torch.zeros(caffe.inputs["data_dim"]))
+        got = zoo(x)
+    assert got["fc8_interp"].shape == (1, 21, 33, 33)
+    torch.testing.assert_close(got["fc8_interp"], want["fc8_interp"], rtol=0, atol=0)
