@@ -18,7 +18,14 @@ the test (or val) set; optionally write predictions (VOC palette PNGs, ``.flo``,
 :func:`benchmark` -- forward/backward timings, total and per layer.
 
 Nothing here prints: progress goes to an ``on_event(record)`` callback (a dict with
-``event`` = ``start``/``resume``/``weights``/``train``/``test``/``snapshot``/``done``).
+``event`` = ``start``/``resume``/``weights``/``step``/``train``/``test``/``snapshot``/
+``interrupted``/``done``).  ``step`` comes after every update (``step``, ``loss``,
+``smoothed_loss``, ``lr``: enough for a progress bar); ``train`` every ``display`` iterations.
+
+A ``KeyboardInterrupt`` during training (Ctrl-C; the CLI turns SIGTERM into one) saves a
+snapshot of the last completed iteration, emits ``interrupted`` with its path and is
+re-raised; resuming from that snapshot continues exactly.  An interrupt that arrives while
+the weights are being updated is held until the update is done.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from pacnet.engine.checkpoint import Checkpoint, CheckpointManager, load_weights, seed_everything
 from pacnet.engine.data import make_dataset, make_loader, parse_data
@@ -103,10 +111,16 @@ def pick_device(device: Any = None, info: DistInfo = DistInfo()) -> torch.device
 # --------------------------------------------------------------------------- nets and data
 
 
-def _input_names(tree: Mapping[str, Any]) -> List[str]:
-    inputs = tree.get("inputs")
-    if isinstance(inputs, Mapping) and inputs:
-        return [str(k) for k in inputs]
+def _input_names(tree: Mapping[str, Any], phase: str, source: Optional[str] = None) -> List[str]:
+    """The blobs the data must feed in ``phase``: the ``inputs:`` section plus the Input
+    layers included in that phase (e.g. a ground truth that only the train net reads)."""
+    import copy
+
+    from pacnet.graph import build_graph
+
+    names = [str(k) for k in build_graph(copy.deepcopy(tree), phase=phase, source=source).inputs]
+    if names:
+        return names
     raise PacnetError("the net declares no inputs, so the engine cannot feed it data",
                       hint="add an 'inputs:' section naming the blobs the data set gives")
 
@@ -167,7 +181,10 @@ def _call(net: torch.nn.Module, names: Sequence[str], batch: Mapping[str, torch.
 class Evaluator:
     """What a test pass measures, from the resolved ``data:`` options of its phase:
     the mean of every scalar output (losses, accuracies; Caffe's "Test net output"),
-    plus the data set's metric (mIoU, RMSE, EPE) on the ``predict`` blob."""
+    plus the data set's metric (mIoU, RMSE, EPE) on the ``predict`` blob.  For RMSE and
+    EPE also the same metric of the bilinear baseline (``bilinear_rmse``/``bilinear_epe``):
+    the low-res ``target`` upsampled bilinearly to the ground truth's size and
+    de-normalised like the prediction (pac.md §3 "Bilinear")."""
 
     def __init__(self, options: Mapping[str, Any], outputs: Sequence[str], losses: Iterable[str] = ()) -> None:
         self.options = dict(options)
@@ -176,6 +193,7 @@ class Evaluator:
         self.key = lambda k: rename.get(k, k)
         self.scalars: Dict[str, Average] = {}
         self.metric: Any = None
+        self.baseline: Any = None
         self.predict: Optional[str] = None
         if self.kind == "none":
             return
@@ -195,13 +213,16 @@ class Evaluator:
             self.metric = ConfusionMatrix(options["num_classes"], options["ignore_label"])
         elif self.kind == "rmse":
             self.metric = RMSE(border=options.get("eval_border", 0))
+            self.baseline = RMSE(border=options.get("eval_border", 0))
         elif self.kind == "epe":
             self.metric = EPE(border=options.get("eval_border", 0))
+            self.baseline = EPE(border=options.get("eval_border", 0))
 
     def reset(self) -> None:
         self.scalars = {}
-        if self.metric is not None:
-            self.metric.reset()
+        for metric in (self.metric, self.baseline):
+            if metric is not None:
+                metric.reset()
 
     def prediction(self, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The predict blob in the ground truth's space (de-normalised for depth/flow)."""
@@ -213,6 +234,16 @@ class Evaluator:
 
     def truth(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return batch[self.key("label" if self.kind == "miou" else "gt_raw")]
+
+    def bilinear(self, batch: Mapping[str, torch.Tensor], size: Sequence[int]) -> Optional[torch.Tensor]:
+        """The bilinear baseline in the ground truth's space: the low-res ``target`` resized
+        to ``size`` (``F.interpolate``, align_corners=False), de-normalised; None when the
+        data gives no ``target``."""
+        low = batch.get(self.key("target"))
+        if low is None or low.dim() != 4:
+            return None
+        up = F.interpolate(low.float(), size=tuple(size), mode="bilinear", align_corners=False)
+        return denormalize(up, batch[self.key("target_range")].to(up.device))
 
     def update(self, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]) -> Optional[torch.Tensor]:
         for name, value in outputs.items():
@@ -230,13 +261,18 @@ class Evaluator:
             raise ShapeError(f"prediction '{self.predict}' has shape {tuple(pred.shape)} but the ground truth "
                              f"{tuple(truth.shape)}", hint="the net's output must match the full-resolution target")
         self.metric.update(pred, truth)
+        if self.baseline is not None:
+            base = self.bilinear(batch, truth.shape[-2:])
+            if base is not None:
+                self.baseline.update(base, truth)
         return pred
 
     def all_reduce(self) -> None:
         for avg in self.scalars.values():
             avg.all_reduce()
-        if self.metric is not None:
-            self.metric.all_reduce()
+        for metric in (self.metric, self.baseline):
+            if metric is not None:
+                metric.all_reduce()
 
     def compute(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {}
@@ -244,6 +280,8 @@ class Evaluator:
             out.update(avg.compute())
         if self.metric is not None:
             out.update(self.metric.compute())
+        if self.baseline is not None and self.baseline.state[1] > 0:
+            out.update({f"bilinear_{k}": v for k, v in self.baseline.compute().items()})
         return out
 
 
@@ -297,16 +335,75 @@ def _share_weights(test_net: torch.nn.Module, train_net: torch.nn.Module) -> Non
                 value.copy_(src[key])
 
 
+def _autocast(device: torch.device, enabled: bool) -> Callable[[], Any]:
+    """A factory of the forward's autocast context for ``amp``: bfloat16 on CPU and CUDA.
+
+    bfloat16 has float32's exponent range, so losses and gradients cannot overflow and no
+    GradScaler is needed (float16 would need one, and its skipped steps would break Caffe's
+    one-update-per-iteration count).  GPUs without bfloat16 (before Ampere) are refused."""
+    if not enabled:
+        return contextlib.nullcontext
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise PacnetError(f"--amp uses bfloat16, which {torch.cuda.get_device_name(device)} does not support",
+                          hint="train without --amp on this GPU")
+    if device.type not in ("cpu", "cuda"):
+        raise PacnetError(f"--amp is not supported on device {device.type!r}", hint="use cpu or cuda")
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _torch_rng() -> Tuple[torch.Tensor, Optional[List[torch.Tensor]]]:
+    """torch's CPU and CUDA generator states: what a forward/backward pass may draw from
+    (dropout); the data stream and its augmentation have their own generators."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_torch_rng(state: Tuple[torch.Tensor, Optional[List[torch.Tensor]]]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
+
+
+@contextlib.contextmanager
+def _interrupts_held():
+    """Hold SIGINT/SIGTERM (their Python handlers, e.g. the KeyboardInterrupt of Ctrl-C)
+    until the block is done, so an interrupt never lands between updating the weights and
+    counting the iteration.  Outside the main thread signals cannot arrive: no-op."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: List[Tuple[Any, Any]] = []
+    saved = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(sig)
+        if callable(handler):
+            saved[sig] = handler
+            signal.signal(sig, lambda signum, frame: held.append((signum, frame)))
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    if held:  # deliver the first one now, as if it had just arrived
+        signum, frame = held[0]
+        saved[signum](signum, frame)
+
+
 def train(source: Any, work_dir: str, *, vars: Optional[Mapping[str, Any]] = None,
           overrides: Optional[Mapping[str, Any]] = None, device: Any = None, resume: Any = True,
           weights: Sequence[str] = (), on_event: OnEvent = None, tensorboard: Optional[bool] = None,
-          argv: Optional[Sequence[str]] = None, fuse: bool = True) -> Dict[str, Any]:
+          argv: Optional[Sequence[str]] = None, fuse: bool = True, amp: bool = False) -> Dict[str, Any]:
     """Train the net of ``source`` into ``work_dir`` (see the module docstring).
 
     ``resume``: True = continue from the work dir's latest checkpoint if any; False =
-    start fresh (the work dir's checkpoints are kept until overwritten); a path = resume
-    from that checkpoint.  ``weights``: safetensors files to initialise from when not
-    resuming (added to the solver's ``weights``).  Returns a summary dict.
+    start fresh (the work dir's checkpoints are kept until overwritten, its metrics are
+    cleared); a path = resume from that checkpoint.  ``weights``: safetensors files to
+    initialise from when not resuming (added to the solver's ``weights``).  ``amp``: run
+    the training forward passes under bfloat16 autocast (:func:`_autocast`; the backward,
+    the update and the test passes stay float32).  Returns a summary dict.
     """
     from pacnet.api import build
     from pacnet.load import load
@@ -317,9 +414,10 @@ def train(source: Any, work_dir: str, *, vars: Optional[Mapping[str, Any]] = Non
     data = tree.get("data")
     info = init_distributed()
     dev = pick_device(device, info)
+    autocast = _autocast(dev, amp)
     train_opts = parse_data(data, "train", source=src)
     train_set = make_dataset(data, "train", source=src)
-    names = _input_names(tree)
+    names = _input_names(tree, "train", src)
     if config.random_seed >= 0:
         seed_everything(config.random_seed)
     kw = dict(vars=vars, overrides=overrides, fuse=fuse)
@@ -332,7 +430,8 @@ def train(source: Any, work_dir: str, *, vars: Optional[Mapping[str, Any]] = Non
     if testing:
         test_opts = parse_data(data, "test", source=src)
         test_set = make_dataset(data, "test", source=src)
-        test_net = build(source, phase="test", inputs=batch_shapes(test_set, names, test_opts["batch_size"]),
+        test_names = _input_names(tree, "test", src)
+        test_net = build(source, phase="test", inputs=batch_shapes(test_set, test_names, test_opts["batch_size"]),
                          **kw).to(dev)
         evaluator = Evaluator(test_opts, _outputs(test_net), test_net.loss_weights)
         test_loader = make_loader(test_set, batch_size=test_opts["batch_size"], train=False, rank=info.rank,
@@ -353,6 +452,8 @@ def train(source: Any, work_dir: str, *, vars: Optional[Mapping[str, Any]] = Non
             wd.truncate_metrics(solver.iter - 1)  # records from iteration `iter` on came after it
         _emit(on_event, {"event": "resume", "step": solver.iter, "path": checkpoint.weights})
     else:
+        if info.main:
+            wd.truncate_metrics(-1)  # records of an earlier run that never reached a checkpoint
         init = list(config.weights) + [os.fspath(w) for w in weights]
         if init:
             counts = copy_trained_layers(net, init)
@@ -367,7 +468,9 @@ def train(source: Any, work_dir: str, *, vars: Optional[Mapping[str, Any]] = Non
                          shuffle=train_opts["shuffle"], start=position, rank=info.rank,
                          world_size=info.world_size, num_workers=train_opts["num_workers"],
                          pin_memory=dev.type == "cuda")
-    batches = iter(loader)
+    held = _torch_rng()
+    batches = iter(loader)  # draws a worker base seed from torch's generator: keep it out of the
+    _set_torch_rng(held)    # training stream, or a resumed run would be one draw ahead
     _emit(on_event, {"event": "start", "step": solver.iter, "max_iter": config.max_iter, "device": str(dev),
                      "work_dir": wd.path, "params": sum(p.numel() for p in solver.params),
                      "frozen": len(solver.frozen), "world_size": info.world_size})
@@ -386,17 +489,19 @@ def train(source: Any, work_dir: str, *, vars: Optional[Mapping[str, Any]] = Non
             wd.log(solver.iter, results, phase="test")
         _emit(on_event, {"event": "test", "step": solver.iter, **results})
 
-    def snapshot() -> None:
+    def snapshot(barrier: bool = True) -> None:
         nonlocal last_checkpoint
         if info.main:
             last_checkpoint = manager.save(solver.iter, net, solver=solver, extra={"data_position": position})
             _emit(on_event, {"event": "snapshot", "step": solver.iter, "path": last_checkpoint.weights})
-        if info.distributed:
+        if info.distributed and barrier:
             torch.distributed.barrier()
 
     tick, since = time.perf_counter(), solver.iter
+    unfinished = None  # torch's RNG state at the start of an iteration whose update is not done yet
     try:
         while not solver.done:
+            unfinished = _torch_rng()
             if testing and solver.should_test():
                 run_test()
             solver.zero_grad()
@@ -404,26 +509,33 @@ def train(source: Any, work_dir: str, *, vars: Optional[Mapping[str, Any]] = Non
             for k in range(config.iter_size):
                 sync = model.no_sync() if info.distributed and k < config.iter_size - 1 else contextlib.nullcontext()
                 with sync:
-                    loss = total_loss(net, _call(net, names, next(batches), dev, model))
+                    with autocast():
+                        loss = total_loss(net, _call(net, names, next(batches), dev, model))
                     loss.backward()
                 losses.append(float(loss.detach()))
-            position += train_opts["batch_size"] * config.iter_size
             mean_loss = sum(losses) / len(losses)
             if info.distributed:  # log the global mean; every rank sees the same value below
                 mean_loss = float(all_reduce_(torch.tensor([mean_loss], dtype=torch.float64))[0]) / info.world_size
-            step = solver.apply(mean_loss)
+            record = None
+            with _interrupts_held():  # the update, the iteration count and its log record go together
+                step = solver.apply(mean_loss)
+                position += train_opts["batch_size"] * config.iter_size
+                unfinished = None
+                if math.isfinite(step.loss) and solver.should_display():
+                    now = time.perf_counter()
+                    record = {"loss": step.loss, "smoothed_loss": step.smoothed_loss, "lr": step.lr,
+                              "seconds_per_iter": round((now - tick) / max(solver.iter - since, 1), 5)}
+                    if step.grad_norm is not None:
+                        record["grad_norm"] = step.grad_norm
+                    tick, since = now, solver.iter
+                    if info.main:
+                        wd.log(step.iter, record, phase="train")
             if not math.isfinite(step.loss):
                 raise PacnetError(f"the loss became {step.loss} at iteration {step.iter}",
                                   hint="lower solver.base_lr, or set solver.clip_gradients")
-            if solver.should_display():
-                now = time.perf_counter()
-                record = {"loss": step.loss, "smoothed_loss": step.smoothed_loss, "lr": step.lr,
-                          "seconds_per_iter": round((now - tick) / max(solver.iter - since, 1), 5)}
-                if step.grad_norm is not None:
-                    record["grad_norm"] = step.grad_norm
-                tick, since = now, solver.iter
-                if info.main:
-                    wd.log(step.iter, record, phase="train")
+            _emit(on_event, {"event": "step", "step": step.iter, "loss": step.loss,
+                             "smoothed_loss": step.smoothed_loss, "lr": step.lr})
+            if record is not None:
                 _emit(on_event, {"event": "train", "step": step.iter, **record})
             if solver.should_snapshot():
                 snapshot()
@@ -431,6 +543,15 @@ def train(source: Any, work_dir: str, *, vars: Optional[Mapping[str, Any]] = Non
             snapshot()
         if testing and solver.test_at_end():
             run_test()
+    except KeyboardInterrupt:
+        # Save the last completed iteration: the unfinished one never happened (its RNG
+        # draws are undone; its gradients are not in the weights; `position` excludes it).
+        if unfinished is not None:
+            _set_torch_rng(unfinished)
+        snapshot(barrier=False)  # other ranks may be stopped anywhere
+        _emit(on_event, {"event": "interrupted", "step": solver.iter,
+                         "path": last_checkpoint.weights if info.main and last_checkpoint else None})
+        raise
     finally:
         wd.close()
     summary = {"event": "done", "step": solver.iter, "work_dir": wd.path,
@@ -498,7 +619,7 @@ def test(source: Any, weights: Optional[str], *, vars: Optional[Mapping[str, Any
     dev = pick_device(device, info)
     opts = parse_data(data, split, source=src)
     dataset = make_dataset(data, split, source=src)
-    names = _input_names(tree)
+    names = _input_names(tree, "test", src)
     net = build(source, phase="test", inputs=batch_shapes(dataset, names, opts["batch_size"]), vars=vars,
                 overrides=overrides, fuse=fuse).to(dev)
     loaded = None
