@@ -133,12 +133,21 @@ def _check_tensor(t: Any, name: str, dim: Optional[int] = None, allow_bool: bool
         raise PacnetValueError(f"{name} must be {dim}-D, got shape {list(t.shape)}")
 
 
+def _autocast(t: torch.Tensor) -> bool:
+    try:
+        return torch.is_autocast_enabled(t.device.type)
+    except RuntimeError:  # a device type autocast does not know (meta, ...)
+        return False
+
+
 def _check_same(tensors: Sequence[Tuple[str, Optional[torch.Tensor]]], dtype: bool = True) -> None:
     """All given tensors on one device and (floating ones) of one dtype."""
     given = [(n, t) for n, t in tensors if isinstance(t, torch.Tensor)]
     if not given:
         return
     n0, t0 = given[0]
+    if dtype and _autocast(t0):
+        dtype = False  # under autocast float16/bfloat16 activations meet float32 parameters
     for n, t in given[1:]:
         if t.device != t0.device:
             raise PacnetValueError(f"{n} is on {t.device} but {n0} is on {t0.device}",

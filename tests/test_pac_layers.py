@@ -10,7 +10,6 @@ import itertools
 import pytest
 import torch
 
-import pacnet.kernels.pac as kernels
 from layer_helpers import infer, layer_error, make_spec, run_layer, single_thread  # noqa: F401
 from pacnet.errors import SchemaError, ShapeError
 from pacnet.pac import PacConv2d, PacConvTranspose2d, PacPool2d, packernel2d
@@ -19,14 +18,14 @@ from pacnet.registry import get
 D64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _kernels_or_fallback(monkeypatch):
-    """Development only: the kernels' plain-torch reference while the package does not yet
-    export the fused ops."""
-    from pacnet.kernels.pac import reference
-    for name in ("pac_dist", "pac_conv2d", "pac_pool2d"):
-        if not hasattr(kernels, name):
-            monkeypatch.setattr(kernels, name, getattr(reference, name), raising=False)
+@pytest.fixture(autouse=True, scope="module")
+def _one_numba_thread():
+    """Tiny tensors: Numba's worker threads only add contention on a loaded machine."""
+    import numba
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    yield
+    numba.set_num_threads(before)
 
 
 def rnd(*shape, seed=0):
