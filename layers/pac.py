@@ -38,8 +38,9 @@ import torch
 from torch import nn
 
 from pacnet import pac
-from pacnet.errors import PacnetValueError, ShapeError
-from pacnet.layers.common import POSITIVE_INT, conv_out, fill_, filler, filler_problem, int_or_pair, numel, spatial_pair
+from pacnet.errors import PacnetValueError
+from pacnet.layers.common import (POSITIVE_INT, conv_out, fill_, filler, filler_problem,
+                                  int_or_pair, numel, spatial_pair)
 from pacnet.registry import Layer, LayerSpec, Shape, register
 
 # ----------------------------------------------------------------------------- schema

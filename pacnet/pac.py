@@ -387,7 +387,7 @@ def packernel2d(input: torch.Tensor, mask: Optional[torch.Tensor] = None,
             where = "the low-resolution input" if transposed else "the input"
             raise PacnetValueError(f"mask must be {[b, 1, *in_hw]} ({where} size, one channel), "
                                    f"got {list(mask.shape)}")
-        if mask.is_floating_point() and mask.dtype != input.dtype:
+        if mask.is_floating_point() and mask.dtype != input.dtype and not _autocast(input):
             raise PacnetValueError(f"mask has dtype {mask.dtype} but input has {input.dtype}")
 
     # Centre features (smoothed or not) and the distance tensor D.
@@ -865,7 +865,9 @@ class PacConv2d(_PacConvNd):
 
 
 class PacConvTranspose2d(_PacConvNd):
-    """Pixel-adaptive transposed convolution: ``N x in x H x W`` (+ guide at the output size) -> ``N x out x oh x ow``.
+    """Pixel-adaptive transposed convolution: ``N x in x H x W`` -> ``N x out x oh x ow``.
+
+    The guide is ``N x Cg x oh x ow`` (the output size).
 
     ``oh = (H-1)s - 2p + d(k-1) + 1 + output_padding`` as ``nn.ConvTranspose2d``.  ``K`` is
     computed from the guide at the **output** resolution (stride 1, "same" padding).

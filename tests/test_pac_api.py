@@ -850,6 +850,22 @@ def test_gradcheck_pacpool2d(cfg):
     gradcheck(fn, (x, guide) if kt == "gaussian" else (x, guide, a, lam))
 
 
+def test_autocast_mixed_dtypes_are_allowed():
+    """Under autocast bfloat16 activations meet float32 parameters: no dtype error."""
+    layer = PacConv2d(2, 3, 3, padding=1, kernel_type="inv_1_-1", smooth_kernel_type="full_3")
+    x, guide = torch.randn(1, 2, 6, 6), torch.randn(1, 2, 6, 6)
+    mask = torch.rand(1, 1, 6, 6, generator=torch.Generator().manual_seed(0)) > 0.3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, m = layer(x.bfloat16(), guide.bfloat16(), mask=mask.float())
+    ref, ref_m = layer(x, guide, mask=mask)
+    torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
+    assert torch.equal(m.float(), ref_m)
+    out.float().sum().backward()
+    assert all(p.grad is not None for p in layer.parameters())
+    with pytest.raises(PacnetValueError, match="dtype"):  # outside autocast it is a mistake
+        layer(x.bfloat16(), guide.bfloat16())
+
+
 # ----------------------------------------------------------------------------- validation
 
 def _bad(fn, match=None):

@@ -406,3 +406,8 @@ def test_yaml_net_one_kernel_feeds_two_pac_layers():
     # gradients reach the shared kernel's parameters through both PAC layers
     out["pac2"].sum().backward()
     assert net.K.inv_alpha.grad is not None and net.K.inv_lambda.grad.abs() > 0
+    # a bodiless build (what `pacnet build` shows): shapes and parameters without data
+    meta = pacnet.build({"inputs": {"data": [2, 3, 9, 8], "guide": [2, 5, 9, 8]},
+                         "layers": layers, "outputs": ["pac2", "pool"]}, device="meta")
+    assert {k: tuple(v.shape) for k, v in meta.state_dict().items()} == \
+        {k: tuple(v.shape) for k, v in sd.items()}
