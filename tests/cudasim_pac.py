@@ -1,15 +1,22 @@
-"""Check the Numba CUDA PAC kernels against the torch reference under the CUDA simulator.
+"""Check the Numba CUDA PAC kernels without a GPU.
 
 Run as a script (``tests/test_pac_kernels_cuda.py`` does, in a subprocess):
-``NUMBA_ENABLE_CUDASIM`` must be set before numba is first imported, which is why this is
-not an ordinary test module.  Shapes are tiny because the simulator runs one Python thread per
-CUDA thread.  Prints one line per case and exits 1 if any value or gradient differs.
+
+* ``python tests/cudasim_pac.py``: forward and backward of every kernel against the torch
+  reference under the CUDA simulator.  ``NUMBA_ENABLE_CUDASIM`` must be set before numba is
+  first imported, which is why this is not an ordinary test module.  Shapes are tiny because
+  the simulator runs one Python thread per CUDA thread.  Exits 1 if anything differs.
+* ``python tests/cudasim_pac.py --ptx``: compile every kernel to PTX (sm_90, float32 and
+  float64) with the real NVVM compiler, which catches device-typing errors the simulator
+  cannot see.  Exits 3 when no NVVM/CUDA toolkit is installed.
 """
 
 import os
 import sys
 
-os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+PTX = "--ptx" in sys.argv
+if not PTX:
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
 
 import torch  # noqa: E402
 
@@ -35,7 +42,49 @@ def ref_grads(fn, inputs, grad):
     return out.detach(), [t.grad if t is not None else None for t in leaves]
 
 
+def compile_all_ptx():
+    from numba import types
+    from numba.cuda import compile_ptx
+
+    i8, b1 = types.int64, types.boolean
+    geo6 = (i8,) * 6
+    geo8 = (i8,) * 8
+    for dt in (types.float32, types.float64):
+        a1, a4, a6 = (types.Array(dt, n, "C") for n in (1, 4, 6))
+        sigs = {
+            "_dist_fwd": (a4, a4, b1) + geo8 + (b1, b1, dt, a6),
+            "_dist_bwd_ctr": (a6, a4, a4, b1) + geo8 + (b1, b1, dt, a4),
+            "_dist_bwd_guide": (a6, a4, a4, b1) + geo8 + (b1, b1, dt, a4, a4),
+            "_conv_fwd": (a4, a6, a4, a1) + geo6 + (dt, a4),
+            "_conv_bwd_x": (a4, a6, a4) + geo6 + (dt, a4),
+            "_conv_bwd_k": (a4, a4, a4) + geo6 + (dt, a6),
+            "_conv_bwd_w": (a4, a4, a6) + geo6 + (dt, a4),
+            "_pool_fwd": (a4, a6, a1, a1) + geo8 + (dt, a4),
+            "_pool_bwd_x": (a4, a6, a1) + geo8 + (dt, a4),
+            "_pool_bwd_q": (a4, a4) + geo8 + (dt, a6),
+        }
+        kernels = {k for k, v in vars(K_cuda).items()
+                   if hasattr(v, "py_func") and not v.targetoptions.get("device")}
+        assert kernels == set(sigs), f"PTX signatures do not match the kernels: {kernels}"
+        for name, sig in sigs.items():
+            try:
+                ptx, _ = compile_ptx(getattr(K_cuda, name).py_func, sig, cc=(9, 0))
+            except Exception as exc:  # noqa: BLE001 - report any compiler failure
+                if type(exc).__name__ in ("DynamicLibNotFoundError", "NvvmSupportError",
+                                          "CudaSupportError", "NvrtcSupportError"):
+                    print(f"no CUDA toolkit: {exc}")
+                    return 3
+                print(f"FAIL {name} {dt}: {type(exc).__name__}: {exc}")
+                failures.append(name)
+                continue
+            print(f"ok   {name} {dt}: {len(ptx)} bytes of PTX")
+    print(f"{len(failures)} failure(s)")
+    return 1 if failures else 0
+
+
 def main():
+    if PTX:
+        return compile_all_ptx()
     assert K_cuda._SIM, "the simulator is not active"
     gen = torch.Generator().manual_seed(0)
     dt = torch.float64

@@ -112,6 +112,12 @@ def _dist_fwd(f, ctr, has_ctr, kh, kw, sh, sw, ph, pw, dh, dw, asym, cw, D):
 
 
 @njit(cache=True)
+def _dist_fwd_serial(f, ctr, has_ctr, kh, kw, sh, sw, ph, pw, dh, dw, asym, cw, D):
+    for it in range(f.shape[0] * D.shape[4]):
+        _dist_fwd_row(it, f, ctr, has_ctr, kh, kw, sh, sw, ph, pw, dh, dw, asym, cw, D)
+
+
+@njit(cache=True)
 def _dist_fwd_row(it, f, ctr, has_ctr, kh, kw, sh, sw, ph, pw, dh, dw, asym, cw, D):
     B, Cg, H, W = f.shape
     oh, ow = D.shape[4], D.shape[5]
@@ -168,6 +174,15 @@ def _dist_bwd(gD, f, ctr, has_ctr, kh, kw, sh, sw, ph, pw, dh, dw, asym, cw,
               L, nbands, nchunks, gf, gc):
     for phase in range(2):
         for ch in prange(nchunks):
+            _dist_bwd_chunk(ch, phase, gD, f, ctr, has_ctr, kh, kw, sh, sw, ph, pw, dh, dw, asym,
+                            cw, L, nbands, nchunks, gf, gc)
+
+
+@njit(cache=True)
+def _dist_bwd_serial(gD, f, ctr, has_ctr, kh, kw, sh, sw, ph, pw, dh, dw, asym, cw,
+                     L, nbands, nchunks, gf, gc):
+    for phase in range(2):
+        for ch in range(nchunks):
             _dist_bwd_chunk(ch, phase, gD, f, ctr, has_ctr, kh, kw, sh, sw, ph, pw, dh, dw, asym,
                             cw, L, nbands, nchunks, gf, gc)
 
@@ -259,6 +274,13 @@ def _conv_fwd(x, K, W2, bias, kh, kw, sh, sw, ph, pw, dh, dw, T, out):
 
 
 @njit(cache=True)
+def _conv_fwd_serial(x, K, W2, bias, kh, kw, sh, sw, ph, pw, dh, dw, T, out):
+    ntiles = (out.shape[3] + T - 1) // T
+    for it in range(x.shape[0] * out.shape[2] * ntiles):
+        _conv_fwd_tile(it, x, K, W2, bias, kh, kw, sh, sw, ph, pw, dh, dw, T, out)
+
+
+@njit(cache=True)
 def _conv_fwd_tile(it, x, K, W2, bias, kh, kw, sh, sw, ph, pw, dh, dw, T, out):
     B, C, H, Wd = x.shape
     O = W2.shape[0]
@@ -326,6 +348,15 @@ def _conv_bwd(gout, x, K, WT, kh, kw, sh, sw, ph, pw, dh, dw, T, L, nbands, nchu
               need_x, need_k, need_w, gx, gK, gWp):
     for phase in range(2):
         for ch in prange(nchunks):
+            _conv_bwd_chunk(ch, phase, gout, x, K, WT, kh, kw, sh, sw, ph, pw, dh, dw, T, L,
+                            nbands, nchunks, need_x, need_k, need_w, gx, gK, gWp)
+
+
+@njit(cache=True)
+def _conv_bwd_serial(gout, x, K, WT, kh, kw, sh, sw, ph, pw, dh, dw, T, L, nbands, nchunks,
+                     need_x, need_k, need_w, gx, gK, gWp):
+    for phase in range(2):
+        for ch in range(nchunks):
             _conv_bwd_chunk(ch, phase, gout, x, K, WT, kh, kw, sh, sw, ph, pw, dh, dw, T, L,
                             nbands, nchunks, need_x, need_k, need_w, gx, gK, gWp)
 
@@ -458,6 +489,12 @@ def _pool_fwd(x, K, tw, bias, kh, kw, sh, sw, ph, pw, dh, dw, out):
 
 
 @njit(cache=True)
+def _pool_fwd_serial(x, K, tw, bias, kh, kw, sh, sw, ph, pw, dh, dw, out):
+    for it in range(x.shape[0] * out.shape[2]):
+        _pool_fwd_row(it, x, K, tw, bias, kh, kw, sh, sw, ph, pw, dh, dw, out)
+
+
+@njit(cache=True)
 def _pool_fwd_row(it, x, K, tw, bias, kh, kw, sh, sw, ph, pw, dh, dw, out):
     B, C, H, Wd = x.shape
     kc = K.shape[1]
@@ -503,6 +540,15 @@ def _pool_bwd(gout, x, K, tw, kh, kw, sh, sw, ph, pw, dh, dw, L, nbands, nchunks
               need_x, need_k, need_w, gx, gK, gtp):
     for phase in range(2):
         for ch in prange(nchunks):
+            _pool_bwd_chunk(ch, phase, gout, x, K, tw, kh, kw, sh, sw, ph, pw, dh, dw, L, nbands,
+                            nchunks, need_x, need_k, need_w, gx, gK, gtp)
+
+
+@njit(cache=True)
+def _pool_bwd_serial(gout, x, K, tw, kh, kw, sh, sw, ph, pw, dh, dw, L, nbands, nchunks,
+                     need_x, need_k, need_w, gx, gK, gtp):
+    for phase in range(2):
+        for ch in range(nchunks):
             _pool_bwd_chunk(ch, phase, gout, x, K, tw, kh, kw, sh, sw, ph, pw, dh, dw, L, nbands,
                             nchunks, need_x, need_k, need_w, gx, gK, gtp)
 
@@ -578,13 +624,24 @@ def _pool_bwd_chunk(ch, phase, gout, x, K, tw, kh, kw, sh, sw, ph, pw, dh, dw, L
 
 # ----------------------------------------------------------------------------- torch wrappers
 
+# Below this many multiply-adds a call runs on one thread: waking the thread pool costs more
+# than it saves (and much more on a busy machine).  Tests set it to 0 to exercise the
+# parallel drivers on small inputs.
+PARALLEL_MIN_WORK = 1 << 17
+
+
 def _threads() -> int:
     return max(1, int(numba.get_num_threads()))
 
 
-def _plan_bands(B: int, oh: int, kh: int, sh: int, dh: int) -> Tuple[int, int, int]:
+def _parallel(work: int) -> bool:
+    return work >= PARALLEL_MIN_WORK and _threads() > 1
+
+
+def _plan_bands(B: int, oh: int, kh: int, sh: int, dh: int,
+                parallel: bool = True) -> Tuple[int, int, int]:
     """Band length, band count and chunk count for a race-free backward scatter."""
-    n = _threads()
+    n = _threads() if parallel else 1
     lmin = (kh - 1) * dh // sh + 1
     per_image = math.ceil(4 * n / max(B, 1))  # aim at >= 4 work items per thread in all
     if per_image <= 1 or oh <= lmin:
@@ -630,8 +687,9 @@ def pac_dist_fwd(guide, center, kernel_size, stride, padding, dilation, asym, ch
     oh = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     ow = (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     D = torch.empty((B, Cg if channel_wise else 1, kh, kw, oh, ow), dtype=f.dtype)
-    _dist_fwd(_np(f), _np(ctr) if ctr is not None else _dummy(f, 4), ctr is not None,
-              kh, kw, sh, sw, ph, pw, dh, dw, bool(asym), bool(channel_wise), _np(D))
+    run = _dist_fwd if _parallel(B * Cg * kh * kw * oh * ow) else _dist_fwd_serial
+    run(_np(f), _np(ctr) if ctr is not None else _dummy(f, 4), ctr is not None,
+        kh, kw, sh, sw, ph, pw, dh, dw, bool(asym), bool(channel_wise), _np(D))
     return D.to(dtype)
 
 
@@ -649,10 +707,12 @@ def pac_dist_bwd(grad, guide, center, kernel_size, stride, padding, dilation, as
     oh, ow = gD.shape[4], gD.shape[5]
     gf = torch.zeros_like(f)
     gc = torch.empty((B, Cg, oh, ow), dtype=f.dtype)
-    L, nbands, nchunks = _plan_bands(B, oh, kh, sh, dh)
-    _dist_bwd(_np(gD), _np(f), _np(ctr) if ctr is not None else _dummy(f, 4), ctr is not None,
-              kh, kw, sh, sw, ph, pw, dh, dw, bool(asym), bool(channel_wise),
-              L, nbands, nchunks, _np(gf), _np(gc))
+    par = _parallel(B * Cg * kh * kw * oh * ow)
+    L, nbands, nchunks = _plan_bands(B, oh, kh, sh, dh, par)
+    run = _dist_bwd if par else _dist_bwd_serial
+    run(_np(gD), _np(f), _np(ctr) if ctr is not None else _dummy(f, 4), ctr is not None,
+        kh, kw, sh, sw, ph, pw, dh, dw, bool(asym), bool(channel_wise),
+        L, nbands, nchunks, _np(gf), _np(gc))
     return gf.to(dtype), gc.to(dtype)
 
 
@@ -671,7 +731,9 @@ def pac_conv2d_fwd(x, K, weight, bias, stride, padding, dilation, shared_filters
     W2 = w.reshape(O, C * kh * kw)
     if bc is None:
         bc = torch.zeros(O, dtype=xc.dtype)
-    _conv_fwd(_np(xc), _np(Kc), _np(W2), _np(bc), kh, kw, sh, sw, ph, pw, dh, dw, min(_TILE, max(ow, 1)), _np(out))
+    run = _conv_fwd if _parallel(B * O * C * kh * kw * oh * ow) else _conv_fwd_serial
+    run(_np(xc), _np(Kc), _np(W2), _np(bc), kh, kw, sh, sw, ph, pw, dh, dw,
+        min(_TILE, max(ow, 1)), _np(out))
     return out.to(dtype)
 
 
@@ -692,15 +754,17 @@ def pac_conv2d_bwd(grad, x, K, weight, stride, padding, dilation, shared_filters
     B, _, H, W = xc.shape
     oh, ow = g.shape[2], g.shape[3]
     R = C * kh * kw
-    L, nbands, nchunks = _plan_bands(B, oh, kh, sh, dh)
+    par = _parallel(B * O * R * oh * ow)
+    L, nbands, nchunks = _plan_bands(B, oh, kh, sh, dh, par)
     gx = torch.zeros_like(xc) if need_x else torch.zeros((1, 1, 1, 1), dtype=xc.dtype)
     gK = torch.empty_like(Kc) if need_k else torch.zeros((1,) * 6, dtype=xc.dtype)
     gWp = torch.zeros((nchunks if need_w else 1, R if need_w else 1, O), dtype=xc.dtype)
     WT = w.reshape(O, R).t().contiguous()
-    _conv_bwd(_np(g), _np(xc), _np(Kc), _np(WT), kh, kw, sh, sw, ph, pw, dh, dw,
-              min(_TILE, max(ow, 1)), L, nbands, nchunks, need_x, need_k, need_w,
-              _np(gx), _np(gK), _np(gWp))
-    gW = gWp.sum(0).t().reshape(O, C, kh, kw) if need_w else None
+    run = _conv_bwd if par else _conv_bwd_serial
+    run(_np(g), _np(xc), _np(Kc), _np(WT), kh, kw, sh, sw, ph, pw, dh, dw,
+        min(_TILE, max(ow, 1)), L, nbands, nchunks, need_x, need_k, need_w,
+        _np(gx), _np(gK), _np(gWp))
+    gW = gWp.sum(0).t().contiguous().reshape(O, C, kh, kw) if need_w else None
     return (gx.to(dtypes[0]) if need_x else None,
             gK.to(dtypes[1]) if need_k else None,
             gW.to(dtypes[2]) if need_w else None)
@@ -717,7 +781,8 @@ def pac_pool2d_fwd(x, K, kernel_size, stride, padding, dilation, weight=None, bi
     out = torch.empty((B, C, oh, ow), dtype=xc.dtype)
     if bc is None:
         bc = torch.zeros(C, dtype=xc.dtype)
-    _pool_fwd(_np(xc), _np(Kc), _np(tw), _np(bc), kh, kw, sh, sw, ph, pw, dh, dw, _np(out))
+    run = _pool_fwd if _parallel(B * C * kh * kw * oh * ow) else _pool_fwd_serial
+    run(_np(xc), _np(Kc), _np(tw), _np(bc), kh, kw, sh, sw, ph, pw, dh, dw, _np(out))
     return out.to(dtype)
 
 
@@ -732,12 +797,14 @@ def pac_pool2d_bwd(grad, x, K, kernel_size, stride, padding, dilation,
     B = xc.shape[0]
     oh = g.shape[2]
     tw = w.reshape(kh * kw) if w is not None else torch.ones(kh * kw, dtype=xc.dtype)
-    L, nbands, nchunks = _plan_bands(B, oh, kh, sh, dh)
+    par = _parallel(B * xc.shape[1] * kh * kw * oh * g.shape[3])
+    L, nbands, nchunks = _plan_bands(B, oh, kh, sh, dh, par)
     gx = torch.zeros_like(xc) if need_x else torch.zeros((1, 1, 1, 1), dtype=xc.dtype)
     gK = torch.empty_like(Kc) if need_k else torch.zeros((1,) * 6, dtype=xc.dtype)
     gtp = torch.zeros((nchunks, kh * kw), dtype=xc.dtype)
-    _pool_bwd(_np(g), _np(xc), _np(Kc), _np(tw), kh, kw, sh, sw, ph, pw, dh, dw,
-              L, nbands, nchunks, need_x, need_k, need_w, _np(gx), _np(gK), _np(gtp))
+    run = _pool_bwd if par else _pool_bwd_serial
+    run(_np(g), _np(xc), _np(Kc), _np(tw), kh, kw, sh, sw, ph, pw, dh, dw,
+        L, nbands, nchunks, need_x, need_k, need_w, _np(gx), _np(gK), _np(gtp))
     gW = gtp.sum(0).reshape(1, 1, kh, kw) if need_w else None
     return (gx.to(dtypes[0]) if need_x else None,
             gK.to(dtypes[1]) if need_k else None,

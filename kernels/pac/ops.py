@@ -305,6 +305,16 @@ def _same(named: Sequence[Tuple[str, Optional[Tensor]]]) -> None:
                                    hint="convert them to one dtype (or run under autocast)")
 
 
+def _autocast(*ts: Optional[Tensor]) -> List[Optional[Tensor]]:
+    """Under autocast the ops run in float32: cast here so mixed-precision inputs pass the
+    dtype check and both backends see the same inputs (the registered autocast rule does the
+    same for direct ``torch.ops.pacnet`` calls)."""
+    dev = next(t for t in ts if t is not None).device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        return [t.float() if t is not None else None for t in ts]
+    return list(ts)
+
+
 def _geometry(hw, kernel_size, stride, padding, dilation, what: str):
     k = _kernel_size(kernel_size)
     s = _pair(stride, "stride", 1)
@@ -359,6 +369,8 @@ def pac_dist(guide: Tensor, center: Optional[Tensor], kernel_size, stride, paddi
                                      "pac_dist")
     if center is not None:
         _tensor(center, "center", 4, "[b, Cg, oh, ow]")
+    guide, center = _autocast(guide, center)
+    if center is not None:
         _same([("guide", guide), ("center", center)])
         want = (guide.shape[0], guide.shape[1], oh, ow)
         if tuple(center.shape) != want:
@@ -396,6 +408,7 @@ def pac_conv2d(x: Tensor, K: Tensor, weight: Tensor, bias: Optional[Tensor], str
             batched=False)
     if bias is not None:
         _tensor(bias, "bias", 1, "[O]", batched=False)
+    x, K, weight, bias = _autocast(x, K, weight, bias)
     _same([("x", x), ("K", K), ("weight", weight), ("bias", bias)])
     c = x.shape[1]
     if shared_filters:
@@ -435,6 +448,7 @@ def pac_pool2d(x: Tensor, K: Tensor, kernel_size, stride, padding, dilation) -> 
     """
     _tensor(x, "x", 4, "[b, C, H, W]")
     _tensor(K, "K", 6, "[b, 1|C, kh, kw, oh, ow]")
+    x, K = _autocast(x, K)
     _same([("x", x), ("K", K)])
     k, s, p, d, out_hw = _geometry(x.shape[-2:], kernel_size, stride, padding, dilation,
                                    "pac_pool2d")

@@ -1,0 +1,572 @@
+"""The fused PAC kernels (pacnet.kernels.pac) against the plain-torch reference.
+
+float64 values and every gradient over a grid of geometries, gradcheck, opcheck,
+torch.compile, argument checking, dtypes, layouts and backend selection.  The CUDA kernels
+are checked under the simulator in test_pac_kernels_cuda.py.
+"""
+
+import itertools
+
+import pytest
+import torch
+
+import pacnet.kernels.pac as P
+from pacnet.errors import PacnetValueError
+from pacnet.kernels.pac import cpu, ops
+from pacnet.kernels.pac import reference as R
+
+DT = torch.float64
+TOL = dict(rtol=1e-10, atol=1e-10)
+
+
+@pytest.fixture(autouse=True)
+def _fused_backend(monkeypatch):
+    monkeypatch.delenv("PACNET_BACKEND", raising=False)
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(gen, *shape, dtype=DT):
+    return torch.randn(shape, generator=gen, dtype=dtype)
+
+
+def _rand(gen, *shape, dtype=DT):
+    return torch.rand(shape, generator=gen, dtype=dtype)
+
+
+def _run(fn, inputs, grad):
+    """Output of ``fn(*inputs)`` and the gradients of ``<out, grad>`` w.r.t. the tensor inputs."""
+    leaves = [t.detach().clone().requires_grad_() if isinstance(t, torch.Tensor) else t
+              for t in inputs]
+    out = fn(*leaves)
+    tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
+    grads = torch.autograd.grad(out, tensors, grad)
+    return out.detach(), grads
+
+
+def _assert_same(fused, ref, what):
+    out_f, grads_f = fused
+    out_r, grads_r = ref
+    assert out_f.shape == out_r.shape, what
+    torch.testing.assert_close(out_f, out_r, **TOL, msg=lambda m: f"{what} forward: {m}")
+    for i, (gf, gr) in enumerate(zip(grads_f, grads_r)):
+        torch.testing.assert_close(gf, gr, **TOL, msg=lambda m: f"{what} grad {i}: {m}")
+
+
+# ----------------------------------------------------------------------------- geometry grid
+
+_SIZES = [(5, 7), (8, 6), (7, 7), (6, 9), (4, 5), (9, 8)]
+_KERNELS = [(1, 1), (3, 3), (5, 5), (3, 5), (5, 1)]
+_STRIDES = [(1, 1), (2, 2), (3, 3), (1, 2), (3, 1)]
+_DILATIONS = [(1, 1), (2, 2), (1, 2)]
+
+
+def _padding(k, d, mode):
+    half = tuple(d[i] * (k[i] - 1) // 2 for i in range(2))
+    return {"zero": (0, 0), "half": half, "beyond": (half[0] + 1, half[1] + 2),
+            "mixed": (half[0], 0)}[mode]
+
+
+def _geometries():
+    """Kernel x stride x dilation, each with a size, padding mode and batch that cycle."""
+    cases = []
+    modes = ["zero", "half", "beyond", "mixed"]
+    for i, (k, s, d) in enumerate(itertools.product(_KERNELS, _STRIDES, _DILATIONS)):
+        p = _padding(k, d, modes[i % len(modes)])
+        hw = _SIZES[i % len(_SIZES)]
+        if min(R.out_size(hw, k, s, p, d)) < 1:
+            p = _padding(k, d, "beyond")
+        b = 1 + i % 2
+        cases.append(pytest.param(hw, k, s, p, d, b, id=f"{hw[0]}x{hw[1]}-k{k[0]}{k[1]}-s{s[0]}{s[1]}"
+                                                        f"-p{p[0]}{p[1]}-d{d[0]}{d[1]}-b{b}"))
+    return cases
+
+
+GEOMETRIES = _geometries()
+
+
+def test_grid_covers_every_geometry_parameter():
+    values = [c.values for c in GEOMETRIES]
+    assert len(values) == 75
+    assert {v[1] for v in values} == set(_KERNELS)
+    assert {v[2] for v in values} == set(_STRIDES)
+    assert {v[4] for v in values} == set(_DILATIONS)
+    assert {v[0][0] % 2 for v in values} == {0, 1} and {v[0][1] % 2 for v in values} == {0, 1}
+    # padding 0, up to d(k-1)/2 and beyond it
+    assert any(v[3] == (0, 0) for v in values)
+    assert any(v[3][0] > v[4][0] * (v[1][0] - 1) // 2 for v in values)
+    assert all(min(R.out_size(v[0], v[1], v[2], v[3], v[4])) >= 1 for v in values)
+
+
+@pytest.mark.parametrize("hw, k, s, p, d, b", GEOMETRIES)
+def test_pac_dist_matches_reference(hw, k, s, p, d, b):
+    gen = _gen(1)
+    cg = 3
+    oh, ow = R.out_size(hw, k, s, p, d)
+    f = _randn(gen, b, cg, *hw)
+    for center_given, asym, cw in ((False, False, False), (True, False, False),
+                                   (False, True, False), (True, True, True), (False, False, True)):
+        center = _randn(gen, b, cg, oh, ow) if center_given else None
+        grad = _randn(gen, b, cg if cw else 1, k[0], k[1], oh, ow)
+        inputs = (f, center) if center_given else (f,)
+
+        def fused(f_, c_=None):
+            return P.pac_dist(f_, c_, k, s, p, d, asym=asym, channel_wise=cw)
+
+        def ref(f_, c_=None):
+            return R.pac_dist(f_, c_, k, s, p, d, asym, cw)
+
+        _assert_same(_run(fused, inputs, grad), _run(ref, inputs, grad),
+                     f"pac_dist center={center_given} asym={asym} channel_wise={cw}")
+
+
+@pytest.mark.parametrize("hw, k, s, p, d, b", GEOMETRIES)
+def test_pac_conv2d_matches_reference(hw, k, s, p, d, b):
+    gen = _gen(2)
+    c = 3
+    oh, ow = R.out_size(hw, k, s, p, d)
+    x = _randn(gen, b, c, *hw)
+    K = _rand(gen, b, 1, k[0], k[1], oh, ow)
+    for o, with_bias, shared in ((5, True, False), (4, False, False), (1, True, False),
+                                 (c, True, True), (c, False, True)):
+        w = _randn(gen, 1, 1, *k) if shared else _randn(gen, o, c, *k)
+        bias = _randn(gen, o) if with_bias else None
+        grad = _randn(gen, b, o, oh, ow)
+        inputs = (x, K, w) + ((bias,) if with_bias else ())
+
+        def fused(x_, K_, w_, b_=None):
+            return P.pac_conv2d(x_, K_, w_, b_, s, p, d, shared_filters=shared)
+
+        def ref(x_, K_, w_, b_=None):
+            return R.pac_conv2d(x_, K_, w_, b_, s, p, d, shared)
+
+        _assert_same(_run(fused, inputs, grad), _run(ref, inputs, grad),
+                     f"pac_conv2d O={o} bias={with_bias} shared={shared}")
+
+
+@pytest.mark.parametrize("hw, k, s, p, d, b", GEOMETRIES)
+def test_pac_pool2d_matches_reference(hw, k, s, p, d, b):
+    gen = _gen(3)
+    c = 3
+    oh, ow = R.out_size(hw, k, s, p, d)
+    x = _randn(gen, b, c, *hw)
+    for kc in (1, c):
+        K = _rand(gen, b, kc, k[0], k[1], oh, ow)
+        grad = _randn(gen, b, c, oh, ow)
+        _assert_same(_run(lambda x_, K_: P.pac_pool2d(x_, K_, k, s, p, d), (x, K), grad),
+                     _run(lambda x_, K_: R.pac_pool2d(x_, K_, k, s, p, d), (x, K), grad),
+                     f"pac_pool2d K channels={kc}")
+
+
+# ----------------------------------------------------------------------------- band scheduling
+
+@pytest.mark.parametrize("threads", [1, 3, 8])
+@pytest.mark.parametrize("k, s, d, b", [((3, 3), (1, 1), (1, 1), 1), ((5, 3), (2, 1), (1, 2), 2),
+                                        ((3, 3), (1, 1), (3, 1), 1), ((5, 5), (3, 3), (1, 1), 3)])
+def test_backward_bands_are_race_free(monkeypatch, threads, k, s, d, b):
+    """Tall images split into many bands and chunks (thread counts faked) still match."""
+    monkeypatch.setattr(cpu, "_threads", lambda: threads)
+    monkeypatch.setattr(cpu, "PARALLEL_MIN_WORK", 0)  # the parallel drivers even for tiny inputs
+    L, nbands, nchunks = cpu._plan_bands(b, 40, k[0], s[0], d[0])
+    assert nchunks >= 1 and (threads == 1 or nbands >= 2 or b >= 4 * threads)
+    gen = _gen(4)
+    hw = (41, 9)
+    p = (d[0] * (k[0] - 1) // 2, d[1] * (k[1] - 1) // 2)
+    oh, ow = R.out_size(hw, k, s, p, d)
+    x, f = _randn(gen, b, 2, *hw), _randn(gen, b, 2, *hw)
+    K = _rand(gen, b, 1, k[0], k[1], oh, ow)
+    w = _randn(gen, 3, 2, *k)
+    g3 = _randn(gen, b, 3, oh, ow)
+    _assert_same(_run(lambda *a: P.pac_conv2d(*a, None, s, p, d), (x, K, w), g3),
+                 _run(lambda *a: R.pac_conv2d(*a, None, s, p, d), (x, K, w), g3), "conv")
+    gD = _randn(gen, b, 1, k[0], k[1], oh, ow)
+    _assert_same(_run(lambda f_: P.pac_dist(f_, None, k, s, p, d), (f,), gD),
+                 _run(lambda f_: R.pac_dist(f_, None, k, s, p, d), (f,), gD), "dist")
+    g2 = _randn(gen, b, 2, oh, ow)
+    _assert_same(_run(lambda *a: P.pac_pool2d(*a, k, s, p, d), (x, K), g2),
+                 _run(lambda *a: R.pac_pool2d(*a, k, s, p, d), (x, K), g2), "pool")
+
+
+def test_backward_is_deterministic():
+    gen = _gen(5)
+    x, f = _randn(gen, 2, 4, 30, 17, dtype=torch.float32), _randn(gen, 2, 3, 30, 17,
+                                                                  dtype=torch.float32)
+    w = _randn(gen, 6, 4, 3, 3, dtype=torch.float32)
+
+    def grads():
+        xs, fs, ws = (t.clone().requires_grad_() for t in (x, f, w))
+        K = torch.exp(-0.5 * P.pac_dist(fs, None, 3, 1, 1, 1))
+        P.pac_conv2d(xs, K, ws, None, 1, 1, 1).square().sum().backward()
+        return xs.grad, fs.grad, ws.grad
+
+    for a, b in zip(grads(), grads()):
+        assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------- gradcheck/opcheck
+
+def _small(seed=6):
+    gen = _gen(seed)
+    f = _randn(gen, 2, 2, 6, 5)
+    x = _randn(gen, 2, 3, 6, 5)
+    return gen, f, x
+
+
+@pytest.mark.parametrize("asym, cw, center_given", [(False, False, False), (True, True, True),
+                                                    (False, True, False), (True, False, True)])
+def test_gradcheck_pac_dist(asym, cw, center_given):
+    gen, f, _ = _small()
+    k, s, p, d = (3, 3), (2, 1), (1, 2), (1, 2)
+    oh, ow = R.out_size(f.shape[-2:], k, s, p, d)
+    inputs = [f.requires_grad_()]
+    if center_given:
+        inputs.append(_randn(gen, 2, 2, oh, ow).requires_grad_())
+    fn = lambda g, c=None: P.pac_dist(g, c, k, s, p, d, asym=asym, channel_wise=cw)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_gradcheck_pac_conv2d(shared):
+    gen, _, x = _small()
+    k, s, p, d = (3, 3), (1, 2), (2, 1), (2, 1)
+    oh, ow = R.out_size(x.shape[-2:], k, s, p, d)
+    K = _rand(gen, 2, 1, 3, 3, oh, ow)
+    w = _randn(gen, 1, 1, 3, 3) if shared else _randn(gen, 4, 3, 3, 3)
+    bias = _randn(gen, 3 if shared else 4)
+    inputs = [t.requires_grad_() for t in (x, K, w, bias)]
+    assert torch.autograd.gradcheck(
+        lambda *a: P.pac_conv2d(*a, s, p, d, shared_filters=shared), inputs)
+
+
+def test_gradcheck_pac_conv2d_through_the_kernel():
+    """The PacConv2d composition: gradients reach x, the guide, weight and bias."""
+    gen, f, x = _small()
+    w, bias = _randn(gen, 2, 3, 3, 3), _randn(gen, 2)
+
+    def layer(x_, f_, w_, b_):
+        K = torch.exp(-0.5 * P.pac_dist(f_, None, 3, 1, 2, 2))
+        return P.pac_conv2d(x_, K, w_, b_, 1, 2, 2)
+
+    assert torch.autograd.gradcheck(layer, [t.requires_grad_() for t in (x, f, w, bias)])
+
+
+@pytest.mark.parametrize("kc", [1, 3])
+def test_gradcheck_pac_pool2d(kc):
+    gen, _, x = _small()
+    k, s, p, d = (5, 3), (2, 1), (4, 1), (2, 1)
+    oh, ow = R.out_size(x.shape[-2:], k, s, p, d)
+    K = _rand(gen, 2, kc, 5, 3, oh, ow)
+    assert torch.autograd.gradcheck(lambda *a: P.pac_pool2d(*a, k, s, p, d),
+                                    [x.requires_grad_(), K.requires_grad_()])
+
+
+def _opcheck_cases():
+    gen, f, x = _small(7)
+    k, s, p, d = [3, 3], [2, 1], [1, 1], [1, 2]
+    oh, ow = R.out_size(x.shape[-2:], k, s, p, d)
+    K = _rand(gen, 2, 1, 3, 3, oh, ow)
+    Kc = _rand(gen, 2, 3, 3, 3, oh, ow)
+    w = _randn(gen, 4, 3, 3, 3)
+    ctr = _randn(gen, 2, 2, oh, ow)
+    g_conv, g_pool = _randn(gen, 2, 4, oh, ow), _randn(gen, 2, 3, oh, ow)
+    rg = lambda t: t.clone().requires_grad_()  # noqa: E731
+    ops_ = torch.ops.pacnet
+    return [
+        ("dist", ops_.pac_dist.default, (rg(f), None, k, s, p, d, False, False)),
+        ("dist_center", ops_.pac_dist.default, (rg(f), rg(ctr), k, s, p, d, True, True)),
+        ("conv", ops_.pac_conv2d.default, (rg(x), rg(K), rg(w), rg(w[:, 0, 0, 0]), s, p, d, False)),
+        ("conv_shared", ops_.pac_conv2d.default, (rg(x), rg(K), rg(w[:1, :1]), None, s, p, d, True)),
+        ("pool", ops_.pac_pool2d.default, (rg(x), rg(Kc), k, s, p, d)),
+        ("dist_backward", ops_.pac_dist_backward.default,
+         (_randn(gen, 2, 1, 3, 3, oh, ow), f, None, k, s, p, d, True, False)),
+        ("conv_backward", ops_.pac_conv2d_backward.default,
+         (g_conv, x, K, w, s, p, d, False, True, False, True)),
+        ("pool_backward", ops_.pac_pool2d_backward.default, (g_pool, x, K, k, s, p, d, True, True)),
+    ]
+
+
+@pytest.mark.parametrize("name, op, args", _opcheck_cases(), ids=lambda v: v if isinstance(v, str)
+                         else "")
+def test_opcheck(name, op, args):
+    torch.library.opcheck(op, args)
+
+
+def test_saves_only_the_inputs_for_backward():
+    """Nothing column-sized is kept between forward and backward."""
+    gen = _gen(8)
+    x, f = _randn(gen, 2, 4, 12, 10), _randn(gen, 2, 3, 12, 10)
+    w = _randn(gen, 5, 4, 3, 3).requires_grad_()
+    x.requires_grad_()
+    f.requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        D = P.pac_dist(f, None, 3, 1, 1, 1)
+        K = torch.exp(-0.5 * D)
+        out = P.pac_conv2d(x, K, w, None, 1, 1, 1)
+    ptrs = {t.data_ptr() for t in saved}
+    # the guide (pac_dist), exp's output K (exp), and x, K, weight (pac_conv2d)
+    assert ptrs == {f.data_ptr(), K.data_ptr(), x.data_ptr(), w.data_ptr()}
+    out.sum().backward()
+    assert x.grad is not None and f.grad is not None and w.grad is not None
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+class _TinyPac(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        gen = _gen(9)
+        self.weight = torch.nn.Parameter(_randn(gen, 4, 3, 3, 3, dtype=torch.float32))
+        self.bias = torch.nn.Parameter(_randn(gen, 4, dtype=torch.float32))
+
+    def forward(self, x, guide):
+        K = torch.exp(-0.5 * P.pac_dist(guide, None, 3, 1, 1, 1))
+        y = torch.relu(P.pac_conv2d(x, K, self.weight, self.bias, 1, 1, 1))
+        return P.pac_pool2d(y, K, 3, 1, 1, 1)
+
+
+def _compiled_matches_eager(backend):
+    torch._dynamo.reset()
+    gen = _gen(10)
+    x = _randn(gen, 2, 3, 9, 8, dtype=torch.float32).requires_grad_()
+    g = _randn(gen, 2, 2, 9, 8, dtype=torch.float32).requires_grad_()
+    model = _TinyPac()
+    eager = model(x, g)
+    grads_e = torch.autograd.grad(eager.sum(), [x, g, model.weight, model.bias])
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    out = compiled(x, g)
+    grads_c = torch.autograd.grad(out.sum(), [x, g, model.weight, model.bias])
+    torch.testing.assert_close(out, eager)
+    for a, b in zip(grads_c, grads_e):
+        torch.testing.assert_close(a, b)
+
+
+def test_torch_compile_aot_eager():
+    _compiled_matches_eager("aot_eager")
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor():
+    _compiled_matches_eager("inductor")
+
+
+# ----------------------------------------------------------------------------- dtypes and layouts
+
+def test_float32_close_to_float64_reference():
+    gen = _gen(11)
+    x, f = _randn(gen, 2, 5, 16, 13), _randn(gen, 2, 3, 16, 13)
+    w = _randn(gen, 7, 5, 5, 5) * 0.1
+    K64 = torch.exp(-0.5 * R.pac_dist(f, None, (5, 5), (1, 1), (2, 2), (1, 1)))
+    want = R.pac_conv2d(x, K64, w, None, (1, 1), (2, 2), (1, 1))
+    K32 = torch.exp(-0.5 * P.pac_dist(f.float(), None, 5, 1, 2, 1))
+    got = P.pac_conv2d(x.float(), K32, w.float(), None, 1, 2, 1)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_compute_in_float32(dtype):
+    gen = _gen(12)
+    x = _randn(gen, 1, 2, 7, 6).to(dtype).requires_grad_()
+    K = _rand(gen, 1, 1, 3, 3, 7, 6).to(dtype).requires_grad_()
+    w = _randn(gen, 3, 2, 3, 3).to(dtype).requires_grad_()
+    out = P.pac_conv2d(x, K, w, None, 1, 1, 1)
+    assert out.dtype == dtype
+    want = R.pac_conv2d(x.double(), K.double(), w.double(), None, (1, 1), (1, 1), (1, 1))
+    torch.testing.assert_close(out.double(), want, rtol=3e-2, atol=3e-2)
+    out.float().sum().backward()
+    assert x.grad.dtype == K.grad.dtype == w.grad.dtype == dtype
+
+
+def test_autocast_runs_in_float32():
+    gen = _gen(13)
+    x = _randn(gen, 1, 2, 7, 6, dtype=torch.bfloat16)
+    f = _randn(gen, 1, 2, 7, 6, dtype=torch.float32)
+    w = _randn(gen, 3, 2, 3, 3, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        K = torch.exp(-0.5 * P.pac_dist(f, None, 3, 1, 1, 1))
+        out = P.pac_conv2d(x, K, w, None, 1, 1, 1)  # mixed bfloat16/float32 inputs
+    assert out.dtype == torch.float32
+
+
+def test_non_contiguous_inputs():
+    gen = _gen(14)
+    x = _randn(gen, 2, 6, 3, 7).transpose(1, 2)  # [2, 3, 6, 7], not contiguous
+    f = _randn(gen, 2, 7, 6, 2).permute(0, 3, 2, 1)  # [2, 2, 6, 7]
+    w = _randn(gen, 3, 4, 3, 3).transpose(0, 1)  # [4, 3, 3, 3]
+    K = _rand(gen, 2, 1, 3, 3, 1, 7).expand(2, 1, 3, 3, 6, 7)  # stride 0 along rows
+    assert not any(t.is_contiguous() for t in (x, f, w, K))
+    torch.testing.assert_close(P.pac_dist(f, None, 3, 1, 1, 1),
+                               R.pac_dist(f, None, (3, 3), (1, 1), (1, 1), (1, 1)), **TOL)
+    torch.testing.assert_close(P.pac_conv2d(x, K, w, None, 1, 1, 1),
+                               R.pac_conv2d(x, K, w, None, (1, 1), (1, 1), (1, 1)), **TOL)
+    torch.testing.assert_close(P.pac_pool2d(x, K, 3, 1, 1, 1),
+                               R.pac_pool2d(x, K, (3, 3), (1, 1), (1, 1), (1, 1)), **TOL)
+    g = _randn(gen, 2, 4, 6, 7)
+    _assert_same(_run(lambda *a: P.pac_conv2d(*a, None, 1, 1, 1), (x, K, w), g),
+                 _run(lambda *a: R.pac_conv2d(*a, None, (1, 1), (1, 1), (1, 1)), (x, K, w), g),
+                 "non-contiguous conv")
+
+
+def test_empty_batch():
+    x = torch.zeros(0, 3, 5, 5, requires_grad=True)
+    f = torch.zeros(0, 2, 5, 5, requires_grad=True)
+    w = torch.zeros(4, 3, 3, 3, requires_grad=True)
+    K = torch.exp(-0.5 * P.pac_dist(f, None, 3, 1, 1, 1))
+    out = P.pac_conv2d(x, K, w, None, 1, 1, 1)
+    assert out.shape == (0, 4, 5, 5)
+    (out.sum() + P.pac_pool2d(x, K, 3, 1, 1, 1).sum()).backward()
+    assert f.grad.shape == f.shape and torch.equal(w.grad, torch.zeros_like(w))
+
+
+# ----------------------------------------------------------------------------- bad arguments
+
+def _bad_cases():
+    x = torch.randn(2, 3, 6, 6)
+    f = torch.randn(2, 2, 6, 6)
+    K = torch.rand(2, 1, 3, 3, 6, 6)
+    w = torch.randn(4, 3, 3, 3)
+    conv = lambda **kw: lambda: P.pac_conv2d(**{**dict(x=x, K=K, weight=w, bias=None, stride=1,  # noqa: E731,E501
+                                                        padding=1, dilation=1), **kw})
+    dist = lambda **kw: lambda: P.pac_dist(**{**dict(guide=f, center=None, kernel_size=3, stride=1,  # noqa: E731,E501
+                                                      padding=1, dilation=1), **kw})
+    pool = lambda **kw: lambda: P.pac_pool2d(**{**dict(x=x, K=K, kernel_size=3, stride=1, padding=1,  # noqa: E731,E501
+                                                        dilation=1), **kw})
+    return [
+        ("guide 3-D", dist(guide=f[0]), r"guide must be 4-D"),
+        ("guide integer", dist(guide=f.long()), r"guide must be a floating-point tensor"),
+        ("guide not a tensor", dist(guide=f.numpy()), r"guide must be a torch.Tensor"),
+        ("even kernel", dist(kernel_size=4), r"kernel_size must be odd"),
+        ("even kernel width", dist(kernel_size=(3, 2)), r"kernel_size must be odd"),
+        ("zero kernel", dist(kernel_size=0), r"kernel_size must be >= 1"),
+        ("bool kernel", dist(kernel_size=True), r"kernel_size must be an int or a pair"),
+        ("three kernel sizes", dist(kernel_size=(3, 3, 3)), r"kernel_size must be an int or a pair"),
+        ("float stride", dist(stride=1.5), r"stride must be an int or a pair"),
+        ("zero stride", dist(stride=0), r"stride must be >= 1"),
+        ("negative padding", dist(padding=(-1, 0)), r"padding must be >= 0"),
+        ("zero dilation", dist(dilation=0), r"dilation must be >= 1"),
+        ("window too large", dist(kernel_size=5, padding=0, dilation=2), r"does not fit"),
+        ("center shape", dist(center=torch.randn(2, 2, 5, 6)), r"center must be \[2, 2, 6, 6\]"),
+        ("center dtype", dist(center=torch.randn(2, 2, 6, 6, dtype=DT)), r"dtype"),
+        ("center device", dist(center=torch.randn(2, 2, 6, 6, device="meta")),
+         r"center is on meta but guide is on cpu"),
+        ("empty channels", dist(guide=torch.randn(2, 0, 6, 6)), r"empty dimension"),
+        ("x 5-D", conv(x=x[None]), r"x must be 4-D"),
+        ("x integer", conv(x=x.int()), r"x must be a floating-point tensor"),
+        ("x complex", conv(x=x.to(torch.complex64)), r"floating-point"),
+        ("K 5-D", conv(K=K[0]), r"K must be 6-D"),
+        ("K kernel size", conv(K=torch.rand(2, 1, 5, 5, 6, 6)), r"K must be \[2, 1, 3, 3, 6, 6\]"),
+        ("K output size", conv(K=torch.rand(2, 1, 3, 3, 6, 5)), r"K must be \[2, 1, 3, 3, 6, 6\]"),
+        ("K batch", conv(K=torch.rand(1, 1, 3, 3, 6, 6)), r"K must be \[2, 1, 3, 3, 6, 6\]"),
+        ("K channels", conv(K=torch.rand(2, 3, 3, 3, 6, 6)), r"K must be \[2, 1, 3, 3, 6, 6\]"),
+        ("K stride", conv(stride=2), r"K must be \[2, 1, 3, 3, 3, 3\]"),
+        ("K dtype", conv(K=K.double()), r"K has dtype torch.float64 but x has torch.float32"),
+        ("K device", conv(K=K.to("meta")), r"K is on meta but x is on cpu"),
+        ("weight channels", conv(weight=torch.randn(4, 2, 3, 3)), r"expects 2 input channels"),
+        ("weight 3-D", conv(weight=w[0]), r"weight must be 4-D"),
+        ("weight even", conv(weight=torch.randn(4, 3, 2, 2)), r"weight's kernel size must be odd"),
+        ("weight integer", conv(weight=w.long()), r"weight must be a floating-point"),
+        ("no output channels", conv(weight=torch.randn(0, 3, 3, 3)), r"empty dimension"),
+        ("bias length", conv(bias=torch.randn(3)), r"bias must have 4 entries"),
+        ("bias 2-D", conv(bias=torch.randn(4, 1)), r"bias must be 1-D"),
+        ("shared weight shape", conv(shared_filters=True), r"shared_filters the weight must be"),
+        ("shared bias", conv(weight=torch.randn(1, 1, 3, 3), bias=torch.randn(4),
+                             shared_filters=True), r"bias must have 3 entries"),
+        ("pool K channels", pool(K=torch.rand(2, 2, 3, 3, 6, 6)), r"K must be \[2, 1\|3, 3, 3"),
+        ("pool kernel size", pool(kernel_size=5), r"K must be \[2, 1\|3, 5, 5"),
+        ("pool even kernel", pool(kernel_size=(3, 4)), r"kernel_size must be odd"),
+        ("pool K dtype", pool(K=K.half()), r"dtype"),
+    ]
+
+
+@pytest.mark.parametrize("name, call, match", _bad_cases(), ids=[c[0] for c in _bad_cases()])
+def test_bad_arguments_raise_before_any_kernel(monkeypatch, name, call, match):
+    def no_kernels(device):
+        raise AssertionError("a kernel was reached")
+
+    monkeypatch.setattr(ops, "_kernels", no_kernels)
+    with pytest.raises(PacnetValueError, match=match):
+        call()
+
+
+def test_errors_are_value_errors_with_hints():
+    with pytest.raises(ValueError) as info:
+        P.pac_dist(torch.randn(1, 1, 5, 5), None, 2, 1, 0, 1)
+    assert "hint:" in str(info.value)
+
+
+# ----------------------------------------------------------------------------- backend choice
+
+def _calls(monkeypatch):
+    seen = []
+    for name in ("pac_dist_fwd", "pac_conv2d_fwd", "pac_pool2d_fwd"):
+        real = getattr(cpu, name)
+        monkeypatch.setattr(cpu, name, lambda *a, _real=real, _n=name, **k: seen.append(_n)
+                            or _real(*a, **k))
+    return seen
+
+
+def test_backend_default_and_numba_use_the_fused_kernels(monkeypatch):
+    seen = _calls(monkeypatch)
+    f, x = torch.randn(1, 2, 5, 5), torch.randn(1, 3, 5, 5)
+    for choice in (None, "numba", " NUMBA "):
+        if choice is None:
+            monkeypatch.delenv("PACNET_BACKEND", raising=False)
+        else:
+            monkeypatch.setenv("PACNET_BACKEND", choice)
+        assert P.backend_for(x.device) == "numba"
+        seen.clear()
+        K = P.pac_dist(f, None, 3, 1, 1, 1)
+        P.pac_conv2d(x, K, torch.randn(2, 3, 3, 3), None, 1, 1, 1)
+        P.pac_pool2d(x, K, 3, 1, 1, 1)
+        assert seen == ["pac_dist_fwd", "pac_conv2d_fwd", "pac_pool2d_fwd"]
+
+
+def test_backend_reference_override(monkeypatch):
+    seen = _calls(monkeypatch)
+    monkeypatch.setenv("PACNET_BACKEND", "reference")
+    assert P.backend_for(torch.device("cpu")) == "reference"
+    gen = _gen(15)
+    f, x = _randn(gen, 1, 2, 5, 5).requires_grad_(), _randn(gen, 1, 3, 5, 5)
+    w = _randn(gen, 2, 3, 3, 3)
+    K = torch.exp(-0.5 * P.pac_dist(f, None, 3, 1, 1, 1))
+    out = P.pac_pool2d(P.pac_conv2d(x, K, w, None, 1, 1, 1), K, 3, 1, 1, 1)
+    out.sum().backward()
+    assert seen == [] and f.grad is not None
+    monkeypatch.delenv("PACNET_BACKEND")
+    f2 = f.detach().clone().requires_grad_()
+    K2 = torch.exp(-0.5 * P.pac_dist(f2, None, 3, 1, 1, 1))
+    out2 = P.pac_pool2d(P.pac_conv2d(x, K2, w, None, 1, 1, 1), K2, 3, 1, 1, 1)
+    out2.sum().backward()
+    assert len(seen) == 3
+    torch.testing.assert_close(out2, out.detach(), **TOL)
+    torch.testing.assert_close(f2.grad, f.grad, **TOL)
+
+
+def test_backend_bad_value(monkeypatch):
+    monkeypatch.setenv("PACNET_BACKEND", "triton")
+    with pytest.raises(PacnetValueError, match="PACNET_BACKEND='triton' is not a PAC backend"):
+        P.pac_dist(torch.randn(1, 1, 5, 5), None, 3, 1, 1, 1)
+
+
+def test_devices_without_fused_kernels_use_the_reference(monkeypatch):
+    f = torch.randn(1, 2, 5, 5, device="meta")
+    assert P.backend_for(f.device) == "reference"
+    assert P.pac_dist(f, None, 3, 1, 1, 1).shape == (1, 1, 3, 3, 5, 5)
+    monkeypatch.setenv("PACNET_BACKEND", "numba")
+    with pytest.raises(PacnetValueError, match="no fused PAC kernels for device 'meta'"):
+        P.pac_dist(f, None, 3, 1, 1, 1)
+
+
+def test_cpu_import_does_not_load_numba_cuda():
+    import subprocess
+    import sys
+    code = ("import sys, torch, pacnet.kernels.pac as P; "
+            "P.pac_dist(torch.randn(1, 1, 5, 5), None, 3, 1, 1, 1); "
+            "print('numba.cuda' in sys.modules, 'pacnet.kernels.pac.cuda' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False"]
