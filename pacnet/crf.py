@@ -488,9 +488,17 @@ class PacCRF(nn.Module):
         hw = tuple(unary.shape[-2:])
         if logQ is None:
             logQ = unary  # the original's unweighted start
+        # Without autograd, a step's logQ buffer is refilled by the next step (one logQ-sized
+        # tensor less alive); never the caller's unary or logQ.
+        reuse = not torch.is_grad_enabled()
+        owned = False
         for _ in range(self.num_steps):
             Q = F.softmax(logQ, dim=1)
-            logQ = unary * self.unary_weight
+            if reuse and owned:
+                logQ = torch.mul(unary, self.unary_weight, out=logQ)
+            else:
+                logQ = unary * self.unary_weight
+                owned = True
             pooled: Dict[int, torch.Tensor] = {}
             for i in range(self.num_kernels):
                 b = self.blur[i]

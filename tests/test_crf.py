@@ -274,6 +274,23 @@ def test_given_edge_kernels_equal_computed_ones():
         torch.testing.assert_close(crf2(unary, None, edge_kernel=K), crf2(unary, feat))
 
 
+def test_inference_reuses_only_its_own_buffers():
+    """Without autograd the loop refills its logQ buffer; the caller's tensors stay intact
+    and the result equals the autograd-mode one bit for bit."""
+    for steps in (1, 3):
+        crf = make_crf(ALL, steps=steps)
+        unary, feat = inputs()
+        logQ0 = rand(N, C, H, W, seed=5)
+        u0, l0 = unary.clone(), logQ0.clone()
+        for kw in ({}, {"logQ": logQ0}):
+            with torch.no_grad():
+                a = crf(unary, feat, **kw)
+            b = crf(unary, feat, **kw)
+            assert torch.equal(unary, u0) and torch.equal(logQ0, l0)
+            assert a.data_ptr() not in (unary.data_ptr(), logQ0.data_ptr())
+            assert torch.equal(a, b.detach())
+
+
 def test_first_step_uses_the_unweighted_unary():
     # quirk: Q_1 = softmax(unary), so out - w * unary does not depend on w after one step
     unary, feat = inputs()
