@@ -28,6 +28,7 @@ in float32 and cast back; accumulators have the compute dtype (float32 or float6
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Dict
 
@@ -467,12 +468,24 @@ def _launch(kernel, n_threads: int, device: torch.device, *args, blocks=None):
     if _SIM:
         kernel[blocks, _TPB](*args)
         return
-    with torch.cuda.device(device):
-        ptr = torch.cuda.current_stream(device).cuda_stream
-        stream = _streams.get(ptr)
-        if stream is None:
-            stream = _streams[ptr] = cuda.external_stream(ptr)
-        kernel[blocks, _TPB, stream](*args)
+    ptr = torch.cuda.current_stream(device).cuda_stream
+    stream = _streams.get(ptr)
+    if stream is None:
+        stream = _streams[ptr] = cuda.external_stream(ptr)
+    kernel[blocks, _TPB, stream](*args)
+
+
+def _on_device(fn):
+    """Run a wrapper with the first tensor argument's GPU current, so that numba wraps the
+    tensors and launches in that device's (primary) context, also from autograd's threads."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if _SIM:
+            return fn(*args, **kwargs)
+        dev = next(a.device for a in args if isinstance(a, torch.Tensor))
+        with torch.cuda.device(dev):
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 def _new(shape, like: torch.Tensor, zero: bool = False) -> torch.Tensor:
@@ -480,6 +493,7 @@ def _new(shape, like: torch.Tensor, zero: bool = False) -> torch.Tensor:
     return fn(shape, dtype=like.dtype, device=like.device)
 
 
+@_on_device
 def pac_dist_fwd(guide, center, kernel_size, stride, padding, dilation, asym, channel_wise):
     """CUDA ``pac_dist``: ``[b, Cg, H, W] -> [b, 1|Cg, kh, kw, oh, ow]``."""
     dtype = guide.dtype
@@ -495,6 +509,7 @@ def pac_dist_fwd(guide, center, kernel_size, stride, padding, dilation, asym, ch
     return D.to(dtype)
 
 
+@_on_device
 def pac_dist_bwd(grad, guide, center, kernel_size, stride, padding, dilation, asym,
                  channel_wise):
     """Gradients of ``pac_dist``: ``(grad_guide [b,Cg,H,W], grad_center [b,Cg,oh,ow])``."""
@@ -513,6 +528,7 @@ def pac_dist_bwd(grad, guide, center, kernel_size, stride, padding, dilation, as
     return gf.to(dtype), gc.to(dtype)
 
 
+@_on_device
 def pac_conv2d_fwd(x, K, weight, bias, stride, padding, dilation, shared_filters):
     """CUDA ``pac_conv2d``: ``[b, C, H, W] -> [b, O, oh, ow]``."""
     if shared_filters:
@@ -533,6 +549,7 @@ def pac_conv2d_fwd(x, K, weight, bias, stride, padding, dilation, shared_filters
     return out.to(dtype)
 
 
+@_on_device
 def pac_conv2d_bwd(grad, x, K, weight, stride, padding, dilation, shared_filters,
                    needs=(True, True, True)):
     """Gradients of ``pac_conv2d`` w.r.t. ``(x, K, weight)``; ``None`` where not needed."""
@@ -566,6 +583,7 @@ def pac_conv2d_bwd(grad, x, K, weight, stride, padding, dilation, shared_filters
     return gx, gK, gW
 
 
+@_on_device
 def pac_pool2d_fwd(x, K, kernel_size, stride, padding, dilation, weight=None, bias=None):
     """CUDA ``pac_pool2d`` (and, with ``weight`` [1,1,kh,kw], shared-filter ``pac_conv2d``)."""
     dtype = x.dtype
@@ -583,6 +601,7 @@ def pac_pool2d_fwd(x, K, kernel_size, stride, padding, dilation, weight=None, bi
     return out.to(dtype)
 
 
+@_on_device
 def pac_pool2d_bwd(grad, x, K, kernel_size, stride, padding, dilation,
                    needs=(True, True, False), weight=None):
     """Gradients of ``pac_pool2d`` w.r.t. ``(x, K[, tap weight])``; ``None`` where not needed."""

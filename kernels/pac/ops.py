@@ -51,6 +51,10 @@ _FUSED_DEVICES = ("cpu", "cuda")
 
 out_size = _reference.out_size
 
+# CUDA-graph capture of the Numba launches is unverified, so keep these ops out of
+# torch.compile's cudagraph trees ("reduce-overhead") until it has been checked on a GPU.
+_TAGS = (torch.Tag.cudagraph_unsafe,)
+
 
 # ----------------------------------------------------------------------------- dispatch
 
@@ -92,7 +96,7 @@ def _empty(like: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------- pac_dist ops
 
-@torch.library.custom_op("pacnet::pac_dist", mutates_args=())
+@torch.library.custom_op("pacnet::pac_dist", mutates_args=(), tags=_TAGS)
 def _pac_dist_op(guide: Tensor, center: Optional[Tensor], kernel_size: Sequence[int],
                  stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
                  asym: bool, channel_wise: bool) -> Tensor:
@@ -108,7 +112,7 @@ def _(guide, center, kernel_size, stride, padding, dilation, asym, channel_wise)
     return guide.new_empty((b, cg if channel_wise else 1, kernel_size[0], kernel_size[1], oh, ow))
 
 
-@torch.library.custom_op("pacnet::pac_dist_backward", mutates_args=())
+@torch.library.custom_op("pacnet::pac_dist_backward", mutates_args=(), tags=_TAGS)
 def _pac_dist_backward_op(grad: Tensor, guide: Tensor, center: Optional[Tensor],
                           kernel_size: Sequence[int], stride: Sequence[int],
                           padding: Sequence[int], dilation: Sequence[int], asym: bool,
@@ -141,7 +145,7 @@ _pac_dist_op.register_autograd(_pac_dist_backward, setup_context=_pac_dist_setup
 
 # ----------------------------------------------------------------------------- pac_conv2d ops
 
-@torch.library.custom_op("pacnet::pac_conv2d", mutates_args=())
+@torch.library.custom_op("pacnet::pac_conv2d", mutates_args=(), tags=_TAGS)
 def _pac_conv2d_op(x: Tensor, K: Tensor, weight: Tensor, bias: Optional[Tensor],
                    stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
                    shared_filters: bool) -> Tensor:
@@ -155,7 +159,7 @@ def _(x, K, weight, bias, stride, padding, dilation, shared_filters):
     return x.new_empty((x.shape[0], o, K.shape[-2], K.shape[-1]))
 
 
-@torch.library.custom_op("pacnet::pac_conv2d_backward", mutates_args=())
+@torch.library.custom_op("pacnet::pac_conv2d_backward", mutates_args=(), tags=_TAGS)
 def _pac_conv2d_backward_op(grad: Tensor, x: Tensor, K: Tensor, weight: Tensor,
                             stride: Sequence[int], padding: Sequence[int],
                             dilation: Sequence[int], shared_filters: bool, need_x: bool,
@@ -200,7 +204,7 @@ _pac_conv2d_op.register_autograd(_pac_conv2d_backward, setup_context=_pac_conv2d
 
 # ----------------------------------------------------------------------------- pac_pool2d ops
 
-@torch.library.custom_op("pacnet::pac_pool2d", mutates_args=())
+@torch.library.custom_op("pacnet::pac_pool2d", mutates_args=(), tags=_TAGS)
 def _pac_pool2d_op(x: Tensor, K: Tensor, kernel_size: Sequence[int], stride: Sequence[int],
                    padding: Sequence[int], dilation: Sequence[int]) -> Tensor:
     return _kernels(x.device).pac_pool2d_fwd(x, K, tuple(kernel_size), tuple(stride),
@@ -212,7 +216,7 @@ def _(x, K, kernel_size, stride, padding, dilation):
     return x.new_empty((x.shape[0], x.shape[1], K.shape[-2], K.shape[-1]))
 
 
-@torch.library.custom_op("pacnet::pac_pool2d_backward", mutates_args=())
+@torch.library.custom_op("pacnet::pac_pool2d_backward", mutates_args=(), tags=_TAGS)
 def _pac_pool2d_backward_op(grad: Tensor, x: Tensor, K: Tensor, kernel_size: Sequence[int],
                             stride: Sequence[int], padding: Sequence[int],
                             dilation: Sequence[int], need_x: bool,

@@ -1,0 +1,170 @@
+"""Benchmark: a PacConv2d layer's forward+backward, fused Numba kernels vs the torch reference.
+
+The layer is ``pac_dist -> exp(-0.5 D) -> pac_conv2d`` with gradients for the input, the
+guide, the weight and the bias (what ``PacConv2d(32, 32, 5, padding=2)`` with an 8-channel
+guide does), float32, batch 2, on the CPU with 2 threads for torch and for Numba.
+
+Every (backend, size) case runs in a fresh process.  A process builds its inputs, warms up
+(compiles/loads the kernels on a small image, then one full-size iteration), and times
+``--repeats`` iterations; the table shows the median (and min-max) over all of a case's
+iterations.  Extra peak memory is the process's peak RSS during the timed iterations minus its
+RSS just before them (the peak is reset through ``/proc/self/clear_refs`` where Linux allows,
+otherwise ``ru_maxrss`` is used as is).  "saved" is the size of the tensors autograd keeps
+between forward and backward.  Ratios are reference / fused, measured in the same run.
+
+    python benchmarks/pac.py                  # 128 and 256, 5 timed iterations per case
+    python benchmarks/pac.py --sizes 64 128 --repeats 3 --procs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+BATCH, C_IN, C_OUT, K, PAD, GUIDE = 2, 32, 32, 5, 2, 8
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def worker(size: int, repeats: int, threads: int) -> dict:
+    import resource
+
+    import torch
+
+    torch.set_num_threads(threads)
+    import pacnet.kernels.pac as P
+
+    backend = P.backend_for(torch.device("cpu"))
+    if backend == "numba":
+        import numba
+        numba.set_num_threads(threads)
+
+    def make(s):
+        gen = torch.Generator().manual_seed(0)
+        bound = 1.0 / (C_IN * K * K) ** 0.5
+        x = torch.randn(BATCH, C_IN, s, s, generator=gen).requires_grad_()
+        f = (0.5 * torch.randn(BATCH, GUIDE, s, s, generator=gen)).requires_grad_()
+        w = ((torch.rand(C_OUT, C_IN, K, K, generator=gen) * 2 - 1) * bound).requires_grad_()
+        b = ((torch.rand(C_OUT, generator=gen) * 2 - 1) * bound).requires_grad_()
+        g = torch.randn(BATCH, C_OUT, s, s, generator=gen)
+        return x, f, w, b, g
+
+    def layer(x, f, w, b):
+        kernel = torch.exp(-0.5 * P.pac_dist(f, None, K, 1, PAD, 1))
+        return P.pac_conv2d(x, kernel, w, b, 1, PAD, 1)
+
+    def step(x, f, w, b, g):
+        for t in (x, f, w, b):
+            t.grad = None
+        t0 = time.perf_counter()
+        out = layer(x, f, w, b)
+        t1 = time.perf_counter()
+        out.backward(g)
+        t2 = time.perf_counter()
+        return t1 - t0, t2 - t0
+
+    step(*make(16))  # compile / load kernels
+    inputs = make(size)
+    step(*inputs)  # warm up at full size (allocator, caches)
+    for t in inputs[:4]:
+        t.grad = None
+
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(*inputs[:4])
+
+    reset = _reset_peak()
+    base = _rss_kib("VmRSS") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fwd, total = [], []
+    for _ in range(repeats):
+        a, b = step(*inputs)
+        fwd.append(a)
+        total.append(b)
+    peak = _rss_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"backend": backend, "size": size, "fwd": fwd, "total": total,
+            "extra_peak_mib": (peak - base) / 1024, "peak_mib": peak / 1024,
+            "saved_mib": sum(saved.values()) / 2**20, "peak_reset": reset}
+
+
+def run_case(backend: str, size: int, repeats: int, threads: int) -> dict:
+    env = dict(os.environ, PACNET_BACKEND=backend, NUMBA_NUM_THREADS=str(threads),
+               OMP_NUM_THREADS=str(threads))
+    cmd = [sys.executable, __file__, "--worker", str(size), "--repeats", str(repeats),
+           "--threads", str(threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"worker {backend} {size} failed:\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--procs", type=int, default=1, help="fresh processes per case")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker is not None:
+        print(json.dumps(worker(args.worker, args.repeats, args.threads)))
+        return
+
+    print(f"PacConv2d({C_IN}, {C_OUT}, {K}, padding={PAD}), guide {GUIDE} ch, batch {BATCH}, "
+          f"float32, {args.threads} threads; load average {os.getloadavg()[0]:.1f}")
+    rows = {}
+    for size in args.sizes:
+        for backend in ("reference", "numba"):
+            runs = [run_case(backend, size, args.repeats, args.threads) for _ in range(args.procs)]
+            rows[backend, size] = {
+                "fwd": [t for r in runs for t in r["fwd"]],
+                "total": [t for r in runs for t in r["total"]],
+                "extra": statistics.median(r["extra_peak_mib"] for r in runs),
+                "saved": runs[0]["saved_mib"],
+            }
+    head = (f"{'size':>7} {'backend':>9} {'forward s':>10} {'fwd+bwd s (min-max)':>22} "
+            f"{'extra peak MiB':>15} {'saved MiB':>10}")
+    print(head)
+    print("-" * len(head))
+    for size in args.sizes:
+        for backend in ("reference", "numba"):
+            r = rows[backend, size]
+            tot = r["total"]
+            print(f"{size:>4}^2 {backend:>9} {statistics.median(r['fwd']):>10.3f} "
+                  f"{statistics.median(tot):>8.3f} ({min(tot):.3f}-{max(tot):.3f}) "
+                  f"{r['extra']:>15.1f} {r['saved']:>10.1f}")
+        ref, fused = rows["reference", size], rows["numba", size]
+        speed = statistics.median(ref["total"]) / statistics.median(fused["total"])
+        fspeed = statistics.median(ref["fwd"]) / statistics.median(fused["fwd"])
+        mem = ref["extra"] / max(fused["extra"], 1e-3)
+        print(f"{size:>4}^2 {'ratio':>9} {fspeed:>9.1f}x {speed:>21.1f}x {mem:>14.1f}x "
+              f"{ref['saved'] / max(fused['saved'], 1e-9):>9.1f}x   (reference / numba)")
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
