@@ -355,3 +355,24 @@ def test_deeplab_v2_vgg16_aspp_computes_what_the_caffe_test_net_computes():
         got = zoo(x)
     assert got["fc8_interp"].shape == (1, 21, 33, 33)
     torch.testing.assert_close(got["fc8_interp"], want["fc8_interp"], rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- FCN-8s + PAC-CRF
+
+def test_fcn8s_crf_wiring():
+    net = pacnet.build("fcn/fcn8s_crfi5p4d5641p4d5161", device="meta")
+    ir = net.ir
+    assert [b.name for b in ir.node("crf").inputs] == ["score", "edge_feat0", "edge_feat1"]
+    for i in (0, 1):  # edge features = image / 30 per channel, one learnable scale per kernel
+        scale = ir.node(f"feat_scales/{i}")
+        assert [b.name for b in scale.inputs] == ["data"]
+        assert scale.spec["filler"]["value"] == pytest.approx(1 / 30)
+        assert net.state_dict()[f"feat_scales/{i}.weight"].shape == (3,)
+    shapes = {k: tuple(v.shape) for k, v in net.state_dict().items() if k.startswith("crf.")}
+    assert shapes == {"crf.unary_weight": (), "crf.messengers.0.weight": (21, 21, 5, 5),
+                      "crf.messengers.1.weight": (21, 21, 5, 5), "crf.pairwise_weights.0": (),
+                      "crf.pairwise_weights.1": ()}
+    assert [o.name for o in ir.outputs] == ["crf"]
+    train = pacnet.build("fcn/fcn8s_crfi5p4d5641p4d5161", phase="train", device="meta")
+    assert dict(train.loss_weights) == {"loss_crf": 1.0}
+    assert [b.name for b in train.ir.node("loss_crf").inputs] == ["crf", "label"]
