@@ -22,8 +22,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
-from pacnet.errors import Location, PacnetError, SchemaError, did_you_mean
-from pacnet.load import MarkedDict, MarkedList, where
+from pacnet.errors import Location, SchemaError, did_you_mean
+from pacnet.load import where
 
 __all__ = ["HotswapError", "hotswap", "to_yaml"]
 
@@ -117,13 +117,15 @@ def _blob_names(tree: Mapping[str, Any]) -> List[str]:
 
 def _shapes(tree: Mapping[str, Any], layers: Sequence[str], guide: str,
             inputs: Optional[Mapping[str, Sequence[int]]]) -> Dict[str, Tuple[Tuple[int, ...], Tuple[int, ...]]]:
-    """layer -> (shape of its first bottom, shape of the guide version it binds), from meta
-    builds of both phases (nothing is allocated)."""
+    """layer -> (shape of its first bottom, shape of the guide version it binds), from a meta
+    build of the test phase, and of the train phase for train-only layers (no allocation)."""
     from pacnet.api import build
     from pacnet.graph import BlobRef
 
     out: Dict[str, Tuple[Tuple[int, ...], Tuple[int, ...]]] = {}
     for phase in ("test", "train"):
+        if all(name in out for name in layers):
+            break  # the train phase is only needed for layers the test phase drops
         net = build(tree, inputs=inputs, phase=phase, fuse=False, device="meta")
         latest: Dict[str, BlobRef] = {n: BlobRef(n) for n in net.inputs}
         for node in net.ir.nodes:
@@ -166,6 +168,7 @@ def hotswap(tree: Mapping[str, Any], layers: Sequence[str], guide: str, *, guide
                            location=file_loc, hint="e.g. --guide-scale 1e-4 (the PAC paper's)")
     net_layers = tree.get("layers") or []
     names = [l.get("name") for l in net_layers if isinstance(l, Mapping)]
+    layers_loc = where(tree, "layers") or file_loc  # the net's `layers:` line
     wanted = list(dict.fromkeys(layers))
     for name in wanted:
         if name not in names:
@@ -173,10 +176,10 @@ def hotswap(tree: Mapping[str, Any], layers: Sequence[str], guide: str, *, guide
             hint = did_you_mean(name, names) or (
                 "Convolution layers: " + ", ".join(convs[:12]) + (", ..." if len(convs) > 12 else "")
                 if convs else "the net has no Convolution layers")
-            raise HotswapError(f"no layer named {name!r}", location=file_loc, hint=hint)
+            raise HotswapError(f"no layer named {name!r}", location=layers_loc, hint=hint)
     blobs = _blob_names(tree)
     if guide not in blobs:
-        raise HotswapError(f"no blob named {guide!r} to guide with", location=file_loc,
+        raise HotswapError(f"no blob named {guide!r} to guide with", location=layers_loc,
                            hint=did_you_mean(guide, blobs) or "the guide must be an input or a layer's top")
     for i, layer in enumerate(net_layers):
         if layer.get("name") in wanted:
@@ -209,16 +212,18 @@ def hotswap(tree: Mapping[str, Any], layers: Sequence[str], guide: str, *, guide
                                f"the input's N (input {list(in_shape)})", layer=name,
                                location=where(net_layers, i), layer_type="Convolution")
         bottom = _as_list(layer.get("bottom"))[0]
+        # the guide's layers run where the swapped layer runs (its phase/stage rules)
+        rules = {k: copy.deepcopy(layer[k]) for k in ("include", "exclude") if k in layer}
         g_blob = guide
         if tuple(g_shape[2:]) != tuple(in_shape[2:]):
             resized = _fresh(f"{name}_guide", taken)
             out_layers.append({"name": resized, "type": "Resize", "bottom": [guide, bottom], "top": resized,
-                               "mode": "bilinear", "align_corners": False})
+                               **rules, "mode": "bilinear", "align_corners": False})
             g_blob = resized
         if guide_scale != 1:
             scaled = g_blob if g_blob != guide else _fresh(f"{name}_guide", taken)
             out_layers.append({"name": _fresh(f"{name}_guide_scale", taken), "type": "Power",
-                               "bottom": g_blob, "top": scaled, "scale": float(guide_scale)})
+                               "bottom": g_blob, "top": scaled, **rules, "scale": float(guide_scale)})
             g_blob = scaled
         out_layers.append(_swapped(layer, bottom, g_blob))
     result = {k: copy.deepcopy(v) for k, v in tree.items() if k != "layers"}

@@ -35,6 +35,7 @@ TINY = textwrap.dedent("""\
       - {name: wide, type: Convolution, bottom: conv3, top: wide, num_output: 3, kernel_size: 3, pad: 2}
       - {name: pool, type: Pooling, bottom: conv3, top: pool, pool: MAX, kernel_size: 2, stride: 2}
       - {name: merge, type: Eltwise, bottom: [even, even], top: merge}
+      - {name: flat, type: Flatten, bottom: pool, top: flat}
       - {name: late, type: Convolution, bottom: pool, top: late, num_output: 2, kernel_size: 1}
     """)
 
@@ -146,10 +147,12 @@ def test_prints_yaml_without_output_file(tiny, capsys):
 
 
 @pytest.mark.parametrize("argv,message,where", [
-    (["--layers", "conv4", "--guide", "guide"], "no layer named 'conv4'", "tiny.yaml: no layer named 'conv4'\n  hint: did you mean 'conv3'"),
+    (["--layers", "conv4", "--guide", "guide"], "no layer named 'conv4'", "tiny.yaml:7:1: no layer named 'conv4'\n  hint: did you mean 'conv3'"),
     (["--layers", "conv1,pool", "--guide", "guide"], "only Convolution layers can be hot-swapped, this is a Pooling",
      ":19:"),
+    (["--layers", "conv1", "--guide", "guid"], "no blob named 'guid' to guide with", ":7:1: "),
     (["--layers", "conv1", "--guide", "guid"], "no blob named 'guid' to guide with", "did you mean 'guide'"),
+    (["--layers", "late", "--guide", "flat"], "the guide 'flat' has shape [2, 48]; it must be N x C x H x W", ":22:"),
     (["--layers", "even", "--guide", "guide"], "kernel 2x2 is even", ":16:"),
     (["--layers", "grouped", "--guide", "guide"], "group: 3 has no PacConv equivalent", ":17:"),
     (["--layers", "wide", "--guide", "guide"], "pad 2 is more than", ":18:"),
@@ -172,6 +175,20 @@ def test_mistakes_exit_2_with_a_located_message_and_write_nothing(tiny, tmp_path
 def test_unknown_net_is_a_located_error(capsys):
     code, _, err = _run(capsys, "fcn/fcn8s_altpd", "--layers", "conv3_3", "--guide", "conv2_2")
     assert code == 2 and "file not found" in err and "fcn/fcn8s_altpad" in err
+
+
+def test_a_train_only_layer_gets_train_only_guide_layers(tmp_path):
+    text = TINY + ("  - {name: aux, type: Convolution, bottom: conv2, top: aux, num_output: 2, kernel_size: 3, pad: 1,\n"
+                   "     include: {phase: train}}\n")
+    path = tmp_path / "n.yaml"
+    path.write_text(text)
+    net = hotswap(load(str(path)), ["aux"], "guide", guide_scale=0.5)
+    assert _layer(net, "aux")["type"] == "PacConv" and _layer(net, "aux")["include"] == {"phase": "train"}
+    assert _layer(net, "aux_guide")["include"] == _layer(net, "aux_guide_scale")["include"] == {"phase": "train"}
+    test = pacnet.build(net, device="meta")
+    assert not {"aux", "aux_guide"} & {n.name for n in test.ir.nodes}
+    train = pacnet.build(net, phase="train", device="meta")
+    assert train.shapes["aux_guide"] == (2, 2, 8, 8) and train.ir.node("aux").type == "PacConv"
 
 
 def test_names_of_inserted_layers_do_not_collide(tmp_path):
