@@ -79,8 +79,8 @@ def _geometries():
         if min(R.out_size(hw, k, s, p, d)) < 1:
             p = _padding(k, d, "beyond")
         b = 1 + i % 2
-        cases.append(pytest.param(hw, k, s, p, d, b, id=f"{hw[0]}x{hw[1]}-k{k[0]}{k[1]}-s{s[0]}{s[1]}"
-                                                        f"-p{p[0]}{p[1]}-d{d[0]}{d[1]}-b{b}"))
+        name = f"{hw[0]}x{hw[1]}-k{k[0]}{k[1]}-s{s[0]}{s[1]}-p{p[0]}{p[1]}-d{d[0]}{d[1]}-b{b}"
+        cases.append(pytest.param(hw, k, s, p, d, b, id=name))
     return cases
 
 
@@ -277,7 +277,8 @@ def _opcheck_cases():
         ("dist", ops_.pac_dist.default, (rg(f), None, k, s, p, d, False, False)),
         ("dist_center", ops_.pac_dist.default, (rg(f), rg(ctr), k, s, p, d, True, True)),
         ("conv", ops_.pac_conv2d.default, (rg(x), rg(K), rg(w), rg(w[:, 0, 0, 0]), s, p, d, False)),
-        ("conv_shared", ops_.pac_conv2d.default, (rg(x), rg(K), rg(w[:1, :1]), None, s, p, d, True)),
+        ("conv_shared", ops_.pac_conv2d.default,
+         (rg(x), rg(K), rg(w[:1, :1]), None, s, p, d, True)),
         ("pool", ops_.pac_pool2d.default, (rg(x), rg(Kc), k, s, p, d)),
         ("dist_backward", ops_.pac_dist_backward.default,
          (_randn(gen, 2, 1, 3, 3, oh, ow), f, None, k, s, p, d, True, False)),
@@ -428,12 +429,17 @@ def _bad_cases():
     f = torch.randn(2, 2, 6, 6)
     K = torch.rand(2, 1, 3, 3, 6, 6)
     w = torch.randn(4, 3, 3, 3)
-    conv = lambda **kw: lambda: P.pac_conv2d(**{**dict(x=x, K=K, weight=w, bias=None, stride=1,  # noqa: E731,E501
-                                                        padding=1, dilation=1), **kw})
-    dist = lambda **kw: lambda: P.pac_dist(**{**dict(guide=f, center=None, kernel_size=3, stride=1,  # noqa: E731,E501
-                                                      padding=1, dilation=1), **kw})
-    pool = lambda **kw: lambda: P.pac_pool2d(**{**dict(x=x, K=K, kernel_size=3, stride=1, padding=1,  # noqa: E731,E501
-                                                        dilation=1), **kw})
+    geo = dict(stride=1, padding=1, dilation=1)
+
+    def conv(**kw):
+        return lambda: P.pac_conv2d(**{**dict(x=x, K=K, weight=w, bias=None, **geo), **kw})
+
+    def dist(**kw):
+        return lambda: P.pac_dist(**{**dict(guide=f, center=None, kernel_size=3, **geo), **kw})
+
+    def pool(**kw):
+        return lambda: P.pac_pool2d(**{**dict(x=x, K=K, kernel_size=3, **geo), **kw})
+
     return [
         ("guide 3-D", dist(guide=f[0]), r"guide must be 4-D"),
         ("guide integer", dist(guide=f.long()), r"guide must be a floating-point tensor"),
@@ -442,7 +448,7 @@ def _bad_cases():
         ("even kernel width", dist(kernel_size=(3, 2)), r"kernel_size must be odd"),
         ("zero kernel", dist(kernel_size=0), r"kernel_size must be >= 1"),
         ("bool kernel", dist(kernel_size=True), r"kernel_size must be an int or a pair"),
-        ("three kernel sizes", dist(kernel_size=(3, 3, 3)), r"kernel_size must be an int or a pair"),
+        ("three kernel sizes", dist(kernel_size=(3, 3, 3)), r"must be an int or a pair"),
         ("float stride", dist(stride=1.5), r"stride must be an int or a pair"),
         ("zero stride", dist(stride=0), r"stride must be >= 1"),
         ("negative padding", dist(padding=(-1, 0)), r"padding must be >= 0"),
@@ -570,3 +576,29 @@ def test_cpu_import_does_not_load_numba_cuda():
                          timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_forked_child_after_parallel_kernels():
+    """A fork-based DataLoader worker may call the kernels after the parent ran parallel ones
+    (GNU OpenMP aborts such a child if it enters a parallel region; it must run serially)."""
+    import subprocess
+    import sys
+    code = """
+import os, torch
+import pacnet.kernels.pac as P
+from pacnet.kernels.pac import cpu
+x, K, w = torch.randn(2, 8, 48, 48), torch.rand(2, 1, 3, 3, 48, 48), torch.randn(8, 8, 3, 3)
+assert cpu._parallel(2 * 8 * 8 * 9 * 48 * 48)
+want = P.pac_conv2d(x, K, w, None, 1, 1, 1)
+pid = os.fork()
+if pid == 0:
+    torch.set_num_threads(1)  # as DataLoader workers do
+    ok = not cpu._parallel(10**9) and torch.equal(P.pac_conv2d(x, K, w, None, 1, 1, 1), want)
+    os._exit(0 if ok else 1)
+_, status = os.waitpid(pid, 0)
+print("child", status)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["child", "0"], out.stdout + out.stderr

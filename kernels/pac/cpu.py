@@ -5,12 +5,18 @@ into output rows; for each row (or a tile of ``_TILE`` output columns of it) and
 channel the kernels gather the ``kh*kw x tile`` taps into a small scratch buffer that stays in
 L1, and contract it with the weights in register-blocked loops whose innermost loop runs over
 contiguous memory (so LLVM vectorises it without ``fastmath``).  Extra memory is a few
-``kh*kw x tile`` buffers per thread, plus per-thread partial sums of the weight gradient.
+``kh*kw x tile`` buffers per thread, plus one partial sum of the weight gradient per chunk of
+work (at most one chunk per thread).
 
 Backward passes scatter into the input gradient.  To do that without atomics, output rows are
 grouped into *bands* of at least ``(kh-1)*dh // sh + 1`` rows: two bands that are not
 neighbours never touch the same input row, so even bands run in parallel, then odd bands.
-Within a band, rows run in order, so results are deterministic for a given thread count.
+Within a band, rows run in order, and each chunk of bands has a fixed partial sum, so results
+are deterministic for a given thread count.
+
+Every parallel driver (``prange`` over rows or chunks, calling a serial per-item function) has
+a serial twin, used for small inputs (below ``PARALLEL_MIN_WORK`` multiply-adds, where waking
+the thread pool costs more than it saves) and in forked child processes (see ``_PID``).
 
 The Python functions at the bottom take and return torch tensors (CPU).  float16/bfloat16
 inputs are computed in float32 and the results cast back.  Arguments are assumed valid: the
@@ -20,7 +26,8 @@ public wrappers in :mod:`pacnet.kernels.pac.ops` check them.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+import os
+from typing import Optional, Tuple
 
 import numba
 import numpy as np
@@ -634,8 +641,15 @@ def _threads() -> int:
     return max(1, int(numba.get_num_threads()))
 
 
+# With the GNU OpenMP threading layer, a process forked after the parent ran a parallel
+# kernel aborts ("fork() called from a process already using GNU OpenMP") as soon as it enters
+# a parallel region; fork-based DataLoader workers do exactly that.  In a forked child the
+# serial drivers are used instead.
+_PID = os.getpid()
+
+
 def _parallel(work: int) -> bool:
-    return work >= PARALLEL_MIN_WORK and _threads() > 1
+    return work >= PARALLEL_MIN_WORK and _threads() > 1 and os.getpid() == _PID
 
 
 def _plan_bands(B: int, oh: int, kh: int, sh: int, dh: int,

@@ -59,7 +59,7 @@ _TAGS = (torch.Tag.cudagraph_unsafe,)
 # ----------------------------------------------------------------------------- dispatch
 
 def backend_for(device: torch.device) -> str:
-    """The backend the public functions use for tensors on ``device``: ``'numba'`` or ``'reference'``.
+    """The backend the public functions use on ``device``: ``'numba'`` or ``'reference'``.
 
     Reads ``PACNET_BACKEND`` at every call (``reference`` | ``numba``; unset = by device).
     """

@@ -54,7 +54,7 @@ def pac_dist(guide: torch.Tensor, center: Optional[torch.Tensor], kernel_size: P
 def pac_conv2d(x: torch.Tensor, K: torch.Tensor, weight: torch.Tensor,
                bias: Optional[torch.Tensor], stride: Pair, padding: Pair, dilation: Pair,
                shared_filters: bool = False) -> torch.Tensor:
-    """Pixel-adaptive cross-correlation ``[b, C, H, W] -> [b, O, oh, ow]`` (see ``ops.pac_conv2d``)."""
+    """Pixel-adaptive cross-correlation ``[b, C, H, W] -> [b, O, oh, ow]`` (``ops.pac_conv2d``)."""
     kh, kw = weight.shape[-2:]
     b, c = x.shape[:2]
     cols = _cols(x, (kh, kw), stride, padding, dilation)
