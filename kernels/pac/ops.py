@@ -84,7 +84,13 @@ def _kernels(device: torch.device):
         from . import cpu
         return cpu
     if device.type == "cuda":
-        from . import cuda
+        try:
+            from . import cuda
+        except ImportError as exc:
+            raise PacnetValueError(
+                f"the CUDA PAC kernels need numba-cuda, which cannot be imported ({exc})",
+                hint=f"pip install 'numba-cuda[cu12]' (or [cu13], matching your driver), or "
+                     f"set {_BACKEND_ENV}=reference") from exc
         return cuda
     raise PacnetValueError(f"no fused PAC kernels for device '{device.type}'",
                            hint=f"set {_BACKEND_ENV}=reference")
