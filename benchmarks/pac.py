@@ -14,6 +14,17 @@ between forward and backward.  Ratios are reference / fused, measured in the sam
 
     python benchmarks/pac.py                  # 128 and 256, 5 timed iterations per case
     python benchmarks/pac.py --sizes 64 128 --repeats 3 --procs 2
+
+Measured (``--procs 2 --repeats 4``; Xeon @ 2.8 GHz, 2 cores shared with other jobs, load
+average 5-8, so absolute times are pessimistic; torch 2.13 CPU, numba 0.68):
+
+    size  backend    forward s  fwd+bwd s (min-max)  extra peak MiB  saved MiB
+    128^2 reference      0.431  1.547 (1.464-1.709)           550.9      228.2
+    128^2 numba          0.094  0.335 (0.309-0.411)            20.1        8.2
+          ratio           4.6x                 4.6x           27.4x      27.8x
+    256^2 reference      2.453  9.320 (6.462-11.054)         1766.6      912.6
+    256^2 numba          0.465  1.488 (1.376-1.586)            91.9       32.6
+          ratio           5.3x                 6.3x           19.2x      28.0x
 """
 
 from __future__ import annotations
