@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 
 from pacnet.cli.common import parse_assignments
-from pacnet.cli.train import _factor, _net_name, _positive, baseline_table, console, fmt, is_main_process, results
+from pacnet.cli.train import (_factor, _net_name, _positive, baseline_table, console, fmt, is_main_process,
+                              short_openmp_spin, results)
 
 
 def add_parser(sub) -> None:
@@ -37,6 +38,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    short_openmp_spin()
     from rich.table import Table
 
     from pacnet.engine import trainer
@@ -54,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     con = console()
     con.print(f"{name}: {record['weights']} on the {record['split']} split, {record['samples']} samples, "
               f"{record['batches']} batches, {fmt(record['seconds'])} s", markup=False, soft_wrap=True)
-    table = Table(title=f"{name}: {args.split} results", header_style="bold")
+    table = Table(title=f"{args.split} results", header_style="bold")
     table.add_column("result")
     table.add_column("value", justify="right")
     found = results(record)

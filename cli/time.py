@@ -43,6 +43,9 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pacnet.cli.train import short_openmp_spin
+
+    short_openmp_spin()  # before torch loads (see there); GOMP_SPINCOUNT=300000 times the default
     import torch
     from rich.table import Table
     from torch.utils import benchmark as tbench

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 
 import pytest
@@ -284,3 +285,22 @@ def test_time_verb_prints_the_layer_table(net_file, capsys):
         assert row in out
     assert "torch.utils.benchmark, 2 passes" in out
     assert main(["time", net_file, "--iterations", "0"]) == 2
+
+
+def test_short_openmp_spin_only_before_torch_loads(monkeypatch):
+    from pacnet.cli.train import short_openmp_spin
+
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    short_openmp_spin()  # torch is loaded in this process: OpenMP has read its settings already
+    assert "GOMP_SPINCOUNT" not in os.environ
+    monkeypatch.delitem(sys.modules, "torch")  # as in a fresh `pacnet train` process
+    short_openmp_spin()
+    assert os.environ["GOMP_SPINCOUNT"] == "10000"
+    monkeypatch.setenv("GOMP_SPINCOUNT", "5")  # the user's choice wins
+    short_openmp_spin()
+    assert os.environ["GOMP_SPINCOUNT"] == "5"
+    monkeypatch.delenv("GOMP_SPINCOUNT")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    short_openmp_spin()
+    assert "GOMP_SPINCOUNT" not in os.environ
