@@ -5,7 +5,6 @@ One tiny joint-upsampling net (x8, 16 x 16 crops, 6 iterations) keeps every run 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
