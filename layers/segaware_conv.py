@@ -7,8 +7,8 @@ This is what the segmentation-aware conv of Harley et al. computes with five Caf
 
 with ``pos(y, t) = y*stride - pad + t*dilation`` (zero padding), ``t`` running over the
 ``kh*kw`` taps in row-major order.  It runs on the fused PAC kernel
-(:func:`pacnet.kernels.pac.ops.pac_conv2d`), so no ``C*k*k``-channel column tensor is ever
-built.  The fusion pass (:mod:`pacnet.fusion`) rewrites the Caffe chain into this layer;
+(:func:`pacnet.kernels.pac.ops.pac_conv2d`), so the ``C*k*k``-channel column tensor is never
+built whole (the CPU kernel builds it one block of about 16 MiB at a time).  The fusion pass (:mod:`pacnet.fusion`) rewrites the Caffe chain into this layer;
 it can also be written directly.
 
 Blobs are those of ``Convolution`` (``weight`` [O, C, kh, kw], ``bias`` [O]), so weights

@@ -3,8 +3,9 @@
 Same names, signatures, semantics and ``state_dict`` keys as the original (Su et al.,
 "Pixel-Adaptive Convolutional Neural Networks", CVPR 2019), reimplemented from a
 behavioural spec; the heavy lifting runs in the fused kernels of
-:mod:`pacnet.kernels.pac` (``pac_dist``, ``pac_conv2d``, ``pac_pool2d``), so no
-``[b, C*k*k, H*W]`` column tensor is ever built for the input.
+:mod:`pacnet.kernels.pac` (``pac_dist``, ``pac_conv2d``, ``pac_pool2d``), so the input's
+``[b, C*k*k, H*W]`` column tensor is never built whole (on the CPU ``pac_conv2d`` builds it a
+block of about 16 MiB at a time for its GEMMs).
 
 Notation: input ``x`` is ``N x C x H x W``, guide ``f`` is ``N x Cg x H x W``, filter
 ``k`` (odd), stride ``s``, padding ``p``, dilation ``d``; an output pixel ``o`` reads

@@ -189,6 +189,35 @@ def test_backward_bands_are_race_free(monkeypatch, threads, k, s, d, b):
                  _run(lambda *a: R.pac_pool2d(*a, k, s, p, d), (x, K), g2), "pool")
 
 
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("block_bytes, want", [
+    (1, "one row of one image"), (20000, "a few rows of one image"),
+    (160000, "two whole images"), (1 << 30, "all images")])
+@pytest.mark.parametrize("k, s, p, d", [((3, 3), (1, 1), (2, 2), (2, 2)),
+                                        ((5, 3), (2, 1), (1, 3), (1, 2))])
+def test_conv_blocks_tile_the_output(monkeypatch, parallel, block_bytes, want, k, s, p, d):
+    """pac_conv2d's GEMM blocks (image groups or row bands, partial last ones) cover the
+    output exactly once, forward and backward."""
+    monkeypatch.setattr(cpu, "_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(cpu, "PARALLEL_MIN_WORK", 0 if parallel else 1 << 62)
+    gen = _gen(7)
+    b, c, o, hw = 3, 4, 5, (23, 12)
+    oh, ow = R.out_size(hw, k, s, p, d)
+    blocks, _ = cpu._blocks(b, c * k[0] * k[1], oh, ow, 8)
+    shapes = {"one row of one image": lambda: all(nb == 1 and ny == 1 for _, nb, _, ny in blocks),
+              "a few rows of one image": lambda: all(nb == 1 for _, nb, _, _ in blocks)
+              and 1 < blocks[0][3] < oh and blocks[-1][3] < blocks[0][3],
+              "two whole images": lambda: [bl[1] for bl in blocks] == [2, 1],
+              "all images": lambda: blocks == [(0, b, 0, oh)]}
+    assert shapes[want](), blocks
+    x = _randn(gen, b, c, *hw)
+    K = _rand(gen, b, 1, k[0], k[1], oh, ow)
+    w, bias = _randn(gen, o, c, *k), _randn(gen, o)
+    grad = _randn(gen, b, o, oh, ow)
+    _assert_same(_run(lambda *a: P.pac_conv2d(*a, s, p, d), (x, K, w, bias), grad),
+                 _run(lambda *a: R.pac_conv2d(*a, s, p, d), (x, K, w, bias), grad), want)
+
+
 def test_backward_is_deterministic(monkeypatch):
     """Same inputs, same bits (the parallel drivers: no atomics, fixed partial sums)."""
     monkeypatch.setattr(cpu, "PARALLEL_MIN_WORK", 0)

@@ -1,18 +1,23 @@
 """Fused PAC kernels for the CPU, written with Numba (``@njit(parallel=True)``).
 
-None of these kernels materialises a ``[b, C*kh*kw, oh*ow]`` column tensor.  Work is split
-into output rows; for each row (or a tile of ``_TILE`` output columns of it) and each input
-channel the kernels gather the ``kh*kw x tile`` taps into a small scratch buffer that stays in
-L1, and contract it with the weights in register-blocked loops whose innermost loop runs over
-contiguous memory (so LLVM vectorises it without ``fastmath``).  Extra memory is a few
-``kh*kw x tile`` buffers per thread, plus one partial sum of the weight gradient per chunk of
-work (at most one chunk per thread).
+None of these kernels materialises a whole ``[b, C*kh*kw, oh*ow]`` column tensor.
 
-Backward passes scatter into the input gradient.  To do that without atomics, output rows are
-grouped into *bands* of at least ``(kh-1)*dh // sh + 1`` rows: two bands that are not
-neighbours never touch the same input row, so even bands run in parallel, then odd bands.
-Within a band, rows run in order, and each chunk of bands has a fixed partial sum, so results
-are deterministic for a given thread count.
+``pac_dist`` and ``pac_pool2d`` (also the depthwise, shared-filter ``pac_conv2d``) split the
+work into output rows; per row they gather the ``kh*kw`` taps into small scratch rows and
+accumulate in loops whose innermost loop runs over contiguous memory (so LLVM vectorises it
+without ``fastmath``).
+
+``pac_conv2d`` contracts over ``C*kh*kw`` for every output pixel, which is a matrix product;
+it runs as GEMMs (``torch.mm``/``bmm``, i.e. MKL or OpenBLAS) over *blocks* of the output --
+a few whole images, or a band of rows of one -- whose K-modulated columns are built by a
+Numba kernel into one block-sized scratch buffer (``_BLOCK_BYTES``).  See the section
+``pac_conv2d`` below for the exact formulas.
+
+Backward passes scatter into the input gradient.  In ``pac_dist`` and ``pac_pool2d``, to do
+that without atomics, output rows are grouped into *bands* of at least
+``(kh-1)*dh // sh + 1`` rows: two bands that are not neighbours never touch the same input row,
+so even bands run in parallel, then odd bands.  Within a band, rows run in order, and each
+chunk of bands has a fixed partial sum, so results are deterministic for a given thread count.
 
 Every parallel driver (``prange`` over rows or chunks, calling a serial per-item function) has
 a serial twin, used for small inputs (below ``PARALLEL_MIN_WORK`` multiply-adds, where waking
@@ -34,7 +39,6 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-_TILE = 128  # output columns per scratch tile; the scratch is kh*kw x _TILE per channel
 _OPTS = dict(parallel=True, cache=True, fastmath=False, nogil=True)
 
 
@@ -272,218 +276,152 @@ def _dist_bwd_chunk(ch, phase, gD, f, ctr, has_ctr, kh, kw, sh, sw, ph, pw, dh, 
 
 
 # ----------------------------------------------------------------------------- pac_conv2d
+# The contraction over C*kh*kw is left to torch.mm/bmm (MKL or OpenBLAS, several times the
+# speed of hand-written loops).  The output is taken in *blocks*: ``nb`` whole images, or one
+# image's band of ``ny`` output rows when a whole image is too big (``P = ny*ow`` pixels per
+# image).  Per block a [nb, C*kh*kw, P] scratch holds the K-modulated columns
+# ``cols[i, c*k2 + t, p] = K[b0+i, t, p] * x[b0+i, c, pos(p, t)]`` (0 outside the image), and
+#   forward   out[i, :, block]  = W2 @ cols[i]
+#   backward  gW               += g[i, :, block] @ cols[i]^T     (cols rebuilt, not saved)
+#             G[i]              = W2^T @ g[i, :, block]          [C*kh*kw, P]
+#             gK[i, t, p]       = sum_c G[i, c*k2 + t, p] * x[i, c, pos(p, t)]
+#             gx[i, c, pos]    += G[i, c*k2 + t, p] * K[i, t, p]
+# Blocks run one after another, so the scatter into gx never races; inside a block it runs
+# in parallel over (image, channel) pairs, each owning a plane of gx, and gK over
+# (image, tap, row) triples.  Sums run in a fixed order, so results are deterministic.
+
+@njit(cache=True)
+def _cols_row(it, x, K, b0, y0, ny, kh, kw, sh, sw, ph, pw, dh, dw, cols):
+    """Row ``r = c*k2 + t`` of image ``b0 + i`` (``it = i*R + r``) of the modulated columns
+    of output rows ``[y0, y0+ny)``."""
+    H, Wd = x.shape[2], x.shape[3]
+    ow = K.shape[5]
+    k2 = kh * kw
+    R = cols.shape[1]
+    i = it // R
+    r = it % R
+    b = b0 + i
+    c = r // k2
+    ty = (r % k2) // kw
+    tx = r % kw
+    off = tx * dw - pw
+    lo, hi = _jrange(off, sw, Wd, ow)
+    m = hi - lo
+    st = lo * sw + off
+    for yy in range(ny):
+        y = y0 + yy
+        iy = y * sh - ph + ty * dh
+        row = cols[i, r, yy * ow:(yy + 1) * ow]
+        if iy < 0 or iy >= H or m <= 0:
+            row[:] = 0
+            continue
+        row[:lo] = 0
+        row[hi:] = 0
+        xr = x[b, c, iy]
+        if sw == 1:
+            _mul(row[lo:hi], K[b, 0, ty, tx, y, lo:hi], xr[st:st + m], m)
+        else:
+            _mul(row[lo:hi], K[b, 0, ty, tx, y, lo:hi], xr[st:st + (m - 1) * sw + 1:sw], m)
+
 
 @njit(**_OPTS)
-def _conv_fwd(x, K, W2, bias, kh, kw, sh, sw, ph, pw, dh, dw, T, out):
-    ntiles = (out.shape[3] + T - 1) // T
-    for it in prange(x.shape[0] * out.shape[2] * ntiles):
-        _conv_fwd_tile(it, x, K, W2, bias, kh, kw, sh, sw, ph, pw, dh, dw, T, out)
+def _cols(x, K, b0, y0, ny, kh, kw, sh, sw, ph, pw, dh, dw, cols):
+    for it in prange(cols.shape[0] * cols.shape[1]):
+        _cols_row(it, x, K, b0, y0, ny, kh, kw, sh, sw, ph, pw, dh, dw, cols)
 
 
 @njit(cache=True)
-def _conv_fwd_serial(x, K, W2, bias, kh, kw, sh, sw, ph, pw, dh, dw, T, out):
-    ntiles = (out.shape[3] + T - 1) // T
-    for it in range(x.shape[0] * out.shape[2] * ntiles):
-        _conv_fwd_tile(it, x, K, W2, bias, kh, kw, sh, sw, ph, pw, dh, dw, T, out)
+def _cols_serial(x, K, b0, y0, ny, kh, kw, sh, sw, ph, pw, dh, dw, cols):
+    for it in range(cols.shape[0] * cols.shape[1]):
+        _cols_row(it, x, K, b0, y0, ny, kh, kw, sh, sw, ph, pw, dh, dw, cols)
 
 
 @njit(cache=True)
-def _conv_fwd_tile(it, x, K, W2, bias, kh, kw, sh, sw, ph, pw, dh, dw, T, out):
-    B, C, H, Wd = x.shape
-    O = W2.shape[0]
-    oh, ow = out.shape[2], out.shape[3]
+def _cols_grad_x_plane(it, G, K, b0, y0, ny, kh, kw, sh, sw, ph, pw, dh, dw, gx):
+    """``gx[b0+i, c] +=`` the block's column gradient ``G[i]`` times ``K``, scattered back
+    (``it = i*C + c``)."""
+    C, H, Wd = gx.shape[1], gx.shape[2], gx.shape[3]
+    ow = K.shape[5]
     k2 = kh * kw
-    ntiles = (ow + T - 1) // T
-    O4 = O - O % 4
-    b = it // (oh * ntiles)
-    y = (it // ntiles) % oh
-    x0 = (it % ntiles) * T
-    n = min(T, ow - x0)
-    lo_t = np.empty(k2, np.int64)
-    hi_t = np.empty(k2, np.int64)
-    st_t = np.empty(k2, np.int64)
-    iy_t = np.empty(k2, np.int64)
-    _taps(y, x0, n, kh, kw, sh, sw, ph, pw, dh, dw, H, Wd, lo_t, hi_t, st_t, iy_t)
-    # A private copy of the tile's K rows: in K they lie oh*ow apart and would evict
-    # each other from the caches while every channel rereads them.
-    Kt = np.empty((k2, n), dtype=x.dtype)
+    i = it // C
+    c = it % C
+    b = b0 + i
     for t in range(k2):
-        _copy(Kt[t], K[b, 0, t // kw, t % kw, y, x0:x0 + n], n)
-    S = np.zeros((k2, n), dtype=x.dtype)  # columns outside the image stay 0
-    acc = np.zeros((O, n), dtype=x.dtype)
+        ty = t // kw
+        tx = t % kw
+        off = tx * dw - pw
+        lo, hi = _jrange(off, sw, Wd, ow)
+        m = hi - lo
+        if m <= 0:
+            continue
+        st = lo * sw + off
+        g = G[i, c * k2 + t]
+        for yy in range(ny):
+            y = y0 + yy
+            iy = y * sh - ph + ty * dh
+            if iy < 0 or iy >= H:
+                continue
+            gxr = gx[b, c, iy]
+            gr = g[yy * ow + lo:yy * ow + hi]
+            if sw == 1:
+                _fma(gxr[st:st + m], gr, K[b, 0, ty, tx, y, lo:hi], m)
+            else:
+                _fma(gxr[st:st + (m - 1) * sw + 1:sw], gr, K[b, 0, ty, tx, y, lo:hi], m)
+
+
+@njit(cache=True)
+def _cols_grad_k_row(it, G, x, b0, y0, ny, kh, kw, sh, sw, ph, pw, dh, dw, gK):
+    """``gK[b0+i, 0, t, y] = sum_c G[i, c*k2 + t, y] * x[b0+i, c, pos(y, t)]``
+    (``it`` enumerates ``(i, t, y)``)."""
+    C, H, Wd = x.shape[1], x.shape[2], x.shape[3]
+    ow = gK.shape[5]
+    k2 = kh * kw
+    i = it // (k2 * ny)
+    t = (it // ny) % k2
+    yy = it % ny
+    b = b0 + i
+    ty = t // kw
+    tx = t % kw
+    y = y0 + yy
+    iy = y * sh - ph + ty * dh
+    off = tx * dw - pw
+    lo, hi = _jrange(off, sw, Wd, ow)
+    m = hi - lo
+    st = lo * sw + off
+    gkr = gK[b, 0, ty, tx, y]
+    gkr[:] = 0
+    if iy < 0 or iy >= H or m <= 0:
+        return
     for c in range(C):
-        # S[t, j] = K[t, y, x0+j] * x[c, pos(y, t)]
-        for t in range(k2):
-            lo = lo_t[t]
-            m = hi_t[t] - lo
-            st = st_t[t]
-            if m > 0:
-                xr = x[b, c, iy_t[t]]
-                if sw == 1:
-                    _mul(S[t, lo:lo + m], Kt[t, lo:lo + m], xr[st:st + m], m)
-                else:
-                    _mul(S[t, lo:lo + m], Kt[t, lo:lo + m], xr[st:st + (m - 1) * sw + 1:sw],
-                         m)
-        # acc[O, n] += W2[:, c*k2:(c+1)*k2] @ S, four output channels per pass over S
-        r0 = c * k2
-        for o in range(0, O4, 4):
-            for t in range(k2):
-                w0 = W2[o, r0 + t]
-                w1 = W2[o + 1, r0 + t]
-                w2 = W2[o + 2, r0 + t]
-                w3 = W2[o + 3, r0 + t]
-                for j in range(n):
-                    s = S[t, j]
-                    acc[o, j] += w0 * s
-                    acc[o + 1, j] += w1 * s
-                    acc[o + 2, j] += w2 * s
-                    acc[o + 3, j] += w3 * s
-        for o in range(O4, O):
-            for t in range(k2):
-                w0 = W2[o, r0 + t]
-                for j in range(n):
-                    acc[o, j] += w0 * S[t, j]
-    for o in range(O):
-        orow = out[b, o, y, x0:x0 + n]
-        bo = bias[o]
-        for j in range(n):
-            orow[j] = acc[o, j] + bo
+        xr = x[b, c, iy]
+        gr = G[i, c * k2 + t, yy * ow + lo:yy * ow + hi]
+        if sw == 1:
+            _fma(gkr[lo:hi], gr, xr[st:st + m], m)
+        else:
+            _fma(gkr[lo:hi], gr, xr[st:st + (m - 1) * sw + 1:sw], m)
 
 
 @njit(**_OPTS)
-def _conv_bwd(gout, x, K, WT, kh, kw, sh, sw, ph, pw, dh, dw, T, L, nbands, nchunks,
-              need_x, need_k, need_w, gx, gK, gWp):
-    for phase in range(2):
-        for ch in prange(nchunks):
-            _conv_bwd_chunk(ch, phase, gout, x, K, WT, kh, kw, sh, sw, ph, pw, dh, dw, T, L,
-                            nbands, nchunks, need_x, need_k, need_w, gx, gK, gWp)
+def _cols_grad(G, x, K, b0, y0, ny, kh, kw, sh, sw, ph, pw, dh, dw, need_x, need_k, gx, gK):
+    nb = G.shape[0]
+    if need_x:
+        for it in prange(nb * x.shape[1]):
+            _cols_grad_x_plane(it, G, K, b0, y0, ny, kh, kw, sh, sw, ph, pw, dh, dw, gx)
+    if need_k:
+        for it in prange(nb * kh * kw * ny):
+            _cols_grad_k_row(it, G, x, b0, y0, ny, kh, kw, sh, sw, ph, pw, dh, dw, gK)
 
 
 @njit(cache=True)
-def _conv_bwd_serial(gout, x, K, WT, kh, kw, sh, sw, ph, pw, dh, dw, T, L, nbands, nchunks,
-                     need_x, need_k, need_w, gx, gK, gWp):
-    for phase in range(2):
-        for ch in range(nchunks):
-            _conv_bwd_chunk(ch, phase, gout, x, K, WT, kh, kw, sh, sw, ph, pw, dh, dw, T, L,
-                            nbands, nchunks, need_x, need_k, need_w, gx, gK, gWp)
-
-
-@njit(cache=True)
-def _conv_bwd_chunk(ch, phase, gout, x, K, WT, kh, kw, sh, sw, ph, pw, dh, dw, T, L, nbands,
-                    nchunks, need_x, need_k, need_w, gx, gK, gWp):
-    B, C, H, Wd = x.shape
-    O = WT.shape[1]
-    oh, ow = gout.shape[2], gout.shape[3]
-    k2 = kh * kw
-    k24 = k2 - k2 % 4
-    ntiles = (ow + T - 1) // T
-    need_g = need_x or need_k
-    nb = (nbands - phase + 1) // 2
-    nitems = B * nb
-    lo_t = np.empty(k2, np.int64)
-    hi_t = np.empty(k2, np.int64)
-    st_t = np.empty(k2, np.int64)
-    iy_t = np.empty(k2, np.int64)
-    Kt = np.empty((k2, T), dtype=x.dtype)
-    X = np.empty((k2, T), dtype=x.dtype)
-    S = np.empty((k2, T), dtype=x.dtype)
-    G = np.empty((k2, T), dtype=x.dtype)
-    gk = np.empty((k2, T), dtype=x.dtype)
-    g2 = np.empty((O, T), dtype=x.dtype)
-    gT = np.empty((T, O), dtype=x.dtype)
-    gw = gWp[ch]
-    for it in range(ch * nitems // nchunks, (ch + 1) * nitems // nchunks):
-        b, y0 = _band_item(it, nb, phase, L)
-        for y in range(y0, min(oh, y0 + L)):
-            for tile in range(ntiles):
-                x0 = tile * T
-                n = min(T, ow - x0)
-                _taps(y, x0, n, kh, kw, sh, sw, ph, pw, dh, dw, H, Wd,
-                      lo_t, hi_t, st_t, iy_t)
-                for t in range(k2):
-                    _copy(Kt[t], K[b, 0, t // kw, t % kw, y, x0:x0 + n], n)
-                for o in range(O):
-                    _copy(g2[o], gout[b, o, y, x0:x0 + n], n)
-                if need_w:
-                    for j in range(n):
-                        for o in range(O):
-                            gT[j, o] = g2[o, j]
-                X[:, :] = 0  # columns outside the image stay 0 for every channel
-                if need_k:
-                    gk[:, :] = 0
-                for c in range(C):
-                    # X[t, j] = x[c, pos(y, t)]
-                    for t in range(k2):
-                        lo = lo_t[t]
-                        m = hi_t[t] - lo
-                        st = st_t[t]
-                        if m > 0:
-                            xr = x[b, c, iy_t[t]]
-                            if sw == 1:
-                                _copy(X[t, lo:lo + m], xr[st:st + m], m)
-                            else:
-                                _copy(X[t, lo:lo + m], xr[st:st + (m - 1) * sw + 1:sw], m)
-                    r0 = c * k2
-                    if need_w:
-                        # gW^T[r0+t, :] += (K*X)[t, :] @ gT, inner loop over O
-                        for t in range(k2):
-                            _mul(S[t], Kt[t], X[t], n)
-                        for t in range(0, k24, 4):
-                            for j in range(n):
-                                s0 = S[t, j]
-                                s1 = S[t + 1, j]
-                                s2 = S[t + 2, j]
-                                s3 = S[t + 3, j]
-                                for o in range(O):
-                                    g = gT[j, o]
-                                    gw[r0 + t, o] += s0 * g
-                                    gw[r0 + t + 1, o] += s1 * g
-                                    gw[r0 + t + 2, o] += s2 * g
-                                    gw[r0 + t + 3, o] += s3 * g
-                        for t in range(k24, k2):
-                            for j in range(n):
-                                s0 = S[t, j]
-                                for o in range(O):
-                                    gw[r0 + t, o] += s0 * gT[j, o]
-                    if need_g:
-                        # G[t, j] = sum_o W[o, c, t] * gout[o, y, x0+j]
-                        G[:, :] = 0
-                        for t in range(0, k24, 4):
-                            for o in range(O):
-                                w0 = WT[r0 + t, o]
-                                w1 = WT[r0 + t + 1, o]
-                                w2 = WT[r0 + t + 2, o]
-                                w3 = WT[r0 + t + 3, o]
-                                for j in range(n):
-                                    g = g2[o, j]
-                                    G[t, j] += w0 * g
-                                    G[t + 1, j] += w1 * g
-                                    G[t + 2, j] += w2 * g
-                                    G[t + 3, j] += w3 * g
-                        for t in range(k24, k2):
-                            for o in range(O):
-                                w0 = WT[r0 + t, o]
-                                for j in range(n):
-                                    G[t, j] += w0 * g2[o, j]
-                        if need_k:
-                            for t in range(k2):
-                                _fma(gk[t], G[t], X[t], n)
-                        if need_x:
-                            for t in range(k2):
-                                lo = lo_t[t]
-                                m = hi_t[t] - lo
-                                st = st_t[t]
-                                if m > 0:
-                                    gxr = gx[b, c, iy_t[t]]
-                                    if sw == 1:
-                                        _fma(gxr[st:st + m], G[t, lo:lo + m],
-                                             Kt[t, lo:lo + m], m)
-                                    else:
-                                        _fma(gxr[st:st + (m - 1) * sw + 1:sw],
-                                             G[t, lo:lo + m], Kt[t, lo:lo + m], m)
-                if need_k:
-                    for t in range(k2):
-                        _copy(gK[b, 0, t // kw, t % kw, y, x0:x0 + n], gk[t], n)
+def _cols_grad_serial(G, x, K, b0, y0, ny, kh, kw, sh, sw, ph, pw, dh, dw, need_x, need_k, gx,
+                      gK):
+    nb = G.shape[0]
+    if need_x:
+        for it in range(nb * x.shape[1]):
+            _cols_grad_x_plane(it, G, K, b0, y0, ny, kh, kw, sh, sw, ph, pw, dh, dw, gx)
+    if need_k:
+        for it in range(nb * kh * kw * ny):
+            _cols_grad_k_row(it, G, x, b0, y0, ny, kh, kw, sh, sw, ph, pw, dh, dw, gK)
 
 
 # ----------------------------------------------------------------------------- pac_pool2d
@@ -739,15 +677,8 @@ def pac_conv2d_fwd(x, K, weight, bias, stride, padding, dilation, shared_filters
     xc, Kc, w, bc = _prep(x, K, weight, bias)
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     O, C, kh, kw = w.shape
-    B = xc.shape[0]
-    oh, ow = Kc.shape[4], Kc.shape[5]
-    out = torch.empty((B, O, oh, ow), dtype=xc.dtype)
-    W2 = w.reshape(O, C * kh * kw)
-    if bc is None:
-        bc = torch.zeros(O, dtype=xc.dtype)
-    run = _conv_fwd if _parallel(B * O * C * kh * kw * oh * ow) else _conv_fwd_serial
-    run(_np(xc), _np(Kc), _np(W2), _np(bc), kh, kw, sh, sw, ph, pw, dh, dw,
-        min(_TILE, max(ow, 1)), _np(out))
+    out = torch.empty((xc.shape[0], O, Kc.shape[4], Kc.shape[5]), dtype=xc.dtype)
+    _conv_fwd_gemm(xc, Kc, w.reshape(O, C * kh * kw), bc, (kh, kw, sh, sw, ph, pw, dh, dw), out)
     return out.to(dtype)
 
 
@@ -765,23 +696,77 @@ def pac_conv2d_bwd(grad, x, K, weight, stride, padding, dilation, shared_filters
     g, xc, Kc, w = _prep(grad, x, K, weight)
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     O, C, kh, kw = w.shape
-    B, _, H, W = xc.shape
-    oh, ow = g.shape[2], g.shape[3]
-    R = C * kh * kw
-    par = _parallel(B * O * R * oh * ow)
-    L, nbands, nchunks = _plan_bands(B, oh, kh, sh, dh, par)
-    gx = torch.zeros_like(xc) if need_x else torch.zeros((1, 1, 1, 1), dtype=xc.dtype)
-    gK = torch.empty_like(Kc) if need_k else torch.zeros((1,) * 6, dtype=xc.dtype)
-    gWp = torch.zeros((nchunks if need_w else 1, R if need_w else 1, O), dtype=xc.dtype)
-    WT = w.reshape(O, R).t().contiguous()
-    run = _conv_bwd if par else _conv_bwd_serial
-    run(_np(g), _np(xc), _np(Kc), _np(WT), kh, kw, sh, sw, ph, pw, dh, dw,
-        min(_TILE, max(ow, 1)), L, nbands, nchunks, need_x, need_k, need_w,
-        _np(gx), _np(gK), _np(gWp))
-    gW = gWp.sum(0).t().contiguous().reshape(O, C, kh, kw) if need_w else None
+    gx = torch.zeros_like(xc) if need_x else None
+    gK = torch.empty_like(Kc) if need_k else None
+    gW2 = torch.zeros((O, C * kh * kw), dtype=xc.dtype) if need_w else None
+    _conv_bwd_gemm(g, xc, Kc, w.reshape(O, C * kh * kw), (kh, kw, sh, sw, ph, pw, dh, dw),
+                   gx, gK, gW2)
+    gW = gW2.reshape(O, C, kh, kw) if need_w else None
     return (gx.to(dtypes[0]) if need_x else None,
             gK.to(dtypes[1]) if need_k else None,
             gW.to(dtypes[2]) if need_w else None)
+
+
+_BLOCK_BYTES = 16 << 20  # size of one block's column scratch (large blocks keep the GEMMs efficient)
+
+
+def _blocks(B: int, R: int, oh: int, ow: int, itemsize: int):
+    """Blocks ``(b0, nb, y0, ny)`` whose ``[nb, R, ny*ow]`` column scratch fits
+    ``_BLOCK_BYTES``: several whole images, or bands of rows of one; and the scratch size."""
+    image = R * oh * ow * itemsize
+    if image <= _BLOCK_BYTES:
+        nb = max(1, min(B, _BLOCK_BYTES // max(1, image)))
+        return [(b0, min(nb, B - b0), 0, oh) for b0 in range(0, B, nb)], nb * R * oh * ow
+    rows = max(1, min(oh, _BLOCK_BYTES // max(1, R * ow * itemsize)))
+    return ([(b, 1, y0, min(rows, oh - y0)) for b in range(B) for y0 in range(0, oh, rows)],
+            R * rows * ow)
+
+
+def _conv_fwd_gemm(xc, Kc, W2, bc, geo, out):
+    """Forward by block GEMMs into ``out`` [B, O, oh, ow] (``geo`` = kh, kw, sh, sw, ph, pw,
+    dh, dw; ``W2`` [O, C*kh*kw])."""
+    B, O, oh, ow = out.shape
+    R = W2.shape[1]
+    blocks, size = _blocks(B, R, oh, ow, xc.element_size())
+    scratch = torch.empty(size, dtype=xc.dtype)
+    fill = _cols if _parallel(size) else _cols_serial
+    xn, Kn = _np(xc), _np(Kc)
+    flat = out.view(B, O, oh * ow)
+    for b0, nb, y0, ny in blocks:
+        cols = scratch[:nb * R * ny * ow].view(nb, R, ny * ow)
+        fill(xn, Kn, b0, y0, ny, *geo, _np(cols))
+        dst = flat[b0:b0 + nb, :, y0 * ow:(y0 + ny) * ow]
+        if bc is None:
+            torch.matmul(W2, cols, out=dst)
+        else:
+            torch.baddbmm(bc[None, :, None], W2.expand(nb, -1, -1), cols, out=dst)
+
+
+def _conv_bwd_gemm(g, xc, Kc, W2, geo, gx, gK, gW2):
+    """Backward by block GEMMs: accumulates into ``gx`` and ``gW2`` [O, C*k2], fills ``gK``
+    (each ``None`` when not wanted).  One scratch buffer holds a block's columns for the
+    weight gradient, then its column gradient ``G``."""
+    B, O, oh, ow = g.shape
+    R = W2.shape[1]
+    blocks, size = _blocks(B, R, oh, ow, xc.element_size())
+    par = _parallel(size)
+    xn, Kn = _np(xc), _np(Kc)
+    flat = g.reshape(B, O, oh * ow)
+    need_x, need_k = gx is not None, gK is not None
+    scratch = torch.empty(size, dtype=xc.dtype)
+    gxn = _np(gx) if need_x else _dummy(xc, 4)
+    gKn = _np(gK) if need_k else _dummy(xc, 6)
+    for b0, nb, y0, ny in blocks:
+        gb = flat[b0:b0 + nb, :, y0 * ow:(y0 + ny) * ow]
+        buf = scratch[:nb * R * ny * ow].view(nb, R, ny * ow)
+        if gW2 is not None:
+            (_cols if par else _cols_serial)(xn, Kn, b0, y0, ny, *geo, _np(buf))
+            for i in range(nb):
+                gW2.addmm_(gb[i], buf[i].t())
+        if need_x or need_k:
+            torch.matmul(W2.t(), gb, out=buf)
+            (_cols_grad if par else _cols_grad_serial)(
+                _np(buf), xn, Kn, b0, y0, ny, *geo, need_x, need_k, gxn, gKn)
 
 
 def pac_pool2d_fwd(x, K, kernel_size, stride, padding, dilation, weight=None, bias=None):
