@@ -7,17 +7,30 @@ the NormConvMeanfield CRF on the fused kernels vs the unfold reference.
    * ``unfused``: what the prototxt computes, layer by layer -- Im2col(x) [b, C*9, H, W],
      Im2dist(emb), Scale λ, Exp(-.), Tile x C [b, C*9, H, W], Eltwise PROD, Convolution
      with ``bottom_is_im2col`` (a 1x1 conv over the C*9 channels);
-   * ``fused``: ``pac_conv2d(x, exp(-λ·Im2dist(emb)), W, b)`` on the fused PAC kernel.
+   * ``fused``: ``pac_conv2d(x, exp(-λ·Im2dist(emb)), W, b)`` on the fused PAC kernel;
+   * the same layer as pacnet compiles it from YAML (the ``segaware_conv`` block of
+     nets/common/segaware_blocks.yaml after an Im2dist): ``pacnet.build(..., fuse=False)``
+     (the chain as written) and the default build (the fusion pass's SegawareConvolution).
+
+   The hand-written unfused chain is the strongest baseline (F.unfold, one repeat, one
+   1x1 conv); its three GEMMs (forward, weight and input gradients) are also the floor of
+   the fused op, which does the same multiply-adds.
 
 2. NormConvMeanfield as in ``res/*`` (C = 21, T = 2, bilateral k13 d9 pad 54 on 66-d
    features, spatial k5 on xy), forward + backward, at ``--crf-size``: the fused kernels
    (``PACNET_BACKEND`` unset) vs the plain-torch reference (``PACNET_BACKEND=reference``).
 
-Each variant runs in its own subprocess, so its peak memory is its own: peak RSS growth
-over the inputs on CPU (``ru_maxrss``), ``torch.cuda.max_memory_allocated`` on CUDA.
-Prints medians and ratios against the unfused/reference variant measured in the same run.
+Each variant runs in its own subprocesses, so its peak memory is its own: peak RSS growth
+over the inputs on CPU (``ru_maxrss``), ``torch.cuda.max_memory_allocated`` on CUDA.  It
+runs in ``--rounds`` processes interleaved with the other variants' (so a slow spell of a
+shared machine hits all variants alike); the time reported is the median over rounds of each
+process's median step, the peak the largest.  Every process first runs the variant once on a
+tiny input (kernel compilation stays out of the peak) and ``--warmup`` untimed steps (the
+first large GEMMs run up to 2x slower while clocks and MKL's buffers settle).  Ratios are
+against the unfused/reference variant measured in the same run.
 
-Usage: ``python benchmarks/segaware.py [--repeats 5] [--device cpu|cuda] [--crf-size 97]``.
+Usage: ``python benchmarks/segaware.py [--repeats 7] [--warmup 3] [--rounds 3]
+[--device cpu|cuda] [--crf-size 97] [--skip-crf]``.
 """
 
 from __future__ import annotations
@@ -78,6 +91,35 @@ def conv3_fused(x, emb, w, b, lam):
     return pac_conv2d(x, mask.reshape(n, 1, 3, 3, h, wd), w, b, 1, 2, 2)
 
 
+_CONV3_NET = """
+_base_: {blocks}
+name: segaware_conv3
+pacnet_version: 1
+inputs: {{x: [1, 256, 81, 81], emb: [1, 64, 81, 81]}}
+layers:
+  - {{name: emb_dist3, type: Im2dist, bottom: emb, top: emb_dist3, kernel_size: 3, pad: 2,
+     dilation: 2, norm: L1}}
+  - {{name: conv3_2, type: segaware_conv, bottom: [x, emb_dist3], top: conv3_2,
+     mask: emb_dist3_2, channels: 256, num_output: 256, pad: 2, dilation: 2}}
+"""
+
+
+def conv3_net(device, fuse):
+    """The conv3 layer compiled from YAML by pacnet, with or without the fusion pass."""
+    import tempfile
+
+    import pacnet
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    blocks = os.path.join(here, "..", "nets", "common", "segaware_blocks.yaml")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "conv3.yaml")
+        with open(path, "w") as f:
+            f.write(_CONV3_NET.format(blocks=os.path.abspath(blocks)))
+        net = pacnet.build(path, phase="train", fuse=fuse, device=device)
+    return net
+
+
 def _crf_inputs(device, size, dtype=torch.float32):
     gen = torch.Generator().manual_seed(1)
     c = 21
@@ -104,13 +146,24 @@ def crf_module(size, device):
 
 # ----------------------------------------------------------------------------- one variant (child)
 
-def run_variant(name: str, device: str, repeats: int, crf_size: int) -> dict:
+def run_variant(name: str, device: str, repeats: int, warmup: int, crf_size: int) -> dict:
     dev = torch.device(device)
-    if name.startswith("conv3"):
+    if name.startswith("conv3_net"):
+        net = conv3_net(dev, fuse=name == "conv3_net_fused")
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(1, 256, 81, 81, generator=gen).to(dev).requires_grad_()
+        emb = torch.randn(1, 64, 81, 81, generator=gen).to(dev).requires_grad_()
+        net(x=x[..., :9, :9], emb=emb[..., :9, :9])["conv3_2"].sum().backward()  # load kernels
+
+        def step():
+            net(x=x, emb=emb)["conv3_2"].sum().backward()
+            x.grad = emb.grad = None
+            net.zero_grad(set_to_none=True)
+    elif name.startswith("conv3"):
         fn = conv3_unfused if name == "conv3_unfused" else conv3_fused
-        small = [t.detach()[..., :9, :9].clone().requires_grad_() if t.dim() == 4 and t.shape[-1] == 81
-                 else t for t in _conv3_inputs(dev)]
-        fn(*small).sum().backward()                       # compile/warm the kernels on a tiny input
+        small = [t.detach()[..., :9, :9].clone().requires_grad_()
+                 if t.dim() == 4 and t.shape[-1] == 81 else t for t in _conv3_inputs(dev)]
+        fn(*small).sum().backward()                       # compile/load the kernels
         inputs = _conv3_inputs(dev)
 
         def step():
@@ -121,7 +174,7 @@ def run_variant(name: str, device: str, repeats: int, crf_size: int) -> dict:
         module = crf_module(crf_size, dev)
         tiny = crf_module(9, dev)
         u, e, s = _crf_inputs(dev, 9)
-        tiny(u, u, e, s).sum().backward()
+        tiny(u, u, e, s).sum().backward()                 # compile/load the kernels
         unary, embxy, xy = _crf_inputs(dev, crf_size)
 
         def step():
@@ -139,6 +192,8 @@ def run_variant(name: str, device: str, repeats: int, crf_size: int) -> dict:
     sync()
     peak = ((torch.cuda.max_memory_allocated() - base) / 2**20 if dev.type == "cuda"
             else _peak_rss_mib() - base)
+    for _ in range(warmup):
+        step()
     times = []
     for _ in range(repeats):
         sync()
@@ -154,12 +209,33 @@ def run_variant(name: str, device: str, repeats: int, crf_size: int) -> dict:
 def _child(name, args, env_extra=None):
     env = dict(os.environ, **(env_extra or {}))
     cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--device", args.device,
-           "--repeats", str(args.repeats), "--crf-size", str(args.crf_size)]
+           "--repeats", str(args.repeats), "--warmup", str(args.warmup),
+           "--crf-size", str(args.crf_size)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
         return {"name": name, "error": tail[0]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _rounds(variants, args):
+    """Run every ``(name, label, env)`` variant ``args.rounds`` times, interleaved (so a slow
+    spell of a shared machine hits all variants alike); per variant the median time over the
+    rounds and the largest peak."""
+    runs = {name: [] for name, _, _ in variants}
+    for _ in range(args.rounds):
+        for name, _, env in variants:
+            runs[name].append(_child(name.split("@")[0], args, env))
+    rows = []
+    for name, label, _ in variants:
+        ok = [r for r in runs[name] if "error" not in r]
+        if not ok:
+            rows.append({**runs[name][0], "name": name, "label": label})
+            continue
+        rows.append({"name": name, "label": label,
+                     "ms": statistics.median(r["ms"] for r in ok),
+                     "peak_mib": max(r["peak_mib"] for r in ok)})
+    return rows
 
 
 def _table(title, rows, base):
@@ -178,31 +254,32 @@ def _table(title, rows, base):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--crf-size", type=int, default=97)
     parser.add_argument("--skip-crf", action="store_true")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(run_variant(args.child, args.device, args.repeats, args.crf_size)))
+        print(json.dumps(run_variant(args.child, args.device, args.repeats, args.warmup,
+                                      args.crf_size)))
         return 0
 
     print(f"segaware benchmark on {args.device}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats}")
-    rows = []
-    for name, label in (("conv3_unfused", "unfused Caffe chain"),
-                        ("conv3_fused", "fused im2dist + pac_conv2d")):
-        rows.append({**_child(name, args), "label": label})
+          f"{torch.get_num_threads()} threads, median of {args.repeats} steps per process, "
+          f"median over {args.rounds} interleaved rounds")
+    rows = _rounds([("conv3_unfused", "unfused chain, hand-written", None),
+                    ("conv3_fused", "fused im2dist + pac_conv2d", None),
+                    ("conv3_net_unfused", "pacnet.build(fuse=False)", None),
+                    ("conv3_net_fused", "pacnet.build() (fused)", None)], args)
     _table("conv3 (C=O=256, k3 d2, 81x81, b=1): forward + backward", rows, "conv3_unfused")
     if not args.skip_crf:
-        rows = []
-        for backend, label in (("reference", "reference (unfold)"), ("", "fused numba")):
-            r = _child("crf", args, {"PACNET_BACKEND": backend})
-            r["name"] = f"crf_{backend or 'fused'}"
-            rows.append({**r, "label": label})
+        rows = _rounds([("crf@reference", "reference (unfold)", {"PACNET_BACKEND": "reference"}),
+                        ("crf@fused", "fused numba", {"PACNET_BACKEND": ""})], args)
         _table(f"NormConvMeanfield res/* (C=21, T=2, k13 d9 + k5, {args.crf_size}x{args.crf_size}): "
-               "forward + backward", rows, "crf_reference")
+               "forward + backward", rows, "crf@reference")
     return 0
 
 
