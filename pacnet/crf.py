@@ -30,7 +30,11 @@ The message passing runs on the fused PAC kernels of :mod:`pacnet.kernels.pac`
 (through :class:`~pacnet.pac.PacConv2d`): a ``'4d'`` messenger is a full-filter
 ``pac_conv2d``, the shared-filter messengers (``'2d'``, ``'potts'``, the fall-through)
 a depthwise ``pac_conv2d(shared_filters=True)``.  No ``N x C x k*k x H x W`` tensor is
-built; what autograd keeps per step and kernel is the (blurred) ``Q`` and ``K``.
+built; what autograd keeps per step and kernel is the (blurred) ``Q`` and ``K``.  Without
+autograd (``torch.no_grad()``), a step refills the previous step's logQ buffer and the
+messages of kernels without compat conv or blur are added to it in place by
+``pac_conv2d_add_`` (no message-sized temporary; the messenger module itself, and so any
+hook on it, is bypassed there).
 
 ``forward(..., reference=True)`` runs the same mean-field loop with the plain-torch
 oracles of :mod:`pacnet.kernels.pac.reference` instead (``F.unfold`` of ``Q`` times ``K``,
@@ -483,37 +487,53 @@ class PacCRF(nn.Module):
             msg = self.compat[i](msg)
         return msg
 
+    def _accumulates(self, i: int, K: Optional[torch.Tensor], reference: bool) -> bool:
+        """Whether kernel ``i``'s message can be added to logQ in place by the fused kernel
+        (inference: no compat conv and no blur after the PAC message)."""
+        return (not reference and K is not None and self.compat[i] is None
+                and self.blur[i] == 1)
+
     def _mean_field(self, unary: torch.Tensor, kernels: List[Optional[torch.Tensor]],
                     logQ: Optional[torch.Tensor], reference: bool) -> torch.Tensor:
         hw = tuple(unary.shape[-2:])
         if logQ is None:
             logQ = unary  # the original's unweighted start
-        # Without autograd, a step's logQ buffer is refilled by the next step (one logQ-sized
-        # tensor less alive); never the caller's unary or logQ.
-        reuse = not torch.is_grad_enabled()
+        # Without autograd, the Q and logQ buffers of the first step are refilled by the next
+        # steps (never the caller's unary or logQ), and plain PAC messages are accumulated
+        # into logQ by pac_conv2d_add_ without a message-sized temporary: the loop then
+        # allocates nothing large after its first step.
+        inference = not torch.is_grad_enabled()
         owned = False
+        Q = None
         for _ in range(self.num_steps):
-            Q = F.softmax(logQ, dim=1)
-            if reuse and owned:
+            if inference and Q is not None:
+                Q = torch.softmax(logQ, 1, out=Q)
+            else:
+                Q = F.softmax(logQ, dim=1)
+            if inference and owned:
                 logQ = torch.mul(unary, self.unary_weight, out=logQ)
             else:
                 logQ = unary * self.unary_weight
                 owned = True
-            pooled: Dict[int, torch.Tensor] = {}
+            pooled: Dict[int, torch.Tensor] = {1: Q}
             for i in range(self.num_kernels):
                 b = self.blur[i]
-                if b == 1:
-                    Qb = Q
-                else:
-                    if b not in pooled:
-                        pooled[b] = _blur_pool(Q, b)
-                    Qb = pooled[b]
-                msg = self._message(i, Qb, kernels[i], reference)
+                if b not in pooled:
+                    pooled[b] = _blur_pool(Q, b)
+                if inference and self._accumulates(i, kernels[i], reference):
+                    m = self.messengers[i]
+                    _kernels.pac_conv2d_add_(logQ, pooled[b], kernels[i], m.weight, m.stride,
+                                             m.padding, m.dilation, m.shared_filters,
+                                             alpha=-float(self.pairwise_weight(i)))
+                    continue
+                msg = self._message(i, pooled[b], kernels[i], reference)
                 if b > 1:
                     msg = _unblur(msg, b, hw)
                 # logQ -= w_i * msg, in place: logQ is this step's own tensor and no op
                 # keeps it for backward
                 logQ = logQ.addcmul_(msg, self.pairwise_weight(i), value=-1)
+                del msg  # before the next kernel's message is allocated
+            del pooled  # the blurred Q's, before the next step makes its own
         return logQ
 
     def forward(self, unary: torch.Tensor, edge_feat: Tensors = None,

@@ -135,6 +135,9 @@ def main():
             check(sub + " grad x", gx, grads[0])
             check(sub + " grad K", gK, grads[1])
             check(sub + " grad weight", gW, grads[2])
+            acc = g.clone()
+            K_cuda.pac_conv2d_add_(acc, x, Kk, w, s, p, d, shared, -0.5)
+            check(sub + " add_", acc, g - 0.5 * R.pac_conv2d(x, Kk, w, None, s, p, d, shared))
         # pac_pool2d, shared and channel-wise K
         for kc in (1, C):
             Kp = rnd(b, kc, k[0], k[1], oh, ow, pos=True)

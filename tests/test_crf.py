@@ -276,7 +276,8 @@ def test_given_edge_kernels_equal_computed_ones():
 
 def test_inference_reuses_only_its_own_buffers():
     """Without autograd the loop refills its logQ buffer; the caller's tensors stay intact
-    and the result equals the autograd-mode one bit for bit."""
+    and the result equals the autograd-mode one (to rounding: 4d messages are accumulated
+    into logQ by the GEMM there)."""
     for steps in (1, 3):
         crf = make_crf(ALL, steps=steps)
         unary, feat = inputs()
@@ -288,7 +289,23 @@ def test_inference_reuses_only_its_own_buffers():
             b = crf(unary, feat, **kw)
             assert torch.equal(unary, u0) and torch.equal(logQ0, l0)
             assert a.data_ptr() not in (unary.data_ptr(), logQ0.data_ptr())
-            assert torch.equal(a, b.detach())
+            torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_inference_adds_plain_pac_messages_in_place(monkeypatch):
+    """Without autograd, 4d kernels at blur 1 never build a message tensor (pac_conv2d_add_
+    accumulates into logQ); kernels with a compat conv or blur still do."""
+    crf = make_crf([K1(kernel_size=5, dilation=2), K1(blur=2), K1(compat_type="2d")], steps=2)
+    unary, feat = inputs()
+    want = crf(unary, feat).detach()
+    built = []
+    message = PacCRF._message
+    monkeypatch.setattr(PacCRF, "_message",
+                        lambda self, i, *a: built.append(i) or message(self, i, *a))
+    with torch.no_grad():
+        got = crf(unary, feat)
+    assert built == [1, 2, 1, 2]
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_first_step_uses_the_unweighted_unary():

@@ -218,6 +218,62 @@ def test_conv_blocks_tile_the_output(monkeypatch, parallel, block_bytes, want, k
                  _run(lambda *a: R.pac_conv2d(*a, s, p, d), (x, K, w, bias), grad), want)
 
 
+@pytest.mark.parametrize("backend", ["numba", "reference"])
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("block_bytes", [1, 1 << 30])
+def test_conv2d_add_accumulates_in_place(monkeypatch, backend, shared, block_bytes):
+    """pac_conv2d_add_(out, ...) == out + alpha * pac_conv2d(...), written into out."""
+    monkeypatch.setenv("PACNET_BACKEND", backend)
+    monkeypatch.setattr(cpu, "_BLOCK_BYTES", block_bytes)
+    gen = _gen(9)
+    k, s, p, d = (3, 5), (2, 1), (1, 2), (1, 1)
+    x = _randn(gen, 2, 3, 9, 8)
+    oh, ow = R.out_size(x.shape[-2:], k, s, p, d)
+    K = _rand(gen, 2, 1, *k, oh, ow)
+    w = _randn(gen, 1, 1, *k) if shared else _randn(gen, 4, 3, *k)
+    out = _randn(gen, 2, 3 if shared else 4, oh, ow)
+    want = out + -0.75 * R.pac_conv2d(x, K, w, None, s, p, d, shared)
+    ptr = out.data_ptr()
+    with torch.no_grad():
+        got = P.pac_conv2d_add_(out, x, K, w, s, p, d, shared_filters=shared, alpha=-0.75)
+    assert got is out and out.data_ptr() == ptr
+    torch.testing.assert_close(out, want, **TOL)
+    # half precision: the product is computed in float32 and added
+    out16 = torch.zeros(want.shape, dtype=torch.bfloat16)
+    P.pac_conv2d_add_(out16, x.bfloat16(), K.bfloat16(), w.bfloat16(), s, p, d,
+                      shared_filters=shared)
+    torch.testing.assert_close(out16.double(), R.pac_conv2d(x, K, w, None, s, p, d, shared),
+                               rtol=0.05, atol=0.1)
+
+
+def test_conv_scratch_is_a_reused_per_thread_workspace():
+    """pac_conv2d's column scratch is allocated once per thread and reused by later calls
+    (no allocation churn), grown when a call needs more, and freed on request."""
+    import threading
+
+    gen = _gen(10)
+    x, K, w = _randn(gen, 1, 3, 8, 8), _rand(gen, 1, 1, 3, 3, 8, 8), _randn(gen, 4, 3, 3, 3)
+    cpu.release_workspace()
+    P.pac_conv2d(x, K, w, None, 1, 1, 1)
+    first = cpu._workspaces.buf
+    assert first.numel() == 3 * 9 * 64 * 8  # one image's float64 columns
+    P.pac_conv2d(x, K, w, None, 1, 1, 1).sum()
+    assert cpu._workspaces.buf is first
+    P.pac_conv2d(x.float(), K.float(), w.float(), None, 1, 1, 1)  # smaller: same buffer
+    assert cpu._workspaces.buf is first
+    big = _randn(gen, 2, 3, 8, 8)
+    P.pac_conv2d(big, K.expand(2, -1, -1, -1, -1, -1), w, None, 1, 1, 1)
+    assert cpu._workspaces.buf.numel() == 2 * first.numel()
+    seen = []
+    thread = threading.Thread(target=lambda: (P.pac_conv2d(x, K, w, None, 1, 1, 1),
+                                              seen.append(cpu._workspaces.buf)))
+    thread.start()
+    thread.join()
+    assert seen[0] is not None and seen[0] is not cpu._workspaces.buf
+    cpu.release_workspace()
+    assert cpu._workspaces.buf is None
+
+
 def test_backward_is_deterministic(monkeypatch):
     """Same inputs, same bits (the parallel drivers: no atomics, fixed partial sums)."""
     monkeypatch.setattr(cpu, "PARALLEL_MIN_WORK", 0)
@@ -310,6 +366,7 @@ def _opcheck_cases():
         ("conv_shared", ops_.pac_conv2d.default,
          (rg(x), rg(K), rg(w[:1, :1]), None, s, p, d, True)),
         ("pool", ops_.pac_pool2d.default, (rg(x), rg(Kc), k, s, p, d)),
+        ("conv_add", ops_.pac_conv2d_add_.default, (g_conv.clone(), x, K, w, s, p, d, False, -0.5)),
         ("dist_backward", ops_.pac_dist_backward.default,
          (_randn(gen, 2, 1, 3, 3, oh, ow), f, None, k, s, p, d, True, False)),
         ("conv_backward", ops_.pac_conv2d_backward.default,
@@ -470,6 +527,10 @@ def _bad_cases():
     def pool(**kw):
         return lambda: P.pac_pool2d(**{**dict(x=x, K=K, kernel_size=3, **geo), **kw})
 
+    def add(**kw):
+        return lambda: P.pac_conv2d_add_(**{**dict(out=torch.zeros(2, 4, 6, 6), x=x, K=K,
+                                                   weight=w, **geo), **kw})
+
     return [
         ("guide 3-D", dist(guide=f[0]), r"guide must be 4-D"),
         ("guide integer", dist(guide=f.long()), r"guide must be a floating-point tensor"),
@@ -514,6 +575,13 @@ def _bad_cases():
         ("pool kernel size", pool(kernel_size=5), r"K must be \[2, 1\|3, 5, 5"),
         ("pool even kernel", pool(kernel_size=(3, 4)), r"kernel_size must be odd"),
         ("pool K dtype", pool(K=K.half()), r"dtype"),
+        ("add out shape", add(out=torch.zeros(2, 3, 6, 6)), r"out must be \[2, 4, 6, 6\]"),
+        ("add out dtype", add(out=torch.zeros(2, 4, 6, 6, dtype=DT)), r"out has dtype"),
+        ("add out layout", add(out=torch.zeros(2, 6, 6, 4).permute(0, 3, 1, 2)),
+         r"out must be contiguous"),
+        ("add needs grad", add(x=x.clone().requires_grad_()), r"not differentiable"),
+        ("add alpha", add(alpha="0.5"), r"alpha must be a number"),
+        ("add K shape", add(K=K[:1]), r"K must be \[2, 1, 3, 3, 6, 6\]"),
     ]
 
 

@@ -10,7 +10,8 @@ without ``fastmath``).
 ``pac_conv2d`` contracts over ``C*kh*kw`` for every output pixel, which is a matrix product;
 it runs as GEMMs (``torch.mm``/``bmm``, i.e. MKL or OpenBLAS) over *blocks* of the output --
 a few whole images, or a band of rows of one -- whose K-modulated columns are built by a
-Numba kernel into one block-sized scratch buffer (``_BLOCK_BYTES``).  See the section
+Numba kernel into one block-sized scratch buffer (``_BLOCK_BYTES``), a per-thread workspace
+kept between calls (:func:`release_workspace` frees it).  See the section
 ``pac_conv2d`` below for the exact formulas.
 
 Backward passes scatter into the input gradient.  In ``pac_dist`` and ``pac_pool2d``, to do
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from typing import Optional, Tuple
 
 import numba
@@ -682,6 +684,20 @@ def pac_conv2d_fwd(x, K, weight, bias, stride, padding, dilation, shared_filters
     return out.to(dtype)
 
 
+def pac_conv2d_add_(out, x, K, weight, stride, padding, dilation, shared_filters, alpha):
+    """``out += alpha * pac_conv2d(x, K, weight)`` in place, through the block GEMMs (no
+    output-sized temporary); shared filters and half-precision ``out`` add a computed product."""
+    if shared_filters or out.dtype not in _COMPUTE:
+        out.add_(pac_conv2d_fwd(x, K, weight, None, stride, padding, dilation, shared_filters),
+                 alpha=alpha)
+        return
+    xc, Kc, w = _prep(x, K, weight)
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    O, C, kh, kw = w.shape
+    _conv_fwd_gemm(xc, Kc, w.reshape(O, C * kh * kw), None, (kh, kw, sh, sw, ph, pw, dh, dw),
+                   out, alpha=alpha)
+
+
 def pac_conv2d_bwd(grad, x, K, weight, stride, padding, dilation, shared_filters,
                    needs=(True, True, True)):
     """Gradients of ``pac_conv2d`` w.r.t. ``(x, K, weight)``; ``None`` where not needed.
@@ -722,13 +738,36 @@ def _blocks(B: int, R: int, oh: int, ow: int, itemsize: int):
             R * rows * ow)
 
 
-def _conv_fwd_gemm(xc, Kc, W2, bc, geo, out):
+# The column scratch is a per-thread workspace kept between calls (like cuDNN's): a CRF or
+# a net calls pac_conv2d many times in a row, and allocating and freeing a buffer of this
+# size every time leaves glibc's heap fragmented (its dynamic mmap threshold serves such
+# sizes from the heap once one has been freed), which showed as 100 MiB of extra peak RSS.
+_workspaces = threading.local()
+
+
+def _workspace(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A ``numel``-element scratch of this thread's workspace (grown when needed; one call
+    at a time per thread uses it)."""
+    nbytes = numel * dtype.itemsize
+    buf = getattr(_workspaces, "buf", None)
+    if buf is None or buf.numel() < nbytes:
+        _workspaces.buf = None  # free the old one before allocating the larger one
+        buf = _workspaces.buf = torch.empty(nbytes, dtype=torch.uint8)
+    return buf[:nbytes].view(dtype)
+
+
+def release_workspace() -> None:
+    """Free the calling thread's ``pac_conv2d`` scratch (it is reallocated on the next call)."""
+    _workspaces.buf = None
+
+
+def _conv_fwd_gemm(xc, Kc, W2, bc, geo, out, alpha=None):
     """Forward by block GEMMs into ``out`` [B, O, oh, ow] (``geo`` = kh, kw, sh, sw, ph, pw,
-    dh, dw; ``W2`` [O, C*kh*kw])."""
+    dh, dw; ``W2`` [O, C*kh*kw]); with ``alpha``, ``out += alpha * W2 @ cols`` instead."""
     B, O, oh, ow = out.shape
     R = W2.shape[1]
     blocks, size = _blocks(B, R, oh, ow, xc.element_size())
-    scratch = torch.empty(size, dtype=xc.dtype)
+    scratch = _workspace(size, xc.dtype)
     fill = _cols if _parallel(size) else _cols_serial
     xn, Kn = _np(xc), _np(Kc)
     flat = out.view(B, O, oh * ow)
@@ -736,7 +775,9 @@ def _conv_fwd_gemm(xc, Kc, W2, bc, geo, out):
         cols = scratch[:nb * R * ny * ow].view(nb, R, ny * ow)
         fill(xn, Kn, b0, y0, ny, *geo, _np(cols))
         dst = flat[b0:b0 + nb, :, y0 * ow:(y0 + ny) * ow]
-        if bc is None:
+        if alpha is not None:
+            dst.baddbmm_(W2.expand(nb, -1, -1), cols, alpha=alpha)
+        elif bc is None:
             torch.matmul(W2, cols, out=dst)
         else:
             torch.baddbmm(bc[None, :, None], W2.expand(nb, -1, -1), cols, out=dst)
@@ -753,7 +794,7 @@ def _conv_bwd_gemm(g, xc, Kc, W2, geo, gx, gK, gW2):
     xn, Kn = _np(xc), _np(Kc)
     flat = g.reshape(B, O, oh * ow)
     need_x, need_k = gx is not None, gK is not None
-    scratch = torch.empty(size, dtype=xc.dtype)
+    scratch = _workspace(size, xc.dtype)
     gxn = _np(gx) if need_x else _dummy(xc, 4)
     gKn = _np(gK) if need_k else _dummy(xc, 6)
     for b0, nb, y0, ny in blocks:

@@ -549,6 +549,13 @@ def pac_conv2d_fwd(x, K, weight, bias, stride, padding, dilation, shared_filters
     return out.to(dtype)
 
 
+def pac_conv2d_add_(out, x, K, weight, stride, padding, dilation, shared_filters, alpha):
+    """``out += alpha * pac_conv2d(x, K, weight)``: the product is computed by
+    :func:`pac_conv2d_fwd`, then added (no accumulating CUDA kernel yet)."""
+    out.add_(pac_conv2d_fwd(x, K, weight, None, stride, padding, dilation, shared_filters),
+             alpha=alpha)
+
+
 @_on_device
 def pac_conv2d_bwd(grad, x, K, weight, stride, padding, dilation, shared_filters,
                    needs=(True, True, True)):

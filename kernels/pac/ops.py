@@ -1,13 +1,15 @@
 """PAC primitives as ``torch.library`` custom ops, with argument checks and backend dispatch.
 
-Three public functions, each a thin wrapper that checks its arguments (raising
-:class:`pacnet.errors.PacnetValueError` before any kernel runs) and calls a custom op:
+The public functions are thin wrappers that check their arguments (raising
+:class:`pacnet.errors.PacnetValueError` before any kernel runs) and call a custom op:
 
 * :func:`pac_dist`   ``guide [b,Cg,H,W] -> D [b, 1|Cg, kh, kw, oh, ow]``
 * :func:`pac_conv2d` ``x [b,C,H,W], K [b,1,kh,kw,oh,ow], weight [O,C,kh,kw] -> [b,O,oh,ow]``
 * :func:`pac_pool2d` ``x [b,C,H,W], K [b,1|C,kh,kw,oh,ow] -> [b,C,oh,ow]``
 
-Geometry (shared by all three): an output pixel ``o`` (row or column) reads tap ``t`` at input
+and :func:`pac_conv2d_add_` (``out += alpha * pac_conv2d(...)`` in place, for inference).
+
+Geometry (shared by all): an output pixel ``o`` (row or column) reads tap ``t`` at input
 position ``pos(o, t) = o*s - p + t*d``; positions outside the image read 0 (zero padding, as
 ``F.unfold``).  ``oh, ow`` follow the ``nn.Conv2d`` rule ``(H + 2p - d(k-1) - 1) // s + 1``.
 ``kernel_size``/``stride``/``padding``/``dilation`` are ``(h, w)`` pairs (a single int means
@@ -24,6 +26,7 @@ backward ops ``pac_dist_backward``, ``pac_conv2d_backward``, ``pac_pool2d_backwa
 has a fake (shape) implementation, so they work with ``torch.compile``/``torch.export``, and
 the forward ops have autograd formulas that call the backward ops (no double backward).
 Between forward and backward only the inputs are saved (guide[, centre]; x, K, weight).
+``pac_conv2d_add_`` mutates its ``out`` argument and has no autograd formula.
 
 dtypes: float32 and float64; float16/bfloat16 are accepted and computed in float32 (results
 cast back).  Under autocast (CPU or CUDA) the ops run in float32.
@@ -42,7 +45,8 @@ from pacnet.errors import PacnetValueError
 
 from . import reference as _reference
 
-__all__ = ["pac_dist", "pac_conv2d", "pac_pool2d", "out_size", "backend_for"]
+__all__ = ["pac_dist", "pac_conv2d", "pac_conv2d_add_", "pac_pool2d", "out_size",
+           "backend_for"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _BACKEND_ENV = "PACNET_BACKEND"
@@ -206,6 +210,19 @@ def _pac_conv2d_backward(ctx, grad):
 
 
 _pac_conv2d_op.register_autograd(_pac_conv2d_backward, setup_context=_pac_conv2d_setup)
+
+
+@torch.library.custom_op("pacnet::pac_conv2d_add_", mutates_args=("out",), tags=_TAGS)
+def _pac_conv2d_add_op(out: Tensor, x: Tensor, K: Tensor, weight: Tensor,
+                       stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                       shared_filters: bool, alpha: float) -> None:
+    _kernels(x.device).pac_conv2d_add_(out, x, K, weight, tuple(stride), tuple(padding),
+                                       tuple(dilation), shared_filters, alpha)
+
+
+@_pac_conv2d_add_op.register_fake
+def _(out, x, K, weight, stride, padding, dilation, shared_filters, alpha):
+    return None
 
 
 # ----------------------------------------------------------------------------- pac_pool2d ops
@@ -412,9 +429,57 @@ def pac_conv2d(x: Tensor, K: Tensor, weight: Tensor, bias: Optional[Tensor], str
         ``b x O x oh x ow`` with the ``nn.Conv2d`` output size.  Differentiable w.r.t. ``x``,
         ``K``, ``weight`` and ``bias``.
     """
+    x, K, weight, bias, s, p, d, _ = _conv_args(x, K, weight, bias, stride, padding, dilation,
+                                                shared_filters, "pac_conv2d")
+    if backend_for(x.device) == "reference":
+        return _reference.pac_conv2d(x, K, weight, bias, s, p, d, bool(shared_filters))
+    return torch.ops.pacnet.pac_conv2d(x, K, weight, bias, s, p, d, bool(shared_filters))
+
+
+def pac_conv2d_add_(out: Tensor, x: Tensor, K: Tensor, weight: Tensor, stride, padding,
+                    dilation, shared_filters: bool = False, alpha: float = 1.0) -> Tensor:
+    """``out += alpha * pac_conv2d(x, K, weight, None, ...)``, in place, for inference.
+
+    The product is accumulated into ``out`` block by block, so no output-sized temporary is
+    allocated on the CPU (mean-field CRF steps add their messages to the logits this way).
+    ``out`` must be a contiguous ``b x O x oh x ow`` tensor of ``x``'s dtype and device that
+    does not overlap ``x`` or ``K``.  Not differentiable: with grad mode on, no argument may
+    require grad (use ``out + alpha * pac_conv2d(...)`` for training).  The CUDA kernels
+    compute the product into a temporary, then add it.
+
+    Returns:
+        ``out``.
+    """
+    x, K, weight, _, s, p, d, want = _conv_args(x, K, weight, None, stride, padding, dilation,
+                                                shared_filters, "pac_conv2d_add_")
+    _tensor(out, "out", 4, "[b, O, oh, ow]")
+    if tuple(out.shape) != want:
+        raise PacnetValueError(f"out must be {list(want)} (batch, out channels, out h, out w), "
+                               f"got {list(out.shape)}")
+    _same([("x", x), ("out", out)])
+    if not out.is_contiguous():
+        raise PacnetValueError("out must be contiguous", hint="pass out.contiguous() and use "
+                                                              "the result")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (out, x, K, weight)):
+        raise PacnetValueError("pac_conv2d_add_ is not differentiable, but grad mode is on and "
+                               "an argument requires grad",
+                               hint="use out + alpha * pac_conv2d(...), or torch.no_grad()")
+    if not isinstance(alpha, numbers.Real) or isinstance(alpha, bool):
+        raise PacnetValueError(f"alpha must be a number, got {alpha!r}")
+    if backend_for(x.device) == "reference":
+        return out.add_(_reference.pac_conv2d(x, K, weight, None, s, p, d, bool(shared_filters)),
+                        alpha=float(alpha))
+    torch.ops.pacnet.pac_conv2d_add_(out, x, K, weight, s, p, d, bool(shared_filters),
+                                     float(alpha))
+    return out
+
+
+def _conv_args(x, K, weight, bias, stride, padding, dilation, shared_filters, what):
+    """The checked (and autocast) arguments of ``pac_conv2d``/``pac_conv2d_add_``, the
+    geometry pairs and the output shape."""
     _tensor(x, "x", 4, "[b, C, H, W]")
     _tensor(K, "K", 6, "[b, 1, kh, kw, oh, ow]")
-    _tensor(weight, "weight", 4, "[1, 1, kh, kw]" if shared_filters else "[O, C, kh, kw]",
+    _tensor(weight, "weight", 4,"[1, 1, kh, kw]" if shared_filters else "[O, C, kh, kw]",
             batched=False)
     if bias is not None:
         _tensor(bias, "bias", 1, "[O]", batched=False)
@@ -435,11 +500,9 @@ def pac_conv2d(x: Tensor, K: Tensor, weight: Tensor, bias: Optional[Tensor], str
         raise PacnetValueError(f"bias must have {out_c} entries (one per output channel), "
                                f"got {bias.shape[0]}")
     k = _kernel_size(tuple(weight.shape[-2:]), "weight's kernel size")
-    k, s, p, d, out_hw = _geometry(x.shape[-2:], k, stride, padding, dilation, "pac_conv2d")
-    _check_K(K, x.shape[0], k, out_hw, (1,), "pac_conv2d")
-    if backend_for(x.device) == "reference":
-        return _reference.pac_conv2d(x, K, weight, bias, s, p, d, bool(shared_filters))
-    return torch.ops.pacnet.pac_conv2d(x, K, weight, bias, s, p, d, bool(shared_filters))
+    k, s, p, d, out_hw = _geometry(x.shape[-2:], k, stride, padding, dilation, what)
+    _check_K(K, x.shape[0], k, out_hw, (1,), what)
+    return x, K, weight, bias, s, p, d, (x.shape[0], out_c) + tuple(out_hw)
 
 
 def pac_pool2d(x: Tensor, K: Tensor, kernel_size, stride, padding, dilation) -> Tensor:
