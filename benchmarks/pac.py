@@ -15,16 +15,16 @@ between forward and backward.  Ratios are reference / fused, measured in the sam
     python benchmarks/pac.py                  # 128 and 256, 5 timed iterations per case
     python benchmarks/pac.py --sizes 64 128 --repeats 3 --procs 2
 
-Measured (``--procs 2 --repeats 4``; Xeon @ 2.8 GHz, 2 cores shared with other jobs, load
-average 5-8, so absolute times are pessimistic; torch 2.13 CPU, numba 0.68):
+Measured (``--procs 2 --repeats 4``; Xeon @ 2.8 GHz, 2 cores, otherwise idle (load average
+0.2); torch 2.13 CPU, numba 0.68; ``pac_conv2d`` as block GEMMs):
 
     size  backend    forward s  fwd+bwd s (min-max)  extra peak MiB  saved MiB
-    128^2 reference      0.431  1.547 (1.464-1.709)           550.9      228.2
-    128^2 numba          0.094  0.335 (0.309-0.411)            20.1        8.2
-          ratio           4.6x                 4.6x           27.4x      27.8x
-    256^2 reference      2.453  9.320 (6.462-11.054)         1766.6      912.6
-    256^2 numba          0.465  1.488 (1.376-1.586)            91.9       32.6
-          ratio           5.3x                 6.3x           19.2x      28.0x
+    128^2 reference      0.237  0.915 (0.850-0.959)           532.5      228.2
+    128^2 numba          0.043  0.115 (0.097-0.125)            21.1        8.2
+          ratio           5.5x                 7.9x           25.3x      27.8x
+    256^2 reference      1.396  5.139 (4.384-5.870)          1793.1      912.6
+    256^2 numba          0.098  0.286 (0.251-0.335)            81.3       32.6
+          ratio          14.2x                18.0x           22.1x      28.0x
 """
 
 from __future__ import annotations
