@@ -527,6 +527,8 @@ def _bad_cases():
     def pool(**kw):
         return lambda: P.pac_pool2d(**{**dict(x=x, K=K, kernel_size=3, **geo), **kw})
 
+    xo = torch.zeros(2 * 7 * 36)  # out [2, 4, 6, 6] and x [2, 3, 6, 6] in one storage
+
     def add(**kw):
         return lambda: P.pac_conv2d_add_(**{**dict(out=torch.zeros(2, 4, 6, 6), x=x, K=K,
                                                    weight=w, **geo), **kw})
@@ -581,6 +583,7 @@ def _bad_cases():
          r"out must be contiguous"),
         ("add needs grad", add(x=x.clone().requires_grad_()), r"not differentiable"),
         ("add alpha", add(alpha="0.5"), r"alpha must be a number"),
+        ("add out overlaps x", add(out=xo[:288].view(2, 4, 6, 6), x=xo[288:].view(2, 3, 6, 6)), r"out shares its storage with x"),
         ("add K shape", add(K=K[:1]), r"K must be \[2, 1, 3, 3, 6, 6\]"),
     ]
 

@@ -442,8 +442,8 @@ def pac_conv2d_add_(out: Tensor, x: Tensor, K: Tensor, weight: Tensor, stride, p
 
     The product is accumulated into ``out`` block by block, so no output-sized temporary is
     allocated on the CPU (mean-field CRF steps add their messages to the logits this way).
-    ``out`` must be a contiguous ``b x O x oh x ow`` tensor of ``x``'s dtype and device that
-    does not overlap ``x`` or ``K``.  Not differentiable: with grad mode on, no argument may
+    ``out`` must be a contiguous ``b x O x oh x ow`` tensor of ``x``'s dtype and device, in a
+    storage of its own (not ``x``'s or ``K``'s).  Not differentiable: with grad mode on, no argument may
     require grad (use ``out + alpha * pac_conv2d(...)`` for training).  The CUDA kernels
     compute the product into a temporary, then add it.
 
@@ -460,6 +460,11 @@ def pac_conv2d_add_(out: Tensor, x: Tensor, K: Tensor, weight: Tensor, stride, p
     if not out.is_contiguous():
         raise PacnetValueError("out must be contiguous", hint="pass out.contiguous() and use "
                                                               "the result")
+    for name, t in (("x", x), ("K", K)):
+        if t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
+            raise PacnetValueError(f"out shares its storage with {name}, which the kernel "
+                                   f"reads while it writes out",
+                                   hint=f"pass a copy of {name} (or of out)")
     if torch.is_grad_enabled() and any(t.requires_grad for t in (out, x, K, weight)):
         raise PacnetValueError("pac_conv2d_add_ is not differentiable, but grad mode is on and "
                                "an argument requires grad",
