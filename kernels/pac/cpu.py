@@ -723,7 +723,7 @@ def pac_conv2d_bwd(grad, x, K, weight, stride, padding, dilation, shared_filters
             gW.to(dtypes[2]) if need_w else None)
 
 
-_BLOCK_BYTES = 16 << 20  # size of one block's column scratch (large blocks keep the GEMMs efficient)
+_BLOCK_BYTES = 16 << 20  # one block's column scratch (large blocks keep the GEMMs efficient)
 
 
 def _blocks(B: int, R: int, oh: int, ow: int, itemsize: int):

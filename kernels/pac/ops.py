@@ -443,9 +443,9 @@ def pac_conv2d_add_(out: Tensor, x: Tensor, K: Tensor, weight: Tensor, stride, p
     The product is accumulated into ``out`` block by block, so no output-sized temporary is
     allocated on the CPU (mean-field CRF steps add their messages to the logits this way).
     ``out`` must be a contiguous ``b x O x oh x ow`` tensor of ``x``'s dtype and device, in a
-    storage of its own (not ``x``'s or ``K``'s).  Not differentiable: with grad mode on, no argument may
-    require grad (use ``out + alpha * pac_conv2d(...)`` for training).  The CUDA kernels
-    compute the product into a temporary, then add it.
+    storage of its own (not ``x``'s or ``K``'s).  Not differentiable: with grad mode on, no
+    argument may require grad (use ``out + alpha * pac_conv2d(...)`` for training).  The CUDA
+    kernels compute the product into a temporary, then add it.
 
     Returns:
         ``out``.
