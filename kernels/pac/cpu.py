@@ -34,12 +34,14 @@ from __future__ import annotations
 import math
 import os
 import threading
-from typing import Optional, Tuple
+from typing import Tuple
 
 import numba
 import numpy as np
 import torch
 from numba import njit, prange
+
+from .tensors import COMPUTE_DTYPES, prep
 
 _OPTS = dict(parallel=True, cache=True, fastmath=False, nogil=True)
 
@@ -607,23 +609,6 @@ def _plan_bands(B: int, oh: int, kh: int, sh: int, dh: int,
     return L, nbands, max(1, min(n, items))
 
 
-_COMPUTE = (torch.float32, torch.float64)
-
-
-def _prep(*ts: Optional[torch.Tensor]):
-    """Contiguous tensors in a dtype Numba computes in (half types -> float32)."""
-    out = []
-    for t in ts:
-        if t is None:
-            out.append(None)
-            continue
-        t = t.detach()
-        if t.dtype not in _COMPUTE:
-            t = t.float()
-        out.append(t.contiguous())
-    return out
-
-
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
@@ -635,7 +620,7 @@ def _dummy(like: torch.Tensor, ndim: int) -> np.ndarray:
 def pac_dist_fwd(guide, center, kernel_size, stride, padding, dilation, asym, channel_wise):
     """Numba CPU ``pac_dist``: ``[b, Cg, H, W] -> [b, 1|Cg, kh, kw, oh, ow]``."""
     dtype = guide.dtype
-    f, ctr = _prep(guide, center)
+    f, ctr = prep(guide, center)
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
     B, Cg, H, W = f.shape
     oh = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
@@ -655,7 +640,7 @@ def pac_dist_bwd(grad, guide, center, kernel_size, stride, padding, dilation, as
     is still returned (it is the gradient w.r.t. the implicit centre taps).
     """
     dtype = guide.dtype
-    gD, f, ctr = _prep(grad, guide, center)
+    gD, f, ctr = prep(grad, guide, center)
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
     B, Cg, H, W = f.shape
     oh, ow = gD.shape[4], gD.shape[5]
@@ -676,7 +661,7 @@ def pac_conv2d_fwd(x, K, weight, bias, stride, padding, dilation, shared_filters
     if shared_filters:
         return pac_pool2d_fwd(x, K, tuple(weight.shape[-2:]), stride, padding, dilation,
                               weight=weight, bias=bias)
-    xc, Kc, w, bc = _prep(x, K, weight, bias)
+    xc, Kc, w, bc = prep(x, K, weight, bias)
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     O, C, kh, kw = w.shape
     out = torch.empty((xc.shape[0], O, Kc.shape[4], Kc.shape[5]), dtype=xc.dtype)
@@ -687,11 +672,11 @@ def pac_conv2d_fwd(x, K, weight, bias, stride, padding, dilation, shared_filters
 def pac_conv2d_add_(out, x, K, weight, stride, padding, dilation, shared_filters, alpha):
     """``out += alpha * pac_conv2d(x, K, weight)`` in place, through the block GEMMs (no
     output-sized temporary); shared filters and half-precision ``out`` add a computed product."""
-    if shared_filters or out.dtype not in _COMPUTE:
+    if shared_filters or out.dtype not in COMPUTE_DTYPES:
         out.add_(pac_conv2d_fwd(x, K, weight, None, stride, padding, dilation, shared_filters),
                  alpha=alpha)
         return
-    xc, Kc, w = _prep(x, K, weight)
+    xc, Kc, w = prep(x, K, weight)
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     O, C, kh, kw = w.shape
     _conv_fwd_gemm(xc, Kc, w.reshape(O, C * kh * kw), None, (kh, kw, sh, sw, ph, pw, dh, dw),
@@ -709,7 +694,7 @@ def pac_conv2d_bwd(grad, x, K, weight, stride, padding, dilation, shared_filters
                               needs=needs, weight=weight)
     need_x, need_k, need_w = (bool(v) for v in needs)
     dtypes = (x.dtype, K.dtype, weight.dtype)
-    g, xc, Kc, w = _prep(grad, x, K, weight)
+    g, xc, Kc, w = prep(grad, x, K, weight)
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     O, C, kh, kw = w.shape
     gx = torch.zeros_like(xc) if need_x else None
@@ -813,7 +798,7 @@ def _conv_bwd_gemm(g, xc, Kc, W2, geo, gx, gK, gW2):
 def pac_pool2d_fwd(x, K, kernel_size, stride, padding, dilation, weight=None, bias=None):
     """Numba CPU ``pac_pool2d`` (and, with ``weight`` [1,1,kh,kw], shared-filter ``pac_conv2d``)."""
     dtype = x.dtype
-    xc, Kc, w, bc = _prep(x, K, weight, bias)
+    xc, Kc, w, bc = prep(x, K, weight, bias)
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
     B, C = xc.shape[:2]
     oh, ow = Kc.shape[4], Kc.shape[5]
@@ -832,7 +817,7 @@ def pac_pool2d_bwd(grad, x, K, kernel_size, stride, padding, dilation,
     need_x, need_k = bool(needs[0]), bool(needs[1])
     need_w = weight is not None and bool(needs[2])
     dtypes = (x.dtype, K.dtype, weight.dtype if weight is not None else None)
-    g, xc, Kc, w = _prep(grad, x, K, weight)
+    g, xc, Kc, w = prep(grad, x, K, weight)
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
     B = xc.shape[0]
     oh = g.shape[2]

@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from numba import cuda
 
+from .tensors import prep
+
 _SIM = bool(numba.config.ENABLE_CUDASIM)
 # Threads per block (a power of two: also the size of the weight-gradient reduction tree).
 # The simulator runs one Python thread per CUDA thread, so it gets small blocks.
@@ -431,22 +433,7 @@ def _pool_bwd_q(gout, x, kh, kw, sh, sw, ph, pw, dh, dw, zero, gq):
 
 # ----------------------------------------------------------------------------- torch wrappers
 
-_COMPUTE = (torch.float32, torch.float64)
 _streams: Dict[int, object] = {}
-
-
-def _prep(*ts):
-    """Contiguous tensors in a dtype the kernels compute in (half types -> float32)."""
-    out = []
-    for t in ts:
-        if t is None:
-            out.append(None)
-            continue
-        t = t.detach()
-        if t.dtype not in _COMPUTE:
-            t = t.float()
-        out.append(t.contiguous())
-    return out
 
 
 def _arr(t: torch.Tensor):
@@ -497,7 +484,7 @@ def _new(shape, like: torch.Tensor, zero: bool = False) -> torch.Tensor:
 def pac_dist_fwd(guide, center, kernel_size, stride, padding, dilation, asym, channel_wise):
     """CUDA ``pac_dist``: ``[b, Cg, H, W] -> [b, 1|Cg, kh, kw, oh, ow]``."""
     dtype = guide.dtype
-    f, ctr = _prep(guide, center)
+    f, ctr = prep(guide, center)
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
     B, Cg, H, W = f.shape
     oh = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
@@ -514,7 +501,7 @@ def pac_dist_bwd(grad, guide, center, kernel_size, stride, padding, dilation, as
                  channel_wise):
     """Gradients of ``pac_dist``: ``(grad_guide [b,Cg,H,W], grad_center [b,Cg,oh,ow])``."""
     dtype = guide.dtype
-    gD, f, ctr = _prep(grad, guide, center)
+    gD, f, ctr = prep(grad, guide, center)
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
     B, Cg, H, W = f.shape
     oh, ow = gD.shape[4], gD.shape[5]
@@ -535,7 +522,7 @@ def pac_conv2d_fwd(x, K, weight, bias, stride, padding, dilation, shared_filters
         return pac_pool2d_fwd(x, K, tuple(weight.shape[-2:]), stride, padding, dilation,
                               weight=weight, bias=bias)
     dtype = x.dtype
-    xc, Kc, w, bc = _prep(x, K, weight, bias)
+    xc, Kc, w, bc = prep(x, K, weight, bias)
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     O = w.shape[0]
     B = xc.shape[0]
@@ -565,7 +552,7 @@ def pac_conv2d_bwd(grad, x, K, weight, stride, padding, dilation, shared_filters
                               needs=needs, weight=weight)
     need_x, need_k, need_w = (bool(v) for v in needs)
     dtypes = (x.dtype, K.dtype, weight.dtype)
-    g, xc, Kc, w = _prep(grad, x, K, weight)
+    g, xc, Kc, w = prep(grad, x, K, weight)
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     O, C, kh, kw = w.shape
     B, _, H, W = xc.shape
@@ -594,7 +581,7 @@ def pac_conv2d_bwd(grad, x, K, weight, stride, padding, dilation, shared_filters
 def pac_pool2d_fwd(x, K, kernel_size, stride, padding, dilation, weight=None, bias=None):
     """CUDA ``pac_pool2d`` (and, with ``weight`` [1,1,kh,kw], shared-filter ``pac_conv2d``)."""
     dtype = x.dtype
-    xc, Kc, w, bc = _prep(x, K, weight, bias)
+    xc, Kc, w, bc = prep(x, K, weight, bias)
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
     B, C = xc.shape[:2]
     oh, ow = Kc.shape[4], Kc.shape[5]
@@ -615,7 +602,7 @@ def pac_pool2d_bwd(grad, x, K, kernel_size, stride, padding, dilation,
     need_x, need_k = bool(needs[0]), bool(needs[1])
     need_w = weight is not None and bool(needs[2])
     dtypes = (x.dtype, K.dtype, weight.dtype if weight is not None else None)
-    g, xc, Kc, w = _prep(grad, x, K, weight)
+    g, xc, Kc, w = prep(grad, x, K, weight)
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
     B, C, H, W = xc.shape
     oh, ow = g.shape[2], g.shape[3]
