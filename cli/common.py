@@ -10,6 +10,20 @@ from pacnet.errors import PacnetError
 from pacnet.load import parse_assignment
 
 
+def int_at_least(minimum: int):
+    """An argparse ``type``: an integer ``>= minimum`` (a clear usage error otherwise)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def add_net_arguments(parser: argparse.ArgumentParser, *, phase: str = "test") -> None:
     """NET, --input, --phase, --set, --var, --no-fuse: how every verb names a net."""
     parser.add_argument("net", metavar="NET", help="net file: YAML (.yaml/.yml) or Caffe .prototxt")

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 
-from pacnet.cli.common import parse_assignments
-from pacnet.cli.train import (_factor, _net_name, _positive, baseline_table, console, fmt, is_main_process,
+from pacnet.cli.common import int_at_least, parse_assignments
+from pacnet.cli.train import (_factor, _net_name, baseline_table, console, fmt, is_main_process,
                               short_openmp_spin, results)
 
 
@@ -27,7 +27,7 @@ def add_parser(sub) -> None:
                    help="a .safetensors file, a checkpoint .state.pt, or a work dir (its latest checkpoint)")
     p.add_argument("--split", choices=("test", "val"), default="test", help="which split of data: (default test)")
     p.add_argument("--save-predictions", metavar="DIR", help="write one prediction file per sample into DIR")
-    p.add_argument("--max-batches", type=_positive, metavar="N", help="evaluate at most N batches")
+    p.add_argument("--max-batches", type=int_at_least(0), metavar="N", help="evaluate at most N batches")
     p.add_argument("--device", metavar="D", help="cpu, cuda or cuda:N (default: a GPU if there is one)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override a value, e.g. data.batch_size=1; repeatable")

@@ -18,26 +18,16 @@ import argparse
 import sys
 from typing import Dict
 
-from pacnet.cli.common import add_net_arguments, build_from_args
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+from pacnet.cli.common import add_net_arguments, build_from_args, int_at_least
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("time", help="time the forward/backward passes of a net, per layer (caffe time)",
                        description=__doc__.splitlines()[0])
     add_net_arguments(p, phase="train")
-    p.add_argument("--iterations", "-n", type=_count, default=10, metavar="N",
+    p.add_argument("--iterations", "-n", type=int_at_least(1), default=10, metavar="N",
                    help="timed passes per measurement (default 10)")
-    p.add_argument("--warmup", type=int, default=2, metavar="N", help="untimed passes first (default 2)")
+    p.add_argument("--warmup", type=int_at_least(0), default=2, metavar="N", help="untimed passes first (default 2)")
     p.add_argument("--device", metavar="D", help="cpu, cuda or cuda:N (default: a GPU if there is one)")
     p.set_defaults(run=run)
 
@@ -54,10 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from pacnet.cli.train import console, fmt
     from pacnet.codegen import module_name
     from pacnet.engine.trainer import benchmark, pick_device, total_loss
-    from pacnet.errors import PacnetError
 
-    if args.warmup < 0:
-        raise PacnetError(f"--warmup must be >= 0, got {args.warmup}")
     device = pick_device(args.device)
     net = build_from_args(args, device=device)
     gen = torch.Generator().manual_seed(0)

@@ -29,7 +29,7 @@ import threading
 import time
 from typing import Any, Dict, List, Mapping, Optional
 
-from pacnet.cli.common import parse_assignments
+from pacnet.cli.common import int_at_least, parse_assignments
 from pacnet.errors import PacnetError
 
 # Su et al., CVPR 2019, Table 1: NYU Depth v2, x8 joint depth upsampling, RMSE in cm.
@@ -37,16 +37,6 @@ PAPER_NYU_X8 = {"bilinear": 8.36, "PacJointUpsample": 4.59}
 
 # Keys of a test record that are bookkeeping, not results.
 _NOT_RESULTS = ("event", "step", "batches", "seconds", "split", "weights", "samples", "written")
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def add_parser(sub) -> None:
@@ -72,7 +62,7 @@ def add_parser(sub) -> None:
     p.add_argument("--amp", action="store_true",
                    help="bfloat16 autocast around the training forward pass (CPU and CUDA)")
     p.add_argument("--device", metavar="D", help="cpu, cuda or cuda:N (default: this rank's GPU, else cpu)")
-    p.add_argument("--max-iter", type=_positive, metavar="N", help="solver.max_iter")
+    p.add_argument("--max-iter", type=int_at_least(0), metavar="N", help="solver.max_iter")
     p.add_argument("--no-fuse", action="store_true", help="keep the graph as written (no fusion passes)")
     p.add_argument("--no-tensorboard", action="store_true", help="do not write tensorboard/ events")
     p.set_defaults(run=run)

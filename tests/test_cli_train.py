@@ -284,6 +284,11 @@ def test_time_verb_prints_the_layer_table(net_file, capsys):
         assert row in out
     assert "torch.utils.benchmark, 2 passes" in out
     assert main(["time", net_file, "--iterations", "0"]) == 2
+    assert "--iterations/-n: must be >= 1, got 0" in capsys.readouterr().err
+    assert main(["time", net_file, "--warmup", "-1"]) == 2
+    assert "--warmup: must be >= 0, got -1" in capsys.readouterr().err
+    assert main(["train", net_file, "--max-iter", "x"]) == 2
+    assert "--max-iter: expected an integer, got 'x'" in capsys.readouterr().err
 
 
 def test_short_openmp_spin_only_before_torch_loads(monkeypatch):
