@@ -103,7 +103,7 @@ import torch.nn.functional as F
 import pacnet.kernels.pac as _kernels
 from pacnet.errors import PacnetValueError, did_you_mean
 from pacnet.kernels.pac import reference as _ref
-from pacnet.pac import PacConv2d
+from pacnet.pac import PacConv2d, _check_same
 
 __all__ = ["PacCRF", "PacCRFLoose", "create_YXRGB", "create_position_feats", "parse_crf_name",
            "COMPAT_TYPES", "FINAL_OUTPUTS"]
@@ -162,15 +162,6 @@ def _check_tensor(t: Any, name: str) -> torch.Tensor:
     if t.dim() != 4:
         raise PacnetValueError(f"{name} must be 4-D (N x C x H x W), got shape {list(t.shape)}")
     return t
-
-
-def _check_like(t: torch.Tensor, name: str, like: torch.Tensor, like_name: str) -> None:
-    if t.device != like.device:
-        raise PacnetValueError(f"{name} is on {t.device} but {like_name} is on {like.device}",
-                               hint="move all tensors to one device")
-    if t.dtype != like.dtype:
-        raise PacnetValueError(f"{name} has dtype {t.dtype} but {like_name} has {like.dtype}",
-                               hint="convert them to one floating-point dtype")
 
 
 def _kernel_specs(pairwise_kernels: Any) -> List[Dict[str, Any]]:
@@ -389,7 +380,7 @@ class PacCRF(nn.Module):
                 continue
             _check_tensor(f, name)
             if like is not None:
-                _check_like(f, name, like, "unary")
+                _check_same([("unary", like), (name, f)])
                 if f.shape[0] != like.shape[0] or tuple(f.shape[-2:]) != tuple(like.shape[-2:]):
                     raise PacnetValueError(
                         f"{name} must be [{like.shape[0]}, F, {like.shape[2]}, {like.shape[3]}] "
@@ -450,7 +441,7 @@ class PacCRF(nn.Module):
                     f"{name} must be {list(want)} for pairwise kernel {i} "
                     f"({self.pairwise_repr[i]}), got {list(K.shape)}",
                     hint="compute it with compute_edge_kernels from features of the unary's size")
-            _check_like(K, name, unary, "unary")
+            _check_same([("unary", unary), (name, K)])
         return kernels
 
     # -- inference
@@ -470,7 +461,7 @@ class PacCRF(nn.Module):
             if logQ.shape != unary.shape:
                 raise PacnetValueError(f"logQ must have the unary's shape {list(unary.shape)}, "
                                        f"got {list(logQ.shape)}")
-            _check_like(logQ, "logQ", unary, "unary")
+            _check_same([("unary", unary), ("logQ", logQ)])
         return unary
 
     def _message(self, i: int, Qb: torch.Tensor, K: Optional[torch.Tensor],

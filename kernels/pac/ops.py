@@ -484,7 +484,7 @@ def _conv_args(x, K, weight, bias, stride, padding, dilation, shared_filters, wh
     geometry pairs and the output shape."""
     _tensor(x, "x", 4, "[b, C, H, W]")
     _tensor(K, "K", 6, "[b, 1, kh, kw, oh, ow]")
-    _tensor(weight, "weight", 4,"[1, 1, kh, kw]" if shared_filters else "[O, C, kh, kw]",
+    _tensor(weight, "weight", 4, "[1, 1, kh, kw]" if shared_filters else "[O, C, kh, kw]",
             batched=False)
     if bias is not None:
         _tensor(bias, "bias", 1, "[O]", batched=False)
