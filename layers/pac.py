@@ -133,6 +133,15 @@ class _Geometry:
         return tuple(conv_out(hw[i], self.kernel[i], self.pad[i], self.stride[i], self.dilation[i])
                      for i in range(2))
 
+    def nonempty_out_size(self, spec: LayerSpec, hw, what: str = "input") -> Tuple[int, int]:
+        """:meth:`out_size`, refused with the layer's shape error when it would be empty."""
+        out_hw = self.out_size(hw)
+        if min(out_hw) < 1:
+            raise spec.shape_error(f"output would be empty ({out_hw[0]}x{out_hw[1]}) for {what} "
+                                   f"{hw[0]}x{hw[1]}", hint=f"use a larger {what} or a smaller "
+                                                            f"kernel, dilation or pad")
+        return out_hw
+
 
 def _as_spec_error(spec: LayerSpec, key: Optional[str], fn: Callable[[], Any]) -> Any:
     """Run ``fn``; a PacnetValueError from the Python API becomes this layer's error."""
@@ -315,11 +324,7 @@ class _PacConvBase(Layer):
         _check_4d(spec, shapes[0], "the input (bottom 1)")
         geo = _Geometry(spec, self.transposed)
         n, c, h, w = shapes[0]
-        out_hw = geo.out_size((h, w))
-        if min(out_hw) < 1:
-            raise spec.shape_error(f"output would be empty ({out_hw[0]}x{out_hw[1]}) for input "
-                                   f"{h}x{w}", hint="use a larger input or a smaller kernel, "
-                                                    "dilation or pad")
+        out_hw = geo.nonempty_out_size(spec, (h, w))
         guide_hw = out_hw if self.transposed else (h, w)
         what = "the output size" if self.transposed else "the input size"
         _check_guide_or_kernel(spec, shapes, guide_hw, out_hw, (1,), what, (h, w))
@@ -438,11 +443,7 @@ class PacPool(Layer):
         _check_4d(spec, shapes[0], "the input (bottom 1)")
         geo = _Geometry(spec)
         n, c, h, w = shapes[0]
-        out_hw = geo.out_size((h, w))
-        if min(out_hw) < 1:
-            raise spec.shape_error(f"output would be empty ({out_hw[0]}x{out_hw[1]}) for input "
-                                   f"{h}x{w}", hint="use a larger input or a smaller kernel, "
-                                                    "dilation or pad")
+        out_hw = geo.nonempty_out_size(spec, (h, w))
         cw = bool(spec["channel_wise"])
         is_kernel = _check_guide_or_kernel(spec, shapes, (h, w), out_hw, (1, c) if cw else (1,),
                                            "the input size", (h, w))
@@ -535,11 +536,7 @@ class PacKernel(Layer):
         geo = _Geometry(spec, bool(spec["transposed"]))
         n, cg, h, w = shapes[0]
         in_hw = self._input_hw(spec, geo, (h, w))
-        out_hw = (h, w) if geo.transposed else geo.out_size((h, w))
-        if min(out_hw) < 1:
-            raise spec.shape_error(f"output would be empty ({out_hw[0]}x{out_hw[1]}) for guide "
-                                   f"{h}x{w}", hint="use a larger guide or a smaller kernel, "
-                                                    "dilation or pad")
+        out_hw = (h, w) if geo.transposed else geo.nonempty_out_size(spec, (h, w), "guide")
         if len(shapes) > 1 and tuple(shapes[1]) != (n, 1) + tuple(in_hw):
             raise spec.shape_error(f"the mask must be [{n}, 1, {in_hw[0]}, {in_hw[1]}] (the PAC "
                                    f"layer's input size), got {list(shapes[1])}")
