@@ -41,6 +41,19 @@ def mask_of(*shape, seed=1):
     return (torch.rand(*shape, generator=torch.Generator().manual_seed(seed)) > 0.4).to(D64)
 
 
+def bottoms_and_expected(ref_layer, x, guide, mode):
+    """The layer's bottoms for ``mode`` ('kernel': x and a precomputed K; 'mask...': x, guide
+    and a mask of x's size; else x and the guide) and the Python layer's outputs as a tuple."""
+    if mode == "kernel":
+        K, _ = ref_layer.compute_kernel(guide)
+        return (x, K), (ref_layer(x, None, K),)
+    if mode.startswith("mask"):
+        mask = mask_of(x.shape[0], 1, *x.shape[-2:])
+        out = ref_layer(x, guide, mask=mask)
+        return (x, guide, mask), out if isinstance(out, tuple) else (out,)
+    return (x, guide), (ref_layer(x, guide),)
+
+
 # ----------------------------------------------------------------------------- PacConv
 
 
@@ -67,28 +80,15 @@ def test_pacconv_infer_equals_module_and_api(k, s, pad, d, mode):
     ref_layer = PacConv2d(2, 3, k, stride=s, padding=p, dilation=d,
                           kernel_type="inv_1_-1" if d == 2 else "gaussian",
                           normalize_kernel=(k == 5)).double()
-    if mode == "kernel":
-        K, _ = ref_layer.compute_kernel(guide)
-        bottoms = (x, K)
-        expected = ref_layer(x, None, K)
-    elif mode.startswith("mask"):
-        mask = mask_of(2, 1, H, W)
-        bottoms = (x, guide, mask)
-        expected = ref_layer(x, guide, mask=mask)
-    else:
-        bottoms = (x, guide)
-        expected = ref_layer(x, guide)
+    bottoms, expected = bottoms_and_expected(ref_layer, x, guide, mode)
     module = get("PacConv").build(spec, [tuple(t.shape) for t in bottoms]).double()
     assert list(module.state_dict()) == list(ref_layer.state_dict())
     module.load_state_dict(ref_layer.state_dict(), strict=True)
     tops = run_layer(spec, *bottoms, module=module)   # asserts infer() == real shapes
-    if isinstance(expected, tuple):
-        close(tops[0], expected[0])
-        if n_tops == 2:
-            close(tops[1], expected[1].reshape(tops[1].shape))
-            assert tops[1].shape == (2, 1) + tops[0].shape[-2:]
-    else:
-        close(tops[0], expected)
+    close(tops[0], expected[0])
+    if n_tops == 2:
+        close(tops[1], expected[1].reshape(tops[1].shape))
+        assert tops[1].shape == (2, 1) + tops[0].shape[-2:]
     macs = 2 * 3 * 2 * k * k * tops[0].shape[-2] * tops[0].shape[-1]   # N * O * C * k*k * H'W'
     flops = get("PacConv").flops(spec, [tuple(t.shape) for t in bottoms],
                                  infer(spec, *[t.shape for t in bottoms]))
@@ -162,14 +162,7 @@ def test_pacconv_transpose_infer_equals_module_and_api(k, s, p, op, d, mode):
     ref_layer = PacConvTranspose2d(3, 2, k, stride=s, padding=p, output_padding=op, dilation=d,
                                    normalize_kernel=(s == 2)).double()
     x, guide = rnd(2, 3, H, W), rnd(2, 2, oh, ow, seed=3)
-    if mode == "kernel":
-        K, _ = ref_layer.compute_kernel(guide)
-        bottoms, expected = (x, K), (ref_layer(x, None, K),)
-    elif mode == "mask2":
-        mask = mask_of(2, 1, H, W)
-        bottoms, expected = (x, guide, mask), ref_layer(x, guide, mask=mask)
-    else:
-        bottoms, expected = (x, guide), (ref_layer(x, guide),)
+    bottoms, expected = bottoms_and_expected(ref_layer, x, guide, mode)
     module = get("PacConvTranspose").build(spec, [tuple(t.shape) for t in bottoms]).double()
     module.load_state_dict(ref_layer.state_dict(), strict=True)
     tops = run_layer(spec, *bottoms, module=module)
@@ -199,15 +192,9 @@ def test_pacpool_infer_equals_module_and_api(k, s, pad, d, cw, mode):
     ref_layer = PacPool2d(k, stride=s, padding=p, dilation=d, channel_wise=cw, kernel_type=kt,
                           normalize_kernel=(d == 1), out_channels=C if cw else -1).double()
     x, guide = rnd(2, C, H, W), rnd(2, C if cw else 2, H, W, seed=4)
+    bottoms, expected = bottoms_and_expected(ref_layer, x, guide, mode)
     if mode == "kernel":
-        K, _ = ref_layer.compute_kernel(guide)
-        assert K.shape[1] == (C if cw else 1)
-        bottoms, expected = (x, K), (ref_layer(x, None, K),)
-    elif mode == "mask2":
-        mask = mask_of(2, 1, H, W)
-        bottoms, expected = (x, guide, mask), ref_layer(x, guide, mask=mask)
-    else:
-        bottoms, expected = (x, guide), (ref_layer(x, guide),)
+        assert bottoms[1].shape[1] == (C if cw else 1)
     module = get("PacPool").build(spec, [tuple(t.shape) for t in bottoms]).double()
     assert list(module.state_dict()) == list(ref_layer.state_dict())
     if cw:
