@@ -440,6 +440,23 @@ def test_torch_compile_inductor():
     _compiled_matches_eager("inductor")
 
 
+def test_torch_compile_in_place_add():
+    """pac_conv2d_add_ traces into one graph (no data-pointer checks while compiling)."""
+    torch._dynamo.reset()
+    gen = _gen(11)
+    x, K = _randn(gen, 1, 3, 8, 8), _rand(gen, 1, 1, 3, 3, 8, 8)
+    w, start = _randn(gen, 4, 3, 3, 3), _randn(gen, 1, 4, 8, 8)
+
+    def step(out):
+        P.pac_conv2d_add_(out, x, K, w, 1, 1, 1, alpha=-0.5)
+        return out * 2
+
+    with torch.no_grad():
+        got = torch.compile(step, backend="aot_eager", fullgraph=True)(start.clone())
+    want = 2 * (start - 0.5 * R.pac_conv2d(x, K, w, None, (1, 1), (1, 1), (1, 1)))
+    torch.testing.assert_close(got, want, **TOL)
+
+
 # ----------------------------------------------------------------------------- dtypes and layouts
 
 def test_float32_close_to_float64_reference():

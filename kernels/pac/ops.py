@@ -461,6 +461,8 @@ def pac_conv2d_add_(out: Tensor, x: Tensor, K: Tensor, weight: Tensor, stride, p
         raise PacnetValueError("out must be contiguous", hint="pass out.contiguous() and use "
                                                               "the result")
     for name, t in (("x", x), ("K", K)):
+        if torch.compiler.is_compiling():
+            break  # data pointers do not exist while tracing; eager calls are checked
         if t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
             raise PacnetValueError(f"out shares its storage with {name}, which the kernel "
                                    f"reads while it writes out",
