@@ -617,7 +617,6 @@ def _net_files():
 
 
 @needs_graphs
-@pytest.mark.slow
 @pytest.mark.parametrize("rel", _net_files())
 def test_real_graph_builds_with_caffe_shapes(rel):
     from pacnet import registry

@@ -435,7 +435,6 @@ def test_torch_compile_aot_eager():
     _compiled_matches_eager("aot_eager")
 
 
-@pytest.mark.slow
 def test_torch_compile_inductor():
     _compiled_matches_eager("inductor")
 
