@@ -1,15 +1,20 @@
 """Pieces shared by layer families: schema fragments, Caffe's spatial parameters, fillers.
 
-Caffe writes 2-D sizes three ways: ``kernel_size: 3``, ``kernel_size: [3, 5]`` (one per
-axis) or ``kernel_h: 3  kernel_w: 5``.  :func:`spatial_pair` resolves all of them to
-``(h, w)``.  Fillers follow ``include/caffe/filler.hpp`` exactly; note Caffe's default
+Caffe writes spatial sizes three ways: ``kernel_size: 3`` (every spatial axis),
+``kernel_size: [3, 5]`` / ``[3, 5, 5]`` (one per axis: Caffe's N-D convolution) or, in 2-D
+only, ``kernel_h: 3  kernel_w: 5``.  The layers that take both 4-D (N x C x H x W) and 5-D
+(N x C x D x H x W) bottoms learn the number of spatial axes from the bottom
+(:func:`spatial_rank`) and resolve a parameter to one value per axis with :func:`spatial`;
+:class:`ConvGeometry` holds a convolution's four of them.  :func:`spatial_pair` is the
+2-D-only form.  Fillers follow ``include/caffe/filler.hpp`` exactly; note Caffe's default
 filler is ``constant 0``, not PyTorch's Kaiming init.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
 
@@ -18,20 +23,35 @@ from pacnet.registry import LayerSpec
 
 # ----------------------------------------------------------------------------- schema bits
 
+#: The spatial axes of the blobs the N-D layers take, by their number (the spatial rank).
+SPATIAL_AXES = {2: ("H", "W"), 3: ("D", "H", "W")}
+
 POSITIVE_INT = {"type": "integer", "minimum": 1}
 NON_NEGATIVE_INT = {"type": "integer", "minimum": 0}
 
 
-def int_or_pair(description: str, minimum: int = 0, default: Any = None) -> dict:
-    """Schema of a Caffe spatial field: one int for both axes, or a list of one or two."""
+def _int_or_list(description: str, minimum: int, default: Any, max_items: int) -> dict:
     item = {"type": "integer", "minimum": minimum}
     schema = {
         "description": description,
-        "oneOf": [item, {"type": "array", "items": item, "minItems": 1, "maxItems": 2}],
+        "oneOf": [item, {"type": "array", "items": item, "minItems": 1, "maxItems": max_items}],
     }
     if default is not None:
         schema["default"] = default
     return schema
+
+
+def int_or_pair(description: str, minimum: int = 0, default: Any = None) -> dict:
+    """Schema of a Caffe spatial field: one int for both axes, or a list of one or two."""
+    return _int_or_list(description, minimum, default, 2)
+
+
+def int_or_list(description: str, minimum: int = 0, default: Any = None) -> dict:
+    """Schema of a Caffe N-D spatial field (``kernel_size``, ``pad``, ``stride``,
+    ``dilation``): one int for every spatial axis, or a list of one to three values.
+    How many the bottom allows (1, or its number of spatial axes) is :func:`spatial`'s
+    check, made once the bottom's shape is known."""
+    return _int_or_list(description, minimum, default, max(SPATIAL_AXES))
 
 
 def repeated(item: dict, description: str, default: Any = None) -> dict:
@@ -79,31 +99,153 @@ def filler(description: str, default_type: str = "constant", **defaults: Any) ->
     return schema
 
 
-def spatial_pair(spec: LayerSpec, name: str, h_key: str, w_key: str,
-                 default: Optional[int]) -> Tuple[int, int]:
-    """Resolve Caffe's ``name`` / ``[h, w]`` / ``h_key`` + ``w_key`` forms to ``(h, w)``."""
+def blob_kind(rank: int) -> str:
+    """``'4-D (N x C x H x W)'`` for spatial rank 2, ``'5-D (N x C x D x H x W)'`` for 3."""
+    return f"{rank + 2}-D (N x C x {' x '.join(SPATIAL_AXES[rank])})"
+
+
+def spatial_rank(spec: LayerSpec, shape: Sequence[int], what: str = "bottom",
+                 ranks: Iterable[int] = (2, 3)) -> int:
+    """The number of spatial axes of an N x C x [D x] H x W blob, one of ``ranks``; a blob
+    of any other rank is the layer's :class:`~pacnet.errors.ShapeError`."""
+    ranks = tuple(ranks)
+    rank = len(shape) - 2
+    if rank not in ranks:
+        kinds = " or a ".join(blob_kind(r) for r in ranks)
+        raise spec.shape_error(f"needs a {kinds} {what}, got shape {list(shape)}")
+    return rank
+
+
+def spatial(spec: LayerSpec, name: str, h_key: Optional[str], w_key: Optional[str],
+            default: Optional[int], rank: Optional[int] = None) -> Tuple[int, ...]:
+    """Caffe's spatial parameter ``name`` as one value per spatial axis.
+
+    Written as one value for every axis, as one value per axis (the N-D form), or, in 2-D
+    only, as ``h_key`` + ``w_key``; absent, it is ``default`` on every axis (None: the
+    parameter is required).  With ``rank`` (2 or 3, from the bottom) the result has
+    ``rank`` values and a form that does not fit the bottom is a located ShapeError saying
+    which bottom it would fit.  With ``rank`` None (in ``check()``, before shapes are
+    known) only the form is checked, and the values come back as written.
+    """
     value = spec.get(name)
-    has_hw = spec.get(h_key) is not None or spec.get(w_key) is not None
+    has_hw = h_key is not None and (spec.get(h_key) is not None or spec.get(w_key) is not None)
     if value is not None and has_hw:
         raise spec.error(f"give either {name} or {h_key}/{w_key}, not both", key=name)
     if has_hw:
         if spec.get(h_key) is None or spec.get(w_key) is None:
             raise spec.error(f"{h_key} and {w_key} must be given together", key=h_key)
+        if rank is not None and rank != 2:
+            raise spec.error(f"{h_key}/{w_key} are for 2-D bottoms, but this bottom is "
+                             f"{blob_kind(rank)}", key=h_key, cls=ShapeError,
+                             hint=f"write {name}: [{', '.join(SPATIAL_AXES[rank]).lower()}] "
+                                  "(or one value for every axis)")
         return int(spec[h_key]), int(spec[w_key])
     if value is None:
         if default is None:
             raise spec.error(f"{name} is required", key=name)
-        return default, default
-    if isinstance(value, int):
-        return value, value
-    if len(value) == 1:
-        return int(value[0]), int(value[0])
-    return int(value[0]), int(value[1])
+        values: Tuple[int, ...] = (default,)
+    elif isinstance(value, int):
+        values = (value,)
+    else:
+        values = tuple(int(v) for v in value)
+    if rank is None or len(values) == rank:
+        return values
+    if len(values) == 1:
+        return values * rank
+    fits = len(values) if len(values) in SPATIAL_AXES else None
+    raise spec.error(
+        f"{name} has {len(values)} values {list(values)}, but the bottom is {blob_kind(rank)} "
+        f"with {rank} spatial axes", key=name, cls=ShapeError,
+        hint=f"give one value for every axis or {rank} ([{', '.join(SPATIAL_AXES[rank]).lower()}])"
+             + (f"; {len(values)} values are for a {blob_kind(fits)} bottom" if fits else ""))
+
+
+def written_rank(spec: LayerSpec, forms: Sequence[Tuple[str, Optional[str], Optional[str]]]
+                 ) -> Optional[int]:
+    """The spatial rank the spatial parameters ``forms`` (``(name, h_key, w_key)``) imply as
+    written: the length of their lists of two or more values (2 for the h/w keys), or None
+    when each is one value.  Lists of different lengths are an error at the second one,
+    before any bottom is known."""
+    rank, first = None, None
+    for name, h_key, w_key in forms:
+        if spec.get(name) is None and (h_key is None or (spec.get(h_key) is None
+                                                          and spec.get(w_key) is None)):
+            continue
+        values = spatial(spec, name, h_key, w_key, 0)
+        if len(values) < 2:
+            continue
+        key = name if spec.get(name) is not None else h_key
+        if rank is None:
+            rank, first = len(values), key
+        elif len(values) != rank:
+            raise spec.error(f"{key} has {len(values)} values but {first} has {rank}", key=key,
+                             hint="give every spatial parameter one value or one per spatial "
+                                  "axis of the bottom")
+    return rank
+
+
+def spatial_pair(spec: LayerSpec, name: str, h_key: str, w_key: str,
+                 default: Optional[int]) -> Tuple[int, int]:
+    """Resolve Caffe's ``name`` / ``[h, w]`` / ``h_key`` + ``w_key`` forms to ``(h, w)``."""
+    return spatial(spec, name, h_key, w_key, default, rank=2)
 
 
 def conv_out(size: int, kernel: int, pad: int, stride: int, dilation: int = 1) -> int:
     """Caffe/PyTorch convolution output size: floor((in + 2p - d(k-1) - 1) / s) + 1."""
     return (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """A convolution's window over ``rank`` spatial axes, one value per axis each: Caffe's
+    ConvolutionParameter geometry (``kernel_size``, ``pad``, ``stride``, ``dilation`` in
+    any of their forms), PyTorch's ``ConvNd``/``ConvTransposeNd`` arguments."""
+
+    kernel: Tuple[int, ...]
+    pad: Tuple[int, ...]
+    stride: Tuple[int, ...]
+    dilation: Tuple[int, ...]
+
+    #: The parameters as (name, h_key, w_key); Caffe has no dilation_h/dilation_w.
+    FORMS = (("kernel_size", "kernel_h", "kernel_w"), ("pad", "pad_h", "pad_w"),
+             ("stride", "stride_h", "stride_w"), ("dilation", None, None))
+
+    @classmethod
+    def of(cls, spec: LayerSpec, rank: int) -> "ConvGeometry":
+        """The geometry of ``spec`` for a bottom of ``rank`` spatial axes (:func:`spatial`)."""
+        return cls(*(spatial(spec, name, h, w, default, rank) for (name, h, w), default
+                     in zip(cls.FORMS, (None, 0, 1, 1))))
+
+    @classmethod
+    def written_rank(cls, spec: LayerSpec) -> Optional[int]:
+        """The rank the parameters imply as written (:func:`written_rank`), for ``check()``."""
+        return written_rank(spec, cls.FORMS)
+
+    @property
+    def rank(self) -> int:
+        return len(self.kernel)
+
+    @property
+    def effective(self) -> Tuple[int, ...]:
+        """The dilated kernel extent E = d (k - 1) + 1 per axis."""
+        return tuple(d * (k - 1) + 1 for k, d in zip(self.kernel, self.dilation))
+
+    def out_size(self, sizes: Sequence[int]) -> Tuple[int, ...]:
+        """Convolution output size per axis (:func:`conv_out`)."""
+        return tuple(conv_out(n, k, p, s, d) for n, k, p, s, d in
+                     zip(sizes, self.kernel, self.pad, self.stride, self.dilation))
+
+    def transposed_out_size(self, sizes: Sequence[int],
+                            output_pad: Optional[Sequence[int]] = None) -> Tuple[int, ...]:
+        """Transposed-convolution output size per axis: s (in - 1) + E - 2p + output_pad."""
+        output_pad = output_pad or (0,) * self.rank
+        return tuple(s * (n - 1) + e - 2 * p + o for n, s, e, p, o in
+                     zip(sizes, self.stride, self.effective, self.pad, output_pad))
+
+
+def size_str(sizes: Sequence[int]) -> str:
+    """Spatial sizes as ``'4x8x8'``."""
+    return "x".join(str(int(n)) for n in sizes)
 
 
 def numel(shape: Sequence[int]) -> int:

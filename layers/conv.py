@@ -3,13 +3,17 @@
 Sizes follow BVLC ``conv_layer.cpp`` / ``deconv_layer.cpp`` (caffe.md §7.1), weight layouts
 equal PyTorch's, so Caffe blobs load unchanged:
 
-* Convolution   weight ``[O, C/g, kh, kw]``, out = floor((in + 2p - E) / s) + 1
-* Deconvolution weight ``[C, O/g, kh, kw]``, out = s (in - 1) + E - 2p
+* Convolution   weight ``[O, C/g, *k]``, out = floor((in + 2p - E) / s) + 1
+* Deconvolution weight ``[C, O/g, *k]``, out = s (in - 1) + E - 2p
 * InnerProduct  weight ``[O, K]`` (``[K, O]`` with ``transpose``)
 
-with E = d (k - 1) + 1.  Weights start from Caffe's fillers (default constant 0: a layer
-without ``weight_filler`` starts at zero, as in Caffe).  Only 2-D spatial convolution
-(``axis: 1``, N x C x H x W bottoms) is supported.
+with E = d (k - 1) + 1 per spatial axis.  Like Caffe's N-D convolution, Convolution and
+Deconvolution take 4-D (N x C x H x W) or 5-D (N x C x D x H x W) bottoms: the number of
+spatial axes comes from the bottom, and ``kernel_size``/``pad``/``stride``/``dilation``
+give one value for every axis or one per axis (``kernel_h``/``kernel_w`` and the other
+``_h``/``_w`` keys are 2-D only).  Weights start from Caffe's fillers (default constant 0:
+a layer without ``weight_filler`` starts at zero, as in Caffe).  The channel axis is 1
+(``axis: 1``).
 """
 
 from __future__ import annotations
@@ -21,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pacnet.layers.common import (POSITIVE_INT, conv_out, fill_, filler,
-                                  filler_problem, int_or_pair, numel, spatial_pair)
+from pacnet.layers.common import (POSITIVE_INT, ConvGeometry, fill_, filler, filler_problem,
+                                  int_or_list, numel, size_str, spatial, spatial_rank)
 from pacnet.errors import ShapeError
 from pacnet.registry import Layer, LayerSpec, Shape, register
 
@@ -37,17 +41,20 @@ CONV_PARAMS = {
     "num_output": {**POSITIVE_INT, "description": "number of output channels O"},
     "bias_term": {"type": "boolean", "default": True,
                   "description": "add a learned bias per output channel"},
-    "kernel_size": int_or_pair("kernel size, one value or [h, w] (or use kernel_h/kernel_w)",
-                               minimum=1),
-    "kernel_h": _int("kernel height (with kernel_w, instead of kernel_size)", 1),
-    "kernel_w": _int("kernel width (with kernel_h, instead of kernel_size)", 1),
-    "pad": int_or_pair("zero padding added on both sides, one value or [h, w] (default 0)"),
-    "pad_h": _int("padding of the height (with pad_w, instead of pad)", 0),
-    "pad_w": _int("padding of the width (with pad_h, instead of pad)", 0),
-    "stride": int_or_pair("stride, one value or [h, w] (default 1)", minimum=1),
-    "stride_h": _int("vertical stride (with stride_w, instead of stride)", 1),
-    "stride_w": _int("horizontal stride (with stride_h, instead of stride)", 1),
-    "dilation": int_or_pair("kernel dilation, one value or [h, w] (default 1)", minimum=1),
+    "kernel_size": int_or_list("kernel size: one value for every spatial axis, or one per axis "
+                               "([h, w] or [d, h, w]); 2-D also kernel_h/kernel_w", minimum=1),
+    "kernel_h": _int("kernel height (2-D, with kernel_w, instead of kernel_size)", 1),
+    "kernel_w": _int("kernel width (2-D, with kernel_h, instead of kernel_size)", 1),
+    "pad": int_or_list("zero padding added on both sides: one value for every axis or one per "
+                       "axis (default 0)"),
+    "pad_h": _int("padding of the height (2-D, with pad_w, instead of pad)", 0),
+    "pad_w": _int("padding of the width (2-D, with pad_h, instead of pad)", 0),
+    "stride": int_or_list("stride: one value for every axis or one per axis (default 1)",
+                          minimum=1),
+    "stride_h": _int("vertical stride (2-D, with stride_w, instead of stride)", 1),
+    "stride_w": _int("horizontal stride (2-D, with stride_h, instead of stride)", 1),
+    "dilation": int_or_list("kernel dilation: one value for every axis or one per axis "
+                            "(default 1)", minimum=1),
     "group": {**POSITIVE_INT, "default": 1,
               "description": "number of groups; C and num_output must both be multiples"},
     "weight_filler": filler("initialiser of the weight blob (Caffe default: constant 0)"),
@@ -55,7 +62,7 @@ CONV_PARAMS = {
     "engine": {"enum": ["DEFAULT", "CAFFE", "CUDNN"], "default": "DEFAULT",
                "description": "Caffe implementation choice; ignored (PyTorch picks the kernel)"},
     "axis": {"type": "integer", "default": 1,
-             "description": "the channel axis; only 1 (N x C x H x W) is supported"},
+             "description": "the channel axis; only 1 (N x C x ...) is supported"},
     "force_nd_im2col": {"type": "boolean", "default": False,
                         "description": "Caffe implementation choice; ignored"},
     "bottom_is_im2col": {"type": "boolean", "default": False,
@@ -64,39 +71,45 @@ CONV_PARAMS = {
                                         "[O, C*kh*kw, 1, 1] (Convolution only)"},
 }
 
-
-class _ConvGeometry:
-    """The resolved 2-D parameters of a Convolution/Deconvolution spec."""
-
-    def __init__(self, spec: LayerSpec) -> None:
-        self.kernel = spatial_pair(spec, "kernel_size", "kernel_h", "kernel_w", None)
-        self.pad = spatial_pair(spec, "pad", "pad_h", "pad_w", 0)
-        self.stride = spatial_pair(spec, "stride", "stride_h", "stride_w", 1)
-        self.dilation = spatial_pair(spec, "dilation", "dilation_h", "dilation_w", 1)
-        self.group = int(spec["group"])
-        self.num_output = int(spec["num_output"])
-        self.bias = bool(spec["bias_term"])
-
-    @property
-    def effective(self) -> Tuple[int, int]:
-        return tuple(d * (k - 1) + 1 for k, d in zip(self.kernel, self.dilation))
+_CONV = {2: nn.Conv2d, 3: nn.Conv3d}
+_DECONV = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 
 
-def _check_conv_common(spec: LayerSpec) -> _ConvGeometry:
-    geo = _ConvGeometry(spec)
+def _check_conv_common(spec: LayerSpec) -> None:
+    """``check()`` of both types: everything that needs no bottom shape."""
     if int(spec["axis"]) != 1:
-        raise spec.error(f"only axis 1 (N x C x H x W) is supported, got axis {spec['axis']}",
+        raise spec.error(f"only axis 1 (N x C x ...) is supported, got axis {spec['axis']}",
                          key="axis", hint="remove 'axis' or set it to 1")
-    if geo.num_output % geo.group:
-        raise spec.error(f"num_output {geo.num_output} is not a multiple of group {geo.group}",
+    num_output, group = int(spec["num_output"]), int(spec["group"])
+    if num_output % group:
+        raise spec.error(f"num_output {num_output} is not a multiple of group {group}",
                          key="num_output", hint="make num_output divisible by group")
-    return geo
+    spatial(spec, "kernel_size", "kernel_h", "kernel_w", None)  # required, in one form
+    rank = ConvGeometry.written_rank(spec)
+    # Caffe's bilinear filler fills square 2-D kernels only; a blob of the wrong rank is
+    # refused in infer() (filler_problem), a kernel written with its rank already here.
+    if spec["weight_filler"].get("type") == "bilinear" and rank is not None:
+        kernel = spatial(spec, "kernel_size", "kernel_h", "kernel_w", None, rank)
+        if rank != 2:
+            raise spec.error(f"weight_filler: the bilinear filler needs a square 2-D kernel, got "
+                             f"{size_str(kernel)}", key="weight_filler",
+                             hint="for a fixed 3-D upsampling use a Resize layer with mode: "
+                                  "trilinear")
+        if kernel[0] != kernel[1]:
+            raise spec.error("weight_filler: the bilinear filler needs a square kernel, got "
+                             f"{size_str(kernel)}", key="weight_filler")
 
 
-def _check_bottom(spec: LayerSpec, shape: Shape, what: str = "N x C x H x W") -> None:
-    if len(shape) != 4:
-        raise spec.shape_error(f"needs a 4-D bottom ({what}), got shape {list(shape)}",
-                               hint="only 2-D spatial convolution is supported")
+def _geometry(spec: LayerSpec, shape: Shape) -> ConvGeometry:
+    """The geometry for a bottom of ``shape`` (4-D or 5-D; anything else is refused)."""
+    return ConvGeometry.of(spec, spatial_rank(spec, shape))
+
+
+def _check_groups(spec: LayerSpec, channels: int) -> None:
+    group = int(spec["group"])
+    if channels % group:
+        raise spec.shape_error(f"bottom channels {channels} are not a multiple of group {group}",
+                               hint="make the input channels divisible by group")
 
 
 def _check_fillers(spec: LayerSpec, weight_shape: Shape, num_output: int) -> None:
@@ -144,13 +157,14 @@ class Im2colConv(nn.Module):
 
 @register("Convolution")
 class Convolution(Layer):
-    """2-D convolution (Caffe ``Convolution``).
+    """2-D or 3-D convolution (Caffe ``Convolution``, its N-D form for 5-D bottoms).
 
-    Shapes: N x C x H x W -> N x num_output x H' x W' with
-    H' = floor((H + 2 pad_h - (dilation_h (kernel_h - 1) + 1)) / stride_h) + 1 (W' alike).
-    Blobs: ``weight`` [num_output, C/group, kernel_h, kernel_w], ``bias`` [num_output].
+    Shapes: N x C x H x W -> N x num_output x H' x W', or N x C x D x H x W ->
+    N x num_output x D' x H' x W', with per spatial axis
+    out = floor((in + 2 pad - (dilation (kernel - 1) + 1)) / stride) + 1.
+    Blobs: ``weight`` [num_output, C/group, *kernel], ``bias`` [num_output].
 
-    With ``bottom_is_im2col: true`` (segaware) the bottom is an Im2col blob
+    With ``bottom_is_im2col: true`` (segaware, 4-D only) the bottom is an Im2col blob
     N x (C*kh*kw) x H x W and the output is N x num_output x H x W: a 1x1 conv with the
     weight viewed as [num_output, C*kh*kw/group, 1, 1]; pad, stride and dilation play no
     part.  The weight blob keeps the shape [num_output, C/group, kh, kw].
@@ -163,62 +177,59 @@ class Convolution(Layer):
     blobs = ("weight", "bias")
 
     def check(self, spec: LayerSpec) -> None:
-        geo = _check_conv_common(spec)
-        # Fillers are checked against the real weight shape in infer(); here only what
-        # needs no bottom shape.
-        if spec["weight_filler"].get("type") == "bilinear" and geo.kernel[0] != geo.kernel[1]:
-            raise spec.error("weight_filler: the bilinear filler needs a square kernel, got "
-                             f"{geo.kernel[0]}x{geo.kernel[1]}", key="weight_filler")
+        _check_conv_common(spec)
 
-    def _weight_shape(self, spec: LayerSpec, shape: Shape) -> Shape:
-        geo = _ConvGeometry(spec)
-        c = shape[1]
+    def _geometry(self, spec: LayerSpec, shape: Shape) -> ConvGeometry:
         if spec["bottom_is_im2col"]:
-            kk = geo.kernel[0] * geo.kernel[1]
-            if c % (kk * geo.group):
+            # an Im2col blob is 4-D; say so rather than "4-D or 5-D"
+            spatial_rank(spec, shape, "Im2col bottom (bottom_is_im2col)", ranks=(2,))
+        return _geometry(spec, shape)
+
+    def _weight_shape(self, spec: LayerSpec, shape: Shape, geo: ConvGeometry) -> Shape:
+        num_output, group, c = int(spec["num_output"]), int(spec["group"]), shape[1]
+        if spec["bottom_is_im2col"]:
+            kk = numel(geo.kernel)
+            if c % (kk * group):
                 raise spec.shape_error(
                     f"bottom_is_im2col: bottom channels {c} are not a multiple of "
-                    f"kernel_h*kernel_w*group = {kk * geo.group}",
+                    f"kernel_h*kernel_w*group = {kk * group}",
                     hint="the bottom must be an Im2col blob with the same kernel_size")
-            return (geo.num_output, c // (kk * geo.group)) + geo.kernel
-        if c % geo.group:
-            raise spec.shape_error(f"bottom channels {c} are not a multiple of group {geo.group}",
-                                   hint="make the input channels divisible by group")
-        return (geo.num_output, c // geo.group) + geo.kernel
+            return (num_output, c // (kk * group)) + geo.kernel
+        _check_groups(spec, c)
+        return (num_output, c // group) + geo.kernel
 
     def infer(self, spec: LayerSpec, shapes: List[Shape]) -> List[Shape]:
         (shape,) = shapes
-        _check_bottom(spec, shape)
-        geo = _ConvGeometry(spec)
-        weight_shape = self._weight_shape(spec, shape)
-        _check_fillers(spec, weight_shape, geo.num_output)
-        n, _, h, w = shape
+        geo = self._geometry(spec, shape)
+        num_output = int(spec["num_output"])
+        _check_fillers(spec, self._weight_shape(spec, shape, geo), num_output)
+        sizes = tuple(shape[2:])
         if spec["bottom_is_im2col"]:
-            return [(n, geo.num_output, h, w)]
-        ho, wo = (conv_out(size, k, p, s, d) for size, k, p, s, d in
-                  zip((h, w), geo.kernel, geo.pad, geo.stride, geo.dilation))
-        if ho < 1 or wo < 1:
-            eh, ew = geo.effective
+            return [(shape[0], num_output) + sizes]
+        out = geo.out_size(sizes)
+        if min(out) < 1:
             raise spec.shape_error(
-                f"output would be empty ({ho}x{wo}): input {h}x{w} with padding {geo.pad} "
-                f"is smaller than the dilated kernel {eh}x{ew}",
+                f"output would be empty ({size_str(out)}): input {size_str(sizes)} with padding "
+                f"{list(geo.pad)} is smaller than the dilated kernel {size_str(geo.effective)}",
                 hint="use a larger input, more padding or a smaller kernel/dilation")
-        return [(n, geo.num_output, ho, wo)]
+        return [(shape[0], num_output) + out]
 
     def build(self, spec: LayerSpec, shapes: List[Shape]) -> nn.Module:
         self.infer(spec, shapes)
-        geo = _ConvGeometry(spec)
-        c = shapes[0][1]
+        geo = self._geometry(spec, shapes[0])
+        c, num_output = shapes[0][1], int(spec["num_output"])
+        group, bias = int(spec["group"]), bool(spec["bias_term"])
         if spec["bottom_is_im2col"]:
-            module = Im2colConv(c, geo.num_output, geo.kernel, geo.group, geo.bias)
+            module = Im2colConv(c, num_output, geo.kernel, group, bias)
         else:
-            module = nn.Conv2d(c, geo.num_output, geo.kernel, stride=geo.stride, padding=geo.pad,
-                               dilation=geo.dilation, groups=geo.group, bias=geo.bias)
+            module = _CONV[geo.rank](c, num_output, geo.kernel, stride=geo.stride,
+                                     padding=geo.pad, dilation=geo.dilation, groups=group,
+                                     bias=bias)
         return _init(module, spec)
 
     def flops(self, spec: LayerSpec, shapes: List[Shape], out_shapes: List[Shape]) -> int:
-        weight_shape = self._weight_shape(spec, shapes[0])
-        per_output = numel(weight_shape[1:])  # multiply-adds per output element
+        geo = self._geometry(spec, shapes[0])
+        per_output = numel(self._weight_shape(spec, shapes[0], geo)[1:])  # multiply-adds
         out = numel(out_shapes[0])
         return 2 * per_output * out + (out if spec["bias_term"] else 0)
 
@@ -228,20 +239,22 @@ class Convolution(Layer):
 
 @register("Deconvolution")
 class Deconvolution(Layer):
-    """2-D transposed convolution (Caffe ``Deconvolution`` = ``nn.ConvTranspose2d``).
+    """2-D or 3-D transposed convolution (Caffe ``Deconvolution`` = ``nn.ConvTranspose2d``
+    / ``nn.ConvTranspose3d``).
 
-    Shapes: N x C x H x W -> N x num_output x H' x W' with
-    H' = stride_h (H - 1) + dilation_h (kernel_h - 1) + 1 - 2 pad_h (W' alike).
-    Blobs: ``weight`` [C, num_output/group, kernel_h, kernel_w] (Caffe's and PyTorch's
-    layout), ``bias`` [num_output].  With ``weight_filler: {type: bilinear}`` every
-    (in, out) slice gets the same bilinear kernel, so use ``group: C`` (num_output = C) for
-    per-channel upsampling, as Caffe's filler documentation says.
+    Shapes: N x C x H x W -> N x num_output x H' x W', or N x C x D x H x W ->
+    N x num_output x D' x H' x W', with per spatial axis
+    out = stride (in - 1) + dilation (kernel - 1) + 1 - 2 pad.
+    Blobs: ``weight`` [C, num_output/group, *kernel] (Caffe's and PyTorch's layout),
+    ``bias`` [num_output].  With ``weight_filler: {type: bilinear}`` (2-D, square kernels)
+    every (in, out) slice gets the same bilinear kernel, so use ``group: C``
+    (num_output = C) for per-channel upsampling, as Caffe's filler documentation says.
     """
 
     params = {k: v for k, v in CONV_PARAMS.items()}
     params["num_output"] = {**POSITIVE_INT, "description": "number of output channels O"}
-    params["weight_filler"] = filler("initialiser of the weight blob [C, O/g, kh, kw] "
-                                     "(Caffe default: constant 0; 'bilinear' for upsampling)")
+    params["weight_filler"] = filler("initialiser of the weight blob [C, O/g, *kernel] "
+                                     "(Caffe default: constant 0; 'bilinear' for 2-D upsampling)")
     params["bottom_is_im2col"] = {"type": "boolean", "default": False,
                                   "description": "not supported for Deconvolution (must be false)"}
     required = ("num_output",)
@@ -250,44 +263,39 @@ class Deconvolution(Layer):
     blobs = ("weight", "bias")
 
     def check(self, spec: LayerSpec) -> None:
-        geo = _check_conv_common(spec)
+        _check_conv_common(spec)
         if spec["bottom_is_im2col"]:
             raise spec.error("bottom_is_im2col is only supported by Convolution",
                              key="bottom_is_im2col", hint="remove bottom_is_im2col")
-        if spec["weight_filler"].get("type") == "bilinear" and geo.kernel[0] != geo.kernel[1]:
-            raise spec.error("weight_filler: the bilinear filler needs a square kernel, got "
-                             f"{geo.kernel[0]}x{geo.kernel[1]}", key="weight_filler")
 
     def infer(self, spec: LayerSpec, shapes: List[Shape]) -> List[Shape]:
         (shape,) = shapes
-        _check_bottom(spec, shape)
-        geo = _ConvGeometry(spec)
-        n, c, h, w = shape
-        if c % geo.group:
-            raise spec.shape_error(f"bottom channels {c} are not a multiple of group {geo.group}",
-                                   hint="make the input channels divisible by group")
-        _check_fillers(spec, (c, geo.num_output // geo.group) + geo.kernel, geo.num_output)
-        ho, wo = (s * (size - 1) + e - 2 * p for size, s, e, p in
-                  zip((h, w), geo.stride, geo.effective, geo.pad))
-        if ho < 1 or wo < 1:
-            raise spec.shape_error(f"output would be empty ({ho}x{wo}) for input {h}x{w}: "
-                                   f"pad {geo.pad} crops more than the upsampled map",
-                                   hint="reduce pad")
-        return [(n, geo.num_output, ho, wo)]
+        geo = _geometry(spec, shape)
+        num_output, c = int(spec["num_output"]), shape[1]
+        _check_groups(spec, c)
+        _check_fillers(spec, (c, num_output // int(spec["group"])) + geo.kernel, num_output)
+        sizes = tuple(shape[2:])
+        out = geo.transposed_out_size(sizes)
+        if min(out) < 1:
+            raise spec.shape_error(f"output would be empty ({size_str(out)}) for input "
+                                   f"{size_str(sizes)}: pad {list(geo.pad)} crops more than the "
+                                   "upsampled map", hint="reduce pad")
+        return [(shape[0], num_output) + out]
 
     def build(self, spec: LayerSpec, shapes: List[Shape]) -> nn.Module:
         self.infer(spec, shapes)
-        geo = _ConvGeometry(spec)
-        module = nn.ConvTranspose2d(shapes[0][1], geo.num_output, geo.kernel, stride=geo.stride,
-                                    padding=geo.pad, dilation=geo.dilation, groups=geo.group,
-                                    bias=geo.bias)
+        geo = _geometry(spec, shapes[0])
+        module = _DECONV[geo.rank](shapes[0][1], int(spec["num_output"]), geo.kernel,
+                                   stride=geo.stride, padding=geo.pad, dilation=geo.dilation,
+                                   groups=int(spec["group"]), bias=bool(spec["bias_term"]))
         return _init(module, spec)
 
     def flops(self, spec: LayerSpec, shapes: List[Shape], out_shapes: List[Shape]) -> int:
-        geo = _ConvGeometry(spec)
-        # every input element is multiplied into O/g * kh * kw outputs
-        macs = numel(shapes[0]) * (geo.num_output // geo.group) * geo.kernel[0] * geo.kernel[1]
-        return 2 * macs + (numel(out_shapes[0]) if geo.bias else 0)
+        geo = _geometry(spec, shapes[0])
+        # every input element is multiplied into O/g * prod(kernel) outputs
+        per_input = int(spec["num_output"]) // int(spec["group"]) * numel(geo.kernel)
+        macs = numel(shapes[0]) * per_input
+        return 2 * macs + (numel(out_shapes[0]) if spec["bias_term"] else 0)
 
 
 # ----------------------------------------------------------------------------- InnerProduct

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pacnet.layers.common import conv_out
+from pacnet.layers.common import ConvGeometry, numel, spatial_rank
 from pacnet.layers.conv import CONV_PARAMS, _check_conv_common, _init
 from pacnet.registry import Layer, register
 
@@ -60,29 +60,29 @@ class SegawareConvolution(Layer):
     blobs = ("weight", "bias")
 
     def check(self, spec):
-        geo = _check_conv_common(spec)
-        if geo.group != 1:
+        _check_conv_common(spec)
+        geo = ConvGeometry.of(spec, 2)  # the fused kernel is 2-D
+        if int(spec["group"]) != 1:
             raise spec.error("group must be 1", key="group")
         if any(k % 2 == 0 for k in geo.kernel):
             raise spec.error(f"kernel size must be odd, got {list(geo.kernel)}", key="kernel_size")
 
     def infer(self, spec, shapes):
-        geo = _check_conv_common(spec)
+        spatial_rank(spec, shapes[0], "x bottom", ranks=(2,))
+        geo = ConvGeometry.of(spec, 2)
         (n, c, h, w), mask = shapes[0], shapes[1]
-        oh, ow = (conv_out(s, k, p, st, d) for s, k, p, st, d in
-                  zip((h, w), geo.kernel, geo.pad, geo.stride, geo.dilation))
-        expected = (n, geo.kernel[0] * geo.kernel[1], oh, ow)
+        oh, ow = geo.out_size((h, w))
+        expected = (n, numel(geo.kernel), oh, ow)
         if tuple(mask) != expected:
             raise spec.shape_error(f"mask must be {expected} (N x kh*kw x H' x W'), got {tuple(mask)}")
-        return [(n, geo.num_output, oh, ow)]
+        return [(n, int(spec["num_output"]), oh, ow)]
 
     def build(self, spec, shapes):
-        geo = _check_conv_common(spec)
-        module = SegawareConv2d(shapes[0][1], geo.num_output, geo.kernel, geo.stride, geo.pad,
-                                geo.dilation, geo.bias)
+        geo = ConvGeometry.of(spec, 2)
+        module = SegawareConv2d(shapes[0][1], int(spec["num_output"]), geo.kernel, geo.stride,
+                                geo.pad, geo.dilation, bool(spec["bias_term"]))
         return _init(module, spec)
 
     def flops(self, spec, shapes, out_shapes):
-        geo = _check_conv_common(spec)
         n, o, oh, ow = out_shapes[0]
-        return 2 * n * o * oh * ow * shapes[0][1] * geo.kernel[0] * geo.kernel[1]
+        return 2 * n * o * oh * ow * shapes[0][1] * numel(ConvGeometry.of(spec, 2).kernel)

@@ -427,3 +427,191 @@ def test_bad_shapes_raise_layer_errors(type_name, params, shape, match):
         else make_spec(type_name, name="bad_layer", **params)
     with layer_error(match, layer="bad_layer", cls=PacnetError):
         infer(spec, shape)
+
+
+# ----------------------------------------------------------------------------- 3-D (5-D bottoms)
+
+def _tuple(v, rank):
+    return (v,) * rank if isinstance(v, int) else tuple(v)
+
+
+def conv_nd(x, w, b, kernel, pad, stride, dilation, group):
+    """Caffe's N-D convolution (im2col_nd + GEMM) as a sum over the taps t:
+    out[n, o, y] = b[o] + sum_{c, t} w[o, c, t] x_padded[n, c, y * s + t * d]."""
+    n, c = x.shape[:2]
+    o = w.shape[0]
+    xp = F.pad(x, [q for p in reversed(pad) for q in (p, p)])
+    out = [(m + 2 * p - (d * (k - 1) + 1)) // s + 1
+           for m, k, p, s, d in zip(x.shape[2:], kernel, pad, stride, dilation)]
+    y = torch.zeros(n, o, *out, dtype=x.dtype)
+    cg, og = c // group, o // group
+    for tap in itertools.product(*(range(k) for k in kernel)):
+        window = tuple(slice(t * d, t * d + s * (m - 1) + 1, s)
+                       for t, d, s, m in zip(tap, dilation, stride, out))
+        patch = xp[(slice(None), slice(None)) + window]
+        for g in range(group):
+            y[:, g * og:(g + 1) * og] += torch.einsum(
+                "oc,nc...->no...", w[(slice(g * og, (g + 1) * og), slice(None)) + tap],
+                patch[:, g * cg:(g + 1) * cg])
+    if b is not None:
+        y = y + b.reshape((1, -1) + (1,) * len(kernel))
+    return y
+
+
+def deconv_nd(x, w, b, kernel, pad, stride, dilation, group):
+    """Caffe's N-D deconvolution: every input element scatters w[c, o, t] to
+    y * s + t * d (col2im_nd), then the padding is cropped off both sides of every axis."""
+    n, c = x.shape[:2]
+    og, cg = w.shape[1], c // group
+    sizes = x.shape[2:]
+    full = [s * (m - 1) + d * (k - 1) + 1 for m, k, s, d in zip(sizes, kernel, stride, dilation)]
+    out = torch.zeros(n, og * group, *full, dtype=x.dtype)
+    for tap in itertools.product(*(range(k) for k in kernel)):
+        window = tuple(slice(t * d, t * d + s * (m - 1) + 1, s)
+                       for t, d, s, m in zip(tap, dilation, stride, sizes))
+        for g in range(group):
+            contrib = torch.einsum("nc...,co->no...", x[:, g * cg:(g + 1) * cg],
+                                   w[(slice(g * cg, (g + 1) * cg), slice(None)) + tap])
+            out[(slice(None), slice(g * og, (g + 1) * og)) + window] += contrib
+    out = out[(slice(None), slice(None)) + tuple(slice(p, f - p) for p, f in zip(pad, full))]
+    if b is not None:
+        out = out + b.reshape((1, -1) + (1,) * len(kernel))
+    return out
+
+
+GRID_3D = list(itertools.product(
+    [1, 3, (3, 1, 2)],     # kernel
+    [0, 1, (1, 0, 2)],     # pad
+    [1, 2, (1, 2, 3)],     # stride
+    [1, (2, 1, 1)],        # dilation
+    [1, 2],                # group
+))
+
+
+def test_convolution_3d_grid_equals_nd_oracle():
+    """5-D bottoms: sizes, weight shapes and values of every geometry equal Caffe's N-D
+    convolution written tap by tap; geometries that leave no output are refused."""
+    x = rand(2, 4, 5, 6, 7)
+    checked = 0
+    for kernel, pad, stride, dil, group in GRID_3D:
+        as_yaml = {k: (list(v) if isinstance(v, tuple) else v) for k, v in
+                   dict(kernel_size=kernel, pad=pad, stride=stride, dilation=dil).items()}
+        spec = make_spec("Convolution", num_output=6, group=group, bias_term=bool(group % 2),
+                         **as_yaml)
+        kk, pp, ss, dd = (_tuple(v, 3) for v in (kernel, pad, stride, dil))
+        out = tuple((m + 2 * p - (d * (k - 1) + 1)) // s + 1
+                    for m, k, p, s, d in zip(x.shape[2:], kk, pp, ss, dd))
+        if min(out) < 1:
+            with layer_error("empty", cls=ShapeError):
+                infer(spec, x.shape)
+            continue
+        assert infer(spec, x.shape) == [(2, 6) + out]
+        module = randomize_(build(spec, x.shape, dtype=D))
+        assert isinstance(module, torch.nn.Conv3d)
+        assert tuple(module.weight.shape) == (6, 4 // group) + kk
+        (y,) = run_layer(spec, x, module=module)
+        torch.testing.assert_close(y, conv_nd(x, module.weight, module.bias, kk, pp, ss, dd, group),
+                                   rtol=1e-12, atol=1e-12)
+        checked += 1
+    assert checked > 80
+
+
+def test_deconvolution_3d_grid_equals_scatter_oracle():
+    x = rand(2, 4, 3, 4, 2)
+    checked = 0
+    for kernel, pad, stride, dil, group in GRID_3D:
+        as_yaml = {k: (list(v) if isinstance(v, tuple) else v) for k, v in
+                   dict(kernel_size=kernel, pad=pad, stride=stride, dilation=dil).items()}
+        spec = make_spec("Deconvolution", num_output=6, group=group, **as_yaml)
+        kk, pp, ss, dd = (_tuple(v, 3) for v in (kernel, pad, stride, dil))
+        out = tuple(s * (m - 1) + d * (k - 1) + 1 - 2 * p
+                    for m, k, p, s, d in zip(x.shape[2:], kk, pp, ss, dd))
+        if min(out) < 1:
+            with layer_error("empty", cls=ShapeError):
+                infer(spec, x.shape)
+            continue
+        assert infer(spec, x.shape) == [(2, 6) + out]
+        module = randomize_(build(spec, x.shape, dtype=D))
+        assert isinstance(module, torch.nn.ConvTranspose3d)
+        assert tuple(module.weight.shape) == (4, 6 // group) + kk
+        (y,) = run_layer(spec, x, module=module)
+        ref = deconv_nd(x, module.weight, module.bias, kk, pp, ss, dd, group)
+        torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+        checked += 1
+    assert checked > 60
+
+
+def test_nd_oracles_agree_with_the_2d_ones():
+    # the tap-by-tap oracles above reduce to the 2-D ones (im2col, scatter) on 4-D bottoms
+    x = rand(2, 4, 7, 6)
+    w, b = rand(6, 2, 3, 2, seed=1), rand(6, seed=2)
+    geo = ((3, 2), (1, 2), (2, 1), (1, 2), 2)
+    torch.testing.assert_close(conv_nd(x, w, b, *geo), caffe_conv(x, w, b, *geo))
+    wt = rand(4, 3, 3, 2, seed=3)
+    torch.testing.assert_close(deconv_nd(x, wt, None, *geo), caffe_deconv(x, wt, None, *geo))
+
+
+def test_convolution_3d_forms_flops_and_blobs():
+    x = (2, 3, 4, 9, 10)
+    one = make_spec("Convolution", num_output=4, kernel_size=3, pad=1, stride=[1, 2, 2])
+    each = make_spec("Convolution", num_output=4, kernel_size=[3, 3, 3], pad=[1], stride=[1, 2, 2])
+    assert infer(one, x) == infer(each, x) == [(2, 4, 4, 5, 5)]
+    module = build(one, x)
+    assert list(module.state_dict()) == ["weight", "bias"]
+    assert tuple(module.weight.shape) == (4, 3, 3, 3, 3)
+    out = infer(one, x)
+    assert get("Convolution").flops(one, [x], out) == 2 * (3 * 27) * (2 * 4 * 100) + 2 * 4 * 100
+    deconv = make_spec("Deconvolution", num_output=6, kernel_size=[1, 4, 4], stride=[1, 2, 2],
+                       pad=[0, 1, 1], group=3, bias_term=False)
+    assert infer(deconv, x) == [(2, 6, 4, 18, 20)]
+    assert tuple(build(deconv, x).weight.shape) == (3, 2, 1, 4, 4)
+    flops = get("Deconvolution").flops(deconv, [x], [(2, 6, 4, 18, 20)])
+    assert flops == 2 * (2 * 3 * 360) * 2 * 16     # every input element into O/g x 1x4x4
+
+
+def test_convolution_3d_gradcheck():
+    spec = make_spec("Convolution", num_output=2, kernel_size=[3, 1, 2], pad=1, stride=[2, 1, 1],
+                     group=2)
+    assert _gradcheck(randomize_(build(spec, (1, 2, 3, 3, 2), dtype=D)), rand(1, 2, 3, 3, 2))
+    spec = make_spec("Deconvolution", num_output=2, kernel_size=2, stride=2)
+    assert _gradcheck(randomize_(build(spec, (1, 2, 2, 1, 2), dtype=D)), rand(1, 2, 2, 1, 2))
+
+
+@pytest.mark.parametrize("type_name,params,shape,match,key", [
+    # the rank of the parameters and of the bottom disagree: say which bottom they fit
+    ("Convolution", dict(kernel_size=[3, 3, 3]), (1, 2, 8, 8), r"3 values .* 4-D", "kernel_size"),
+    ("Convolution", dict(kernel_size=3, pad=[1, 1, 1]), (1, 2, 8, 8), "pad has 3 values", "pad"),
+    ("Deconvolution", dict(kernel_size=[2, 2]), (1, 2, 4, 8, 8), r"2 values .* 5-D", "kernel_size"),
+    ("Convolution", dict(kernel_size=3, stride=[1, 2]), (1, 2, 4, 8, 8), "stride has 2", "stride"),
+    ("Convolution", dict(kernel_h=3, kernel_w=3), (1, 2, 4, 8, 8), "kernel_h/kernel_w are for 2-D",
+     "kernel_h"),
+    ("Deconvolution", dict(kernel_size=3, pad_h=1, pad_w=0), (1, 2, 4, 8, 8), "pad_h/pad_w",
+     "pad_h"),
+    # blobs that are neither 4-D nor 5-D
+    ("Convolution", dict(kernel_size=1), (1, 2, 4, 4, 4, 4), r"4-D .* or a 5-D", None),
+    ("Deconvolution", dict(kernel_size=1), (1, 2, 4), r"4-D .* or a 5-D", None),
+    ("Convolution", dict(kernel_size=3, bottom_is_im2col=True), (1, 27, 4, 4, 4), r"needs a 4-D",
+     None),
+    # 3-D sizes and fillers
+    ("Convolution", dict(kernel_size=[3, 1, 1]), (1, 2, 2, 8, 8), "empty", None),
+    ("Deconvolution", dict(kernel_size=4, stride=2, weight_filler={"type": "bilinear"}),
+     (1, 2, 4, 8, 8), "square 4-D blob", "weight_filler"),
+])
+def test_3d_bad_shapes_say_which_rank(type_name, params, shape, match, key):
+    spec = make_spec(type_name, name="conv3d", num_output=2, **params)
+    with layer_error(match, layer="conv3d") as info:
+        infer(spec, shape)
+    if key is not None:
+        assert info.value.location == spec.locations[key], "the error points at the key"
+    if "values" in match:
+        assert "give one value for every axis" in info.value.hint
+
+
+@pytest.mark.parametrize("params,match", [
+    (dict(kernel_size=[3, 3, 3], pad=[1, 1]), "pad has 2 values but kernel_size has 3"),
+    (dict(kernel_h=3, kernel_w=3, stride=[1, 2, 2]), "stride has 3 values but kernel_h has 2"),
+    (dict(kernel_size=[1, 4, 4], weight_filler={"type": "bilinear"}), "square 2-D kernel"),
+])
+def test_3d_inconsistent_params_are_refused_before_shapes(params, match):
+    with layer_error(match, layer="c", cls=SchemaError):
+        make_spec("Deconvolution", name="c", num_output=2, **params)
