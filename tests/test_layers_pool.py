@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -300,6 +301,150 @@ def test_pooling_bad_shapes(params, shape, match):
     spec = make_spec("Pooling", name="pool3", **params)
     with layer_error(match, layer="pool3", cls=ShapeError):
         infer(spec, shape)
+
+
+# ----------------------------------------------------------------------------- 3-D (5-D bottoms)
+
+def caffe_pooling_nd(x, pool, kernel, stride, pad, ceil=True):
+    """Caffe's pooling loops with every rule applied per spatial axis (the N-D pooling of
+    the Caffe forks for volumes): sizes with the clip rule on every axis when some pad is
+    set, MAX windows clipped to the input (first maximum in raster order wins, its flat
+    index in the input volume is the mask), AVE divisors counting padding, not overhang.
+
+    x: numpy N x C x *sizes.  Returns (top, mask)."""
+    sizes = x.shape[2:]
+    rnd = math.ceil if ceil else math.floor
+    out = [int(rnd(float(n + 2 * p - k) / s)) + 1 for n, k, s, p in zip(sizes, kernel, stride, pad)]
+    if any(pad):
+        out = [o - 1 if (o - 1) * s >= n + p else o for o, s, n, p in zip(out, stride, sizes, pad)]
+    top = np.zeros(x.shape[:2] + tuple(out))
+    mask = np.full(top.shape, -1.0)
+    for pos in itertools.product(*(range(o) for o in out)):
+        starts = [i * s - p for i, s, p in zip(pos, stride, pad)]
+        if pool == "MAX":
+            lo = [max(a, 0) for a in starts]
+            hi = [min(a + k, n) for a, k, n in zip(starts, kernel, sizes)]
+            if any(b <= a for a, b in zip(lo, hi)):
+                top[(slice(None), slice(None)) + pos] = -FLT_MAX
+                continue
+            win = x[(slice(None), slice(None)) + tuple(slice(a, b) for a, b in zip(lo, hi))]
+            flat = win.reshape(x.shape[0], x.shape[1], -1)
+            top[(slice(None), slice(None)) + pos] = flat.max(axis=2)
+            local = np.unravel_index(flat.argmax(axis=2), win.shape[2:])
+            mask[(slice(None), slice(None)) + pos] = np.ravel_multi_index(
+                tuple(a + l for a, l in zip(lo, local)), sizes)
+        else:
+            ends = [min(a + k, n + p) for a, k, n, p in zip(starts, kernel, sizes, pad)]
+            size = math.prod(b - a for a, b in zip(starts, ends))
+            window = tuple(slice(max(a, 0), min(b, n)) for a, b, n in zip(starts, ends, sizes))
+            total = x[(slice(None), slice(None)) + window].sum(axis=tuple(range(2, x.ndim)))
+            top[(slice(None), slice(None)) + pos] = total / size if size > 0 else np.nan
+    return top, mask
+
+
+def _x3(sizes, seed=0, ties=False):
+    g = torch.Generator().manual_seed(seed)
+    if ties:
+        return torch.randint(0, 3, (1, 2) + tuple(sizes), generator=g).to(D)
+    return torch.randn((1, 2) + tuple(sizes), generator=g, dtype=D)
+
+
+def _check_3d(pool, round_mode, kernel, stride, pad, sizes, seed):
+    """One 3-D geometry on both paths: values, mask and sizes equal the N-D Caffe loops,
+    or the layer refuses exactly the geometries Caffe would give empty windows for."""
+    ceil = round_mode == "CEIL"
+    as_yaml = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
+    spec = make_spec("Pooling", pool=pool, kernel_size=as_yaml(kernel), stride=as_yaml(stride),
+                     pad=as_yaml(pad), round_mode=round_mode, n_tops=2 if pool == "MAX" else 1)
+    k3, s3, p3 = ((v,) * 3 if isinstance(v, int) else v for v in (kernel, stride, pad))
+    x = _x3(sizes, seed=seed, ties=pool == "MAX" and seed % 2 == 0)
+    rnd = math.ceil if ceil else math.floor
+    raw = [int(rnd((n + 2 * p - k) / s)) + 1 for n, k, s, p in zip(sizes, k3, s3, p3)]
+    if min(raw) < 1:
+        with layer_error("empty", cls=ShapeError):
+            infer(spec, x.shape)
+        return "nonpositive"
+    ref, ref_mask = caffe_pooling_nd(x.numpy(), pool, k3, s3, p3, ceil)
+    if any((o - 1) * s - p >= n for o, s, p, n in zip(ref.shape[2:], s3, p3, sizes)):
+        assert not any(p3) and ceil
+        with layer_error("past the input", cls=ShapeError):
+            infer(spec, x.shape)
+        return "refused"
+    kinds = []
+    for explicit in (None, True):
+        module = get("Pooling").build(spec, [tuple(x.shape)], explicit=explicit)
+        tops = run_layer(spec, x, module=module)
+        np.testing.assert_allclose(tops[0].numpy(), ref, rtol=1e-13, atol=1e-13,
+                                   err_msg=f"{sizes} k={kernel} s={stride} p={pad} {explicit}")
+        if pool == "MAX":
+            np.testing.assert_array_equal(tops[1].numpy(), ref_mask)
+        kinds.append("explicit" if module.explicit else "native")
+    return kinds[0]
+
+
+SWEEP_3D = [(k, s, p) for k in range(1, 4) for s in range(1, 4) for p in range(k)]
+
+
+@pytest.mark.parametrize("pool", ["MAX", "AVE"])
+@pytest.mark.parametrize("round_mode", ["CEIL", "FLOOR"])
+def test_pooling_3d_sweep_equals_caffe_nd_loops(pool, round_mode):
+    counts = {"native": 0, "explicit": 0, "refused": 0, "nonpositive": 0}
+    for sizes in [(4, 5, 3), (1, 3, 2)]:
+        for k, s, p in SWEEP_3D:
+            counts[_check_3d(pool, round_mode, k, s, p, sizes, seed=k + s + p)] += 1
+    assert counts["native"] > 10 and counts["explicit"] > 5 and counts["nonpositive"] >= 3
+    assert (counts["refused"] > 0) == (round_mode == "CEIL")
+
+
+@pytest.mark.parametrize("pool", ["MAX", "AVE"])
+@pytest.mark.parametrize("kernel,stride,pad", [
+    ((1, 3, 3), (1, 2, 2), (0, 1, 1)),     # per-frame pooling of a clip
+    ((2, 3, 1), (2, 1, 3), (1, 0, 0)),     # a pad on D only turns the clip rule on everywhere
+    ((3, 2, 2), (1, 2, 3), (2, 1, 0)),     # pad > k/2 on D: the explicit path
+    ((2, 2, 2), 2, 0),
+])
+def test_pooling_3d_anisotropic(pool, kernel, stride, pad):
+    for i, sizes in enumerate([(5, 7, 6), (3, 4, 9)]):
+        assert _check_3d(pool, "CEIL", kernel, stride, pad, sizes, seed=i) != "nonpositive"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pool", ["MAX", "AVE"])
+@pytest.mark.parametrize("round_mode", ["CEIL", "FLOOR"])
+def test_pooling_3d_exhaustive(pool, round_mode):
+    """Every (k, s, p) with k <= 4 per axis pattern over several volumes (slow)."""
+    geometries = [(k, s, p) for k in range(1, 5) for s in range(1, 4) for p in range(k)]
+    for sizes in [(1, 1, 1), (2, 7, 5), (6, 3, 4), (5, 5, 5)]:
+        for k, s, p in geometries:
+            _check_3d(pool, round_mode, k, s, p, sizes, seed=sum(sizes) + k)
+            _check_3d(pool, round_mode, (k, 1, 2), (s, s, 1), (p, 0, min(p, 1)), sizes,
+                      seed=k)
+
+
+def test_pooling_3d_global_flops_and_errors():
+    x = _x3((3, 4, 5))
+    for pool in ("MAX", "AVE"):
+        (y,) = run_layer(make_spec("Pooling", pool=pool, global_pooling=True), x)
+        ref = x.amax(dim=(2, 3, 4), keepdim=True) if pool == "MAX" else x.mean(dim=(2, 3, 4),
+                                                                                keepdim=True)
+        torch.testing.assert_close(y, ref)
+    spec = make_spec("Pooling", pool="AVE", kernel_size=[1, 2, 2], stride=[1, 2, 2])
+    shapes = [(2, 3, 4, 8, 8)]
+    out = infer(spec, *shapes)
+    assert out == [(2, 3, 4, 4, 4)]
+    assert get("Pooling").flops(spec, shapes, out) == 2 * 3 * 64 * 4
+    with layer_error(r"3 values .* 4-D", layer="p3", cls=ShapeError):
+        infer(make_spec("Pooling", name="p3", kernel_size=[1, 2, 2]), (1, 3, 8, 8))
+    with layer_error(r"kernel_h/kernel_w are for 2-D", layer="p3", cls=ShapeError):
+        infer(make_spec("Pooling", name="p3", kernel_h=2, kernel_w=2), (1, 3, 4, 8, 8))
+    with layer_error("window along D starts at 6 past the input", layer="p3", cls=ShapeError):
+        infer(make_spec("Pooling", name="p3", kernel_size=[1, 2, 2], stride=[3, 2, 2]),
+              (1, 3, 5, 8, 8))
+    with layer_error("pad must be smaller than the kernel, got pad 1 >= kernel 1 along D",
+                     layer="p3"):
+        make_spec("Pooling", name="p3", kernel_size=[1, 3, 3], pad=1)
+    with layer_error("stride has 2 values but kernel_size has 3", layer="p3"):
+        make_spec("Pooling", name="p3", kernel_size=[1, 3, 3], stride=[2, 2])
 
 
 # ----------------------------------------------------------------------------- AdaptivePooling
