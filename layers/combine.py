@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pacnet.errors import ShapeError
-from pacnet.layers.common import as_list, canonical_axis, fill_, filler, numel, repeated
+from pacnet.layers.common import (as_list, canonical_axis, check_same_rank, fill_, filler, numel,
+                                  repeated)
 from pacnet.registry import Layer, register
 
 Shape = Tuple[int, ...]
@@ -115,6 +116,7 @@ class Eltwise(Layer):
             raise spec.error(f"coeff has {len(coeff)} values for {len(shapes)} bottoms", key="coeff",
                              hint="give one coeff per bottom")
         first = tuple(shapes[0])
+        check_same_rank(spec, shapes)
         for i, s in enumerate(shapes[1:], 1):
             if tuple(s) != first:
                 raise spec.shape_error(
@@ -186,6 +188,7 @@ class Concat(Layer):
 
     def infer(self, spec, shapes):
         first = tuple(shapes[0])
+        check_same_rank(spec, shapes)
         axis = _legacy_axis(spec, len(first), "concat_dim")
         total = 0
         for i, s in enumerate(shapes):

@@ -148,7 +148,15 @@ def spatial(spec: LayerSpec, name: str, h_key: Optional[str], w_key: Optional[st
         values = (value,)
     else:
         values = tuple(int(v) for v in value)
-    if rank is None or len(values) == rank:
+    return values if rank is None else per_axis(spec, name, values, rank)
+
+
+def per_axis(spec: LayerSpec, name: str, values: Sequence[Any], rank: int) -> Tuple[Any, ...]:
+    """``values`` of parameter ``name`` (one for every axis, or one per axis) as ``rank``
+    values; any other count is a ShapeError located at ``name`` that says which bottom
+    that many values are for."""
+    values = tuple(values)
+    if len(values) == rank:
         return values
     if len(values) == 1:
         return values * rank
@@ -158,6 +166,20 @@ def spatial(spec: LayerSpec, name: str, h_key: Optional[str], w_key: Optional[st
         f"with {rank} spatial axes", key=name, cls=ShapeError,
         hint=f"give one value for every axis or {rank} ([{', '.join(SPATIAL_AXES[rank]).lower()}])"
              + (f"; {len(values)} values are for a {blob_kind(fits)} bottom" if fits else ""))
+
+
+def check_same_rank(spec: LayerSpec, shapes: Sequence[Sequence[int]]) -> None:
+    """Bottoms that must have one number of axes: the first that differs from bottom 0 is
+    a ShapeError naming both (a 4-D blob meeting a 5-D one, say)."""
+    first = len(shapes[0])
+    for i, shape in enumerate(shapes[1:], 1):
+        if len(shape) != first:
+            ranks = {first - 2, len(shape) - 2}
+            hint = ("a 2-D branch (N x C x H x W) meets a 3-D one (N x C x D x H x W) here"
+                    if ranks == set(SPATIAL_AXES) else None)
+            raise spec.shape_error(f"bottom {i} of shape {list(shape)} ({len(shape)}-D) does not "
+                                   f"match bottom 0 {list(shapes[0])} ({first}-D): the bottoms "
+                                   "need the same number of axes", hint=hint)
 
 
 def written_rank(spec: LayerSpec, forms: Sequence[Tuple[str, Optional[str], Optional[str]]]

@@ -5,9 +5,10 @@ Interp follows ``interp_layer.cpp`` + ``util/interp.cpp`` of the DeepLab-v2 fork
 with align-corners geometry (source row = h' (H_eff - 1) / (H' - 1)).  The output size is
 taken, in this order of precedence, from: shrink only -> (H_eff - 1) / s + 1; zoom only ->
 H_eff + (H_eff - 1)(z - 1); height and width; shrink and zoom -> shrink, then zoom.  Crop
-follows ``crop_layer.cpp`` (caffe.md §7.5).  Resize is not in Caffe: it is
-``F.interpolate`` (bilinear or nearest, half-pixel or align-corners geometry, a scale
-factor or a size), which the PyTorch-era nets (PAC joint upsampling, mmseg heads) use.
+follows ``crop_layer.cpp`` (caffe.md §7.5) and crops blobs of any rank.  Resize is not
+in Caffe: it is ``F.interpolate`` (bilinear on 4-D bottoms, trilinear on 5-D ones, nearest
+on both; half-pixel or align-corners geometry; a scale factor or a size), which the
+PyTorch-era nets (PAC joint upsampling, mmseg heads, video and volume nets) use.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pacnet.layers.common import numel
+from pacnet.layers.common import (SPATIAL_AXES, blob_kind, check_same_rank, numel, per_axis,
+                                  size_str, spatial_rank)
+from pacnet.errors import ShapeError
 from pacnet.registry import Layer, LayerSpec, Shape, register
 
 # ----------------------------------------------------------------------------- Interp
@@ -156,10 +159,11 @@ class Interp(Layer):
 
 
 class ResizeModule(nn.Module):
-    """``F.interpolate`` to a fixed size, by a scale factor, or to a second bottom's H x W."""
+    """``F.interpolate`` to a fixed size, by a scale factor, or to a second bottom's
+    spatial size."""
 
-    def __init__(self, mode: str, align_corners: Optional[bool], size: Optional[Tuple[int, int]],
-                 scale: Optional[Tuple[float, float]]) -> None:
+    def __init__(self, mode: str, align_corners: Optional[bool], size: Optional[Tuple[int, ...]],
+                 scale: Optional[Tuple[float, ...]]) -> None:
         super().__init__()
         self.mode, self.align_corners, self.size, self.scale = mode, align_corners, size, scale
 
@@ -167,7 +171,8 @@ class ResizeModule(nn.Module):
         if not x.is_floating_point():
             x = x.to(torch.get_default_dtype())
         if like is not None:
-            return F.interpolate(x, size=tuple(like.shape[2:4]), mode=self.mode, align_corners=self.align_corners)
+            return F.interpolate(x, size=tuple(like.shape[2:]), mode=self.mode,
+                                 align_corners=self.align_corners)
         if self.scale is not None:
             # The scale itself (not out/in) sets the sampling positions, as F.interpolate
             # with scale_factor does: src = (dst + 0.5) / scale - 0.5.
@@ -180,36 +185,50 @@ class ResizeModule(nn.Module):
         return f"mode={self.mode!r}, {how}, align_corners={self.align_corners}"
 
 
+#: The spatial rank each mode resizes (None: any).
+_MODE_RANK = {"bilinear": 2, "trilinear": 3, "nearest": None}
+_LINEAR_MODE = {2: "bilinear", 3: "trilinear"}
+_SCALE_ITEM = {"type": "number", "exclusiveMinimum": 0}
+
+
 @register("Resize")
 class Resize(Layer):
-    """Bilinear or nearest resize as PyTorch's ``F.interpolate`` (not in Caffe).
+    """Bilinear, trilinear or nearest resize as PyTorch's ``F.interpolate`` (not in Caffe).
 
-    Shapes: N x C x H x W -> N x C x H' x W', with exactly one of: ``scale_factor`` s
-    (one number or [s_h, s_w]): H' = floor(H s_h), PyTorch's rule; ``height`` and
-    ``width``; a second bottom, whose H x W the output takes.
+    Shapes: N x C x H x W -> N x C x H' x W' (``bilinear``, ``nearest``), or
+    N x C x D x H x W -> N x C x D' x H' x W' (``trilinear``, ``nearest``), with exactly
+    one of: ``scale_factor`` s (one number for every spatial axis, or one per axis):
+    out = floor(in s), PyTorch's rule; ``height`` and ``width`` (and, for 5-D bottoms,
+    ``depth``, by default the bottom's D: ``trilinear`` with D' = D resizes every frame
+    bilinearly); a second bottom of the same rank, whose spatial size the output takes.
 
-    Values: ``F.interpolate(x, ..., mode, align_corners)``.  Bilinear with
-    ``align_corners: false`` (the default) samples at src = (dst + 0.5) / s - 0.5 (clamped
-    at 0), the half-pixel geometry of PyTorch/mmseg/PAC; with a scale factor, s is the
-    given factor, not H' / H (they differ when H s is not an integer).  ``align_corners:
-    true`` is DeepLab's ``Interp`` geometry.  Nearest takes src = floor(dst / s) and has no
-    align_corners.  Unlike Interp, a resize to the same size is not skipped for
-    ``scale_factor`` != 1 (it cannot be) and the FLOPs count 4 multiply-adds per output
-    value for bilinear, none for nearest.
+    Values: ``F.interpolate(x, ..., mode, align_corners)``.  Bilinear and trilinear with
+    ``align_corners: false`` (the default) sample at src = (dst + 0.5) / s - 0.5 (clamped
+    at 0) on every axis, the half-pixel geometry of PyTorch/mmseg/PAC; with a scale factor,
+    s is the given factor, not out / in (they differ when in s is not an integer).
+    ``align_corners: true`` is DeepLab's ``Interp`` geometry.  Nearest takes
+    src = floor(dst / s) and has no align_corners.  Unlike Interp, a resize to the same size
+    is not skipped for ``scale_factor`` != 1 (it cannot be) and the FLOPs count 4
+    multiply-adds per output value for bilinear, 8 for trilinear, none for nearest.
     """
 
     params = {
-        "mode": {"enum": ["bilinear", "nearest"], "default": "bilinear",
-                 "description": "interpolation: bilinear or nearest"},
-        "scale_factor": {"description": "output = floor(input * scale_factor); one number or [h, w]",
-                         "oneOf": [{"type": "number", "exclusiveMinimum": 0},
-                                   {"type": "array", "items": {"type": "number", "exclusiveMinimum": 0},
-                                    "minItems": 1, "maxItems": 2}]},
+        "mode": {"enum": list(_MODE_RANK), "default": "bilinear",
+                 "description": "interpolation: bilinear (4-D bottoms), trilinear (5-D) or "
+                                "nearest (both)"},
+        "scale_factor": {"description": "out = floor(in * scale_factor); one number for every "
+                                        "spatial axis, or one per axis ([h, w] or [d, h, w])",
+                         "oneOf": [_SCALE_ITEM, {"type": "array", "items": _SCALE_ITEM,
+                                                 "minItems": 1, "maxItems": max(SPATIAL_AXES)}]},
         "height": {"type": "integer", "minimum": 1, "description": "output height (with width)"},
         "width": {"type": "integer", "minimum": 1, "description": "output width (with height)"},
+        "depth": {"type": "integer", "minimum": 1,
+                  "description": "output depth D' of a 5-D bottom (with height and width; "
+                                 "default: the bottom's depth)"},
         "align_corners": {"type": "boolean", "default": False,
-                          "description": "bilinear only: corner pixels aligned (Interp's geometry) "
-                                         "instead of half-pixel centres (PyTorch's default)"},
+                          "description": "bilinear/trilinear only: corner pixels aligned "
+                                         "(Interp's geometry) instead of half-pixel centres "
+                                         "(PyTorch's default)"},
     }
     bottoms = (1, 2)
     tops = (1, 1)
@@ -220,6 +239,9 @@ class Resize(Layer):
         if has_h != has_w:
             raise spec.error("height and width go together", key="height" if has_h else "width",
                              hint="give both, or a scale_factor instead")
+        if spec.get("depth") is not None and not has_h:
+            raise spec.error("depth goes with height and width", key="depth",
+                             hint="give height and width too, or a scale_factor instead")
         ways = [w for w, on in (("scale_factor", has_scale), ("height", has_h),
                                 ("a second bottom", len(spec.bottoms) > 1)) if on]
         if len(ways) != 1:
@@ -230,47 +252,74 @@ class Resize(Layer):
             raise spec.error(f"give one output size, not {' and '.join(ways)}", key=key,
                              hint="remove all but one of scale_factor, height/width, the second bottom")
         if spec["mode"] == "nearest" and spec.has("align_corners") and spec["align_corners"]:
-            raise spec.error("align_corners applies to bilinear only", key="align_corners",
-                             hint="remove it, or use mode: bilinear")
+            raise spec.error("align_corners applies to trilinear or bilinear only",
+                             key="align_corners", hint="remove it, or use a linear mode")
+        # a rank the parameters already fix must be the mode's
+        written = 3 if spec.get("depth") is not None else len(self._scale_values(spec))
+        mode_rank = _MODE_RANK[spec["mode"]]
+        if mode_rank is not None and written in SPATIAL_AXES and written != mode_rank:
+            key = "depth" if spec.get("depth") is not None else "scale_factor"
+            raise spec.error(f"mode {spec['mode']} resizes {blob_kind(mode_rank)} bottoms, but "
+                             f"{key} is written for {blob_kind(written)} ones", key=key,
+                             hint=f"use mode: {_LINEAR_MODE[written]} (or nearest)")
 
-    def _scale(self, spec: LayerSpec) -> Optional[Tuple[float, float]]:
+    @staticmethod
+    def _scale_values(spec: LayerSpec) -> Tuple[float, ...]:
         s = spec.get("scale_factor")
         if s is None:
-            return None
-        if isinstance(s, (int, float)):
-            return float(s), float(s)
-        return (float(s[0]), float(s[0])) if len(s) == 1 else (float(s[0]), float(s[1]))
+            return ()
+        return (float(s),) if isinstance(s, (int, float)) else tuple(float(v) for v in s)
+
+    def _rank(self, spec: LayerSpec, shape: Shape) -> int:
+        rank = spatial_rank(spec, shape)
+        mode_rank = _MODE_RANK[spec["mode"]]
+        if mode_rank is not None and rank != mode_rank:
+            raise spec.error(f"mode {spec['mode']} resizes {blob_kind(mode_rank)} bottoms, but "
+                             f"this bottom is {blob_kind(rank)} {list(shape)}", key="mode",
+                             cls=ShapeError, hint=f"use mode: {_LINEAR_MODE[rank]} (or nearest)")
+        return rank
 
     def infer(self, spec: LayerSpec, shapes: List[Shape]) -> List[Shape]:
-        shape = shapes[0]
-        if len(shape) != 4:
-            raise spec.shape_error(f"needs a 4-D bottom (N x C x H x W), got shape {list(shape)}")
+        shape = tuple(shapes[0])
+        rank = self._rank(spec, shape)
         if len(shapes) > 1:
-            like = shapes[1]
-            if len(like) != 4 or like[0] != shape[0]:
-                raise spec.shape_error(f"the second bottom must be N x * x H' x W' with N = "
-                                       f"{shape[0]}, got {list(like)}")
-            return [(shape[0], shape[1], like[2], like[3])]
-        scale = self._scale(spec)
-        if scale is not None:
-            ho, wo = math.floor(shape[2] * scale[0]), math.floor(shape[3] * scale[1])
-            if ho < 1 or wo < 1:
-                raise spec.shape_error(f"scale_factor {list(scale)} makes the {shape[2]}x{shape[3]} "
-                                       f"input empty ({ho}x{wo})", hint="use a larger scale_factor")
+            like = tuple(shapes[1])
+            check_same_rank(spec, [shape, like])
+            if like[0] != shape[0]:
+                raise spec.shape_error(f"the second bottom must have the batch size N = "
+                                       f"{shape[0]} of the first, got {list(like)}")
+            return [shape[:2] + like[2:]]
+        sizes = shape[2:]
+        if spec.get("scale_factor") is not None:
+            scale = per_axis(spec, "scale_factor", self._scale_values(spec), rank)
+            out = tuple(math.floor(n * s) for n, s in zip(sizes, scale))
+            if min(out) < 1:
+                raise spec.shape_error(f"scale_factor {list(scale)} makes the {size_str(sizes)} "
+                                       f"input empty ({size_str(out)})",
+                                       hint="use a larger scale_factor")
         else:
-            ho, wo = int(spec["height"]), int(spec["width"])
-        return [(shape[0], shape[1], ho, wo)]
+            if spec.get("depth") is not None and rank != 3:
+                raise spec.error(f"depth is for 5-D bottoms, but this bottom is {blob_kind(rank)}",
+                                 key="depth", cls=ShapeError, hint="remove depth")
+            out = (int(spec["height"]), int(spec["width"]))
+            if rank == 3:
+                out = (int(spec.get("depth") or sizes[0]),) + out
+        return [shape[:2] + out]
 
     def build(self, spec: LayerSpec, shapes: List[Shape]) -> nn.Module:
         out = self.infer(spec, shapes)[0]
         mode = spec["mode"]
-        align = bool(spec["align_corners"]) if mode == "bilinear" else None
-        scale = self._scale(spec) if len(shapes) == 1 else None
-        size = (out[2], out[3]) if len(shapes) == 1 and scale is None else None
+        align = bool(spec["align_corners"]) if mode != "nearest" else None
+        scale = None
+        if len(shapes) == 1 and spec.get("scale_factor") is not None:
+            scale = per_axis(spec, "scale_factor", self._scale_values(spec), len(out) - 2)
+        size = tuple(out[2:]) if len(shapes) == 1 and scale is None else None
         return ResizeModule(mode, align, size, scale)
 
     def flops(self, spec: LayerSpec, shapes: List[Shape], out_shapes: List[Shape]) -> int:
-        return 8 * numel(out_shapes[0]) if spec["mode"] == "bilinear" else 0
+        # 2^rank taps: one multiply-add each
+        taps = {"bilinear": 4, "trilinear": 8, "nearest": 0}[spec["mode"]]
+        return 2 * taps * numel(out_shapes[0])
 
 
 # ----------------------------------------------------------------------------- Crop
@@ -315,9 +364,7 @@ class Crop(Layer):
 
     def _plan(self, spec: LayerSpec, shapes: List[Shape]) -> Tuple[int, Tuple[int, ...], Tuple[int, ...]]:
         a, b = shapes
-        if len(a) != len(b):
-            raise spec.shape_error(f"both bottoms need the same number of axes, got {list(a)} "
-                                   f"and {list(b)}")
+        check_same_rank(spec, shapes)
         ndim = len(a)
         axis = int(spec["axis"])
         if not -ndim <= axis < ndim:

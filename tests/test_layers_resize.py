@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -441,3 +444,103 @@ def test_resize_bad_shapes():
         infer(make_spec("Resize", name="r2", scale_factor=2), (1, 5, 5))
     with layer_error("second bottom", layer="r2", cls=ShapeError):
         infer(make_spec("Resize", name="r2", n_bottoms=2), (2, 1, 5, 5), (1, 1, 5, 5))
+
+
+# ----------------------------------------------------------------------------- Resize, 5-D
+
+def resize_oracle_nd(x, out, scale=None, mode="trilinear", align_corners=False):
+    """F.interpolate's N-D maps written out per output element (float64): the product of
+    the 1-D taps of every spatial axis, each axis by the same rule as resize_oracle."""
+    src = x.numpy()
+    sizes = x.shape[2:]
+    inv = [1.0 / s for s in scale] if scale else [n / o for n, o in zip(sizes, out)]
+
+    def taps(i, size_in, size_out, inv_axis):
+        if mode == "nearest":
+            return [(min(int(np.floor(i * inv_axis)), size_in - 1), 1.0)]
+        if align_corners:
+            r = i * (size_in - 1) / (size_out - 1) if size_out > 1 else 0.0
+        else:
+            r = max((i + 0.5) * inv_axis - 0.5, 0.0)
+        i0 = min(int(np.floor(r)), size_in - 1)
+        return [(i0, 1 - (r - i0)), (min(i0 + 1, size_in - 1), r - i0)]
+
+    y = np.zeros(x.shape[:2] + tuple(out))
+    for pos in itertools.product(*(range(o) for o in out)):
+        per_axis = [taps(i, n, o, v) for i, n, o, v in zip(pos, sizes, out, inv)]
+        for combo in itertools.product(*per_axis):
+            weight = math.prod(w for _, w in combo)
+            y[(slice(None), slice(None)) + pos] += weight * src[(slice(None), slice(None))
+                                                                + tuple(a for a, _ in combo)]
+    return y
+
+
+@pytest.mark.parametrize("params,dhw,out", [
+    (dict(mode="trilinear", scale_factor=[1, 2, 2]), (3, 4, 5), (3, 8, 10)),    # every frame x2
+    (dict(mode="trilinear", scale_factor=0.5), (4, 7, 6), (2, 3, 3)),
+    (dict(mode="trilinear", scale_factor=[2, 0.5, 1.5]), (2, 6, 4), (4, 3, 6)),
+    (dict(mode="trilinear", scale_factor=2, align_corners=True), (2, 3, 2), (4, 6, 4)),
+    (dict(mode="trilinear", height=5, width=3), (3, 4, 7), (3, 5, 3)),          # depth kept
+    (dict(mode="trilinear", depth=2, height=5, width=3), (3, 4, 7), (2, 5, 3)),
+    (dict(mode="trilinear", depth=5, height=2, width=6, align_corners=True), (3, 4, 7), (5, 2, 6)),
+    (dict(mode="nearest", scale_factor=[1, 0.5, 3]), (2, 7, 2), (2, 3, 6)),
+])
+def test_resize_5d_sizes_and_values_match_nd_oracle(params, dhw, out):
+    x = rand(2, 2, *dhw)
+    spec = make_spec("Resize", **params)
+    assert infer(spec, x.shape) == [(2, 2) + out]
+    (y,) = run_layer(spec, x)
+    s = params.get("scale_factor")
+    scale = None if s is None else tuple(float(v) for v in (s if isinstance(s, list) else [s] * 3))
+    want = resize_oracle_nd(x, out, scale, params["mode"], params.get("align_corners", False))
+    np.testing.assert_allclose(y.numpy(), want, rtol=1e-12, atol=1e-12)
+
+
+def test_trilinear_keeping_the_depth_is_bilinear_per_frame():
+    # what the video nets rely on: a clip's frames resized one by one
+    x = rand(2, 3, 4, 6, 5)
+    for align in (False, True):
+        (clip,) = run_layer(make_spec("Resize", mode="trilinear", scale_factor=[1, 2.5, 0.5],
+                                      align_corners=align), x)
+        frames = x.permute(0, 2, 1, 3, 4).reshape(8, 3, 6, 5)
+        (per_frame,) = run_layer(make_spec("Resize", scale_factor=[2.5, 0.5], align_corners=align),
+                                 frames)
+        torch.testing.assert_close(clip, per_frame.reshape(2, 4, 3, 15, 2).permute(0, 2, 1, 3, 4),
+                                   rtol=0, atol=1e-15)
+
+
+def test_resize_5d_second_bottom_gradient_and_flops():
+    x, like = rand(2, 3, 2, 5, 4), rand(2, 1, 3, 9, 4)
+    (y,) = run_layer(make_spec("Resize", mode="trilinear", n_bottoms=2), x, like)
+    np.testing.assert_allclose(y.numpy(), resize_oracle_nd(x, (3, 9, 4)), rtol=1e-12, atol=1e-12)
+    spec = make_spec("Resize", mode="trilinear", scale_factor=[1.5, 1, 2])
+    m = build(spec, (1, 1, 2, 3, 2))
+    assert torch.autograd.gradcheck(lambda t: m(t), (rand(1, 1, 2, 3, 2).requires_grad_(),))
+    shapes = [(1, 2, 4, 6, 6)]
+    assert get("Resize").flops(spec, shapes, infer(spec, *shapes)) == 16 * 2 * 6 * 6 * 12
+
+
+@pytest.mark.parametrize("params,n_bottoms,match", [
+    (dict(depth=4), 1, "depth goes with height and width"),
+    (dict(depth=2, height=4, width=4), 1, r"bilinear resizes 4-D .* depth is written for 5-D"),
+    (dict(mode="trilinear", scale_factor=[1, 2]), 1, "trilinear resizes 5-D"),
+    (dict(mode="nearest", depth=2, height=4, width=4, align_corners=True), 1, "bilinear only"),
+])
+def test_resize_5d_bad_params(params, n_bottoms, match):
+    with layer_error(match, layer="r3"):
+        make_spec("Resize", name="r3", n_bottoms=n_bottoms, **params)
+
+
+@pytest.mark.parametrize("params,shapes,match", [
+    (dict(scale_factor=2), [(1, 1, 2, 5, 5)], r"mode bilinear resizes 4-D .* this bottom is 5-D"),
+    (dict(mode="trilinear", scale_factor=2), [(1, 1, 5, 5)], r"trilinear resizes 5-D .* is 4-D"),
+    (dict(mode="nearest", depth=3, height=2, width=2), [(1, 1, 5, 5)], "depth is for 5-D"),
+    (dict(mode="nearest", scale_factor=[1, 2, 2]), [(1, 1, 5, 5)], r"3 values .* 4-D"),
+    (dict(mode="trilinear"), [(1, 1, 2, 5, 5), (1, 1, 5, 5)],
+     r"bottom 1 of shape \[1, 1, 5, 5\] \(4-D\) does not match bottom 0 .* \(5-D\)"),
+    (dict(mode="trilinear", scale_factor=[1, 0.1, 1]), [(1, 1, 2, 5, 5)], "empty"),
+])
+def test_resize_5d_bad_shapes_say_which_rank(params, shapes, match):
+    spec = make_spec("Resize", name="r4", n_bottoms=len(shapes), **params)
+    with layer_error(match, layer="r4", cls=ShapeError):
+        infer(spec, *shapes)
