@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pacnet.layers.common import (POSITIVE_INT, ConvGeometry, fill_, filler, filler_problem,
-                                  int_or_list, numel, size_str, spatial, spatial_rank)
+                                  int_or_list, int_or_pair, numel, size_str, spatial,
+                                  spatial_rank)
 from pacnet.errors import ShapeError
 from pacnet.registry import Layer, LayerSpec, Shape, register
 
@@ -41,20 +42,17 @@ CONV_PARAMS = {
     "num_output": {**POSITIVE_INT, "description": "number of output channels O"},
     "bias_term": {"type": "boolean", "default": True,
                   "description": "add a learned bias per output channel"},
-    "kernel_size": int_or_list("kernel size: one value for every spatial axis, or one per axis "
-                               "([h, w] or [d, h, w]); 2-D also kernel_h/kernel_w", minimum=1),
-    "kernel_h": _int("kernel height (2-D, with kernel_w, instead of kernel_size)", 1),
-    "kernel_w": _int("kernel width (2-D, with kernel_h, instead of kernel_size)", 1),
-    "pad": int_or_list("zero padding added on both sides: one value for every axis or one per "
-                       "axis (default 0)"),
-    "pad_h": _int("padding of the height (2-D, with pad_w, instead of pad)", 0),
-    "pad_w": _int("padding of the width (2-D, with pad_h, instead of pad)", 0),
-    "stride": int_or_list("stride: one value for every axis or one per axis (default 1)",
-                          minimum=1),
-    "stride_h": _int("vertical stride (2-D, with stride_w, instead of stride)", 1),
-    "stride_w": _int("horizontal stride (2-D, with stride_h, instead of stride)", 1),
-    "dilation": int_or_list("kernel dilation: one value for every axis or one per axis "
-                            "(default 1)", minimum=1),
+    "kernel_size": int_or_pair("kernel size, one value or [h, w] (or use kernel_h/kernel_w)",
+                               minimum=1),
+    "kernel_h": _int("kernel height (with kernel_w, instead of kernel_size)", 1),
+    "kernel_w": _int("kernel width (with kernel_h, instead of kernel_size)", 1),
+    "pad": int_or_pair("zero padding added on both sides, one value or [h, w] (default 0)"),
+    "pad_h": _int("padding of the height (with pad_w, instead of pad)", 0),
+    "pad_w": _int("padding of the width (with pad_h, instead of pad)", 0),
+    "stride": int_or_pair("stride, one value or [h, w] (default 1)", minimum=1),
+    "stride_h": _int("vertical stride (with stride_w, instead of stride)", 1),
+    "stride_w": _int("horizontal stride (with stride_h, instead of stride)", 1),
+    "dilation": int_or_pair("kernel dilation, one value or [h, w] (default 1)", minimum=1),
     "group": {**POSITIVE_INT, "default": 1,
               "description": "number of groups; C and num_output must both be multiples"},
     "weight_filler": filler("initialiser of the weight blob (Caffe default: constant 0)"),
@@ -70,6 +68,21 @@ CONV_PARAMS = {
                                         "computes a 1x1 conv with the weight viewed as "
                                         "[O, C*kh*kw, 1, 1] (Convolution only)"},
 }
+"""Caffe's ConvolutionParameter for the 2-D layers that take it (the segaware types)."""
+
+ND_CONV_PARAMS = {
+    **CONV_PARAMS,
+    "kernel_size": int_or_list("kernel size: one value for every spatial axis, or one per axis "
+                               "([h, w] or [d, h, w]); 2-D also kernel_h/kernel_w", minimum=1),
+    "pad": int_or_list("zero padding added on both sides: one value for every axis or one per "
+                       "axis (default 0)"),
+    "stride": int_or_list("stride: one value for every axis or one per axis (default 1)",
+                          minimum=1),
+    "dilation": int_or_list("kernel dilation: one value for every axis or one per axis "
+                            "(default 1)", minimum=1),
+}
+"""The same for Convolution and Deconvolution, which take 4-D and 5-D bottoms (Caffe's
+N-D convolution): the spatial fields take one value per axis of either."""
 
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 _DECONV = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
@@ -170,7 +183,7 @@ class Convolution(Layer):
     part.  The weight blob keeps the shape [num_output, C/group, kh, kw].
     """
 
-    params = CONV_PARAMS
+    params = ND_CONV_PARAMS
     required = ("num_output",)
     bottoms = (1, 1)
     tops = (1, 1)
@@ -251,7 +264,7 @@ class Deconvolution(Layer):
     (num_output = C) for per-channel upsampling, as Caffe's filler documentation says.
     """
 
-    params = {k: v for k, v in CONV_PARAMS.items()}
+    params = dict(ND_CONV_PARAMS)
     params["num_output"] = {**POSITIVE_INT, "description": "number of output channels O"}
     params["weight_filler"] = filler("initialiser of the weight blob [C, O/g, *kernel] "
                                      "(Caffe default: constant 0; 'bilinear' for 2-D upsampling)")
