@@ -542,6 +542,117 @@ def test_sintel_errors(tmp_path):
         make_dataset({**base, "subset": "trainval"}, "train")
 
 
+# ============================================================================ synthetic video
+
+
+def _clip(t, frame):
+    """Frame ``frame`` of every clip-valued entry of a sample (others as they are)."""
+    return {k: (v[:, frame] if v.ndim == 4 else v) for k, v in t.items()}
+
+
+def test_video_scene_moves_and_keeps_colour_edges_on_depth_edges():
+    from pacnet.engine.synthetic import video_scene
+
+    guide, depth, region = video_scene(rng(4), 6, 48, 64)
+    assert guide.shape == (3, 6, 48, 64) and depth.shape == (1, 6, 48, 64)
+    assert region.shape == (6, 48, 64) and guide.dtype == depth.dtype == np.float32
+    assert 0 <= guide.min() and guide.max() <= 1 and 1 <= depth.min() and depth.max() <= 10
+    for f in range(6):
+        jump = np.abs(np.diff(depth[0, f], axis=1)) > 0.3
+        colour = np.abs(np.diff(guide[:, f], axis=2)).sum(0)
+        same_region = np.diff(region[f], axis=1) == 0
+        assert jump.any()
+        assert np.median(colour[jump]) > 3 * np.median(colour[same_region])
+    # every frame differs from the one before: objects, texture and background move
+    for f in range(5):
+        assert (region[f] != region[f + 1]).mean() > 0.005
+        assert np.abs(depth[0, f] - depth[0, f + 1]).max() > 0.3
+    # without motion and noise a clip is one frame repeated; drift alone changes depth only
+    # by up to drift x the depth span (9 m) a frame
+    still = video_scene(rng(4), 3, 48, 64, speed=(0, 0), pan=0, drift=0, noise=0)
+    for a in still:
+        assert (a == a[..., :1, :, :]).all()
+    _, drifting, ids = video_scene(rng(4), 3, 48, 64, speed=(0, 0), pan=0, noise=0)
+    change = np.abs(drifting[0, 1] - drifting[0, 0])[ids[1] == ids[0]]
+    assert 0 < change.max() <= 0.01 * 9 + 1e-5
+
+
+def test_synthetic_video_samples_and_guided_upsampling_beats_bilinear():
+    ds = make_dataset({"dataset": "synthetic_video", "size": 1, "frames": 2, "height": 48,
+                       "width": 64, "normalize_target": False}, "test")
+    assert {k: tuple(v.shape) for k, v in ds[0].items()} == {
+        "guide": (3, 2, 48, 64), "target": (1, 2, 6, 8), "gt": (1, 2, 48, 64),
+        "gt_raw": (1, 2, 48, 64), "target_range": (1, 2)}
+    err_bilinear = err_guided = 0.0
+    for i in range(len(ds)):
+        s = ds[i]
+        assert not torch.equal(s["target"][:, 0], s["target"][:, 1])  # each frame samples anew
+        for f in range(2):
+            frame = _clip(s, f)
+            bil = F.interpolate(frame["target"][None], scale_factor=8, mode="bilinear")[0]
+            err_bilinear += float(((bil - frame["gt"]) ** 2).mean().sqrt())
+            guided = _jbu(frame["target"], frame["guide"], 8)
+            err_guided += float(((guided - frame["gt"]) ** 2).mean().sqrt())
+    assert err_guided < 0.7 * err_bilinear, (err_guided, err_bilinear)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_joint_transform_of_a_clip_is_the_frame_transform_of_every_frame(normalize):
+    guide = rng().uniform(size=(3, 4, 32, 48)).astype(np.float32)
+    depth = rng(1).uniform(1, 5, size=(1, 4, 32, 48)).astype(np.float32)
+    transform = JointTransform(8, crop=16, mirror=True, normalize=normalize, train=True)
+    for seed in range(3):  # the same draws: one crop window and one flip for the whole clip
+        clip = transform(guide, depth, rng(seed))
+        frames = [transform(guide[:, f], depth[:, f], rng(seed)) for f in range(4)]
+        assert clip["guide"].shape == (3, 4, 16, 16) and clip["target"].shape == (1, 4, 2, 2)
+        for f, frame in enumerate(frames):
+            np.testing.assert_array_equal(clip["guide"][:, f], frame["guide"])
+            np.testing.assert_array_equal(clip["gt_raw"][:, f], frame["gt_raw"])
+        # normalised over the clip: one range for all frames, the frames' extremes
+        lows = np.stack([denormalize(frame["target"][None], frame["target_range"][None])[0]
+                         for frame in frames], axis=1)
+        lo, hi = clip["target_range"][0]
+        np.testing.assert_allclose(clip["target"] * (hi - lo) + lo, lows, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(clip["gt"], (clip["gt_raw"] - lo) / (hi - lo), rtol=1e-5,
+                                   atol=1e-6)
+        if normalize:
+            assert (lo, hi) == (lows.min(), lows.max())
+    back = denormalize(torch.from_numpy(clip["gt"])[None],
+                       torch.from_numpy(clip["target_range"])[None])
+    torch.testing.assert_close(back[0], torch.from_numpy(clip["gt_raw"]), rtol=1e-5, atol=1e-5)
+    with pytest.raises(DataError, match="guide is 3 x 32 x 48 but the target is 4 x 32 x 48"):
+        transform(guide[:, :3], depth, rng())
+
+
+def test_synthetic_video_is_deterministic_and_its_stream_augments():
+    cfg = {"dataset": "synthetic_video", "size": 3, "frames": 2, "height": 32, "width": 32,
+           "train": {"crop_size": 16, "mirror": True}}
+    a, b = make_dataset(cfg, "train"), make_dataset(cfg, "train")
+    for k in a[1]:
+        torch.testing.assert_close(a[1][k], b[1][k])
+    assert not torch.equal(a[0]["gt_raw"], a[1]["gt_raw"])
+    test, val = make_dataset(cfg, "test"), make_dataset(cfg, "val")
+    assert not torch.equal(test[0]["guide"], val[0]["guide"])
+    crops = {tuple(a[(0, p)]["guide"][0, 0, 0, :3].tolist()) for p in range(8)}
+    assert len(crops) > 1
+    options = parse_data(cfg, "test")
+    assert options["metric"] == "rmse" and options["lowres_mode"] == "center"
+    assert options["speed"] == [0.25, 1.5] and options["frames"] == 2
+
+
+@pytest.mark.parametrize("cfg, words", [
+    ({"dataset": "synthetic_video", "frames": 0}, "data.frames"),
+    ({"dataset": "synthetic_video", "speed": [2, 1]}, "data.speed: min 2 is larger than max 1"),
+    ({"dataset": "synthetic_video", "speed": [1]}, "data.speed"),
+    ({"dataset": "synthetic_video", "width": 60}, "data.factor: must divide"),
+    ({"dataset": "synthetic_video", "metric": "miou"}, "data.metric: miou needs class labels"),
+    ({"dataset": "synthetic_depth", "frames": 4}, "data.frames: unknown field"),
+])
+def test_video_data_section_errors_name_the_field(cfg, words):
+    with pytest.raises(SchemaError, match=words.replace("[", r"\[")):
+        make_dataset(cfg, "train")
+
+
 # ============================================================================ data: section
 
 

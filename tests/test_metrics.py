@@ -139,3 +139,41 @@ def _ranked(rank, world, rdv):
     finally:
         dist.destroy_process_group()
 
+
+
+@pytest.mark.parametrize("metric,channels", [(RMSE, 1), (EPE, 2)])
+def test_clips_count_every_frame_as_an_image(metric, channels):
+    # N x C x T x H x W clips measure as their N*T frames: video and frame-by-frame models
+    # are compared on one scale
+    g = torch.Generator().manual_seed(0)
+    pred, gt = (torch.randn(2, channels, 3, 5, 6, generator=g) for _ in range(2))
+    clips, frames = metric(border=1), metric(border=1)
+    clips.update(pred, gt)
+    frames.update(pred.transpose(1, 2).flatten(0, 1), gt.transpose(1, 2).flatten(0, 1))
+    assert clips.compute() == frames.compute()
+    assert clips.state[1] == 6
+    with pytest.raises(PacnetValueError, match=r"N x C x T x H x W \(clips\)"):
+        metric().update(pred[..., None], gt[..., None])
+
+
+def test_bilinear_baseline_of_clips_is_every_frame_upsampled():
+    from pacnet.engine.trainer import Evaluator
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.rand(2, 1, 3, 4, 5, generator=g)
+    value_range = torch.tensor([[[2.0, 6.0]], [[1.0, 3.0]]])
+    gt = torch.rand(2, 1, 3, 16, 20, generator=g) * 4 + 2
+    clips = Evaluator({"metric": "rmse"}, ["pred"])
+    clips.update({"pred": torch.zeros_like(gt)}, {"target": target, "target_range": value_range,
+                                                  "gt_raw": gt})
+
+    def frames(t):
+        return t.transpose(1, 2).flatten(0, 1)
+
+    per_frame = Evaluator({"metric": "rmse"}, ["pred"])
+    per_frame.update({"pred": torch.zeros(6, 1, 16, 20)},
+                     {"target": frames(target), "target_range": value_range.repeat_interleave(3, 0),
+                      "gt_raw": frames(gt)})
+    got, want = clips.compute(), per_frame.compute()
+    assert got["bilinear_rmse"] == pytest.approx(want["bilinear_rmse"], rel=1e-6)
+    assert got["rmse"] == pytest.approx(want["rmse"], rel=1e-12)

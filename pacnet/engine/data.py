@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Sampler
 from pacnet.engine import _schema
 from pacnet.engine.datasets import (
     BlobDataset, NYUDepthV2, Sintel, SyntheticDepth, SyntheticEmbedding, SyntheticSegmentation,
-    VOCSegmentation,
+    SyntheticVideo, VOCSegmentation,
 )
 from pacnet.engine.transforms import LOWRES_MODES, JointTransform, SegTransform
 from pacnet.errors import DataError, SchemaError
@@ -102,11 +102,23 @@ _SYNTH = {
     "width": _p("integer", "scene width in pixels", 64, minimum=8),
 }
 
+_SCENE = {
+    "texture": _p("number", "amplitude of the guide's in-region stripes", 0.06, minimum=0),
+    "noise": _p("number", "standard deviation of the guide's pixel noise", 0.02, minimum=0),
+}
+
 DATASETS: Dict[str, Dict[str, Any]] = {
-    "synthetic_depth": {
-        **_SYNTH, **_JOINT,
-        "texture": _p("number", "amplitude of the guide's in-region stripes", 0.06, minimum=0),
-        "noise": _p("number", "standard deviation of the guide's pixel noise", 0.02, minimum=0),
+    "synthetic_depth": {**_SYNTH, **_JOINT, **_SCENE},
+    "synthetic_video": {
+        **_SYNTH, **_JOINT, **_SCENE,
+        "frames": _p("integer", "frames T per clip (samples are 3 x T x H x W guides and "
+                     "1 x T x H x W depths)", 8, minimum=1),
+        "speed": _p({"type": "array", "items": {"type": "number", "minimum": 0}, "minItems": 2,
+                     "maxItems": 2}, "[min, max] speed of an object in pixels per frame",
+                    [0.25, 1.5]),
+        "pan": _p("number", "the camera pans by up to this many pixels per frame", 0.5, minimum=0),
+        "drift": _p("number", "an object's depth changes by up to this fraction of the depth "
+                    "range per frame", 0.01, minimum=0),
     },
     "synthetic_seg": {
         **_SYNTH, **_SEG,
@@ -159,10 +171,15 @@ DATASETS: Dict[str, Dict[str, Any]] = {
 }
 
 # Options whose default depends on the data set (applied after validation).
-_LOWRES_DEFAULT = {"synthetic_depth": "center", "nyu": "center", "sintel": "bilinear"}
+_LOWRES_DEFAULT = {"synthetic_depth": "center", "synthetic_video": "center", "nyu": "center",
+                   "sintel": "bilinear"}
 _REQUIRED = {"voc": ["root"], "nyu": ["root"], "sintel": ["root"]}
-_AUTO_METRIC = {"synthetic_depth": "rmse", "nyu": "rmse", "sintel": "epe", "synthetic_seg": "miou",
-                "voc": "miou", "synthetic_embedding": "none"}
+_AUTO_METRIC = {"synthetic_depth": "rmse", "synthetic_video": "rmse", "nyu": "rmse",
+                "sintel": "epe", "synthetic_seg": "miou", "voc": "miou",
+                "synthetic_embedding": "none"}
+#: The joint-upsampling data sets (JointTransform samples: guide, target, gt, ...).
+JOINT_DATASETS = ("synthetic_depth", "synthetic_video", "nyu", "sintel")
+_SYNTHETIC_JOINT = ("synthetic_depth", "synthetic_video")
 
 
 def data_schema(dataset: str) -> Dict[str, Any]:
@@ -227,7 +244,7 @@ def parse_data(raw: Optional[Mapping[str, Any]], phase: str, *, root: Sequence[A
         out["metric"] = _AUTO_METRIC[name]
     if out["metric"] == "miou" and name not in ("voc", "synthetic_seg", "synthetic_embedding"):
         raise fail("metric", f"miou needs class labels, which dataset {name!r} does not have")
-    if out["metric"] in ("rmse", "epe") and name not in ("synthetic_depth", "nyu", "sintel"):
+    if out["metric"] in ("rmse", "epe") and name not in JOINT_DATASETS:
         raise fail("metric", f"{out['metric']} needs a joint-upsampling data set, not {name!r}")
     if name in _LOWRES_DEFAULT and "lowres_mode" not in out:
         out["lowres_mode"] = _LOWRES_DEFAULT[name]
@@ -242,10 +259,11 @@ def parse_data(raw: Optional[Mapping[str, Any]], phase: str, *, root: Sequence[A
     out["crop_size"] = list(crop) if isinstance(crop, list) else ([crop, crop] if crop else [0, 0])
     if "factor" in out and any(c % out["factor"] for c in out["crop_size"]):
         raise fail("crop_size", f"must be a multiple of factor {out['factor']}, got {crop}")
-    if name in ("synthetic_depth",) and (out["height"] % out["factor"] or out["width"] % out["factor"]):
+    if name in _SYNTHETIC_JOINT and (out["height"] % out["factor"] or out["width"] % out["factor"]):
         raise fail("factor", f"must divide height and width ({out['height']} x {out['width']})")
-    if "objects" in out and out["objects"][0] > out["objects"][1]:
-        raise fail("objects", f"min {out['objects'][0]} is larger than max {out['objects'][1]}")
+    for key in ("objects", "speed"):
+        if key in out and out[key][0] > out[key][1]:
+            raise fail(key, f"min {out[key][0]} is larger than max {out[key][1]}")
     if (out.get("new_height", 0) > 0) != (out.get("new_width", 0) > 0):
         raise fail("new_height", "new_height and new_width go together")
     if name == "sintel" and "split_file" in out and "val_sequences" in out:
@@ -268,12 +286,17 @@ def make_dataset(data_cfg: Optional[Mapping[str, Any]], split: str, *, locate: O
     o = parse_data(data_cfg, split, locate=locate, source=source)
     name, train = o["dataset"], split == "train"
     common = {"seed": o["seed"], "blobs": o.get("blobs")}
-    if name in ("synthetic_depth", "nyu", "sintel"):
+    if name in JOINT_DATASETS:
         joint = JointTransform(o["factor"], crop=o["crop_size"], mirror=o["mirror"],
                                lowres_mode=o["lowres_mode"], normalize=o["normalize_target"], train=train)
         if name == "synthetic_depth":
             return SyntheticDepth(o["size"], o["height"], o["width"], transform=joint, texture=o["texture"],
                                   noise=o["noise"], split=split, **common)
+        if name == "synthetic_video":
+            return SyntheticVideo(o["size"], o["height"], o["width"], frames=o["frames"],
+                                  transform=joint, speed=tuple(o["speed"]), pan=o["pan"],
+                                  drift=o["drift"], texture=o["texture"], noise=o["noise"],
+                                  split=split, **common)
         if name == "nyu":
             return NYUDepthV2(o["root"], transform=joint, subset=o.get("subset", "train" if train else
                               ("val" if split == "val" else "test")), train_count=o["train_count"],

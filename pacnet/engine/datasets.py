@@ -9,8 +9,9 @@ worker processes do not matter).  ``blobs`` renames the sample keys to the net's
 blob names.
 
 Built-in synthetic sets (no download):
-  :class:`SyntheticDepth` (joint depth upsampling), :class:`SyntheticSegmentation`,
-  :class:`SyntheticEmbedding` (region ids for DistLoss).
+  :class:`SyntheticDepth` (joint depth upsampling), :class:`SyntheticVideo` (the same for
+  video clips of moving scenes), :class:`SyntheticSegmentation`, :class:`SyntheticEmbedding`
+  (region ids for DistLoss).
 Real data, in their distributed layouts:
   :class:`VOCSegmentation` (PASCAL VOC 2012 + SBD), :class:`NYUDepthV2` (labeled ``.mat``),
   :class:`Sintel` (MPI-Sintel flow).
@@ -18,7 +19,7 @@ Real data, in their distributed layouts:
 Sample keys: segmentation sets give ``data`` (3 x H x W, Caffe-transformed), ``label``
 (1 x H x W, float like a Caffe blob) and ``data_dim`` (1 x 1 x 2); joint-upsampling sets
 give ``guide``, ``target``, ``gt``, ``gt_raw``, ``target_range`` (see
-:class:`~pacnet.engine.transforms.JointTransform`).
+:class:`~pacnet.engine.transforms.JointTransform`; clips ``C x T x H x W``).
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ import numpy as np
 import torch
 
 from pacnet.engine import formats
-from pacnet.engine.synthetic import depth_scene, seg_scene
+from pacnet.engine.synthetic import depth_scene, seg_scene, video_scene
 from pacnet.engine.transforms import JointTransform, SegTransform, resize
 from pacnet.errors import DataError
 
 __all__ = [
-    "BlobDataset", "SyntheticDepth", "SyntheticSegmentation", "SyntheticEmbedding",
+    "BlobDataset", "SyntheticDepth", "SyntheticVideo", "SyntheticSegmentation",
+    "SyntheticEmbedding",
     "VOCSegmentation", "NYUDepthV2", "Sintel", "VOC_CLASSES", "check_labels",
 ]
 
@@ -119,6 +121,30 @@ class SyntheticDepth(_Synthetic):
 
     def load(self, index: int, rng: np.random.Generator) -> Dict[str, np.ndarray]:
         guide, depth, _ = depth_scene(self.scene_rng(index), self.height, self.width,
+                                      texture=self.texture, noise=self.noise)
+        return self.transform(guide, depth, rng)
+
+
+class SyntheticVideo(_Synthetic):
+    """Joint depth upsampling of video clips on moving procedural scenes
+    (:func:`~pacnet.engine.synthetic.video_scene`): keys as :class:`SyntheticDepth`, each
+    with the ``frames`` axis after the channels (``guide`` 3 x T x H x W, ``target``
+    1 x T x H/f x W/f, ``gt`` and ``gt_raw`` 1 x T x H x W, ``target_range`` 1 x 2 over the
+    clip); depth in metres (1..10)."""
+
+    def __init__(self, size: int = 64, height: int = 64, width: int = 64, *, frames: int = 8,
+                 transform: JointTransform, speed: Tuple[float, float] = (0.25, 1.5),
+                 pan: float = 0.5, drift: float = 0.01, texture: float = 0.06, noise: float = 0.02,
+                 **kw: Any) -> None:
+        super().__init__(size, height, width, **kw)
+        self.frames, self.transform = int(frames), transform
+        self.speed, self.pan = (float(speed[0]), float(speed[1])), float(pan)
+        self.drift = float(drift)
+        self.texture, self.noise = texture, noise
+
+    def load(self, index: int, rng: np.random.Generator) -> Dict[str, np.ndarray]:
+        guide, depth, _ = video_scene(self.scene_rng(index), self.frames, self.height, self.width,
+                                      speed=self.speed, pan=self.pan, drift=self.drift,
                                       texture=self.texture, noise=self.noise)
         return self.transform(guide, depth, rng)
 

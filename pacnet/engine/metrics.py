@@ -7,6 +7,10 @@
   each image (summed over channels) averaged over images; ``border`` pixels excluded.
 * :class:`EPE`: optical flow; mean end-point error per image averaged over images;
   pixels with unknown flow (|gt| > 1e9, Middlebury's marker) are excluded.
+
+RMSE and EPE take images (``N x C x H x W``) or clips (``N x C x T x H x W``); every frame
+of a clip counts as an image, so a video model and an image model applied frame by frame
+are measured alike.
 * :class:`Average`: a running mean of a scalar (a test loss).
 
 Each has ``update(...)``, ``compute() -> dict of floats``, ``reset()`` and
@@ -18,7 +22,7 @@ once, compute.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -121,10 +125,15 @@ def _crop(x: torch.Tensor, border: int) -> torch.Tensor:
     return x[..., border:x.shape[-2] - border, border:x.shape[-1] - border] if border > 0 else x
 
 
-def _pair_check(pred: torch.Tensor, gt: torch.Tensor, what: str) -> None:
-    if pred.shape != gt.shape or pred.dim() != 4:
+def _frames(pred: torch.Tensor, gt: torch.Tensor, what: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``pred`` and ``gt`` of one shape as images: N x C x H x W as they are, clips
+    N x C x T x H x W as N*T frames."""
+    if pred.shape != gt.shape or pred.dim() not in (4, 5):
         raise PacnetValueError(f"{what}: prediction {tuple(pred.shape)} and ground truth {tuple(gt.shape)} "
-                               "must both be N x C x H x W")
+                               "must both be N x C x H x W (images) or N x C x T x H x W (clips)")
+    if pred.dim() == 5:
+        pred, gt = (t.transpose(1, 2).flatten(0, 1) for t in (pred, gt))
+    return pred, gt
 
 
 class _PerImageMean:
@@ -154,7 +163,8 @@ class _PerImageMean:
 class RMSE(_PerImageMean):
     """Root mean squared error per image, averaged over images (PAC ``th_rmse``):
     ``sqrt(sum_c mean_hw (pred - gt)^2)``; ``border`` pixels on each side excluded
-    (NYU: 6).  Inputs ``N x C x H x W`` in the same units (metres)."""
+    (NYU: 6).  Inputs ``N x C x H x W`` in the same units (metres), or clips
+    ``N x C x T x H x W`` (every frame an image)."""
 
     name = "rmse"
 
@@ -164,7 +174,7 @@ class RMSE(_PerImageMean):
 
     @torch.no_grad()
     def update(self, pred: torch.Tensor, gt: torch.Tensor) -> None:
-        _pair_check(pred, gt, "RMSE")
+        pred, gt = _frames(pred, gt, "RMSE")
         d = _crop(pred.double(), self.border) - _crop(gt.double().to(pred.device), self.border)
         if d.numel() == 0:
             raise PacnetValueError(f"RMSE: border {self.border} leaves no pixels of {tuple(gt.shape[-2:])}")
@@ -173,8 +183,9 @@ class RMSE(_PerImageMean):
 
 class EPE(_PerImageMean):
     """Mean end-point error ``|pred - gt|_2`` per image over valid pixels, averaged over
-    images.  Inputs ``N x 2 x H x W`` (u, v); pixels whose ground truth exceeds
-    ``unknown`` in magnitude (Middlebury marks unknown flow with 1e10) are excluded."""
+    images.  Inputs ``N x 2 x H x W`` (u, v), or clips ``N x 2 x T x H x W`` (every frame
+    an image); pixels whose ground truth exceeds ``unknown`` in magnitude (Middlebury marks
+    unknown flow with 1e10) are excluded."""
 
     name = "epe"
 
@@ -184,7 +195,7 @@ class EPE(_PerImageMean):
 
     @torch.no_grad()
     def update(self, pred: torch.Tensor, gt: torch.Tensor) -> None:
-        _pair_check(pred, gt, "EPE")
+        pred, gt = _frames(pred, gt, "EPE")
         if pred.shape[1] != 2:
             raise PacnetValueError(f"EPE needs 2-channel flow (u, v), got {pred.shape[1]} channels")
         pred, gt = _crop(pred.double(), self.border), _crop(gt.double().to(pred.device), self.border)

@@ -184,7 +184,8 @@ class Evaluator:
     plus the data set's metric (mIoU, RMSE, EPE) on the ``predict`` blob.  For RMSE and
     EPE also the same metric of the bilinear baseline (``bilinear_rmse``/``bilinear_epe``):
     the low-res ``target`` upsampled bilinearly to the ground truth's size and
-    de-normalised like the prediction (pac.md §3 "Bilinear")."""
+    de-normalised like the prediction (pac.md §3 "Bilinear"); for clips, trilinearly to the
+    ground truth's T x H x W, which is every frame bilinearly when T is kept."""
 
     def __init__(self, options: Mapping[str, Any], outputs: Sequence[str], losses: Iterable[str] = ()) -> None:
         self.options = dict(options)
@@ -237,12 +238,13 @@ class Evaluator:
 
     def bilinear(self, batch: Mapping[str, torch.Tensor], size: Sequence[int]) -> Optional[torch.Tensor]:
         """The bilinear baseline in the ground truth's space: the low-res ``target`` resized
-        to ``size`` (``F.interpolate``, align_corners=False), de-normalised; None when the
-        data gives no ``target``."""
+        to ``size`` (``F.interpolate``, align_corners=False; trilinear for clips),
+        de-normalised; None when the data gives no ``target``."""
         low = batch.get(self.key("target"))
-        if low is None or low.dim() != 4:
+        if low is None or low.dim() not in (4, 5):
             return None
-        up = F.interpolate(low.float(), size=tuple(size), mode="bilinear", align_corners=False)
+        mode = "bilinear" if low.dim() == 4 else "trilinear"
+        up = F.interpolate(low.float(), size=tuple(size), mode=mode, align_corners=False)
         return denormalize(up, batch[self.key("target_range")].to(up.device))
 
     def update(self, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]) -> Optional[torch.Tensor]:
@@ -262,7 +264,7 @@ class Evaluator:
                              f"{tuple(truth.shape)}", hint="the net's output must match the full-resolution target")
         self.metric.update(pred, truth)
         if self.baseline is not None:
-            base = self.bilinear(batch, truth.shape[-2:])
+            base = self.bilinear(batch, truth.shape[2:])
             if base is not None:
                 self.baseline.update(base, truth)
         return pred

@@ -7,11 +7,13 @@
   centred in test), random mirror, then ``(pixel - mean) * scale``.
 * :class:`JointTransform`: the joint-upsampling sample of the PAC paper (pac.md §3):
   crop, mirror, low-res target by ``center`` sampling (NYU) or anti-aliased bilinear
-  resize (Sintel), target normalised per sample by its own min/max.
+  resize (Sintel), target normalised per sample by its own min/max; for an image
+  (``C x H x W``) or a clip (``C x T x H x W``, every frame alike).
 * :func:`lowres`, :func:`normalize_range`, :func:`denormalize`, :func:`resize`: the pieces.
 
-Arrays are numpy, channels first (``C x H x W``), float32.  Randomness comes only from the
-generator passed in, so a sample is a pure function of (data, generator seed).
+Arrays are numpy, channels first (``C x H x W``, clips ``C x T x H x W``), float32.
+Randomness comes only from the generator passed in, so a sample is a pure function of
+(data, generator seed).
 """
 
 from __future__ import annotations
@@ -134,7 +136,8 @@ class SegTransform:
 
 
 def lowres(x: np.ndarray, factor: int, mode: str = "center") -> np.ndarray:
-    """The low-resolution input of joint upsampling, ``C x ceil(H/f) x ceil(W/f)``.
+    """The low-resolution input of joint upsampling, ``C x ceil(H/f) x ceil(W/f)`` (a clip
+    ``C x T x H x W`` frame by frame: ``C x T x ceil(H/f) x ceil(W/f)``).
 
     ``center``: every f-th pixel starting at ``(f-1)//2`` (NYU, PAC paper); ``last``:
     starting at ``f-1``; ``bilinear``: anti-aliased bilinear resize (Sintel); ``nearest``.
@@ -144,33 +147,44 @@ def lowres(x: np.ndarray, factor: int, mode: str = "center") -> np.ndarray:
     if mode not in LOWRES_MODES:
         raise DataError(f"unknown lowres_mode {mode!r}; use one of {', '.join(LOWRES_MODES)}")
     f = int(factor)
-    c, h0, w0 = x.shape
+    lead, (h0, w0) = x.shape[:-2], x.shape[-2:]
+    x = x.reshape((-1, h0, w0))  # the frames of a clip side by side with the channels
     h, w = math.ceil(h0 / f), math.ceil(w0 / f)
     if (h * f, w * f) != (h0, w0):
         x = resize(x, (h * f, w * f), "bilinear")
     if mode in ("center", "last"):
         o = (f - 1) // 2 if mode == "center" else f - 1
-        return np.ascontiguousarray(x[:, o::f, o::f], dtype=np.float32)
-    return resize(x, (h, w), mode, antialias=mode == "bilinear")
+        low = np.ascontiguousarray(x[:, o::f, o::f], dtype=np.float32)
+    else:
+        low = resize(x, (h, w), mode, antialias=mode == "bilinear")
+    return low.reshape(lead + (h, w))
+
+
+def _per_channel(values: np.ndarray, ndim: int) -> np.ndarray:
+    """A ``C`` vector shaped to broadcast over a ``C x ...`` array of ``ndim`` axes."""
+    return values.reshape((-1,) + (1,) * (ndim - 1))
 
 
 def normalize_range(low: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """Per-channel min/max of ``low`` (``C x h x w``) as ``C x 2``; a flat channel gets
-    min - 0.5 and max + 0.5.  Returns (``(low - min) / (max - min)``, range)."""
+    """Per-channel min/max of ``low`` (``C x h x w``, or a clip ``C x T x h x w``: over all
+    its frames) as ``C x 2``; a flat channel gets min - 0.5 and max + 0.5.  Returns
+    (``(low - min) / (max - min)``, range)."""
     lo = low.reshape(low.shape[0], -1).min(axis=1).astype(np.float64)
     hi = low.reshape(low.shape[0], -1).max(axis=1).astype(np.float64)
     flat = lo == hi
     lo, hi = lo - 0.5 * flat, hi + 0.5 * flat
     rng = np.stack([lo, hi], axis=1)
-    norm = (low - lo[:, None, None]) / (hi - lo)[:, None, None]
+    norm = (low - _per_channel(lo, low.ndim)) / _per_channel(hi - lo, low.ndim)
     return norm.astype(np.float32), rng.astype(np.float32)
 
 
 def denormalize(x, value_range):
-    """Undo :func:`normalize_range` on a batch: ``x`` ``N x C x H x W`` (tensor or array),
-    ``value_range`` ``N x C x 2``; returns ``x * (max - min) + min``."""
-    lo = value_range[..., 0][..., None, None]
-    hi = value_range[..., 1][..., None, None]
+    """Undo :func:`normalize_range` on a batch: ``x`` ``N x C x H x W`` or a batch of clips
+    ``N x C x T x H x W`` (tensor or array), ``value_range`` ``N x C x 2``; returns
+    ``x * (max - min) + min``."""
+    spread = tuple(value_range.shape[:-1]) + (1,) * (x.ndim - value_range.ndim + 1)
+    lo = value_range[..., 0].reshape(spread)
+    hi = value_range[..., 1].reshape(spread)
     return x * (hi - lo) + lo
 
 
@@ -178,18 +192,21 @@ class JointTransform:
     """The joint-upsampling sample (pac.md §3, NVlabs ``AssembleJointUpsamplingInputs``).
 
     ``__call__(guide, gt, rng)``: ``guide`` ``3 x H x W`` in [0, 1], ``gt`` ``C x H x W`` in
-    its units (metres, pixels of flow).  Returns a dict:
+    its units (metres, pixels of flow), or clips ``3 x T x H x W`` and ``C x T x H x W``.
+    Returns a dict (clips keep their ``T`` after the channels):
 
     * ``guide``: ``3 x H' x W'`` in [0, 1];
     * ``target``: ``C x H'/f x W'/f``, the low-res input (normalised if ``normalize``);
     * ``gt``: ``C x H' x W'`` in the same space as ``target`` (what a loss compares with);
     * ``gt_raw``: ``C x H' x W'`` in the original units (what metrics compare with after
       :func:`denormalize` of the output);
-    * ``target_range``: ``C x 2`` (min, max) used to normalise; (0, 1) when not normalising.
+    * ``target_range``: ``C x 2`` (min, max) used to normalise (over a clip's frames);
+      (0, 1) when not normalising.
 
-    Crop: random in train, centred in test; must be a multiple of ``factor``.  Mirror: a
-    random horizontal flip when on.  Unlike the original, ``gt`` is not cropped by an
-    evaluation border: metrics take a ``border`` argument instead, so shapes match the net.
+    Crop: random in train, centred in test, the same window in every frame; must be a
+    multiple of ``factor``.  Mirror: a random horizontal flip (of the whole clip) when on.
+    Unlike the original, ``gt`` is not cropped by an evaluation border: metrics take a
+    ``border`` argument instead, so shapes match the net.
     """
 
     def __init__(self, factor: int, *, crop: Sequence[int] | int | None = None, mirror: bool = False,
@@ -210,9 +227,10 @@ class JointTransform:
         gt = np.asarray(gt, np.float32)
         if gt.ndim == 2:
             gt = gt[None]
-        h, w = gt.shape[1:]
-        if guide.shape[1:] != (h, w):
-            raise DataError(f"guide is {guide.shape[1]} x {guide.shape[2]} but the target is {h} x {w}")
+        h, w = gt.shape[-2:]
+        if guide.shape[1:] != gt.shape[1:]:
+            raise DataError(f"guide is {' x '.join(map(str, guide.shape[1:]))} but the target is "
+                            f"{' x '.join(map(str, gt.shape[1:]))}")
         if self.crop_h:
             if self.crop_h > h or self.crop_w > w:
                 raise DataError(f"crop {self.crop_h} x {self.crop_w} is larger than the image {h} x {w}")
@@ -220,14 +238,14 @@ class JointTransform:
                 y, x = int(rng.integers(h - self.crop_h + 1)), int(rng.integers(w - self.crop_w + 1))
             else:
                 y, x = (h - self.crop_h) // 2, (w - self.crop_w) // 2
-            guide = guide[:, y:y + self.crop_h, x:x + self.crop_w]
-            gt = gt[:, y:y + self.crop_h, x:x + self.crop_w]
+            guide = guide[..., y:y + self.crop_h, x:x + self.crop_w]
+            gt = gt[..., y:y + self.crop_h, x:x + self.crop_w]
         if self.mirror and rng.integers(2):
-            guide, gt = guide[:, :, ::-1], gt[:, :, ::-1]
+            guide, gt = guide[..., ::-1], gt[..., ::-1]
         low = lowres(np.ascontiguousarray(gt), self.factor, self.lowres_mode)
         if self.normalize:
             target, value_range = normalize_range(low)
-            lo, hi = value_range[:, 0, None, None], value_range[:, 1, None, None]
+            lo, hi = (_per_channel(value_range[:, i], gt.ndim) for i in (0, 1))
             gt_norm = (gt - lo) / (hi - lo)
         else:
             target, gt_norm = low, gt
