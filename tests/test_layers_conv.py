@@ -488,57 +488,45 @@ GRID_3D = list(itertools.product(
 ))
 
 
-def test_convolution_3d_grid_equals_nd_oracle():
+def _conv_out(m, k, p, s, d):
+    return (m + 2 * p - (d * (k - 1) + 1)) // s + 1
+
+
+def _deconv_out(m, k, p, s, d):
+    return s * (m - 1) + d * (k - 1) + 1 - 2 * p
+
+
+@pytest.mark.parametrize("type_name,sizes,out_size,oracle,module_type,weight_io,min_checked", [
+    ("Convolution", (5, 6, 7), _conv_out, conv_nd, torch.nn.Conv3d, lambda g: (6, 4 // g), 80),
+    ("Deconvolution", (3, 4, 2), _deconv_out, deconv_nd, torch.nn.ConvTranspose3d,
+     lambda g: (4, 6 // g), 60),
+])
+def test_3d_grid_equals_nd_oracle(type_name, sizes, out_size, oracle, module_type, weight_io,
+                                  min_checked):
     """5-D bottoms: sizes, weight shapes and values of every geometry equal Caffe's N-D
-    convolution written tap by tap; geometries that leave no output are refused."""
-    x = rand(2, 4, 5, 6, 7)
+    (de)convolution written tap by tap; geometries that leave no output are refused."""
+    x = rand(2, 4, *sizes)
     checked = 0
     for kernel, pad, stride, dil, group in GRID_3D:
         as_yaml = {k: (list(v) if isinstance(v, tuple) else v) for k, v in
                    dict(kernel_size=kernel, pad=pad, stride=stride, dilation=dil).items()}
-        spec = make_spec("Convolution", num_output=6, group=group, bias_term=bool(group % 2),
+        spec = make_spec(type_name, num_output=6, group=group, bias_term=bool(group % 2),
                          **as_yaml)
         kk, pp, ss, dd = (_tuple(v, 3) for v in (kernel, pad, stride, dil))
-        out = tuple((m + 2 * p - (d * (k - 1) + 1)) // s + 1
-                    for m, k, p, s, d in zip(x.shape[2:], kk, pp, ss, dd))
+        out = tuple(out_size(*geo) for geo in zip(sizes, kk, pp, ss, dd))
         if min(out) < 1:
             with layer_error("empty", cls=ShapeError):
                 infer(spec, x.shape)
             continue
         assert infer(spec, x.shape) == [(2, 6) + out]
         module = randomize_(build(spec, x.shape, dtype=D))
-        assert isinstance(module, torch.nn.Conv3d)
-        assert tuple(module.weight.shape) == (6, 4 // group) + kk
+        assert isinstance(module, module_type)
+        assert tuple(module.weight.shape) == weight_io(group) + kk
         (y,) = run_layer(spec, x, module=module)
-        torch.testing.assert_close(y, conv_nd(x, module.weight, module.bias, kk, pp, ss, dd, group),
-                                   rtol=1e-12, atol=1e-12)
-        checked += 1
-    assert checked > 80
-
-
-def test_deconvolution_3d_grid_equals_scatter_oracle():
-    x = rand(2, 4, 3, 4, 2)
-    checked = 0
-    for kernel, pad, stride, dil, group in GRID_3D:
-        as_yaml = {k: (list(v) if isinstance(v, tuple) else v) for k, v in
-                   dict(kernel_size=kernel, pad=pad, stride=stride, dilation=dil).items()}
-        spec = make_spec("Deconvolution", num_output=6, group=group, **as_yaml)
-        kk, pp, ss, dd = (_tuple(v, 3) for v in (kernel, pad, stride, dil))
-        out = tuple(s * (m - 1) + d * (k - 1) + 1 - 2 * p
-                    for m, k, p, s, d in zip(x.shape[2:], kk, pp, ss, dd))
-        if min(out) < 1:
-            with layer_error("empty", cls=ShapeError):
-                infer(spec, x.shape)
-            continue
-        assert infer(spec, x.shape) == [(2, 6) + out]
-        module = randomize_(build(spec, x.shape, dtype=D))
-        assert isinstance(module, torch.nn.ConvTranspose3d)
-        assert tuple(module.weight.shape) == (4, 6 // group) + kk
-        (y,) = run_layer(spec, x, module=module)
-        ref = deconv_nd(x, module.weight, module.bias, kk, pp, ss, dd, group)
+        ref = oracle(x, module.weight, module.bias, kk, pp, ss, dd, group)
         torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
         checked += 1
-    assert checked > 60
+    assert checked > min_checked
 
 
 def test_nd_oracles_agree_with_the_2d_ones():

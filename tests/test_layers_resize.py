@@ -322,6 +322,21 @@ def test_fcn8s_modules_run_at_500_with_few_channels():
 
 # ----------------------------------------------------------------------------- Resize
 
+def _taps(i, size_in, size_out, inv, mode, align_corners):
+    """The (source index, weight) pairs of output index ``i`` along one axis; ``inv`` is
+    1 / scale."""
+    if mode == "nearest":
+        return [(min(int(np.floor(i * inv)), size_in - 1), 1.0)]
+    if align_corners:
+        r = i * (size_in - 1) / (size_out - 1) if size_out > 1 else 0.0
+    else:
+        r = max((i + 0.5) * inv - 0.5, 0.0)
+    i0 = min(int(np.floor(r)), size_in - 1)
+    i1 = min(i0 + 1, size_in - 1)
+    lam = r - i0
+    return [(i0, 1 - lam), (i1, lam)]
+
+
 def resize_oracle(x, ho, wo, scale=None, mode="bilinear", align_corners=False):
     """F.interpolate's maps written out per output pixel (float64).  ``scale`` (s_h, s_w)
     is the factor that sets the source positions; None means in/out sizes."""
@@ -330,23 +345,10 @@ def resize_oracle(x, ho, wo, scale=None, mode="bilinear", align_corners=False):
     out = np.zeros((n, c, ho, wo))
     inv_h = 1.0 / scale[0] if scale else h / ho
     inv_w = 1.0 / scale[1] if scale else w / wo
-
-    def taps(i, size_in, size_out, inv):
-        if mode == "nearest":
-            return [(min(int(np.floor(i * inv)), size_in - 1), 1.0)]
-        if align_corners:
-            r = i * (size_in - 1) / (size_out - 1) if size_out > 1 else 0.0
-        else:
-            r = max((i + 0.5) * inv - 0.5, 0.0)
-        i0 = min(int(np.floor(r)), size_in - 1)
-        i1 = min(i0 + 1, size_in - 1)
-        lam = r - i0
-        return [(i0, 1 - lam), (i1, lam)]
-
     for i in range(ho):
         for j in range(wo):
-            for a, wa in taps(i, h, ho, inv_h):
-                for b, wb in taps(j, w, wo, inv_w):
+            for a, wa in _taps(i, h, ho, inv_h, mode, align_corners):
+                for b, wb in _taps(j, w, wo, inv_w, mode, align_corners):
                     out[:, :, i, j] += wa * wb * src[:, :, a, b]
     return out
 
@@ -450,24 +452,14 @@ def test_resize_bad_shapes():
 
 def resize_oracle_nd(x, out, scale=None, mode="trilinear", align_corners=False):
     """F.interpolate's N-D maps written out per output element (float64): the product of
-    the 1-D taps of every spatial axis, each axis by the same rule as resize_oracle."""
+    the 1-D taps of every spatial axis, each by the rule of resize_oracle."""
     src = x.numpy()
     sizes = x.shape[2:]
     inv = [1.0 / s for s in scale] if scale else [n / o for n, o in zip(sizes, out)]
-
-    def taps(i, size_in, size_out, inv_axis):
-        if mode == "nearest":
-            return [(min(int(np.floor(i * inv_axis)), size_in - 1), 1.0)]
-        if align_corners:
-            r = i * (size_in - 1) / (size_out - 1) if size_out > 1 else 0.0
-        else:
-            r = max((i + 0.5) * inv_axis - 0.5, 0.0)
-        i0 = min(int(np.floor(r)), size_in - 1)
-        return [(i0, 1 - (r - i0)), (min(i0 + 1, size_in - 1), r - i0)]
-
     y = np.zeros(x.shape[:2] + tuple(out))
     for pos in itertools.product(*(range(o) for o in out)):
-        per_axis = [taps(i, n, o, v) for i, n, o, v in zip(pos, sizes, out, inv)]
+        per_axis = [_taps(i, n, o, v, mode, align_corners)
+                    for i, n, o, v in zip(pos, sizes, out, inv)]
         for combo in itertools.product(*per_axis):
             weight = math.prod(w for _, w in combo)
             y[(slice(None), slice(None)) + pos] += weight * src[(slice(None), slice(None))
