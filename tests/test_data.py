@@ -640,6 +640,18 @@ def test_synthetic_video_is_deterministic_and_its_stream_augments():
     assert options["speed"] == [0.25, 1.5] and options["frames"] == 2
 
 
+def test_synthetic_video_per_frame_gives_the_same_scenes_as_images():
+    cfg = {"dataset": "synthetic_video", "size": 2, "frames": 3, "height": 32, "width": 32}
+    clips = make_dataset({**cfg, "normalize_target": False}, "test")
+    frames = make_dataset({**cfg, "normalize_target": False, "per_frame": True}, "test")
+    assert len(frames) == 6 and frames[4]["guide"].shape == (3, 32, 32)
+    for i in range(6):
+        for key in ("guide", "target", "gt_raw"):
+            torch.testing.assert_close(frames[i][key], clips[i // 3][key][:, i % 3], rtol=0, atol=0)
+    normalised = make_dataset({**cfg, "per_frame": True}, "test")[5]  # by the frame's own range
+    assert float(normalised["target"].min()) == 0 and float(normalised["target"].max()) == 1
+
+
 @pytest.mark.parametrize("cfg, words", [
     ({"dataset": "synthetic_video", "frames": 0}, "data.frames"),
     ({"dataset": "synthetic_video", "speed": [2, 1]}, "data.speed: min 2 is larger than max 1"),

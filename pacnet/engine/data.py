@@ -119,6 +119,9 @@ DATASETS: Dict[str, Dict[str, Any]] = {
         "pan": _p("number", "the camera pans by up to this many pixels per frame", 0.5, minimum=0),
         "drift": _p("number", "an object's depth changes by up to this fraction of the depth "
                     "range per frame", 0.01, minimum=0),
+        "per_frame": _p("boolean", "every frame a sample of its own (3 x H x W guides, size * "
+                        "frames samples): the same scenes for an image net run frame by frame",
+                        False),
     },
     "synthetic_seg": {
         **_SYNTH, **_SEG,
@@ -296,7 +299,7 @@ def make_dataset(data_cfg: Optional[Mapping[str, Any]], split: str, *, locate: O
             return SyntheticVideo(o["size"], o["height"], o["width"], frames=o["frames"],
                                   transform=joint, speed=tuple(o["speed"]), pan=o["pan"],
                                   drift=o["drift"], texture=o["texture"], noise=o["noise"],
-                                  split=split, **common)
+                                  per_frame=o["per_frame"], split=split, **common)
         if name == "nyu":
             return NYUDepthV2(o["root"], transform=joint, subset=o.get("subset", "train" if train else
                               ("val" if split == "val" else "test")), train_count=o["train_count"],

@@ -130,23 +130,44 @@ class SyntheticVideo(_Synthetic):
     (:func:`~pacnet.engine.synthetic.video_scene`): keys as :class:`SyntheticDepth`, each
     with the ``frames`` axis after the channels (``guide`` 3 x T x H x W, ``target``
     1 x T x H/f x W/f, ``gt`` and ``gt_raw`` 1 x T x H x W, ``target_range`` 1 x 2 over the
-    clip); depth in metres (1..10)."""
+    clip); depth in metres (1..10).
+
+    With ``per_frame`` every frame of every clip is a sample of its own (``size * frames``
+    image samples as :class:`SyntheticDepth`'s, clip ``i // frames``, frame
+    ``i % frames``): the same scenes for an image net applied frame by frame.
+    """
 
     def __init__(self, size: int = 64, height: int = 64, width: int = 64, *, frames: int = 8,
                  transform: JointTransform, speed: Tuple[float, float] = (0.25, 1.5),
                  pan: float = 0.5, drift: float = 0.01, texture: float = 0.06, noise: float = 0.02,
-                 **kw: Any) -> None:
+                 per_frame: bool = False, **kw: Any) -> None:
         super().__init__(size, height, width, **kw)
         self.frames, self.transform = int(frames), transform
         self.speed, self.pan = (float(speed[0]), float(speed[1])), float(pan)
         self.drift = float(drift)
         self.texture, self.noise = texture, noise
+        self.per_frame = bool(per_frame)
+        self._last: Tuple[int, Any] = (-1, None)  # the last clip made (frames come in order)
+
+    def __len__(self) -> int:
+        return self.size * (self.frames if self.per_frame else 1)
+
+    def clip(self, index: int) -> Tuple[np.ndarray, np.ndarray]:
+        """Clip ``index`` before the transform: (guide 3 x T x H x W, depth 1 x T x H x W)."""
+        if self._last[0] != index:
+            guide, depth, _ = video_scene(self.scene_rng(index), self.frames, self.height,
+                                          self.width, speed=self.speed, pan=self.pan,
+                                          drift=self.drift, texture=self.texture,
+                                          noise=self.noise)
+            self._last = (index, (guide, depth))
+        return self._last[1]
 
     def load(self, index: int, rng: np.random.Generator) -> Dict[str, np.ndarray]:
-        guide, depth, _ = video_scene(self.scene_rng(index), self.frames, self.height, self.width,
-                                      speed=self.speed, pan=self.pan, drift=self.drift,
-                                      texture=self.texture, noise=self.noise)
-        return self.transform(guide, depth, rng)
+        if not self.per_frame:
+            return self.transform(*self.clip(index), rng)
+        clip, frame = divmod(index, self.frames)
+        guide, depth = self.clip(clip)
+        return self.transform(guide[:, frame], depth[:, frame], rng)
 
 
 class SyntheticSegmentation(_Synthetic):
