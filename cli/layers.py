@@ -20,6 +20,7 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text  # plain text: docs write "[h, w]", which is not markup
 
     from pacnet import registry
     from pacnet.schema import layer_schema, net_schema
@@ -37,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
         table.add_column("summary", overflow="fold")
         for name in sorted(types):
             t = types[name]
-            table.add_row(name, _arity(t.bottoms), _arity(t.tops), (t.doc().splitlines() or [""])[0])
+            table.add_row(name, _arity(t.bottoms), _arity(t.tops),
+                          Text((t.doc().splitlines() or [""])[0]))
         console.print(table)
         return 0
     if args.type not in types:
@@ -57,8 +59,8 @@ def run(args: argparse.Namespace) -> int:
     for key, schema in t.params.items():
         required = key in t.required
         table.add_row(key + (" *" if required else ""), _kind(schema),
-                      json.dumps(schema["default"]) if "default" in schema else "",
-                      schema.get("description", ""))
+                      Text(json.dumps(schema["default"]) if "default" in schema else ""),
+                      Text(schema.get("description", "")))
     console.print(table)
     return 0
 

@@ -143,3 +143,13 @@ def test_5d_concat_and_slice_along_depth():
     torch.testing.assert_close(joined, torch.cat([a, b], dim=2))
     first, rest = run_layer(make_spec("Slice", n_tops=2, axis=2, slice_point=[2]), joined)
     assert torch.equal(first, a) and torch.equal(rest, b)
+
+
+def test_layer_docs_show_the_per_axis_forms(capsys):
+    from pacnet.cli.main import main
+
+    assert main(["layers", "Convolution"]) == 0
+    out = capsys.readouterr().out
+    assert "[d, h, w]" in out and "[h, w]" in out
+    assert main(["layers", "Pooling"]) == 0
+    assert "[d, h, w]" in capsys.readouterr().out
