@@ -184,12 +184,13 @@ def read_yaml(path: str) -> Any:
 def _merge(base: Any, override: Any) -> Any:
     """Deep-merge ``override`` into ``base``: dicts recursively (``_delete_: true`` replaces),
     ``layers`` lists by layer name (same name = merge, ``_delete_: true`` = drop, new =
-    append), everything else replaced."""
+    append; a name dropped earlier in the same list is new again), everything else
+    replaced."""
+    if isinstance(override, dict) and override.get("_delete_"):  # replace (also where nothing is)
+        out = copy.deepcopy(override)
+        del out["_delete_"]
+        return out
     if isinstance(base, dict) and isinstance(override, dict):
-        if override.get("_delete_"):
-            out = copy.deepcopy(override)
-            del out["_delete_"]
-            return out
         out = copy.deepcopy(base)
         for key, value in override.items():
             if key == "layers" and isinstance(out.get(key), list) and isinstance(value, list):
@@ -197,7 +198,7 @@ def _merge(base: Any, override: Any) -> Any:
             elif key in out:
                 out[key] = _merge(out[key], value)
             else:
-                out[key] = copy.deepcopy(value)
+                out[key] = _merge(None, value)
             if isinstance(out, MarkedDict) and isinstance(override, MarkedDict) and key in override.locs:
                 out.locs[key] = override.locs[key]
         return out
@@ -213,6 +214,7 @@ def _merge_layers(base: List[Any], override: List[Any]) -> List[Any]:
             i = index[name]
             if layer.get("_delete_"):
                 out[i] = None
+                del index[name]  # the name is free again: a later entry adds a new layer
             else:
                 out[i] = _merge(out[i], layer)
         else:
