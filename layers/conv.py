@@ -166,8 +166,9 @@ class Convolution(Layer):
         geo = _check_conv_common(spec)
         # Fillers are checked against the real weight shape in infer(); here only what
         # needs no bottom shape.
-        if spec["weight_filler"].get("type") == "bilinear" and geo.kernel[0] != geo.kernel[1]:
-            raise spec.error("weight_filler: the bilinear filler needs a square kernel, got "
+        kind = spec["weight_filler"].get("type")
+        if kind in ("bilinear", "bilinear_diagonal") and geo.kernel[0] != geo.kernel[1]:
+            raise spec.error(f"weight_filler: the {kind} filler needs a square kernel, got "
                              f"{geo.kernel[0]}x{geo.kernel[1]}", key="weight_filler")
 
     def _weight_shape(self, spec: LayerSpec, shape: Shape) -> Shape:
@@ -235,13 +236,16 @@ class Deconvolution(Layer):
     Blobs: ``weight`` [C, num_output/group, kernel_h, kernel_w] (Caffe's and PyTorch's
     layout), ``bias`` [num_output].  With ``weight_filler: {type: bilinear}`` every
     (in, out) slice gets the same bilinear kernel, so use ``group: C`` (num_output = C) for
-    per-channel upsampling, as Caffe's filler documentation says.
+    per-channel upsampling, as Caffe's filler documentation says; ``bilinear_diagonal``
+    starts a dense (group 1) C -> C deconvolution as the same per-channel upsampling, the
+    form of FCN's learnable upscore layers.
     """
 
     params = {k: v for k, v in CONV_PARAMS.items()}
     params["num_output"] = {**POSITIVE_INT, "description": "number of output channels O"}
     params["weight_filler"] = filler("initialiser of the weight blob [C, O/g, kh, kw] "
-                                     "(Caffe default: constant 0; 'bilinear' for upsampling)")
+                                     "(Caffe default: constant 0; 'bilinear' or "
+                                     "'bilinear_diagonal' for upsampling)")
     params["bottom_is_im2col"] = {"type": "boolean", "default": False,
                                   "description": "not supported for Deconvolution (must be false)"}
     required = ("num_output",)
@@ -254,8 +258,9 @@ class Deconvolution(Layer):
         if spec["bottom_is_im2col"]:
             raise spec.error("bottom_is_im2col is only supported by Convolution",
                              key="bottom_is_im2col", hint="remove bottom_is_im2col")
-        if spec["weight_filler"].get("type") == "bilinear" and geo.kernel[0] != geo.kernel[1]:
-            raise spec.error("weight_filler: the bilinear filler needs a square kernel, got "
+        kind = spec["weight_filler"].get("type")
+        if kind in ("bilinear", "bilinear_diagonal") and geo.kernel[0] != geo.kernel[1]:
+            raise spec.error(f"weight_filler: the {kind} filler needs a square kernel, got "
                              f"{geo.kernel[0]}x{geo.kernel[1]}", key="weight_filler")
 
     def infer(self, spec: LayerSpec, shapes: List[Shape]) -> List[Shape]:
@@ -345,9 +350,9 @@ class InnerProduct(Layer):
     blobs = ("weight", "bias")
 
     def check(self, spec: LayerSpec) -> None:
-        if spec["weight_filler"].get("type") == "bilinear":
-            raise spec.error("weight_filler: the bilinear filler needs a 4-D blob; the "
-                             "InnerProduct weight is 2-D", key="weight_filler",
+        if spec["weight_filler"].get("type") in ("bilinear", "bilinear_diagonal"):
+            raise spec.error(f"weight_filler: the {spec['weight_filler']['type']} filler needs a "
+                             "4-D blob; the InnerProduct weight is 2-D", key="weight_filler",
                              hint="use gaussian, xavier or msra")
         problem = filler_problem(spec["weight_filler"], (1, 1))  # the rest is shape-free
         if problem:

@@ -23,7 +23,7 @@ VGG16_CONVS = sum(_conv(a, b, 3) for a, b in [(3, 64), (64, 64), (64, 128), (128
                                                 (256, 256), (256, 512), (512, 512), (512, 512), (512, 512),
                                                 (512, 512), (512, 512)])
 FCN8S = (VGG16_CONVS + _conv(512, 4096, 7) + _conv(4096, 4096, 1) + _conv(4096, 21, 1) + _conv(512, 21, 1)
-         + _conv(256, 21, 1) + 21 * (4 * 4 + 4 * 4 + 16 * 16))  # upsampling: group 21, one kernel per class
+         + _conv(256, 21, 1) + 21 * 21 * (4 * 4 + 4 * 4 + 16 * 16))  # upsampling: dense 21 x 21 x k x k
 
 
 
@@ -78,7 +78,7 @@ def _nl_head(mode):
 
 
 FCN8S_ALTPAD = FCN8S                             # same layers, other paddings
-FCN8SPAC = FCN8S - 21 * 16 * 16                  # upscore8 replaced by bilinear interpolation
+FCN8SPAC = FCN8S - 21 * 21 * 16 * 16             # upscore8 replaced by bilinear interpolation
 CRF_P4D5641P4D5161 = 2 * 21 * 21 * 5 * 5 + 1 + 2 + 2 * 3  # 4d messengers, unary + 2 pairwise weights, feat scales
 
 # name -> (build kwargs, {blob: shape}, parameter count of the reference architecture)
@@ -355,6 +355,52 @@ def test_deeplab_v2_vgg16_aspp_computes_what_the_caffe_test_net_computes():
         got = zoo(x)
     assert got["fc8_interp"].shape == (1, 21, 33, 33)
     torch.testing.assert_close(got["fc8_interp"], want["fc8_interp"], rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- FCN-8s vs Caffe's voc-fcn8s
+
+FCN_NARROW = {**{f"layers.{n}.num_output": 8 for n in ("conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1",
+                                                       "conv3_2", "conv3_3", "conv4_1", "conv4_2", "conv4_3",
+                                                       "conv5_1", "conv5_2", "conv5_3")},
+              "layers.fc6.num_output": 16, "layers.fc7.num_output": 16}
+
+
+@needs_graphs
+def test_fcn8s_takes_the_weights_of_caffes_voc_fcn8s(tmp_path):
+    """voc-fcn8s stores its upscore blobs dense (21 x 21 x k x k): a caffemodel of its deploy net
+    (narrowed, with random, non-diagonal upsampling weights) converts, loads strictly into
+    fcn/fcn8s, and the two compute the same scores."""
+    from pacnet.caffemodel import convert_caffemodel, write_caffemodel
+
+    caffe = _caffe("fcn/voc-fcn8s/deploy.prototxt", overrides={**FCN_NARROW, "layers.input.shape": [[1, 3, 64, 64]]})
+    zoo = pacnet.build("fcn/fcn8s", inputs={"data": (1, 3, 64, 64)}, overrides=FCN_NARROW)
+    assert caffe.state_dict()["upscore2.weight"].shape == zoo.state_dict()["upscore2.weight"].shape == (21, 21, 4, 4)
+    g = torch.Generator().manual_seed(5)
+    state = caffe.state_dict()
+    layers = [(n.name, n.type, [0.1 * torch.randn(state[f"{n.name}.{b}"].shape, generator=g).numpy()
+                                for b in ("weight", "bias") if f"{n.name}.{b}" in state])
+              for n in caffe.ir.nodes if f"{n.name}.weight" in state]
+    write_caffemodel(layers, tmp_path / "voc-fcn8s.caffemodel")
+    convert_caffemodel(tmp_path / "voc-fcn8s.caffemodel", caffe, tmp_path / "fcn8s.safetensors")
+    pacnet.load_weights(caffe, tmp_path / "fcn8s.safetensors")
+    pacnet.load_weights(zoo, tmp_path / "fcn8s.safetensors")
+    x = torch.randn(1, 3, 64, 64, generator=g) * 50
+    with torch.no_grad():
+        want, got = caffe(x)["score"], zoo(x)["score"]
+    assert got.shape == (1, 21, 64, 64)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_fcn_upscore_starts_as_per_class_bilinear_upsampling():
+    net = pacnet.build("fcn/fcn8s_altpad", inputs={"data": (1, 3, 32, 32)}, overrides=FCN_NARROW)
+    w = net.state_dict()["upscore2.weight"]
+    assert w.shape == (21, 21, 4, 4) and dict(net.param_specs)["upscore2.weight"][0] == 0
+    taps = torch.tensor([0.25, 0.75, 0.75, 0.25])
+    torch.testing.assert_close(w[3, 3], taps[:, None] * taps[None, :])
+    assert w.sum() == 21 * taps.sum() ** 2  # zero off the diagonal
+    x = torch.randn(1, 21, 5, 5, generator=torch.Generator().manual_seed(0))
+    up = torch.nn.functional.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(net.get_submodule("upscore2")(x)[..., 1:-1, 1:-1], up[..., 1:-1, 1:-1])
 
 
 # ----------------------------------------------------------------------------- FCN-8s + PAC-CRF
