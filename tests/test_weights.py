@@ -14,7 +14,7 @@ import pacnet
 from pacnet.engine.checkpoint import load_weights as read_safetensors
 from pacnet.engine.checkpoint import save_weights
 from pacnet.errors import DataError, LoadError, SchemaError
-from pacnet.weights import convert, match, read_state_dict
+from pacnet.weights import convert, match, read_state_dict, suggest_nets
 
 # A small net whose layer names differ from its source model's module names.
 NET = {
@@ -272,3 +272,14 @@ def test_convert_writes_the_nets_names_atomically_and_nothing_on_failure(tmp_pat
         convert(net, out, out)
     with pytest.raises(LoadError, match="does not exist"):
         convert(net, src, tmp_path / "no" / "x.safetensors")
+
+
+def test_a_file_of_another_zoo_net_is_named(tmp_path):
+    x4 = pacnet.build("jointupsample/pac_joint_upsample_x4", device="meta")
+    path = tmp_path / "x4.pth"
+    torch.save({k.replace("/", "."): torch.zeros(v.shape) for k, v in x4.state_dict().items()}, path)
+    assert suggest_nets([path])[:1] == ["jointupsample/pac_joint_upsample_x4"]
+    x8 = pacnet.build("jointupsample/pac_joint_upsample_x8", device="meta")
+    with pytest.raises(DataError, match=r"x4.pth does not fit net pac_joint_upsample_x8 \(mapped as NVlabs") as info:
+        match(x8, path)
+    assert info.value.hint.startswith("the file fits zoo net jointupsample/pac_joint_upsample_x4")

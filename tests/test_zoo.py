@@ -1,16 +1,13 @@
 """The nets/ zoo: every net builds, with the reference architectures' shapes and sizes."""
 
-import collections
-import math
 import os
 import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 import pacnet
+from nvlabs_reference import JOINT_MODELS
 from pacnet.api import parameter_count
 from pacnet.load import zoo_names
 
@@ -122,6 +119,8 @@ EXPECTED = {
                           "conv5_3": (1, 512, 32, 32), "score": (1, 21, 512, 512)}, FCN8SPAC),
     "fcn/fcn8s_crfi5p4d5641p4d5161": ({}, {"score": (1, 21, 500, 500), "edge_feat1": (1, 3, 500, 500),
                                            "crf": (1, 21, 500, 500)}, FCN8S + CRF_P4D5641P4D5161),
+    "jointupsample/djif_x4": ({}, {"target_up": (1, 1, 256, 256), "pred": (1, 1, 256, 256)}, 56_323),
+    "jointupsample/djif_x16": ({}, {"target_up": (1, 1, 256, 256), "pred": (1, 1, 256, 256)}, 56_323),
 }
 
 
@@ -155,90 +154,32 @@ def test_zoo_nets_run_forward_and_train_phase(name, size):
 
 # ----------------------------------------------------------------------------- PAC joint upsampling
 
-class _RefJointUpsample(nn.Module):
-    """PacJointUpsample written from pac.md section 3 with the original's module names
-    (branch_t.conv1, up_convts.0, ...): the oracle for the zoo graphs and their key mapping."""
-
-    def __init__(self, factor, t, g, k_ch, f):
-        super().__init__()
-        from pacnet.pac import PacConvTranspose2d
-
-        self.factor, self.k_ch, n = factor, k_ch, int(math.log2(factor))
-
-        def branch(chans, relu_last=False):
-            layers = []
-            for i in range(len(chans) - 1):
-                layers.append((f"conv{i + 1}", nn.Conv2d(chans[i], chans[i + 1], 5, padding=2)))
-                if i < len(chans) - 2:
-                    layers.append((f"relu{i + 1}", nn.ReLU()))
-            return nn.Sequential(collections.OrderedDict(layers))
-
-        self.branch_t = branch((1,) + t)
-        self.branch_g = branch((3,) + g + (k_ch * n,))
-        chans = (t[-1],) + f + (1,)
-        self.up_convts = nn.ModuleList(PacConvTranspose2d(chans[i], chans[i + 1], 5, stride=2, padding=2,
-                                                          output_padding=1) for i in range(n))
-        self.branch_f = branch(chans[n:])
-
-    def forward(self, target, guide):
-        x, g = self.branch_t(target), self.branch_g(guide)
-        for i, up in enumerate(self.up_convts):
-            scale = 2 ** (i + 1) / self.factor
-            gi = g[:, i * self.k_ch:(i + 1) * self.k_ch]
-            if scale != 1:
-                gi = F.interpolate(gi, scale_factor=scale, mode="bilinear", align_corners=False)
-            x = F.relu(up(x, gi))
-        return self.branch_f(x)
-
-
-class _RefDJIF(nn.Module):
-    """DJIF from pac.md section 3 (unnamed nn.Sequentials, as the original)."""
-
-    def __init__(self, factor):
-        super().__init__()
-        self.factor = factor
-
-        def branch(cin, n1, n2, pads):
-            return nn.Sequential(nn.Conv2d(cin, n1, 9, padding=pads[0]), nn.ReLU(), nn.Conv2d(n1, n2, 1, padding=pads[1]),
-                                 nn.ReLU(), nn.Conv2d(n2, 1, 5, padding=pads[2]))
-
-        self.branch_t, self.branch_g = branch(1, 96, 48, (2, 2, 2)), branch(3, 96, 48, (2, 2, 2))
-        self.branch_joint = branch(2, 64, 32, (4, 0, 2))
-
-    def forward(self, target, guide):
-        if target.shape[-1] < guide.shape[-1]:
-            target = F.interpolate(target, scale_factor=self.factor, mode="bilinear", align_corners=False)
-        return self.branch_joint(torch.cat((self.branch_t(target), self.branch_g(guide)), dim=1))
-
-
-JOINT_REFERENCES = {
-    "pac_joint_upsample_x8": lambda: _RefJointUpsample(8, (32, 32, 32), (32, 32), 16, (32,) * 4),
-    "pac_joint_upsample_lite_x4": lambda: _RefJointUpsample(4, (12, 16, 22), (12, 22), 12, (12, 16, 22)),
-    "pac_joint_upsample_lite_x16": lambda: _RefJointUpsample(16, (8, 16, 16), (8, 16), 10, (8, 16, 16, 16, 16)),
-    "djif_x8": lambda: _RefDJIF(8),
-}
-
-
-@pytest.mark.parametrize("name", sorted(JOINT_REFERENCES))
-def test_joint_upsampling_nets_equal_the_reference_modules(name):
-    """Zoo weights load strictly into the original's module layout ('/' -> '.') and the two
-    compute the same prediction (float64, a 3 x 2 low-res target)."""
+@pytest.mark.parametrize("name", sorted(JOINT_MODELS))
+def test_joint_upsampling_nets_take_the_originals_files_and_compute_its_outputs(name, tmp_path):
+    """A state_dict of the original model (written from pac.md §3; saved in torch's legacy
+    format, as the published files are, for half of the nets) loads strictly through the
+    net's weights_from rules, and the two compute the same prediction (float64, a 3 x 2
+    low-res target; a 2-channel one too, which both run channel by channel)."""
     factor = int(name.rsplit("x", 1)[1])
     h, w = 3, 2
-    net = pacnet.build(f"jointupsample/{name}", inputs={"target": (2, 1, h, w), "guide": (2, 3, h * factor, w * factor)})
-    net = net.double()
-    ref = JOINT_REFERENCES[name]().double()
-    state = {k.replace("/", "."): v for k, v in net.state_dict().items()}
-    ref.load_state_dict(state, strict=True)
-    assert parameter_count(net) == sum(p.numel() for p in ref.parameters())
-    g = torch.Generator().manual_seed(0)
-    target = torch.rand(2, 1, h, w, generator=g, dtype=torch.float64)
-    guide = torch.rand(2, 3, h * factor, w * factor, generator=g, dtype=torch.float64)
-    with torch.no_grad():
-        out = net(target, guide)
-        want = ref(target, guide)
-    assert set(out) == {"pred"}
-    torch.testing.assert_close(out["pred"], want, rtol=1e-10, atol=1e-10)
+    torch.manual_seed(0)
+    ref = JOINT_MODELS[name]().double()
+    path = tmp_path / "weights_epoch_5000.pth"
+    torch.save(ref.state_dict(), path, _use_new_zipfile_serialization=bool(len(name) % 2))
+    for channels in (1, 2):
+        net = pacnet.build(name, inputs={"target": (2, channels, h, w), "guide": (2, 3, h * factor, w * factor)},
+                           vars={"CHANNELS": channels}).double()
+        result = pacnet.load_weights(net, path)
+        assert result.files[0].source.name == "nvlabs" and len(result.tensors) == len(ref.state_dict())
+        assert parameter_count(net) == sum(p.numel() for p in ref.parameters())
+        g = torch.Generator().manual_seed(channels)
+        target = torch.rand(2, channels, h, w, generator=g, dtype=torch.float64)
+        guide = torch.rand(2, 3, h * factor, w * factor, generator=g, dtype=torch.float64)
+        with torch.no_grad():
+            out = net(target, guide)
+            want = ref(target, guide)
+        assert set(out) == {"pred"} and out["pred"].shape == (2, channels, h * factor, w * factor)
+        torch.testing.assert_close(out["pred"], want, rtol=1e-10, atol=1e-10)
 
 
 def test_joint_upsampling_train_phase_has_gt_and_a_loss_that_reaches_the_pac_weights():
