@@ -442,6 +442,8 @@ def param_groups(model: nn.Module, param_specs: Optional[Mapping[str, Any]] = No
         lr, decay = _mults(specs[key], key) if key in specs else (1.0, 1.0)
         override = lr_override(key)
         if override is not None:
+            if lr == 0 and override > 0:
+                tensor.requires_grad_(True)  # frozen by its lr_mult 0 (codegen), thawed here
             lr = float(override)
         if lr == 0:
             frozen.append(key)
