@@ -400,7 +400,8 @@ def match(net: torch.nn.Module, paths: Union[PathLike, Iterable[PathLike]], *, s
         if suggest:
             fits = suggest_nets([f.path for f in files], exclude=name)
             if fits:
-                hint = f"the file fits zoo net {' and '.join(fits)}" + (f"; {hint}" if hint else "")
+                nets = f"net {fits[0]}" if len(fits) == 1 else f"nets {', '.join(fits)}"
+                hint = f"the file fits zoo {nets}" + (f"; {hint}" if hint else "")
         raise DataError(message, hint=hint)
     return result
 

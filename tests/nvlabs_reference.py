@@ -2,7 +2,9 @@
 plain torch modules with the original's module names, so their state_dicts have the
 original's keys and shapes: the oracles of the zoo nets and of pacnet.weights.
 
-Every class takes the original's constructor arguments that matter for its layout.
+Every class takes the original's constructor arguments that matter for its layout; the
+FCN backbones also take ``widths`` (the 13 VGG convolutions and fc6/fc7) so forward tests
+can run at a small size, with the real layout's keys.
 """
 
 import collections
@@ -12,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pacnet.pac import PacConvTranspose2d
+from pacnet.crf import PacCRF, PacCRFLoose, create_position_feats, create_YXRGB
+from pacnet.pac import PacConv2d, PacConvTranspose2d
 
 # ----------------------------------------------------------------------------- joint upsampling
 
@@ -105,3 +108,142 @@ JOINT_MODELS = {  # zoo net -> the original's model
        for f in (4, 8, 16)},
     **{f"jointupsample/djif_x{f}": (lambda f=f: DJIF(f)) for f in (4, 8, 16)},
 }
+
+# ----------------------------------------------------------------------------- FCN-8s
+
+VGG = (64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512, 4096, 4096)
+VGG_NAMES = ("conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1", "conv3_2", "conv3_3", "conv4_1",
+             "conv4_2", "conv4_3", "conv5_1", "conv5_2", "conv5_3", "fc6", "fc7")
+
+
+def upsampling_weight(c, k):
+    """The bilinear kernel on the diagonal of a c x c x k x k blob (pytorch-fcn)."""
+    factor = (k + 1) // 2
+    center = factor - 1 if k % 2 == 1 else factor - 0.5
+    og = torch.arange(k, dtype=torch.float64)
+    filt = (1 - (og - center).abs() / factor)
+    w = torch.zeros(c, c, k, k, dtype=torch.float64)
+    for i in range(c):
+        w[i, i] = filt[:, None] * filt[None, :]
+    return w
+
+
+class FCN8s(nn.Module):
+    """pac.md §2.1-2.2: pytorch-fcn's names; ``altpad`` for FCN8sAltPad, ``pac`` for FCN8sPac."""
+
+    def __init__(self, n_class=21, widths=VGG, altpad=False, pac=False):
+        super().__init__()
+        self.altpad, self.pac = altpad or pac, pac
+        cin = 3
+        for i, (name, cout) in enumerate(zip(VGG_NAMES, widths)):
+            if name == "fc6":
+                layer = nn.Conv2d(cin, cout, 7, padding=3 if self.altpad else 0)
+            elif name == "fc7":
+                layer = nn.Conv2d(cin, cout, 1)
+            elif pac and name in ("conv3_3", "conv4_3", "conv5_3"):
+                layer = PacConv2d(cin, cout, 3, padding=1)
+            else:
+                layer = nn.Conv2d(cin, cout, 3, padding=100 if (name == "conv1_1" and not self.altpad) else 1)
+            setattr(self, name, layer)
+            cin = cout
+        self.score_fr = nn.Conv2d(widths[14], n_class, 1)
+        self.score_pool3 = nn.Conv2d(widths[6], n_class, 1)
+        self.score_pool4 = nn.Conv2d(widths[9], n_class, 1)
+        p = 1 if self.altpad else 0
+        self.upscore2 = nn.ConvTranspose2d(n_class, n_class, 4, stride=2, padding=p, bias=False)
+        self.upscore8 = nn.ConvTranspose2d(n_class, n_class, 16, stride=8, padding=4 * p, bias=False)
+        self.upscore_pool4 = nn.ConvTranspose2d(n_class, n_class, 4, stride=2, padding=p, bias=False)
+
+    def forward(self, x):
+        h, guide = x, None
+        pools = {}
+        for name in VGG_NAMES[:13]:
+            layer = getattr(self, name)
+            if isinstance(layer, PacConv2d):
+                scale = {"conv3_3": 0.5, "conv4_3": 0.25, "conv5_3": 0.125}[name]
+                g = F.interpolate(guide, scale_factor=scale, mode="bilinear", align_corners=False)
+                h = F.relu(layer(h, g * 0.0001))
+            else:
+                h = F.relu(layer(h))
+            if name == "conv2_2":
+                guide = h
+            if name in ("conv1_2", "conv2_2", "conv3_3", "conv4_3", "conv5_3"):
+                h = F.max_pool2d(h, 2, 2, ceil_mode=True)
+                pools[name[4]] = h
+        h = F.relu(self.fc7(F.relu(self.fc6(h))))
+        up2 = self.upscore2(self.score_fr(h))
+        s4 = self.score_pool4(pools["4"])
+        if not self.altpad:
+            s4 = s4[:, :, 5:5 + up2.shape[2], 5:5 + up2.shape[3]]
+        up4 = self.upscore_pool4(up2 + s4)
+        s3 = self.score_pool3(pools["3"])
+        if not self.altpad:
+            s3 = s3[:, :, 9:9 + up4.shape[2], 9:9 + up4.shape[3]]
+        h = up4 + s3
+        if self.pac:
+            return F.interpolate(h, scale_factor=8, mode="bilinear", align_corners=False)
+        h = self.upscore8(h)
+        return h if self.altpad else h[:, :, 31:31 + x.shape[2], 31:31 + x.shape[3]]
+
+
+def fcn_backbone(name, widths=VGG):
+    return {"fcn8s": lambda: FCN8s(widths=widths), "fcn8saltpad": lambda: FCN8s(widths=widths, altpad=True),
+            "fcn8spac": lambda: FCN8s(widths=widths, pac=True)}[name]()
+
+
+# ----------------------------------------------------------------------------- CRF models
+
+
+def parse_edges(edges):
+    """'p4d5641p4d5161' -> kernel dicts (pac.md §2.1)."""
+    out = []
+    for s in edges.split("p")[1:]:
+        n = 3 if s[2] == "s" else 2
+        t, k, d, b = s[:n], s[n], s[n + 1:-1], s[-1]
+        out.append(dict(kernel_size=int(k), dilation=int(d), blur=int(b),
+                        compat_type="potts" if t.startswith("0d") else t[:2],
+                        spatial_filter=t.endswith("s"), pairwise_weight=1.0))
+    return out
+
+
+class ModelWithCrf(nn.Module):
+    """pac.md §2.1: backbone + PacCRF(Loose) on image / feat_scales.<i> (use_yx False)."""
+
+    def __init__(self, backbone, num_steps=5, edges="p4d5641p4d5161", loose=False):
+        super().__init__()
+        self.backbone = backbone
+        kernels = parse_edges(edges)
+        crf = PacCRFLoose if loose else PacCRF
+        self.crf = crf(21, num_steps, perturbed_init=True, fixed_weighting=False, unary_weight=1.0,
+                       pairwise_kernels=kernels)
+        self.feat_scales = nn.ParameterList(nn.Parameter(torch.full((3,), 30.0)) for _ in kernels)
+
+    def forward(self, x):
+        unary = self.backbone(x)
+        return self.crf(unary, [x * (1.0 / s.view(-1, 1, 1)) for s in self.feat_scales])
+
+    def load_tied(self, state):
+        """The original's load_state_dict(strict=False) of a tied CRF's file into a loose model."""
+        state = dict(state)
+        if isinstance(self.crf, PacCRFLoose) and not any(k.startswith("crf.steps.") for k in state):
+            for key in [k for k in state if k.startswith("crf.")]:
+                for step in range(len(self.crf.steps)):
+                    state[f"crf.steps.{step}.{key[4:]}"] = state[key]
+        return self.load_state_dict(state, strict=False)
+
+
+class ModelWithConvCrf(nn.Module):
+    """pac.md §2.1 and the original's create_model('..._convcrf')."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+        kernel = dict(kernel_size=11, dilation=1, blur=4, compat_type="2d", spatial_filter=False)
+        self.crf = PacCRF(21, 5, perturbed_init=True, fixed_weighting=False, unary_weight=0.8,
+                          pairwise_kernels=[dict(kernel, pairwise_weight=2.0), dict(kernel, pairwise_weight=0.6)])
+
+    def forward(self, x):
+        unary = self.backbone(x)
+        feats = [create_YXRGB(x, 80.0, 13.0), create_position_feats(x.shape[2:], 3.0, bs=x.shape[0],
+                                                                    dtype=x.dtype)]
+        return self.crf(unary, feats)

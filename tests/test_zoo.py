@@ -76,7 +76,11 @@ def _nl_head(mode):
 
 FCN8S_ALTPAD = FCN8S                             # same layers, other paddings
 FCN8SPAC = FCN8S - 21 * 21 * 16 * 16             # upscore8 replaced by bilinear interpolation
-CRF_P4D5641P4D5161 = 2 * 21 * 21 * 5 * 5 + 1 + 2 + 2 * 3  # 4d messengers, unary + 2 pairwise weights, feat scales
+CRF_STEP = 2 * 21 * 21 * 5 * 5 + 1 + 2           # two 4d messengers, unary + 2 pairwise weights
+CRF_P4D5641P4D5161 = CRF_STEP + 2 * 3            # + the feature scales of the two kernels
+CRF_LOOSE = 5 * CRF_STEP + 2 * 3                 # a CRF per mean-field step
+CRF_P4D5321 = 21 * 21 * 5 * 5 + 1 + 1 + 3        # one kernel
+CONVCRF = 2 * 21 * 21 + 1 + 2                    # two 2d compat 1x1 convs (the box filters are buffers)
 
 # name -> (build kwargs, {blob: shape}, parameter count of the reference architecture)
 EXPECTED = {
@@ -119,6 +123,14 @@ EXPECTED = {
                           "conv5_3": (1, 512, 32, 32), "score": (1, 21, 512, 512)}, FCN8SPAC),
     "fcn/fcn8s_crfi5p4d5641p4d5161": ({}, {"score": (1, 21, 500, 500), "edge_feat1": (1, 3, 500, 500),
                                            "crf": (1, 21, 500, 500)}, FCN8S + CRF_P4D5641P4D5161),
+    "fcn/fcn8sfrozen_crfi5p4d5641p4d5161": ({}, {"crf": (1, 21, 500, 500)}, FCN8S + CRF_P4D5641P4D5161),
+    "fcn/fcn8s_crfi5lp4d5641p4d5161": ({}, {"crf": (1, 21, 500, 500)}, FCN8S + CRF_LOOSE),
+    "fcn/fcn8s_crfi5p4d5321": ({}, {"edge_feat0": (1, 3, 500, 500), "crf": (1, 21, 500, 500)},
+                               FCN8S + CRF_P4D5321),
+    "fcn/fcn8s_convcrf": ({}, {"edge_feat0": (1, 5, 500, 500), "edge_feat1": (1, 2, 500, 500),
+                               "crf": (1, 21, 500, 500)}, FCN8S + CONVCRF),
+    "fcn/fcn8spac_crfi5p4d5641p4d5161": ({}, {"crf": (1, 21, 512, 512)}, FCN8SPAC + CRF_P4D5641P4D5161),
+    "fcn/fcn8spac_crfi5lp4d5641p4d5161": ({}, {"crf": (1, 21, 512, 512)}, FCN8SPAC + CRF_LOOSE),
     "jointupsample/djif_x4": ({}, {"target_up": (1, 1, 256, 256), "pred": (1, 1, 256, 256)}, 56_323),
     "jointupsample/djif_x16": ({}, {"target_up": (1, 1, 256, 256), "pred": (1, 1, 256, 256)}, 56_323),
 }
