@@ -3,7 +3,7 @@
     pacnet train nets/jointupsample/pac_joint_upsample_x8.yaml
     pacnet train NET --work-dir runs/a --set solver.max_iter=200 --set data.batch_size=2
     pacnet train NET --resume                    # continue from the work dir's latest checkpoint
-    pacnet train NET --weights init.safetensors  # start from weights (Caffe's -weights)
+    pacnet train NET --weights init.safetensors  # start from weights (Caffe's -weights; .pth too)
     torchrun --nproc-per-node 2 -m pacnet train NET
 
 Everything goes to the work dir (default ``work_dirs/<net name>``): ``config.yaml``,
@@ -48,9 +48,10 @@ def add_parser(sub) -> None:
     start.add_argument("--resume", nargs="?", const=True, default=None, metavar="CKPT",
                        help="continue from the work dir's latest checkpoint (a new run if it has none), "
                             "or from the checkpoint CKPT (.safetensors or .state.pt)")
-    start.add_argument("--weights", action="append", default=[], metavar="W.safetensors",
-                       help="initialise from these weights (blobs matched by name, as Caffe's "
-                            "-weights); repeatable or comma-separated")
+    start.add_argument("--weights", action="append", default=[], metavar="W",
+                       help="initialise from these weights: .safetensors, or .pth/.pt/.pth.tar the "
+                            "net's weights_from maps (blobs matched by name, as Caffe's -weights); "
+                            "repeatable or comma-separated")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override a value, e.g. solver.base_lr=0.01 or data.batch_size=2; repeatable")
     p.add_argument("--var", action="append", default=[], metavar="NAME=VALUE", dest="vars",

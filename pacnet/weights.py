@@ -364,14 +364,16 @@ def _listed(items: Sequence[str], limit: int = 3) -> str:
 
 
 def match(net: torch.nn.Module, paths: Union[PathLike, Iterable[PathLike]], *, strict: bool = True,
-          source: Optional[str] = None, suggest: bool = True) -> Matched:
+          allow_unused: bool = False, source: Optional[str] = None, suggest: bool = True) -> Matched:
     """Read ``paths`` (one file or several, later ones overriding earlier ones) and map them
     onto ``net`` (a net built by :func:`pacnet.build`), checking every key and shape.
 
-    ``source`` forces one ``weights_from`` entry (or ``"pacnet"``) instead of the best one.
-    Raises :class:`DataError` when an entry lands on no blob or on one of another shape,
-    when a file gives the net nothing, and (``strict``) when a blob of the net is not given;
-    with ``suggest``, the hint names the zoo nets that take the files."""
+    Raises :class:`DataError` when an entry lands on a blob of another shape, when a file
+    gives the net nothing, when a blob of the net is not given (``strict``) and when an
+    entry lands on no blob (unless ``allow_unused``: then it is only reported, as Caffe's
+    ``-weights`` skips layers the net lacks).  ``source`` forces one ``weights_from`` entry
+    (or ``"pacnet"``) instead of the best one; with ``suggest``, the hint of an error names
+    the zoo nets that take the files."""
     name = _net_name(net)
     declared = sources(getattr(net, "config", None) or {}, file=getattr(getattr(net, "ir", None),
                                                                        "source", None))
@@ -394,7 +396,7 @@ def match(net: torch.nn.Module, paths: Union[PathLike, Iterable[PathLike]], *, s
     given = set(tensors)
     missing = [k for k in blobs if k not in given]
     result = Matched(name, files, tensors, missing)
-    problem = _problem(result, strict)
+    problem = _problem(result, strict, allow_unused)
     if problem is not None:
         message, hint = problem
         if suggest:
@@ -406,7 +408,7 @@ def match(net: torch.nn.Module, paths: Union[PathLike, Iterable[PathLike]], *, s
     return result
 
 
-def _problem(result: Matched, strict: bool) -> Optional[Tuple[str, Optional[str]]]:
+def _problem(result: Matched, strict: bool, allow_unused: bool) -> Optional[Tuple[str, Optional[str]]]:
     """(message, hint) of the first thing wrong with a match, or None."""
     for f in result.files:
         src = os.path.basename(f.path)
@@ -418,7 +420,7 @@ def _problem(result: Matched, strict: bool) -> Optional[Tuple[str, Optional[str]
             return (f"{src} does not fit net {result.net}{how}: {shown} has shape {list(have)} in "
                     f"the file but {list(want)} in the net{more}",
                     "the file belongs to another model or configuration")
-        if f.unexpected:
+        if f.unexpected and not allow_unused:
             return (f"{src} does not fit net {result.net}{how}: {len(f.unexpected)} of its "
                     f"entries have no place in the net ({_listed(f.unexpected)})",
                     "the file belongs to another model, or the net's weights_from rules miss "
@@ -444,12 +446,13 @@ def _net_name(net: torch.nn.Module) -> str:
 
 
 def load_weights(net: torch.nn.Module, paths: Union[PathLike, Iterable[PathLike]], *,
-                 strict: bool = True, source: Optional[str] = None) -> Matched:
+                 strict: bool = True, allow_unused: bool = False, source: Optional[str] = None) -> Matched:
     """Copy the weights of ``paths`` into ``net`` after :func:`match` accepted them.
 
-    ``strict=False`` keeps the initial values of the blobs no file gives (Caffe's
-    ``-weights``); entries without a place or of another shape are errors either way."""
-    result = match(net, paths, strict=strict, source=source)
+    ``strict=False`` keeps the initial values of the blobs no file gives and
+    ``allow_unused=True`` skips entries the net has no blob for (both: Caffe's
+    ``-weights``); an entry of another shape is an error either way."""
+    result = match(net, paths, strict=strict, allow_unused=allow_unused, source=source)
     state = net.state_dict()
     with torch.no_grad():
         for key, value in result.tensors.items():
@@ -460,11 +463,12 @@ def load_weights(net: torch.nn.Module, paths: Union[PathLike, Iterable[PathLike]
 def convert(net: torch.nn.Module, paths: Union[PathLike, Iterable[PathLike]], out: PathLike, *,
             strict: bool = True, source: Optional[str] = None) -> Matched:
     """Map ``paths`` onto ``net`` (a ``device="meta"`` build is enough) and write the blobs,
-    under the net's own names, to the safetensors file ``out`` (atomically).  Nothing is
-    written when a check fails."""
+    under the net's own names, to the safetensors file ``out`` (atomically).  ``strict``:
+    every blob of the net given and every entry used; otherwise what matches is written.
+    Nothing is written when a check fails."""
     from pacnet.engine.checkpoint import save_weights
 
-    result = match(net, paths, strict=strict, source=source)
+    result = match(net, paths, strict=strict, allow_unused=not strict, source=source)
     target = os.fspath(out)
     inputs = {os.path.abspath(f.path) for f in result.files}
     if os.path.abspath(target) in inputs:

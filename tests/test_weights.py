@@ -283,3 +283,85 @@ def test_a_file_of_another_zoo_net_is_named(tmp_path):
     with pytest.raises(DataError, match=r"x4.pth does not fit net pac_joint_upsample_x8 \(mapped as NVlabs") as info:
         match(x8, path)
     assert info.value.hint.startswith("the file fits zoo net") and "jointupsample/pac_joint_upsample_x4" in info.value.hint
+
+
+# ----------------------------------------------------------------------------- command line
+
+X8 = "jointupsample/pac_joint_upsample_x8"
+
+
+def _x8_original(tmp_path, seed=0):
+    """A state_dict of the original PacJointUpsample(factor=8), as its published files."""
+    from nvlabs_reference import JOINT_MODELS
+
+    torch.manual_seed(seed)
+    path = tmp_path / "x8_pac_weights_epoch_5000.pth"
+    torch.save(JOINT_MODELS[X8]().state_dict(), path, _use_new_zipfile_serialization=False)
+    return path
+
+
+def test_cli_convert_test_and_train_take_the_originals_pth(tmp_path, capsys):
+    from pacnet.cli.main import main
+
+    pth = _x8_original(tmp_path)
+    assert main(["convert", X8, "--weights", str(pth)]) == 0
+    err = capsys.readouterr().err
+    assert "wrote" in err and "x8_pac_weights_epoch_5000.safetensors (22 blobs of pac_joint_upsample_x8" in err
+    assert "as NVlabs/pacnet task_jointUpsampling PacJointUpsample" in err
+    converted, _ = read_safetensors(str(tmp_path / "x8_pac_weights_epoch_5000.safetensors"))
+    assert "branch_t/conv1.weight" in converted
+    results = []
+    for weights in (pth, tmp_path / "x8_pac_weights_epoch_5000.safetensors"):
+        assert main(["test", X8, "--weights", str(weights), "--max-batches", "1"]) == 0
+        out = capsys.readouterr().out
+        results.append([line for line in out.splitlines() if line.strip().startswith("│ rmse")])
+    assert results[0] and results[0] == results[1]
+    run = tmp_path / "run"
+    assert main(["train", X8, "--weights", str(pth), "--work-dir", str(run), "--max-iter", "1",
+                 "--set", "solver.test_interval=0", "--no-tensorboard"]) == 0
+    assert "initialised from" in capsys.readouterr().out
+
+
+def test_cli_bad_weights_exit_2_and_write_nothing(tmp_path, capsys):
+    from pacnet.cli.main import main
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"x": _Marker(str(tmp_path / "code_ran"))}, evil)
+    x4 = pacnet.build("jointupsample/pac_joint_upsample_x4", device="meta")
+    other = tmp_path / "x4.pth"
+    torch.save({k.replace("/", "."): torch.zeros(v.shape) for k, v in x4.state_dict().items()}, other)
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(_x8_original(tmp_path).read_bytes()[:5000])
+    cases = [(evil, "needs code to load"), (other, "the file fits zoo net"), (cut, "corrupt or truncated")]
+    for path, message in cases:
+        before = sorted(os.listdir(tmp_path))
+        assert main(["convert", X8, "--weights", str(path), "-o", str(tmp_path / "out.safetensors")]) == 2
+        assert message in capsys.readouterr().err
+        assert main(["test", X8, "--weights", str(path)]) == 2
+        assert message in capsys.readouterr().err
+        assert sorted(os.listdir(tmp_path)) == before and not os.path.exists(tmp_path / "code_ran")
+    assert main(["convert", X8]) == 2
+    assert "convert takes its weights (--weights W.pth)" in capsys.readouterr().err
+    assert main(["convert", X8, "--weights", f"{other},{cut}"]) == 2
+    assert "several weights files: name the output" in capsys.readouterr().err
+
+
+def test_cli_convert_maps_a_caffemodel_onto_a_pacnet_net(tmp_path, capsys):
+    import yaml
+
+    from pacnet.caffemodel import write_caffemodel
+    from pacnet.cli.main import main
+
+    net_file = tmp_path / "tiny.yaml"
+    net_file.write_text(yaml.safe_dump(NET))
+    blobs = {k: v.numpy() for k, v in _net().state_dict().items()}
+    layers = [("body/conv", "Convolution", [blobs["body/conv.weight"], blobs["body/conv.bias"]]),
+              ("scale/0", "Scale", [blobs["scale/0.weight"]])]
+    write_caffemodel(layers, tmp_path / "tiny.caffemodel")
+    assert main(["convert", str(net_file), "--weights", str(tmp_path / "tiny.caffemodel")]) == 2
+    assert "net blobs without weights (2): head.weight, head.bias" in capsys.readouterr().err
+    assert not (tmp_path / "tiny.safetensors").exists()
+    assert main(["convert", str(net_file), "--weights", str(tmp_path / "tiny.caffemodel"), "--no-strict"]) == 0
+    assert "warning: net blobs without weights" in capsys.readouterr().err
+    converted, _ = read_safetensors(str(tmp_path / "tiny.safetensors"))
+    assert set(converted) == {"body/conv.weight", "body/conv.bias", "scale/0.weight"}

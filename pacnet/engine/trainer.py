@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pacnet.engine.checkpoint import Checkpoint, CheckpointManager, load_weights, seed_everything
+from pacnet.engine.checkpoint import Checkpoint, CheckpointManager, seed_everything
 from pacnet.engine.data import make_dataset, make_loader, parse_data
 from pacnet.engine.datasets import BlobDataset
 from pacnet.engine.metrics import EPE, RMSE, Average, ConfusionMatrix, all_reduce_
@@ -49,6 +49,7 @@ from pacnet.engine.solver import Solver, parse_solver
 from pacnet.engine.transforms import denormalize
 from pacnet.engine.workdir import WorkDir
 from pacnet.errors import DataError, PacnetError, ShapeError
+from pacnet.weights import load_weights
 
 __all__ = ["DistInfo", "init_distributed", "pick_device", "batch_shapes", "copy_trained_layers", "total_loss",
            "Evaluator", "evaluate", "train", "test", "benchmark"]
@@ -137,28 +138,15 @@ def batch_shapes(dataset: BlobDataset, names: Sequence[str], batch_size: int) ->
 
 
 def copy_trained_layers(net: torch.nn.Module, paths: Iterable[str]) -> Dict[str, int]:
-    """Caffe's ``CopyTrainedLayersFrom``: copy every blob whose name is in the file; blobs
-    the file lacks keep their initialisation, blobs the net lacks are ignored, a blob
-    with another shape is an error (DataError naming the file).  Returns counts."""
-    state = net.state_dict()
-    copied, total_ignored = set(), 0
-    for path in paths:
-        path = os.fspath(path)
-        if not path.endswith(".safetensors"):
-            raise DataError(f"weights file {path} is not .safetensors",
-                            hint="convert Caffe weights with 'pacnet convert'")
-        weights, _ = load_weights(path)
-        for key, value in weights.items():
-            if key not in state:
-                total_ignored += 1
-                continue
-            if tuple(value.shape) != tuple(state[key].shape):
-                raise DataError(f"weights file {path}: {key} has shape {list(value.shape)}, the net "
-                                f"{list(state[key].shape)}", hint="the file belongs to another net")
-            with torch.no_grad():
-                state[key].copy_(value)
-            copied.add(key)
-    return {"copied": len(copied), "kept": len(state) - len(copied), "ignored": total_ignored}
+    """Caffe's ``CopyTrainedLayersFrom``: copy every blob the files give (safetensors, or the
+    ``.pth`` files of the models the net's ``weights_from`` names, mapped by
+    :mod:`pacnet.weights`); blobs the files lack keep their initialisation, entries the net
+    lacks are ignored, an entry of another shape or a file that gives nothing is an error
+    (DataError naming the file).  Returns counts."""
+    result = load_weights(net, [os.fspath(p) for p in paths], strict=False, allow_unused=True)
+    copied = len(result.tensors)
+    ignored = sum(len(f.unexpected) + len(f.ignored) for f in result.files)
+    return {"copied": copied, "kept": len(net.state_dict()) - copied, "ignored": ignored}
 
 
 def total_loss(net: torch.nn.Module, outputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -587,26 +575,38 @@ def _resume_point(manager: CheckpointManager, resume: Any) -> Optional[Checkpoin
 # --------------------------------------------------------------------------- test
 
 
-def _weights_file(path: str) -> str:
-    """A ``.safetensors`` file from a file, a checkpoint ``.state.pt`` or a work dir."""
-    path = os.path.expanduser(os.fspath(path))
-    if os.path.isdir(path):
-        folder = path if os.path.basename(path.rstrip(os.sep)) == "checkpoints" else os.path.join(path, "checkpoints")
-        ck = CheckpointManager(folder).latest()
-        if ck is None:
-            raise DataError(f"no checkpoint in {folder}", hint="train first, or give a .safetensors file")
-        return ck.weights
-    if path.endswith(".state.pt"):
-        return path[: -len(".state.pt")] + ".safetensors"
-    return path
+def _weights_files(weights: Any) -> List[str]:
+    """Weights files from ``weights``: a path or a list of them, a comma-separated list, a
+    checkpoint's ``.state.pt`` (its ``.safetensors``) or a work dir (its latest checkpoint)."""
+    items = [weights] if isinstance(weights, (str, os.PathLike)) else list(weights)
+    out = []
+    for item in items:
+        for path in os.fspath(item).split(","):
+            path = os.path.expanduser(path.strip())
+            if not path:
+                continue
+            if os.path.isdir(path):
+                folder = path if os.path.basename(path.rstrip(os.sep)) == "checkpoints" else \
+                    os.path.join(path, "checkpoints")
+                ck = CheckpointManager(folder).latest()
+                if ck is None:
+                    raise DataError(f"no checkpoint in {folder}", hint="train first, or give a weights file")
+                path = ck.weights
+            elif path.endswith(".state.pt"):
+                path = path[: -len(".state.pt")] + ".safetensors"
+            out.append(path)
+    if not out:
+        raise DataError("no weights file given", hint="--weights W.safetensors (or W.pth, or a work dir)")
+    return out
 
 
 def test(source: Any, weights: Optional[str], *, vars: Optional[Mapping[str, Any]] = None,
          overrides: Optional[Mapping[str, Any]] = None, device: Any = None, split: str = "test",
          out_dir: Optional[str] = None, max_batches: Optional[int] = None, on_event: OnEvent = None,
          fuse: bool = True) -> Dict[str, Any]:
-    """Evaluate ``weights`` (None = the net's own initialisation) on the ``split`` set of the
-    net's ``data:`` section.  ``out_dir`` also writes one prediction per sample: a VOC
+    """Evaluate ``weights`` (None = the net's own initialisation; files as for
+    :func:`_weights_files`, mapped by :mod:`pacnet.weights`, every blob of the test net
+    required) on the ``split`` set of the net's ``data:`` section.  ``out_dir`` also writes one prediction per sample: a VOC
     palette PNG of the argmax (cropped to ``data_dim``) for segmentation, ``.flo`` for
     flow, ``.npy`` (float32, de-normalised) for depth."""
     from pacnet.api import build
@@ -624,16 +624,10 @@ def test(source: Any, weights: Optional[str], *, vars: Optional[Mapping[str, Any
                 overrides=overrides, fuse=fuse).to(dev)
     loaded = None
     if weights is not None:
-        path = _weights_file(weights)
-        tensors, _ = load_weights(path)
-        state = net.state_dict()
-        missing = [k for k in state if k not in tensors]
-        if missing:
-            raise DataError(f"weights file {path} lacks {len(missing)} blob(s) of the test net "
-                            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})",
-                            hint="it belongs to another net")
-        copy_trained_layers(net, [path])
-        loaded = path
+        files = _weights_files(weights)
+        # every blob of the test net from the files; entries it lacks (train-only blobs) are skipped
+        load_weights(net, files, strict=True, allow_unused=True)
+        loaded = ", ".join(files)
     evaluator = Evaluator(opts, _outputs(net), net.loss_weights)
     order = list(range(info.rank, len(dataset), info.world_size))
     loader = make_loader(dataset, batch_size=opts["batch_size"], train=False, rank=info.rank,
