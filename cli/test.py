@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 
 from pacnet.cli.common import int_at_least, parse_assignments
-from pacnet.cli.train import (_factor, _net_name, baseline_table, console, fmt, is_main_process,
+from pacnet.cli.train import (_data_options, _net_name, baseline_table, console, fmt, is_main_process,
                               short_openmp_spin, results)
 
 
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     if not found:
         table.add_row("(none)", "the net has no scalar outputs and the data no metric")
     con.print(table)
-    compare = baseline_table(record, name, _factor(tree, args.net), f"{args.split} set: net vs bilinear upsampling")
+    compare = baseline_table(record, name, _data_options(tree, args.net), f"{args.split} set: net vs bilinear upsampling")
     if compare is not None:
         con.print(compare)
     if args.save_predictions:

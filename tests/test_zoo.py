@@ -145,10 +145,33 @@ def test_zoo_net_shapes_and_parameter_count(name):
     assert parameter_count(net) == params
 
 
+EXPERIMENTS = [n for n in zoo_names() if n.startswith(("jointupsample/nyu/", "jointupsample/sintel/"))]
+
+
 def test_every_zoo_net_is_covered():
     assert set(EXPECTED) <= set(zoo_names())
-    # the segaware family is covered by its own tests
-    assert not {n for n in zoo_names() if not n.startswith("segaware/")} - set(EXPECTED)
+    # the segaware family is covered by its own tests, the experiments below
+    assert not {n for n in zoo_names() if not n.startswith("segaware/")} - set(EXPECTED) - set(EXPERIMENTS)
+    assert len(EXPERIMENTS) == 15
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_nets_are_their_models_with_the_originals_data_and_solver(name):
+    from pacnet.engine.data import parse_data
+    from pacnet.engine.solver import parse_solver
+
+    _, kind, model = name.split("/")
+    net = pacnet.build(name, device="meta")
+    base = pacnet.build(f"jointupsample/{model}", device="meta", vars={"CHANNELS": 2 if kind == "sintel" else 1})
+    assert {k: v.shape for k, v in net.state_dict().items()} == {k: v.shape for k, v in base.state_dict().items()}
+    assert dict(net.inputs) == dict(base.inputs) and net.ir.name == f"{model}_{kind}"
+    data = parse_data(net.config["data"], "test")
+    epoch = {"nyu": 1000, "sintel": 908}[kind]
+    assert (data["dataset"], data["factor"], data["batch_size"]) == (kind, int(model.rsplit("x", 1)[1]), 1)
+    assert parse_data(net.config["data"], "train")["crop_size"] == [256, 256]
+    solver = parse_solver(net.config["solver"])
+    assert (solver.type, solver.base_lr, solver.max_iter) == ("Adam", 1e-4, 5000 * epoch)
+    assert solver.stepvalue == (3500 * epoch, 4500 * epoch)
 
 
 @pytest.mark.parametrize("name,size", [("fcn/fcn8s", 64), ("deeplab/deeplab_v2_resnet101", 65)])

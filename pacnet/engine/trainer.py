@@ -52,7 +52,7 @@ from pacnet.errors import DataError, PacnetError, ShapeError
 from pacnet.weights import load_weights
 
 __all__ = ["DistInfo", "init_distributed", "pick_device", "batch_shapes", "copy_trained_layers", "total_loss",
-           "Evaluator", "evaluate", "train", "test", "benchmark"]
+           "Evaluator", "ShapedNets", "evaluate", "train", "test", "benchmark"]
 
 OnEvent = Optional[Callable[[Dict[str, Any]], None]]
 
@@ -213,25 +213,39 @@ class Evaluator:
                 metric.reset()
 
     def prediction(self, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """The predict blob in the ground truth's space (de-normalised for depth/flow)."""
+        """The predict blob in the ground truth's space: de-normalised for depth/flow and,
+        where the data resized the guide to ``factor`` times the low-res target (an image
+        size that is not a multiple), resized back to the image (the original's
+        ``apply_model``)."""
         pred = outputs[self.predict]
         if self.kind in ("rmse", "epe"):
             rng = batch[self.key("target_range")].to(pred.device)
-            pred = denormalize(pred, rng)
+            pred = self._to_image(denormalize(pred, rng), batch)
         return pred
+
+    def _to_image(self, x: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``x`` at the guide's size, resized to the ground truth's when the two differ."""
+        guide, truth = batch.get(self.key("guide")), self.truth(batch)
+        size = tuple(truth.shape[-2:])
+        if guide is None or x.shape[-2:] == size or x.shape[-2:] != guide.shape[-2:]:
+            return x
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
     def truth(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return batch[self.key("label" if self.kind == "miou" else "gt_raw")]
 
     def bilinear(self, batch: Mapping[str, torch.Tensor], size: Sequence[int]) -> Optional[torch.Tensor]:
         """The bilinear baseline in the ground truth's space: the low-res ``target`` resized
-        to ``size`` (``F.interpolate``, align_corners=False), de-normalised; None when the
-        data gives no ``target``."""
+        (``F.interpolate``, align_corners=False) to the guide's size, or to ``size`` without
+        a guide, de-normalised and brought to the image as :meth:`prediction`; None when
+        the data gives no ``target``."""
         low = batch.get(self.key("target"))
         if low is None or low.dim() != 4:
             return None
-        up = F.interpolate(low.float(), size=tuple(size), mode="bilinear", align_corners=False)
-        return denormalize(up, batch[self.key("target_range")].to(up.device))
+        guide = batch.get(self.key("guide"))
+        up = F.interpolate(low.float(), size=tuple(size if guide is None else guide.shape[-2:]),
+                           mode="bilinear", align_corners=False)
+        return self._to_image(denormalize(up, batch[self.key("target_range")].to(up.device)), batch)
 
     def update(self, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]) -> Optional[torch.Tensor]:
         for name, value in outputs.items():
@@ -273,13 +287,52 @@ class Evaluator:
         return out
 
 
+class ShapedNets:
+    """The test net for each size of input.  A fully convolutional net meets images of many
+    sizes (VOC at full size); layers such as Crop, DummyData or Reshape fix their sizes when
+    the net is built, so a batch of another size gets a net built for it: on the meta
+    device, its blobs then the base net's own tensors (memory shared, so weights copied
+    into the base are seen), kept for the next batch of that size.  A net holding blobs
+    that are not in the state_dict is built for real and synchronised before each use.
+
+    ``build(shapes, device)`` compiles the net for ``{input: shape}``; ``base`` is the net
+    built for the first sample."""
+
+    def __init__(self, base: torch.nn.Module, build: Callable[..., torch.nn.Module]) -> None:
+        self.base, self.build = base, build
+        self.nets: Dict[Tuple[Tuple[str, Tuple[int, ...]], ...], Tuple[torch.nn.Module, bool]] = {}
+
+    def __call__(self, shapes: Mapping[str, Tuple[int, ...]]) -> torch.nn.Module:
+        if dict(shapes) == dict(self.base.inputs):
+            return self.base
+        key = tuple(sorted((k, tuple(v)) for k, v in shapes.items()))
+        if key not in self.nets:
+            self.nets[key] = self._built(dict(shapes))
+        net, shared = self.nets[key]
+        if not shared:
+            net.load_state_dict(self.base.state_dict())
+        return net.train(self.base.training)
+
+    def _built(self, shapes: Dict[str, Tuple[int, ...]]) -> Tuple[torch.nn.Module, bool]:
+        import itertools
+
+        net = self.build(shapes, device="meta")
+        net.load_state_dict(self.base.state_dict(), assign=True)
+        if not any(t.is_meta for t in itertools.chain(net.parameters(), net.buffers())):
+            return net, True
+        device = next(itertools.chain(self.base.parameters(), self.base.buffers()), torch.empty(0)).device
+        return self.build(shapes, device=None).to(device), False
+
+
 @torch.no_grad()
 def evaluate(net: torch.nn.Module, loader: Iterable[Mapping[str, torch.Tensor]], evaluator: Evaluator,
              device: torch.device, *, max_batches: Optional[int] = None,
              on_prediction: Optional[Callable[[torch.Tensor, Mapping[str, torch.Tensor], int], None]] = None,
-             distributed: bool = False) -> Dict[str, Any]:
+             distributed: bool = False, nets: Optional[ShapedNets] = None) -> Dict[str, Any]:
     """Run ``net`` in eval mode over ``loader`` (at most ``max_batches``); return the
-    evaluator's results (summed over ranks when ``distributed``) with ``batches``."""
+    evaluator's results (summed over ranks when ``distributed``) with ``batches``.  A batch
+    whose inputs differ in size from ``net``'s runs on ``nets(shapes)``; without ``nets``
+    it is a ShapeError (a net built for one size may crop or reshape to that size)."""
     was_training = net.training
     net.eval()
     evaluator.reset()
@@ -289,7 +342,14 @@ def evaluate(net: torch.nn.Module, loader: Iterable[Mapping[str, torch.Tensor]],
         for i, batch in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
-            outputs = _call(net, names, batch, device)
+            shapes = {n: tuple(batch[n].shape) for n in names}
+            model = net
+            if shapes != dict(net.inputs):
+                if nets is None:
+                    raise ShapeError(f"batch {i} has inputs {shapes}, the net was built for "
+                                     f"{dict(net.inputs)}", hint="evaluate with nets=ShapedNets(...)")
+                model = nets(shapes)
+            outputs = _call(model, names, batch, device)
             pred = evaluator.update(outputs, batch)
             if on_prediction is not None and pred is not None:
                 on_prediction(pred, batch, i)
@@ -414,13 +474,15 @@ def train(source: Any, work_dir: str, *, vars: Optional[Mapping[str, Any]] = Non
     solver = Solver(config, net, net.param_specs)
 
     testing = config.test_interval > 0
-    test_net = test_loader = evaluator = None
+    test_net = test_loader = evaluator = test_nets = None
     if testing:
         test_opts = parse_data(data, "test", source=src)
         test_set = make_dataset(data, "test", source=src)
         test_names = _input_names(tree, "test", src)
         test_net = build(source, phase="test", inputs=batch_shapes(test_set, test_names, test_opts["batch_size"]),
                          **kw).to(dev)
+        test_nets = ShapedNets(test_net, lambda shapes, device: build(source, phase="test", inputs=shapes,
+                                                                       device=device, **kw))
         evaluator = Evaluator(test_opts, _outputs(test_net), test_net.loss_weights)
         test_loader = make_loader(test_set, batch_size=test_opts["batch_size"], train=False, rank=info.rank,
                                   world_size=info.world_size, num_workers=test_opts["num_workers"])
@@ -470,7 +532,7 @@ def train(source: Any, work_dir: str, *, vars: Optional[Mapping[str, Any]] = Non
         _share_weights(test_net, net)
         started = time.perf_counter()
         results = evaluate(test_net, test_loader, evaluator, dev, max_batches=test_batches,
-                           distributed=info.distributed)
+                           distributed=info.distributed, nets=test_nets)
         results["seconds"] = round(time.perf_counter() - started, 3)
         last_test = results
         if info.main:
@@ -620,8 +682,8 @@ def test(source: Any, weights: Optional[str], *, vars: Optional[Mapping[str, Any
     opts = parse_data(data, split, source=src)
     dataset = make_dataset(data, split, source=src)
     names = _input_names(tree, "test", src)
-    net = build(source, phase="test", inputs=batch_shapes(dataset, names, opts["batch_size"]), vars=vars,
-                overrides=overrides, fuse=fuse).to(dev)
+    kw = dict(phase="test", vars=vars, overrides=overrides, fuse=fuse)
+    net = build(source, inputs=batch_shapes(dataset, names, opts["batch_size"]), **kw).to(dev)
     loaded = None
     if weights is not None:
         files = _weights_files(weights)
@@ -639,8 +701,9 @@ def test(source: Any, weights: Optional[str], *, vars: Optional[Mapping[str, Any
                               hint="set data.predict (and data.metric)")
         writer = _PredictionWriter(out_dir, dataset, order, opts["batch_size"], evaluator)
     started = time.perf_counter()
+    nets = ShapedNets(net, lambda shapes, device: build(source, inputs=shapes, device=device, **kw))
     results = evaluate(net, loader, evaluator, dev, max_batches=max_batches, on_prediction=writer,
-                       distributed=info.distributed)
+                       distributed=info.distributed, nets=nets)
     results["seconds"] = round(time.perf_counter() - started, 3)
     summary = {"event": "test", "split": split, "weights": loaded, "samples": len(dataset), **results}
     if writer is not None:
