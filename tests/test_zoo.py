@@ -146,13 +146,27 @@ def test_zoo_net_shapes_and_parameter_count(name):
 
 
 EXPERIMENTS = [n for n in zoo_names() if n.startswith(("jointupsample/nyu/", "jointupsample/sintel/"))]
+VOC_EXPERIMENTS = [n for n in zoo_names() if n.startswith("fcn/voc/")]
 
 
 def test_every_zoo_net_is_covered():
     assert set(EXPECTED) <= set(zoo_names())
     # the segaware family is covered by its own tests, the experiments below
-    assert not {n for n in zoo_names() if not n.startswith("segaware/")} - set(EXPECTED) - set(EXPERIMENTS)
-    assert len(EXPERIMENTS) == 15
+    covered = set(EXPECTED) | set(EXPERIMENTS) | set(VOC_EXPERIMENTS)
+    assert not {n for n in zoo_names() if not n.startswith("segaware/")} - covered
+    assert (len(EXPERIMENTS), len(VOC_EXPERIMENTS)) == (15, 2)
+
+
+@pytest.mark.parametrize("name", VOC_EXPERIMENTS)
+def test_voc_experiment_nets_are_their_models_with_the_originals_voc_protocol(name):
+    from pacnet.engine.data import parse_data
+
+    model = name.rsplit("/", 1)[1]
+    net, base = pacnet.build(name, device="meta"), pacnet.build(f"fcn/{model}", device="meta")
+    assert {k: v.shape for k, v in net.state_dict().items()} == {k: v.shape for k, v in base.state_dict().items()}
+    test, train = parse_data(net.config["data"], "test"), parse_data(net.config["data"], "train")
+    assert test["list"].endswith("voc11seg/seg11valid.txt") and train["list"].endswith("voc11seg/train.txt")
+    assert test["crop_size"] == ([512, 512] if "pac" in model else [0, 0]) and test["batch_size"] == 1
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
