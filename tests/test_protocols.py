@@ -276,7 +276,8 @@ def test_the_originals_two_stage_crf_recipe_trains(tmp_path):
     for key in ("crf.messengers.0.weight", "crf.unary_weight", "feat_scales/1.weight"):
         assert (first[key] - init[key]).abs().max() > 1e-5, key  # trained
     stage2 = trainer.train("fcn/fcn8s_crfi5lp4d5641p4d5161", str(tmp_path / "stage2"),
-                           overrides={**sets, "solver.max_iter": 0}, weights=[stage1["checkpoint"]], tensorboard=False)
+                           overrides={**sets, "solver.max_iter": 0}, weights=[str(tmp_path / "stage1")],
+                           tensorboard=False)  # stage 1's work dir: its latest checkpoint
     second, _ = read_safetensors(stage2["checkpoint"])
     for j in range(5):
         torch.testing.assert_close(second[f"crf.steps.{j}.messengers.1.weight"], first["crf.messengers.1.weight"])

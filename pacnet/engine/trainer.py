@@ -448,8 +448,9 @@ def train(source: Any, work_dir: str, *, vars: Optional[Mapping[str, Any]] = Non
 
     ``resume``: True = continue from the work dir's latest checkpoint if any; False =
     start fresh (the work dir's checkpoints are kept until overwritten, its metrics are
-    cleared); a path = resume from that checkpoint.  ``weights``: safetensors files to
-    initialise from when not resuming (added to the solver's ``weights``).  ``amp``: run
+    cleared); a path = resume from that checkpoint.  ``weights``: files to initialise from
+    when not resuming (added to the solver's ``weights``; as :func:`_weights_files`, mapped
+    by :mod:`pacnet.weights`).  ``amp``: run
     the training forward passes under bfloat16 autocast (:func:`_autocast`; the backward,
     the update and the test passes stay float32).  Returns a summary dict.
     """
@@ -506,6 +507,7 @@ def train(source: Any, work_dir: str, *, vars: Optional[Mapping[str, Any]] = Non
             wd.truncate_metrics(-1)  # records of an earlier run that never reached a checkpoint
         init = list(config.weights) + [os.fspath(w) for w in weights]
         if init:
+            init = _weights_files(init)  # a work dir gives its latest checkpoint
             counts = copy_trained_layers(net, init)
             _emit(on_event, {"event": "weights", "step": 0, "files": init, **counts})
 
