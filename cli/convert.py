@@ -193,8 +193,8 @@ def _convert_weights(args: argparse.Namespace) -> int:
     from pacnet.weights import convert
 
     if not args.weights:
-        raise PacnetError(f"{args.net} is a pacnet net: convert takes its weights (--weights W.pth) "
-                          "or a Caffe .prototxt", hint="use 'pacnet build' to check the net itself")
+        raise PacnetError(f"{args.net} is already a pacnet net: convert takes its weights (--weights "
+                          "W.pth) or a Caffe .prototxt", hint="use 'pacnet build' to check the net itself")
     yaml_out, out = _outputs(args.output)
     if yaml_out is not None:
         raise PacnetError(f"-o {yaml_out}: {args.net} is already pacnet YAML",

@@ -510,7 +510,7 @@ def _zoo_index() -> Tuple[Tuple[str, Any, frozenset, Tuple[Source, ...]], ...]:
 
 def suggest_nets(paths: Sequence[PathLike], *, exclude: Optional[str] = None, limit: int = 3) -> List[str]:
     """Zoo nets (``family/name``) that take every entry of the files at ``paths`` with the
-    right shapes, those that need nothing more first.  Nets are screened by the layer
+    right shapes, those that need nothing more first, models before their experiments.  Nets are screened by the layer
     names of their YAML, and only the candidates are built (on the meta device)."""
     import copy
 
@@ -540,5 +540,6 @@ def suggest_nets(paths: Sequence[PathLike], *, exclude: Optional[str] = None, li
         if any(m.problems or not m.tensors for m in mapped):
             continue
         given = {k for m in mapped for k in m.tensors}
-        found.append((len([k for k in blobs if k not in given]), name))
-    return [name for _, name in sorted(found)][:limit]
+        # those needing nothing more first, then models before the experiments built on them
+        found.append((len([k for k in blobs if k not in given]), name.count("/"), name))
+    return [name for *_, name in sorted(found)][:limit]

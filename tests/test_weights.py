@@ -341,7 +341,7 @@ def test_cli_bad_weights_exit_2_and_write_nothing(tmp_path, capsys):
         assert message in capsys.readouterr().err
         assert sorted(os.listdir(tmp_path)) == before and not os.path.exists(tmp_path / "code_ran")
     assert main(["convert", X8]) == 2
-    assert "convert takes its weights (--weights W.pth)" in capsys.readouterr().err
+    assert "is already a pacnet net: convert takes its weights (--weights W.pth)" in capsys.readouterr().err
     assert main(["convert", X8, "--weights", f"{other},{cut}"]) == 2
     assert "several weights files: name the output" in capsys.readouterr().err
 
