@@ -203,7 +203,13 @@ def test_zoo_nets_run_forward_and_train_phase(name, size):
 
 # ----------------------------------------------------------------------------- PAC joint upsampling
 
-@pytest.mark.parametrize("name", sorted(JOINT_MODELS))
+# one model of each family and factor in the default suite, the others with -m slow
+JOINT_DEFAULT = ("jointupsample/pac_joint_upsample_x8", "jointupsample/pac_joint_upsample_lite_x4",
+                 "jointupsample/djif_x16")
+
+
+@pytest.mark.parametrize("name", [n if n in JOINT_DEFAULT else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in sorted(JOINT_MODELS)])
 def test_joint_upsampling_nets_take_the_originals_files_and_compute_its_outputs(name, tmp_path):
     """A state_dict of the original model (written from pac.md §3; saved in torch's legacy
     format, as the published files are, for half of the nets) loads strictly through the

@@ -48,7 +48,13 @@ def _image(size, seed=1):
     return 60 * torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+# the plain backbone, the PAC one under a CRF, and the ConvCRF in the default suite (the tied
+# and loose CRFs on FCN-8s run in the tests below), every model with -m slow
+DEFAULT = ("fcn/fcn8s", "fcn/fcn8spac_crfi5p4d5641p4d5161", "fcn/fcn8s_convcrf")
+
+
+@pytest.mark.parametrize("name", [n if n in DEFAULT else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in sorted(MODELS)])
 def test_the_originals_files_load_and_give_its_outputs(name, tmp_path):
     make, size = MODELS[name]
     ref = _randomized(make(WIDTHS), seed=len(name))
