@@ -1,4 +1,4 @@
-"""``pacnet convert``: turn a Caffe net (and its weights), or another framework's weights, into pacnet files.
+"""``pacnet convert``: Caffe nets and weights, or another framework's weights, to pacnet files.
 
     pacnet convert deploy.prototxt -o deploy.yaml
     pacnet convert train.prototxt --var NUM_LABELS=21 --var EXP=voc12 -o train.yaml
@@ -43,9 +43,9 @@ def add_parser(sub) -> None:
                         "give it once for each")
     p.add_argument("--var", action="append", default=[], metavar="NAME=VALUE", dest="vars",
                    help="value of a ${NAME} template variable; repeatable")
-    p.add_argument("--weights", metavar="W", help="weights to convert: W.caffemodel, or for a pacnet "
-                                                  "net also W.pth/.pt/.pth.tar/.safetensors (a,b for "
-                                                  "several)")
+    p.add_argument("--weights", metavar="W",
+                   help="weights to convert: W.caffemodel, or for a pacnet net also "
+                        "W.pth/.pt/.pth.tar/.safetensors (a,b for several)")
     p.add_argument("--phase", choices=("train", "test"), default="test",
                    help="phase the net is built in to map the weights (default test)")
     p.add_argument("--input", "-i", action="append", default=[], metavar="NAME=NxCxHxW",
@@ -193,8 +193,9 @@ def _convert_weights(args: argparse.Namespace) -> int:
     from pacnet.weights import convert
 
     if not args.weights:
-        raise PacnetError(f"{args.net} is already a pacnet net: convert takes its weights (--weights "
-                          "W.pth) or a Caffe .prototxt", hint="use 'pacnet build' to check the net itself")
+        raise PacnetError(f"{args.net} is already a pacnet net: convert takes its weights "
+                          "(--weights W.pth) or a Caffe .prototxt",
+                          hint="use 'pacnet build' to check the net itself")
     yaml_out, out = _outputs(args.output)
     if yaml_out is not None:
         raise PacnetError(f"-o {yaml_out}: {args.net} is already pacnet YAML",
@@ -213,8 +214,8 @@ def _convert_weights(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # meta: shapes, dtypes and shared-tensor identity without allocating anything
-        net = build(args.net, vars=_raw_vars(args.vars), inputs=parse_inputs(args.input), phase=args.phase,
-                    fuse=False, device="meta")
+        net = build(args.net, vars=_raw_vars(args.vars), inputs=parse_inputs(args.input),
+                    phase=args.phase, fuse=False, device="meta")
     if any(f.lower().endswith(".caffemodel") for f in files):
         written, summary, missing, unused = _caffemodel_onto(net, files, out, strict)
     else:
@@ -223,13 +224,15 @@ def _convert_weights(args: argparse.Namespace) -> int:
         missing, unused = result.missing, [k for f in result.files for k in f.unexpected]
     print(f"wrote {out} ({written} blobs of {net.ir.name}; {summary})", file=sys.stderr)
     if missing:
-        print("warning: " + _show_list("net blobs without weights (keep their fillers)", missing), file=sys.stderr)
+        print("warning: " + _show_list("net blobs without weights (keep their fillers)", missing),
+              file=sys.stderr)
     if unused:
         print("warning: " + _show_list("entries not in the net (skipped)", unused), file=sys.stderr)
     return 0
 
 
-def _caffemodel_onto(net, files: List[str], out: str, strict: bool) -> Tuple[int, str, List[str], List[str]]:
+def _caffemodel_onto(net, files: List[str], out: str,
+                     strict: bool) -> Tuple[int, str, List[str], List[str]]:
     """A .caffemodel mapped onto a pacnet net by layer name (pacnet.caffemodel)."""
     from pacnet.caffemodel import map_blobs, read_caffemodel, save_safetensors
 

@@ -35,7 +35,8 @@ from pacnet.errors import PacnetError
 # NVlabs/pacnet's README (Su et al., CVPR 2019, Tables 1 and 2): (bilinear, PacJointUpsample) by
 # metric and factor; NYU Depth v2 RMSE in cm, Sintel (clean, val) EPE in pixels.
 README_FIGURES = {("rmse", 4): (5.43, 2.39), ("rmse", 8): (8.36, 4.59), ("rmse", 16): (12.90, 8.09),
-                  ("epe", 4): (0.4650, 0.1042), ("epe", 8): (0.9011, 0.2558), ("epe", 16): (1.6281, 0.5921)}
+                  ("epe", 4): (0.4650, 0.1042), ("epe", 8): (0.9011, 0.2558),
+                  ("epe", 16): (1.6281, 0.5921)}
 
 # Keys of a test record that are bookkeeping, not results.
 _NOT_RESULTS = ("event", "step", "batches", "seconds", "split", "weights", "samples", "written")
@@ -126,13 +127,14 @@ def baseline_table(record: Mapping[str, Any], name: str, data: Mapping[str, Any]
     table.add_column(f"{metric.upper()}{unit}", justify="right")
     table.add_column("ratio to bilinear", justify="right")
     if readme is not None:
-        table.add_column(f"README x{data['factor']}: {'NYU v2 RMSE (cm)' if metric == 'rmse' else 'Sintel EPE'}",
-                         justify="right")
+        what = "NYU v2 RMSE (cm)" if metric == "rmse" else "Sintel EPE"
+        table.add_column(f"README x{data['factor']}: {what}", justify="right")
         table.add_column("README ratio", justify="right")
     ratio = own / base if base else float("nan")
     table.add_row("bilinear", fmt(scale * base), "1", *((fmt(readme[0]), "1") if readme else ()))
     table.add_row(name, fmt(scale * own), f"{ratio:.3f}",
-                  *((f"{fmt(readme[1])} (PacJointUpsample)", f"{readme[1] / readme[0]:.3f}") if readme else ()))
+                  *((f"{fmt(readme[1])} (PacJointUpsample)", f"{readme[1] / readme[0]:.3f}")
+                    if readme else ()))
     return table
 
 
@@ -359,7 +361,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _summary(con, display: _Display, summary: Mapping[str, Any], name: str, data: Mapping[str, Any]) -> None:
+def _summary(con, display: _Display, summary: Mapping[str, Any], name: str,
+             data: Mapping[str, Any]) -> None:
     from rich.table import Table
 
     wall = time.perf_counter() - display.started

@@ -241,8 +241,9 @@ def _settle_deletes(tree: Any) -> None:
             if key == "layers" and isinstance(value, list):
                 for i, layer in enumerate(value):
                     if isinstance(layer, dict) and layer.get("_delete_"):
-                        raise SchemaError(f"layer {layer.get('name')!r} is marked _delete_ but no base "
-                                          f"has a layer of that name", location=where(value, i),
+                        raise SchemaError(f"layer {layer.get('name')!r} is marked _delete_ but no "
+                                          f"base has a layer of that name",
+                                          location=where(value, i),
                                           hint="check the name against the base's layers")
                     _settle_deletes(layer)
             else:

@@ -144,7 +144,8 @@ def _transform(value: torch.Tensor, transforms: Sequence[Any], key: str, path: s
         if op == "reciprocal":
             if bool((value == 0).any()):
                 raise DataError(f"{path}: {key} holds a zero, which has no reciprocal",
-                                hint="the file's value is not a divisor; check the weights_from rule")
+                                hint="the file's value is not a divisor; check the "
+                                     "weights_from rule")
             value = 1.0 / value
         elif "transpose" in op:
             perm = list(op["transpose"])
@@ -183,7 +184,8 @@ def _kind(path: str) -> str:
     if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 1 << 30:
         return "safetensors"
     if not head:
-        raise LoadError(f"{path} is empty", hint="the file was not written completely; fetch it again")
+        raise LoadError(f"{path} is empty",
+                        hint="the file was not written completely; fetch it again")
     if path.endswith(".caffemodel"):
         hint = ("a .caffemodel goes through its Caffe net: pacnet convert NET.prototxt --weights "
                 f"{os.path.basename(path)}")
@@ -277,7 +279,8 @@ class FileMapping:
     tensors: Dict[str, torch.Tensor] = field(default_factory=dict)
     origin: Dict[str, str] = field(default_factory=dict)
     unexpected: List[str] = field(default_factory=list)
-    mismatched: List[Tuple[str, str, Tuple[int, ...], Tuple[int, ...]]] = field(default_factory=list)
+    mismatched: List[Tuple[str, str, Tuple[int, ...], Tuple[int, ...]]] = \
+        field(default_factory=list)
     ignored: List[str] = field(default_factory=list)
 
     @property
@@ -345,7 +348,8 @@ def _best(state: Mapping[str, torch.Tensor], path: str, candidates: Sequence[Sou
     best = None
     for source in candidates:
         mapped = map_file(state, path, source, blobs)
-        if best is None or (mapped.problems, -len(mapped.tensors)) < (best.problems, -len(best.tensors)):
+        rank = (mapped.problems, -len(mapped.tensors))
+        if best is None or rank < (best.problems, -len(best.tensors)):
             best = mapped
     return best
 
@@ -364,7 +368,8 @@ def _listed(items: Sequence[str], limit: int = 3) -> str:
 
 
 def match(net: torch.nn.Module, paths: Union[PathLike, Iterable[PathLike]], *, strict: bool = True,
-          allow_unused: bool = False, source: Optional[str] = None, suggest: bool = True) -> Matched:
+          allow_unused: bool = False, source: Optional[str] = None,
+          suggest: bool = True) -> Matched:
     """Read ``paths`` (one file or several, later ones overriding earlier ones) and map them
     onto ``net`` (a net built by :func:`pacnet.build`), checking every key and shape.
 
@@ -408,7 +413,8 @@ def match(net: torch.nn.Module, paths: Union[PathLike, Iterable[PathLike]], *, s
     return result
 
 
-def _problem(result: Matched, strict: bool, allow_unused: bool) -> Optional[Tuple[str, Optional[str]]]:
+def _problem(result: Matched, strict: bool,
+             allow_unused: bool) -> Optional[Tuple[str, Optional[str]]]:
     """(message, hint) of the first thing wrong with a match, or None."""
     for f in result.files:
         src = os.path.basename(f.path)
@@ -446,7 +452,8 @@ def _net_name(net: torch.nn.Module) -> str:
 
 
 def load_weights(net: torch.nn.Module, paths: Union[PathLike, Iterable[PathLike]], *,
-                 strict: bool = True, allow_unused: bool = False, source: Optional[str] = None) -> Matched:
+                 strict: bool = True, allow_unused: bool = False,
+                 source: Optional[str] = None) -> Matched:
     """Copy the weights of ``paths`` into ``net`` after :func:`match` accepted them.
 
     ``strict=False`` keeps the initial values of the blobs no file gives and
@@ -508,10 +515,12 @@ def _zoo_index() -> Tuple[Tuple[str, Any, frozenset, Tuple[Source, ...]], ...]:
     return tuple(out)
 
 
-def suggest_nets(paths: Sequence[PathLike], *, exclude: Optional[str] = None, limit: int = 3) -> List[str]:
+def suggest_nets(paths: Sequence[PathLike], *, exclude: Optional[str] = None,
+                 limit: int = 3) -> List[str]:
     """Zoo nets (``family/name``) that take every entry of the files at ``paths`` with the
-    right shapes, those that need nothing more first, models before their experiments.  Nets are screened by the layer
-    names of their YAML, and only the candidates are built (on the meta device)."""
+    right shapes, those that need nothing more first, models before their experiments.
+    Nets are screened by the layer names of their YAML, and only the candidates are built
+    (on the meta device)."""
     import copy
 
     from pacnet.api import build
@@ -526,8 +535,11 @@ def suggest_nets(paths: Sequence[PathLike], *, exclude: Optional[str] = None, li
     for name, tree, layers, candidates in _zoo_index():
         if exclude is not None and str(tree.get("name")) == exclude:
             continue
-        if not any(all(targets is None or all(t.split(".")[0] in layers for t in targets)
-                       for targets in (source.map_key(k)[0] for k in keys)) for source in candidates):
+        def places(source: Source) -> bool:  # every entry names a layer of the net
+            return all(targets is None or all(t.split(".")[0] in layers for t in targets)
+                       for targets in (source.map_key(k)[0] for k in keys))
+
+        if not any(places(source) for source in candidates):
             continue
         try:
             with warnings.catch_warnings():

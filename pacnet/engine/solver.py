@@ -128,7 +128,8 @@ SOLVER_SCHEMA: Dict[str, Any] = {
                                "(negative = off)", -1.0),
         "iter_size": _int("forward/backward passes accumulated per update (gradient averaged)", 1,
                           minimum=1),
-        "param_lr_mult": {"type": "object", "additionalProperties": {"type": "number", "minimum": 0},
+        "param_lr_mult": {"type": "object",
+                          "additionalProperties": {"type": "number", "minimum": 0},
                           "description": "pacnet: blob-name glob -> lr_mult, in place of the net's "
                                          "param: multipliers for the blobs it matches (the longest "
                                          "matching glob wins); e.g. {'*': 0, 'crf.*': 1} trains "
@@ -314,7 +315,8 @@ def parse_solver(raw: Optional[Mapping[str, Any]], *, root: Sequence[Any] = ("so
         if kwargs.get(key) is not None:
             kwargs[key] = int(kwargs[key])
     kwargs["stepvalue"] = tuple(int(v) for v in kwargs["stepvalue"])
-    kwargs["param_lr_mult"] = tuple((str(k), float(v)) for k, v in (cfg.get("param_lr_mult") or {}).items())
+    kwargs["param_lr_mult"] = tuple((str(k), float(v))
+                                    for k, v in (cfg.get("param_lr_mult") or {}).items())
     kwargs["test_iter"] = tuple(int(v) for v in kwargs["test_iter"])
     for key in ("base_lr", "gamma", "power", "momentum", "momentum2", "delta", "rms_decay",
                 "weight_decay", "clip_gradients"):
@@ -424,12 +426,14 @@ def param_groups(model: nn.Module, param_specs: Optional[Mapping[str, Any]] = No
     learnable = [k for k, t in tensors.items() if isinstance(t, nn.Parameter)]
     for glob, _ in lr_mult_globs:
         if not any(fnmatch.fnmatchcase(k, glob) for k in learnable):
-            raise PacnetValueError(f"solver.param_lr_mult: {glob!r} matches no learnable blob of the net",
-                                   hint=did_you_mean(glob, learnable) or "globs match state_dict keys "
-                                   "such as " + ", ".join(learnable[:3]))
+            raise PacnetValueError(
+                f"solver.param_lr_mult: {glob!r} matches no learnable blob of the net",
+                hint=did_you_mean(glob, learnable) or "globs match state_dict keys such as "
+                + ", ".join(learnable[:3]))
 
     def lr_override(key: str) -> Optional[float]:
-        found = [(len(g), i, m) for i, (g, m) in enumerate(lr_mult_globs) if fnmatch.fnmatchcase(key, g)]
+        found = [(len(g), i, m) for i, (g, m) in enumerate(lr_mult_globs)
+                 if fnmatch.fnmatchcase(key, g)]
         return max(found)[2] if found else None
 
     seen: Dict[int, str] = {}
@@ -622,7 +626,8 @@ class Solver:
         self.config = config if isinstance(config, SolverConfig) else parse_solver(config)
         self.model = model
         self.lr = LearningRate(self.config)
-        self.groups, self.frozen = param_groups(model, param_specs, lr_mult_globs=self.config.param_lr_mult)
+        self.groups, self.frozen = param_groups(model, param_specs,
+                                                lr_mult_globs=self.config.param_lr_mult)
         self.optimizer = make_optimizer(self.config, self.groups)
         self.iter = 0
         self._losses: Deque[float] = deque(maxlen=self.config.average_loss)

@@ -320,7 +320,8 @@ class ShapedNets:
         net.load_state_dict(self.base.state_dict(), assign=True)
         if not any(t.is_meta for t in itertools.chain(net.parameters(), net.buffers())):
             return net, True
-        device = next(itertools.chain(self.base.parameters(), self.base.buffers()), torch.empty(0)).device
+        anchor = next(itertools.chain(self.base.parameters(), self.base.buffers()), torch.empty(0))
+        device = anchor.device
         return self.build(shapes, device=None).to(device), False
 
 
@@ -347,7 +348,8 @@ def evaluate(net: torch.nn.Module, loader: Iterable[Mapping[str, torch.Tensor]],
             if shapes != dict(net.inputs):
                 if nets is None:
                     raise ShapeError(f"batch {i} has inputs {shapes}, the net was built for "
-                                     f"{dict(net.inputs)}", hint="evaluate with nets=ShapedNets(...)")
+                                     f"{dict(net.inputs)}",
+                                     hint="evaluate with nets=ShapedNets(...)")
                 model = nets(shapes)
             outputs = _call(model, names, batch, device)
             pred = evaluator.update(outputs, batch)
@@ -482,8 +484,8 @@ def train(source: Any, work_dir: str, *, vars: Optional[Mapping[str, Any]] = Non
         test_names = _input_names(tree, "test", src)
         test_net = build(source, phase="test", inputs=batch_shapes(test_set, test_names, test_opts["batch_size"]),
                          **kw).to(dev)
-        test_nets = ShapedNets(test_net, lambda shapes, device: build(source, phase="test", inputs=shapes,
-                                                                       device=device, **kw))
+        test_nets = ShapedNets(test_net, lambda shapes, device: build(
+            source, phase="test", inputs=shapes, device=device, **kw))
         evaluator = Evaluator(test_opts, _outputs(test_net), test_net.loss_weights)
         test_loader = make_loader(test_set, batch_size=test_opts["batch_size"], train=False, rank=info.rank,
                                   world_size=info.world_size, num_workers=test_opts["num_workers"])
@@ -654,13 +656,15 @@ def _weights_files(weights: Any) -> List[str]:
                     os.path.join(path, "checkpoints")
                 ck = CheckpointManager(folder).latest()
                 if ck is None:
-                    raise DataError(f"no checkpoint in {folder}", hint="train first, or give a weights file")
+                    raise DataError(f"no checkpoint in {folder}",
+                                    hint="train first, or give a weights file")
                 path = ck.weights
             elif path.endswith(".state.pt"):
                 path = path[: -len(".state.pt")] + ".safetensors"
             out.append(path)
     if not out:
-        raise DataError("no weights file given", hint="--weights W.safetensors (or W.pth, or a work dir)")
+        raise DataError("no weights file given",
+                        hint="--weights W.safetensors (or W.pth, or a work dir)")
     return out
 
 
@@ -670,9 +674,9 @@ def test(source: Any, weights: Optional[str], *, vars: Optional[Mapping[str, Any
          fuse: bool = True) -> Dict[str, Any]:
     """Evaluate ``weights`` (None = the net's own initialisation; files as for
     :func:`_weights_files`, mapped by :mod:`pacnet.weights`, every blob of the test net
-    required) on the ``split`` set of the net's ``data:`` section.  ``out_dir`` also writes one prediction per sample: a VOC
-    palette PNG of the argmax (cropped to ``data_dim``) for segmentation, ``.flo`` for
-    flow, ``.npy`` (float32, de-normalised) for depth."""
+    required) on the ``split`` set of the net's ``data:`` section.  ``out_dir`` also writes
+    one prediction per sample: a VOC palette PNG of the argmax (cropped to ``data_dim``)
+    for segmentation, ``.flo`` for flow, ``.npy`` (float32, de-normalised) for depth."""
     from pacnet.api import build
     from pacnet.load import load
 

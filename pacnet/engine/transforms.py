@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 from pacnet.errors import DataError
 
-__all__ = ["resize", "resize_antialiased", "SegTransform", "lowres", "normalize_range", "denormalize",
-           "JointTransform", "LOWRES_MODES"]
+__all__ = ["resize", "resize_antialiased", "SegTransform", "lowres", "normalize_range",
+           "denormalize", "JointTransform", "LOWRES_MODES"]
 
 LOWRES_MODES = ("center", "last", "bilinear", "nearest")
 
@@ -279,8 +279,8 @@ class JointTransform:
         size = (low.shape[1] * self.factor, low.shape[2] * self.factor)
         if size != tuple(gt.shape[1:]):
             if self.train:
-                raise DataError(f"the image is {gt.shape[1]} x {gt.shape[2]}, not a multiple of factor "
-                                f"{self.factor}: the prediction would not match it",
+                raise DataError(f"the image is {gt.shape[1]} x {gt.shape[2]}, not a multiple of "
+                                f"factor {self.factor}: the prediction would not match it",
                                 hint=f"train on crops (crop_size, a multiple of {self.factor})")
             guide = resize(guide, size, "bilinear")
         if self.normalize:
