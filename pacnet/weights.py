@@ -377,8 +377,8 @@ def match(net: torch.nn.Module, paths: Union[PathLike, Iterable[PathLike]], *, s
     gives the net nothing, when a blob of the net is not given (``strict``) and when an
     entry lands on no blob (unless ``allow_unused``: then it is only reported, as Caffe's
     ``-weights`` skips layers the net lacks).  ``source`` forces one ``weights_from`` entry
-    (or ``"pacnet"``) instead of the best one; with ``suggest``, the hint of an error names
-    the zoo nets that take the files."""
+    (or ``"pacnet"``) instead of the best one; with ``suggest``, the hint of an error about
+    entries out of place names the zoo nets that take the files."""
     name = _net_name(net)
     declared = sources(getattr(net, "config", None) or {}, file=getattr(getattr(net, "ir", None),
                                                                        "source", None))
@@ -404,7 +404,8 @@ def match(net: torch.nn.Module, paths: Union[PathLike, Iterable[PathLike]], *, s
     problem = _problem(result, strict, allow_unused)
     if problem is not None:
         message, hint = problem
-        if suggest:
+        misfit = any(f.problems or not f.tensors for f in files)  # not merely incomplete
+        if suggest and misfit:
             fits = suggest_nets([f.path for f in files], exclude=name)
             if fits:
                 nets = f"net {fits[0]}" if len(fits) == 1 else f"nets {', '.join(fits)}"
