@@ -209,8 +209,9 @@ def _refused(path: str, err: BaseException) -> LoadError:
     return LoadError(
         f"{path} needs code to load: unpickling it would call {what}, and pacnet reads weight "
         f"files with torch.load(weights_only=True), which never runs code from a file",
-        hint="it holds a pickled Python object, not just tensors; where you trust the file, "
-             "re-save its tensors: torch.save(obj['state_dict'] or model.state_dict(), 'w.pth')")
+        hint="it holds pickled Python objects, not just tensors; where you trust the file, "
+             "re-save its tensors: torch.save(torch.load(F, weights_only=False)['state_dict'], "
+             "'w.pth') (or model.state_dict() of a pickled model)")
 
 
 def _torch_load(path: str) -> Any:
