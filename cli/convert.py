@@ -1,15 +1,23 @@
-"""``pacnet convert NET.prototxt``: turn a Caffe net (and its weights) into pacnet files.
+"""``pacnet convert``: Caffe nets and weights, or another framework's weights, to pacnet files.
 
     pacnet convert deploy.prototxt -o deploy.yaml
     pacnet convert train.prototxt --var NUM_LABELS=21 --var EXP=voc12 -o train.yaml
     pacnet convert deploy.prototxt --weights model.caffemodel -o model.safetensors
+    pacnet convert jointupsample/pac_joint_upsample_x8 --weights x8_pac_weights_epoch_5000.pth
+    pacnet convert fcn/fcn8s --weights fcn8s-heavy-pascal.caffemodel -o fcn8s.safetensors
 
-The net becomes pacnet YAML (Caffe's upgrade rules applied; data layers become
+A ``.prototxt`` net becomes pacnet YAML (Caffe's upgrade rules applied; data layers become
 ``inputs:`` plus a ``data:`` record).  Without a ``.yaml`` output and without
 ``--weights`` the YAML goes to stdout.  ``--weights`` builds the net (``--phase``,
 ``--input`` apply) and maps every Caffe blob onto its state_dict key; the result goes to
-the ``.safetensors`` output (default: next to the caffemodel).  Files are written
-atomically: an error never leaves a partial file behind.
+the ``.safetensors`` output (default: next to the weights file).
+
+A pacnet net (YAML or a zoo name) takes ``--weights`` in the formats of
+:mod:`pacnet.weights` (``.pth``, ``.pt``, ``.pth.tar``, safetensors; several files
+comma-separated are one set) mapped by the net's ``weights_from`` rules, or a
+``.caffemodel`` mapped by layer name; strict by default (every blob of the net given,
+every entry used; ``--no-strict`` writes what matches).  Files are written atomically: an
+error never leaves a partial file behind.
 """
 
 from __future__ import annotations
@@ -26,22 +34,26 @@ from pacnet.errors import PacnetError
 
 def add_parser(sub) -> None:
     p = sub.add_parser("convert", help="convert a Caffe prototxt (and .caffemodel) to pacnet YAML "
-                                       "(and safetensors)",
+                                       "(and safetensors), or .pth weights of a net to safetensors",
                        description=__doc__.splitlines()[0])
-    p.add_argument("net", metavar="NET.prototxt", help="Caffe net definition (text)")
+    p.add_argument("net", metavar="NET", help="Caffe net definition (.prototxt), or a pacnet net "
+                                              "(YAML or zoo name) whose weights to convert")
     p.add_argument("-o", "--output", action="append", default=[], metavar="FILE",
                    help="output file: NET.yaml for the net, W.safetensors for the weights; "
                         "give it once for each")
     p.add_argument("--var", action="append", default=[], metavar="NAME=VALUE", dest="vars",
                    help="value of a ${NAME} template variable; repeatable")
-    p.add_argument("--weights", metavar="W.caffemodel", help="Caffe weights to convert")
+    p.add_argument("--weights", metavar="W",
+                   help="weights to convert: W.caffemodel, or for a pacnet net also "
+                        "W.pth/.pt/.pth.tar/.safetensors (a,b for several)")
     p.add_argument("--phase", choices=("train", "test"), default="test",
                    help="phase the net is built in to map the weights (default test)")
     p.add_argument("--input", "-i", action="append", default=[], metavar="NAME=NxCxHxW",
                    help="concrete input shape when building for --weights; repeatable")
-    p.add_argument("--strict", action="store_true",
-                   help="with --weights: fail when a net blob gets no weights or a caffemodel "
-                        "layer has no place in the net")
+    p.add_argument("--strict", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --weights: fail when a net blob gets no weights or an entry of the "
+                        "weights has no place in the net (default: on for a pacnet net, off for "
+                        "a .prototxt)")
     p.set_defaults(run=run)
 
 
@@ -89,15 +101,31 @@ def _show_list(label: str, items: List[str], limit: int = 8) -> str:
     return f"{label} ({len(items)}): {shown}{more}"
 
 
+def _checked(mapped, weights: str, net: str, strict: bool):
+    """``mapped`` (caffemodel blobs mapped onto a net) unless nothing matched or, when
+    ``strict``, a net blob got no weights or a caffemodel layer has no place."""
+    if not mapped.loaded:
+        raise PacnetError(f"no layer of {weights} matches a layer of {net}",
+                          hint="is it the caffemodel of this net? names must match, "
+                               "template variables such as ${EXP} included")
+    if strict and (mapped.missing or mapped.unexpected):
+        parts = []
+        if mapped.missing:
+            parts.append(_show_list("net blobs without weights", mapped.missing))
+        if mapped.unexpected:
+            parts.append(_show_list("caffemodel layers not in the net", mapped.unexpected))
+        raise PacnetError("; ".join(parts), hint="without --strict, what matches is converted")
+    return mapped
+
+
 def run(args: argparse.Namespace) -> int:
     from pacnet.atomic import atomic_write
     from pacnet.caffe_import import convert_to_yaml_text, load_prototxt
     from pacnet.cli.common import parse_inputs
 
     src = args.net
-    if src.lower().endswith((".yaml", ".yml")):
-        raise PacnetError(f"{src} is already a pacnet net; convert reads Caffe .prototxt files",
-                          hint="use 'pacnet build' to check it")
+    if not src.lower().endswith((".prototxt", ".pt.txt")):
+        return _convert_weights(args)
     yaml_out, weights_out = _outputs(args.output)
     if weights_out is not None and not args.weights:
         raise PacnetError(f"-o {weights_out}: no --weights to convert",
@@ -132,18 +160,7 @@ def run(args: argparse.Namespace) -> int:
             # meta: shapes, dtypes and shared-tensor identity without allocating anything
             built = build(src, vars=vars, inputs=inputs, phase=args.phase, fuse=False,
                           device="meta")
-        mapped = map_blobs(model, built)
-        if not mapped.loaded:
-            raise PacnetError(f"no layer of {args.weights} matches a layer of {src}",
-                              hint="is it the caffemodel of this net? names must match, "
-                                   "template variables such as ${EXP} included")
-        if args.strict and (mapped.missing or mapped.unexpected):
-            parts = []
-            if mapped.missing:
-                parts.append(_show_list("net blobs without weights", mapped.missing))
-            if mapped.unexpected:
-                parts.append(_show_list("caffemodel layers not in the net", mapped.unexpected))
-            raise PacnetError("; ".join(parts), hint="drop --strict to convert what matches")
+        mapped = _checked(map_blobs(model, built), args.weights, src, bool(args.strict))
 
     # Write only once everything has been read and checked.
     if yaml_out is not None:
@@ -164,3 +181,68 @@ def run(args: argparse.Namespace) -> int:
             print("warning: " + _show_list("caffemodel layers not in the net (skipped)",
                                            mapped.unexpected), file=sys.stderr)
     return 0
+
+
+_WEIGHT_SUFFIXES = (".pth.tar", ".pth", ".pt", ".tar", ".bin", ".caffemodel", ".safetensors")
+
+
+def _convert_weights(args: argparse.Namespace) -> int:
+    """The pacnet-net mode: map --weights onto the built net and write its blobs."""
+    from pacnet.api import build
+    from pacnet.cli.common import parse_inputs
+    from pacnet.weights import convert
+
+    if not args.weights:
+        raise PacnetError(f"{args.net} is already a pacnet net: convert takes its weights "
+                          "(--weights W.pth) or a Caffe .prototxt",
+                          hint="use 'pacnet build' to check the net itself")
+    yaml_out, out = _outputs(args.output)
+    if yaml_out is not None:
+        raise PacnetError(f"-o {yaml_out}: {args.net} is already pacnet YAML",
+                          hint="give -o W.safetensors for the weights")
+    files = [f for f in args.weights.split(",") if f]
+    if out is None:
+        if len(files) > 1:
+            raise PacnetError("several weights files: name the output", hint="-o W.safetensors")
+        stem = files[0]
+        for suffix in _WEIGHT_SUFFIXES:
+            if stem.lower().endswith(suffix):
+                stem = stem[: -len(suffix)]
+                break
+        out = stem + ".safetensors"
+    strict = True if args.strict is None else args.strict
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # meta: shapes, dtypes and shared-tensor identity without allocating anything
+        net = build(args.net, vars=_raw_vars(args.vars), inputs=parse_inputs(args.input),
+                    phase=args.phase, fuse=False, device="meta")
+    if any(f.lower().endswith(".caffemodel") for f in files):
+        written, summary, missing, unused = _caffemodel_onto(net, files, out, strict)
+    else:
+        result = convert(net, files, out, strict=strict)
+        written, summary = len(result.tensors), result.summary()
+        missing, unused = result.missing, [k for f in result.files for k in f.unexpected]
+    print(f"wrote {out} ({written} blobs of {net.ir.name}; {summary})", file=sys.stderr)
+    if missing:
+        print("warning: " + _show_list("net blobs without weights (keep their fillers)", missing),
+              file=sys.stderr)
+    if unused:
+        print("warning: " + _show_list("entries not in the net (skipped)", unused), file=sys.stderr)
+    return 0
+
+
+def _caffemodel_onto(net, files: List[str], out: str,
+                     strict: bool) -> Tuple[int, str, List[str], List[str]]:
+    """A .caffemodel mapped onto a pacnet net by layer name (pacnet.caffemodel)."""
+    from pacnet.caffemodel import map_blobs, read_caffemodel, save_safetensors
+
+    if len(files) > 1:
+        raise PacnetError("give one .caffemodel", hint="convert other files separately")
+    if os.path.abspath(out) == os.path.abspath(files[0]):
+        raise PacnetError(f"-o {out} would overwrite an input file")
+    _check_folder(out)
+    mapped = _checked(map_blobs(read_caffemodel(files[0]), net), files[0], net.ir.name, strict)
+    save_safetensors(mapped.tensors, out, metadata={
+        "format": "pt", "source": os.path.basename(files[0]), "net": net.ir.name})
+    return (len(mapped.tensors), f"{os.path.basename(files[0])}: {len(mapped.loaded)} layers",
+            mapped.missing, mapped.unexpected)

@@ -3,10 +3,13 @@
     pacnet test nets/jointupsample/pac_joint_upsample_x8.yaml --weights work_dirs/pac_joint_upsample_x8
     pacnet test NET --weights model.safetensors --save-predictions preds/ --max-batches 10
 
-``W`` is a ``.safetensors`` file, a checkpoint's ``.state.pt`` or a work dir (its latest
-checkpoint).  Prints the data set's metric -- mean IoU and pixel accuracy for segmentation,
-RMSE beside the bilinear baseline for depth, EPE beside bilinear for flow -- and the mean of
-every scalar output of the test net (losses, accuracies).  ``--save-predictions`` writes one
+``W`` is a ``.safetensors`` file, a ``.pth``/``.pt``/``.pth.tar`` of a model the net's
+``weights_from`` names (NVlabs/pacnet's published files for the zoo nets), a checkpoint's
+``.state.pt`` or a work dir (its latest checkpoint); ``a,b`` loads several files as one
+set.  Every blob of the test net must come from the files.  Prints the data set's metric
+-- mean IoU and pixel accuracy for segmentation, RMSE beside the bilinear baseline for
+depth, EPE beside bilinear for flow -- and the mean of every scalar output of the test net
+(losses, accuracies).  ``--save-predictions`` writes one
 file per sample: a VOC palette PNG, a ``.npy`` depth map (metres) or a ``.flo`` flow field.
 """
 
@@ -15,8 +18,8 @@ from __future__ import annotations
 import argparse
 
 from pacnet.cli.common import int_at_least, parse_assignments
-from pacnet.cli.train import (_factor, _net_name, baseline_table, console, fmt, is_main_process,
-                              short_openmp_spin, results)
+from pacnet.cli.train import (_data_options, _net_name, baseline_table, console, fmt,
+                              is_main_process, short_openmp_spin, results)
 
 
 def add_parser(sub) -> None:
@@ -24,7 +27,9 @@ def add_parser(sub) -> None:
                        description=__doc__.splitlines()[0])
     p.add_argument("net", metavar="NET", help="net file with a data: section (YAML or .prototxt)")
     p.add_argument("--weights", required=True, metavar="W",
-                   help="a .safetensors file, a checkpoint .state.pt, or a work dir (its latest checkpoint)")
+                   help="a .safetensors file, a .pth/.pt/.pth.tar the net's weights_from maps, "
+                        "a checkpoint .state.pt, or a work dir (its latest checkpoint); a,b for "
+                        "several")
     p.add_argument("--split", choices=("test", "val"), default="test", help="which split of data: (default test)")
     p.add_argument("--save-predictions", metavar="DIR", help="write one prediction file per sample into DIR")
     p.add_argument("--max-batches", type=int_at_least(0), metavar="N", help="evaluate at most N batches")
@@ -67,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     if not found:
         table.add_row("(none)", "the net has no scalar outputs and the data no metric")
     con.print(table)
-    compare = baseline_table(record, name, _factor(tree, args.net), f"{args.split} set: net vs bilinear upsampling")
+    compare = baseline_table(record, name, _data_options(tree, args.net),
+                             f"{args.split} set: net vs bilinear upsampling")
     if compare is not None:
         con.print(compare)
     if args.save_predictions:

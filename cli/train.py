@@ -3,7 +3,7 @@
     pacnet train nets/jointupsample/pac_joint_upsample_x8.yaml
     pacnet train NET --work-dir runs/a --set solver.max_iter=200 --set data.batch_size=2
     pacnet train NET --resume                    # continue from the work dir's latest checkpoint
-    pacnet train NET --weights init.safetensors  # start from weights (Caffe's -weights)
+    pacnet train NET --weights init.safetensors  # start from weights (Caffe's -weights; .pth too)
     torchrun --nproc-per-node 2 -m pacnet train NET
 
 Everything goes to the work dir (default ``work_dirs/<net name>``): ``config.yaml``,
@@ -32,8 +32,11 @@ from typing import Any, Dict, List, Mapping, Optional
 from pacnet.cli.common import int_at_least, parse_assignments
 from pacnet.errors import PacnetError
 
-# Su et al., CVPR 2019, Table 1: NYU Depth v2, x8 joint depth upsampling, RMSE in cm.
-PAPER_NYU_X8 = {"bilinear": 8.36, "PacJointUpsample": 4.59}
+# NVlabs/pacnet's README (Su et al., CVPR 2019, Tables 1 and 2): (bilinear, PacJointUpsample) by
+# metric and factor; NYU Depth v2 RMSE in cm, Sintel (clean, val) EPE in pixels.
+README_FIGURES = {("rmse", 4): (5.43, 2.39), ("rmse", 8): (8.36, 4.59), ("rmse", 16): (12.90, 8.09),
+                  ("epe", 4): (0.4650, 0.1042), ("epe", 8): (0.9011, 0.2558),
+                  ("epe", 16): (1.6281, 0.5921)}
 
 # Keys of a test record that are bookkeeping, not results.
 _NOT_RESULTS = ("event", "step", "batches", "seconds", "split", "weights", "samples", "written")
@@ -48,9 +51,10 @@ def add_parser(sub) -> None:
     start.add_argument("--resume", nargs="?", const=True, default=None, metavar="CKPT",
                        help="continue from the work dir's latest checkpoint (a new run if it has none), "
                             "or from the checkpoint CKPT (.safetensors or .state.pt)")
-    start.add_argument("--weights", action="append", default=[], metavar="W.safetensors",
-                       help="initialise from these weights (blobs matched by name, as Caffe's "
-                            "-weights); repeatable or comma-separated")
+    start.add_argument("--weights", action="append", default=[], metavar="W",
+                       help="initialise from these weights: .safetensors, or .pth/.pt/.pth.tar the "
+                            "net's weights_from maps (blobs matched by name, as Caffe's -weights); "
+                            "repeatable or comma-separated")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override a value, e.g. solver.base_lr=0.01 or data.batch_size=2; repeatable")
     p.add_argument("--var", action="append", default=[], metavar="NAME=VALUE", dest="vars",
@@ -105,28 +109,32 @@ def results_line(record: Mapping[str, Any]) -> str:
     return ", ".join(f"{k} = {fmt(v)}" for k, v in results(record).items()) or "no results"
 
 
-def baseline_table(record: Mapping[str, Any], name: str, factor: Optional[int], title: str):
-    """A rich Table: the net's RMSE/EPE against bilinear's (and, for depth x8, the PAC
-    paper's NYU figures for reference), or None when the record has no baseline."""
+def baseline_table(record: Mapping[str, Any], name: str, data: Mapping[str, Any], title: str):
+    """A rich Table: the net's RMSE/EPE against bilinear's and, where the README of the PAC
+    original has figures for the factor (``data``: the resolved data options), those (NYU
+    v2 RMSE in cm, Sintel EPE); on NYU the RMSE is shown in cm, as there.  None when the
+    record has no baseline."""
     from rich.table import Table
 
     metric = next((m for m in ("rmse", "epe") if f"bilinear_{m}" in record and m in record), None)
     if metric is None:
         return None
     own, base = record[metric], record[f"bilinear_{metric}"]
-    paper = metric == "rmse" and factor == 8
+    readme = README_FIGURES.get((metric, data.get("factor")))
+    scale, unit = (100, " (cm)") if metric == "rmse" and data.get("dataset") == "nyu" else (1, "")
     table = Table(title=title, header_style="bold")
     table.add_column("method")
-    table.add_column(f"{metric.upper()} (this test set)", justify="right")
+    table.add_column(f"{metric.upper()}{unit}", justify="right")
     table.add_column("ratio to bilinear", justify="right")
-    if paper:
-        table.add_column("paper: NYU v2 x8 RMSE (cm)", justify="right")
-        table.add_column("paper ratio", justify="right")
+    if readme is not None:
+        what = "NYU v2 RMSE (cm)" if metric == "rmse" else "Sintel EPE"
+        table.add_column(f"README x{data['factor']}: {what}", justify="right")
+        table.add_column("README ratio", justify="right")
     ratio = own / base if base else float("nan")
-    ref_base, ref_own = PAPER_NYU_X8["bilinear"], PAPER_NYU_X8["PacJointUpsample"]
-    table.add_row("bilinear", fmt(base), "1", *((fmt(ref_base), "1") if paper else ()))
-    table.add_row(name, fmt(own), f"{ratio:.3f}",
-                  *((f"{fmt(ref_own)} (PacJointUpsample)", f"{ref_own / ref_base:.3f}") if paper else ()))
+    table.add_row("bilinear", fmt(scale * base), "1", *((fmt(readme[0]), "1") if readme else ()))
+    table.add_row(name, fmt(scale * own), f"{ratio:.3f}",
+                  *((f"{fmt(readme[1])} (PacJointUpsample)", f"{readme[1] / readme[0]:.3f}")
+                    if readme else ()))
     return table
 
 
@@ -284,13 +292,14 @@ def _net_name(tree: Mapping[str, Any], path: str) -> str:
     return os.path.splitext(os.path.basename(path))[0]
 
 
-def _factor(tree: Mapping[str, Any], path: str) -> Optional[int]:
+def _data_options(tree: Mapping[str, Any], path: str) -> Dict[str, Any]:
+    """The resolved test options of the net's data: section ({} when it has none)."""
     from pacnet.engine.data import parse_data
 
     try:
-        return parse_data(tree.get("data"), "test", source=path).get("factor")
+        return parse_data(tree.get("data"), "test", source=path)
     except PacnetError:
-        return None
+        return {}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -348,11 +357,12 @@ def run(args: argparse.Namespace) -> int:
     finally:
         display.stop()
     if main:
-        _summary(con, display, summary, name, _factor(tree, args.net))
+        _summary(con, display, summary, name, _data_options(tree, args.net))
     return 0
 
 
-def _summary(con, display: _Display, summary: Mapping[str, Any], name: str, factor: Optional[int]) -> None:
+def _summary(con, display: _Display, summary: Mapping[str, Any], name: str,
+             data: Mapping[str, Any]) -> None:
     from rich.table import Table
 
     wall = time.perf_counter() - display.started
@@ -372,6 +382,6 @@ def _summary(con, display: _Display, summary: Mapping[str, Any], name: str, fact
         table.add_row("test", "no test pass (set solver.test_interval, or run 'pacnet test')")
     con.print(table)
     if test:
-        compare = baseline_table(test, name, factor, "test set: trained net vs bilinear upsampling")
+        compare = baseline_table(test, name, data, "test set: trained net vs bilinear upsampling")
         if compare is not None:
             con.print(compare)

@@ -78,7 +78,11 @@ FILLER = {
     "type": "object",
     "properties": {
         "type": {"enum": ["constant", "gaussian", "uniform", "xavier", "msra", "bilinear",
-                          "positive_unitball", "xy"], "default": "constant"},
+                          "bilinear_diagonal", "positive_unitball", "xy"], "default": "constant",
+                 "description": "bilinear: the upsampling kernel in every (out, in) slice (for "
+                                "group = channels); bilinear_diagonal: the kernel in slices "
+                                "[c, c] only, zeros elsewhere (a dense C x C upsampling "
+                                "deconvolution that starts as per-channel bilinear)"},
         "value": {"type": "number", "default": 0.0},
         "min": {"type": "number", "default": 0.0},
         "max": {"type": "number", "default": 1.0},
@@ -301,7 +305,9 @@ def fill_(tensor: torch.Tensor, spec: Optional[Dict[str, Any]],
 
     ``xavier`` and ``msra`` take n from ``variance_norm`` (FAN_IN = count/shape[0],
     FAN_OUT = count/shape[1], AVERAGE = their mean); ``bilinear`` fills every
-    (out, in) slice of a square 4-D blob with the same upsampling kernel.
+    (out, in) slice of a square 4-D blob with the same upsampling kernel;
+    ``bilinear_diagonal`` only the slices ``[c, c]`` (zeros elsewhere), as
+    fcn.berkeleyvision.org's ``surgery.interp`` initialises FCN's dense upscore layers.
     """
     spec = dict(spec or {})
     kind = spec.get("type", "constant")
@@ -343,6 +349,14 @@ def fill_(tensor: torch.Tensor, spec: Optional[Dict[str, Any]],
         if len(shape) != 4 or shape[2] != shape[3]:
             raise ValueError(f"bilinear filler needs a square 4-D blob, got {list(shape)}")
         tensor.copy_(bilinear_kernel(shape[2]).expand(shape))
+    elif kind == "bilinear_diagonal":
+        problem = filler_problem(spec, shape)
+        if problem:
+            raise ValueError(problem)
+        tensor.zero_()
+        kernel = bilinear_kernel(shape[2]).to(tensor.dtype)
+        for c in range(shape[0]):
+            tensor[c, c] = kernel
     elif kind == "xy":
         raise ValueError("the 'xy' filler fills data blobs (DummyData), not weights")
     else:
@@ -363,8 +377,11 @@ def filler_problem(spec: Optional[Dict[str, Any]], shape: Sequence[int],
     shape = tuple(int(d) for d in shape)
     if kind != "gaussian" and int(spec.get("sparse", -1)) != -1:
         return f"'sparse' is only supported by the gaussian filler, not {kind!r}"
-    if kind == "bilinear" and (len(shape) != 4 or shape[2] != shape[3]):
-        return f"the bilinear filler needs a square 4-D blob, got shape {list(shape)}"
+    if kind in ("bilinear", "bilinear_diagonal") and (len(shape) != 4 or shape[2] != shape[3]):
+        return f"the {kind} filler needs a square 4-D blob, got shape {list(shape)}"
+    if kind == "bilinear_diagonal" and shape[0] != shape[1]:
+        return (f"the bilinear_diagonal filler needs as many inputs as outputs (a C x C x K x K "
+                f"blob), got shape {list(shape)}")
     if kind == "uniform" and float(spec.get("min", 0.0)) > float(spec.get("max", 1.0)):
         return "the uniform filler needs min <= max"
     if kind == "xy":

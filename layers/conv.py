@@ -101,15 +101,16 @@ def _check_conv_common(spec: LayerSpec) -> None:
     rank = ConvGeometry.written_rank(spec)
     # Caffe's bilinear filler fills square 2-D kernels only; a blob of the wrong rank is
     # refused in infer() (filler_problem), a kernel written with its rank already here.
-    if spec["weight_filler"].get("type") == "bilinear" and rank is not None:
+    kind = spec["weight_filler"].get("type")
+    if kind in ("bilinear", "bilinear_diagonal") and rank is not None:
         kernel = spatial(spec, "kernel_size", "kernel_h", "kernel_w", None, rank)
         if rank != 2:
-            raise spec.error(f"weight_filler: the bilinear filler needs a square 2-D kernel, got "
+            raise spec.error(f"weight_filler: the {kind} filler needs a square 2-D kernel, got "
                              f"{size_str(kernel)}", key="weight_filler",
                              hint="for a fixed 3-D upsampling use a Resize layer with mode: "
                                   "trilinear")
         if kernel[0] != kernel[1]:
-            raise spec.error("weight_filler: the bilinear filler needs a square kernel, got "
+            raise spec.error(f"weight_filler: the {kind} filler needs a square kernel, got "
                              f"{size_str(kernel)}", key="weight_filler")
 
 
@@ -261,13 +262,16 @@ class Deconvolution(Layer):
     Blobs: ``weight`` [C, num_output/group, *kernel] (Caffe's and PyTorch's layout),
     ``bias`` [num_output].  With ``weight_filler: {type: bilinear}`` (2-D, square kernels)
     every (in, out) slice gets the same bilinear kernel, so use ``group: C``
-    (num_output = C) for per-channel upsampling, as Caffe's filler documentation says.
+    (num_output = C) for per-channel upsampling, as Caffe's filler documentation says;
+    ``bilinear_diagonal`` starts a dense (group 1) C -> C deconvolution as the same
+    per-channel upsampling, the form of FCN's learnable upscore layers.
     """
 
     params = dict(ND_CONV_PARAMS)
     params["num_output"] = {**POSITIVE_INT, "description": "number of output channels O"}
     params["weight_filler"] = filler("initialiser of the weight blob [C, O/g, *kernel] "
-                                     "(Caffe default: constant 0; 'bilinear' for 2-D upsampling)")
+                                     "(Caffe default: constant 0; 'bilinear' or "
+                                     "'bilinear_diagonal' for 2-D upsampling)")
     params["bottom_is_im2col"] = {"type": "boolean", "default": False,
                                   "description": "not supported for Deconvolution (must be false)"}
     required = ("num_output",)
@@ -366,9 +370,9 @@ class InnerProduct(Layer):
     blobs = ("weight", "bias")
 
     def check(self, spec: LayerSpec) -> None:
-        if spec["weight_filler"].get("type") == "bilinear":
-            raise spec.error("weight_filler: the bilinear filler needs a 4-D blob; the "
-                             "InnerProduct weight is 2-D", key="weight_filler",
+        if spec["weight_filler"].get("type") in ("bilinear", "bilinear_diagonal"):
+            raise spec.error(f"weight_filler: the {spec['weight_filler']['type']} filler needs a "
+                             "4-D blob; the InnerProduct weight is 2-D", key="weight_filler",
                              hint="use gaussian, xavier or msra")
         problem = filler_problem(spec["weight_filler"], (1, 1))  # the rest is shape-free
         if problem:

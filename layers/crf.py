@@ -14,6 +14,9 @@ Configuration, two ways:
 * ``model``: the original's shorthand, e.g. ``crfi5p4d5641p4d5161`` (see
   :func:`pacnet.crf.parse_crf_name`), which gives the step count and the kernels.
 
+``PositionFeatures`` gives the pixel coordinates of a blob (the original's
+``create_position_feats``), the position part of a CRF's edge features.
+
 Precedence: ``model`` supplies ``num_steps`` and the kernels; a ``num_steps`` written
 next to it overrides the model's step count; ``pairwise_kernels`` and ``model`` together
 are an error (neither silently wins).  A loose model (``...l p...``) needs type
@@ -28,7 +31,8 @@ from typing import Any, Dict, List, Tuple
 import torch
 from torch import nn
 
-from pacnet.crf import COMPAT_TYPES, FINAL_OUTPUTS, PacCRF, PacCRFLoose, parse_crf_name
+from pacnet.crf import (COMPAT_TYPES, FINAL_OUTPUTS, PacCRF, PacCRFLoose, create_position_feats,
+                        parse_crf_name)
 from pacnet.crf import _blurred_size  # the pooled size of a blurred kernel
 from pacnet.errors import PacnetError, PacnetValueError
 from pacnet.layers.common import numel
@@ -252,3 +256,44 @@ class PacCRFLooseLayer(_CRFLayer):
     """
 
     module_class = PacCRFLooseModule
+
+
+class PositionFeaturesModule(nn.Module):
+    """``x`` N x C x H x W -> its pixel coordinates N x 2 x H x W ([y, x] / scale)."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return create_position_feats(x.shape[-2:], self.scale, bs=x.shape[0], device=x.device,
+                                     dtype=x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}"
+
+
+@register("PositionFeatures")
+class PositionFeatures(Layer):
+    """Pixel coordinates of the bottom, for a CRF's edge features (NVlabs/pacnet's
+    ``create_position_feats``): N x C x H x W -> N x 2 x H x W, channel 0 the row index y,
+    channel 1 the column index x (0-based), each divided by ``scale``.  Only the bottom's
+    shape is used (no gradient flows into it)."""
+
+    params = {"scale": {"type": "number", "exclusiveMinimum": 0, "default": 1.0,
+                        "description": "divisor of the coordinates (pixels per unit)"}}
+    bottoms = (1, 1)
+    tops = (1, 1)
+
+    def infer(self, spec: LayerSpec, shapes: List[Shape]) -> List[Shape]:
+        shape = shapes[0]
+        if len(shape) != 4:
+            raise spec.shape_error(f"the bottom must be 4-D N x C x H x W, got {list(shape)}")
+        return [(shape[0], 2, shape[2], shape[3])]
+
+    def build(self, spec: LayerSpec, shapes: List[Shape]) -> nn.Module:
+        return PositionFeaturesModule(float(spec["scale"]))
+
+    def flops(self, spec: LayerSpec, shapes: List[Shape], out_shapes: List[Shape]) -> int:
+        return 0
+

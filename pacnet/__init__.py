@@ -13,6 +13,7 @@ from pacnet.errors import PacnetError, PacnetValueError  # noqa: E402
 _LAZY = {
     "build": ("pacnet.api", "build"),
     "Net": ("pacnet.codegen", "Net"),
+    "load_weights": ("pacnet.weights", "load_weights"),
     "PacConv2d": ("pacnet.pac", "PacConv2d"),
     "PacConvTranspose2d": ("pacnet.pac", "PacConvTranspose2d"),
     "PacPool2d": ("pacnet.pac", "PacPool2d"),

@@ -19,6 +19,7 @@ from pacnet.graph import BlobRef, Graph, build_graph
 from pacnet.load import Source, load
 from pacnet.passes import passes
 from pacnet.shapes import bind_inputs, infer_shapes, latest_shapes
+from pacnet.weights import sources as weight_sources
 
 log = logging.getLogger("pacnet")
 
@@ -54,6 +55,7 @@ def build(source: Source, *, inputs: Optional[Mapping[str, Sequence[int]]] = Non
     source_name = None if isinstance(source, Mapping) else os.fspath(source)
     tree = load(source, vars=vars, overrides=overrides)
     graph = build_graph(tree, phase=phase, level=level, stages=stages, source=source_name)
+    weight_sources(graph.config, file=source_name)  # the weights_from rules, checked up front
     input_shapes = bind_inputs(graph, inputs)
     if fuse:
         for name, fn in passes():

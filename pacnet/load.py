@@ -182,14 +182,16 @@ def read_yaml(path: str) -> Any:
 # ----------------------------------------------------------------------------- _base_
 
 def _merge(base: Any, override: Any) -> Any:
-    """Deep-merge ``override`` into ``base``: dicts recursively (``_delete_: true`` replaces),
+    """Deep-merge ``override`` into ``base``: dicts recursively (``_delete_: true`` replaces;
+    where there is nothing yet, the marker stays for the next base: :func:`_settle_deletes`),
     ``layers`` lists by layer name (same name = merge, ``_delete_: true`` = drop, new =
-    append), everything else replaced."""
+    append; a name dropped earlier in the same list is new again), everything else
+    replaced."""
+    if isinstance(override, dict) and override.get("_delete_"):  # replace (also where nothing is)
+        out = copy.deepcopy(override)
+        del out["_delete_"]
+        return out
     if isinstance(base, dict) and isinstance(override, dict):
-        if override.get("_delete_"):
-            out = copy.deepcopy(override)
-            del out["_delete_"]
-            return out
         out = copy.deepcopy(base)
         for key, value in override.items():
             if key == "layers" and isinstance(out.get(key), list) and isinstance(value, list):
@@ -197,7 +199,7 @@ def _merge(base: Any, override: Any) -> Any:
             elif key in out:
                 out[key] = _merge(out[key], value)
             else:
-                out[key] = copy.deepcopy(value)
+                out[key] = copy.deepcopy(value)  # a _delete_ in it waits for a later base
             if isinstance(out, MarkedDict) and isinstance(override, MarkedDict) and key in override.locs:
                 out.locs[key] = override.locs[key]
         return out
@@ -213,6 +215,7 @@ def _merge_layers(base: List[Any], override: List[Any]) -> List[Any]:
             i = index[name]
             if layer.get("_delete_"):
                 out[i] = None
+                del index[name]  # the name is free again: a later entry adds a new layer
             else:
                 out[i] = _merge(out[i], layer)
         else:
@@ -226,6 +229,28 @@ def _merge_layers(base: List[Any], override: List[Any]) -> List[Any]:
             kept.locs[len(kept)] = getattr(out, "locs", {}).get(i)
             kept.append(layer)
     return kept
+
+
+def _settle_deletes(tree: Any) -> None:
+    """After every base is merged: a ``_delete_`` that found nothing to replace is dropped
+    (the value stands as written); a layer ``{name, _delete_: true}`` that found no layer of
+    that name is an error (a misspelt name would otherwise delete nothing, silently)."""
+    if isinstance(tree, dict):
+        tree.pop("_delete_", None)
+        for key, value in tree.items():
+            if key == "layers" and isinstance(value, list):
+                for i, layer in enumerate(value):
+                    if isinstance(layer, dict) and layer.get("_delete_"):
+                        raise SchemaError(f"layer {layer.get('name')!r} is marked _delete_ but no "
+                                          f"base has a layer of that name",
+                                          location=where(value, i),
+                                          hint="check the name against the base's layers")
+                    _settle_deletes(layer)
+            else:
+                _settle_deletes(value)
+    elif isinstance(tree, list):
+        for item in tree:
+            _settle_deletes(item)
 
 
 def _load_with_bases(path: str, seen: Tuple[str, ...] = ()) -> Any:
@@ -500,6 +525,7 @@ def load(source: Source, *, vars: Optional[Mapping[str, Any]] = None,
             tree = _apply_path_marks(net, marks, path)
         else:
             tree = _load_with_bases(path)
+            _settle_deletes(tree)
     if not isinstance(tree, dict):
         raise SchemaError("a net must be a mapping with 'layers:' at the top level", location=where(tree))
 

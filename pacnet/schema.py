@@ -72,6 +72,49 @@ SHAPE = {
                         {"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_]*$"}]},
 }
 
+_KEY_PATTERN = {"type": "string", "minLength": 1}
+_TRANSFORM = {"oneOf": [
+    {"const": "reciprocal", "description": "1 / x (a scale stored as its divisor)"},
+    {"type": "object", "additionalProperties": False, "required": ["transpose"],
+     "properties": {"transpose": {"type": "array", "items": {"type": "integer", "minimum": 0},
+                                  "minItems": 1, "description": "permutation of the axes"}}},
+    {"type": "object", "additionalProperties": False, "required": ["reshape"],
+     "properties": {"reshape": {"type": "array", "items": {"type": "integer", "minimum": -1},
+                                "description": "new shape (one -1 is inferred)"}}},
+]}
+
+#: ``weights_from:``: the models whose weight files a net takes (read by pacnet.weights).
+WEIGHTS_FROM = {
+    "type": "object",
+    "description": "source name -> {model, rename, ignore, hint}: the models whose weight files "
+                   "this net takes and how their names map onto its blobs",
+    "additionalProperties": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["model"],
+        "properties": {
+            "model": {"type": "string", "description": "the source model the files come from"},
+            "rename": {
+                "type": "array",
+                "description": "rules, the first match wins; other keys keep their names",
+                "items": {
+                    "type": "object", "additionalProperties": False, "required": ["from", "to"],
+                    "properties": {
+                        "from": {**_KEY_PATTERN, "description": "key in the file; '*' is any "
+                                                                "run of characters"},
+                        "to": {"oneOf": [_KEY_PATTERN, {"type": "array", "items": _KEY_PATTERN,
+                                                        "minItems": 1}],
+                               "description": "blob(s) of the net, with the same '*'s"},
+                        "transform": {"oneOf": [_TRANSFORM, {"type": "array", "items": _TRANSFORM}],
+                                      "description": "applied to the value, in order"},
+                    }}},
+            "ignore": {"type": "array", "items": _KEY_PATTERN,
+                       "description": "keys of the files the net has no use for ('*' wildcards)"},
+            "hint": {"type": "string", "description": "shown when blobs of the net are missing"},
+        },
+    },
+}
+
 NET_SCHEMA = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "type": "object",
@@ -86,6 +129,7 @@ NET_SCHEMA = {
         "layers": {"type": "array", "items": {"type": "object"}, "minItems": 1},
         "solver": {"type": "object", "description": "training settings (see pacnet.engine.solver)"},
         "data": {"description": "data set settings for pacnet train/test (see pacnet.engine.data)"},
+        "weights_from": WEIGHTS_FROM,
         "outputs": {"type": "array", "items": {"type": "string"},
                     "description": "optional: blobs to return (default: every unconsumed blob)"},
     },

@@ -89,7 +89,7 @@ def test_train_writes_the_work_dir_and_prints_the_summary(net_file, tmp_path, mo
     assert "training tiny_depth on cpu" in out and "training done" in out
     assert "iteration 5: loss" in out and "snapshot: " in out
     assert "test at iteration 6: rmse = " in out and "bilinear_rmse = " in out
-    assert "paper: NYU v2 x8 RMSE (cm)" in out and "8.36" in out and "4.59 (PacJointUpsample)" in out
+    assert "README x8: NYU v2 RMSE (cm)" in out and "8.36" in out and "4.59 (PacJointUpsample)" in out
     assert {p.name for p in wd.iterdir()} >= {"config.yaml", "environment.json", "metrics.jsonl", "checkpoints"}
     assert [c.iteration for c in CheckpointManager(str(wd / "checkpoints")).list()] == [3, 6]
     records = WorkDir(str(wd), tensorboard=False).read_metrics()

@@ -148,6 +148,54 @@ def test_blocks_base_vars_and_overrides(tmp_path):
     assert "c1/conv" in net.shapes and net.shapes["c3"] == (1, 5, 8, 8)
 
 
+def test_base_delete_replaces_even_where_nothing_was_and_frees_a_layer_name(tmp_path):
+    write(tmp_path, """
+        name: base
+        inputs: {data: [1, 3, 8, 8]}
+        layers:
+          - {name: a, type: ReLU, bottom: data, top: a}
+          - {name: b, type: Sigmoid, bottom: a, top: b}
+    """, "base.yaml")
+    # a second base adds a section the first lacks, marked _delete_ (it replaces whatever
+    # a base has there), and replaces layer b by a new one after the layers it needs
+    write(tmp_path, """
+        solver: {_delete_: true, base_lr: 0.1, max_iter: 3}
+        layers:
+          - {name: b, _delete_: true}
+          - {name: c, type: TanH, bottom: a, top: c}
+          - {name: b, type: Eltwise, bottom: [a, c], top: b}
+    """, "head.yaml")
+    child = write(tmp_path, """
+        _base_: [base.yaml, head.yaml]
+        name: child
+    """)
+    net = pacnet.build(child)
+    assert dict(net.config["solver"]) == {"base_lr": 0.1, "max_iter": 3}
+    assert [(n.name, n.type) for n in net.ir.nodes] == [("a", "ReLU"), ("c", "TanH"), ("b", "Eltwise")]
+    # the marker waits for a later base: a base-of-a-base's section replaces the first base's
+    write(tmp_path, """
+        _base_: head.yaml
+        data: {_delete_: true, dataset: synthetic_depth}
+    """, "recipe.yaml")
+    write(tmp_path, """
+        name: base2
+        data: {dataset: voc, root: x}
+        inputs: {data: [1, 3, 8, 8]}
+        layers:
+          - {name: a, type: ReLU, bottom: data, top: a}
+          - {name: b, type: Sigmoid, bottom: a, top: b}
+    """, "base2.yaml")
+    two = pacnet.build(write(tmp_path, "_base_: [base2.yaml, recipe.yaml]\n", "two.yaml"))
+    assert dict(two.config["data"]) == {"dataset": "synthetic_depth"}
+    typo = write(tmp_path, """
+        _base_: base.yaml
+        layers:
+          - {name: bb, _delete_: true}
+    """, "typo.yaml")
+    with pytest.raises(SchemaError, match="layer 'bb' is marked _delete_ but no base has a layer of that name"):
+        pacnet.build(typo)
+
+
 def test_unknown_block_argument(tmp_path):
     with pytest.raises(SchemaError, match="unknown argument 'num_outptu'") as err:
         pacnet.build(write(tmp_path, """

@@ -689,3 +689,12 @@ def test_bad_inputs_name_the_offending_tensor():
     crf.final_output = "probs"
     with pytest.raises(PacnetValueError, match="unknown final_output 'probs'"):
         crf(unary, feat)
+
+
+def test_the_originals_module_names_import():
+    """Ported code keeps its module names: from pacnet import pac, paccrf."""
+    import pacnet.crf
+    from pacnet import pac, paccrf
+
+    assert paccrf.PacCRF is pacnet.crf.PacCRF and paccrf.create_YXRGB is pacnet.crf.create_YXRGB
+    assert set(paccrf.__all__) <= set(dir(paccrf)) and pac.PacConvTranspose2d is pacnet.PacConvTranspose2d

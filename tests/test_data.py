@@ -225,6 +225,13 @@ def test_joint_transform_keys_shapes_and_spaces():
         JointTransform(8, crop=12)
     with pytest.raises(DataError, match="larger than the image"):
         JointTransform(8, crop=64)(guide, depth, rng())
+    # a size that is not a multiple (Sintel's 436 rows): the guide goes to factor x the
+    # low-res size, the ground truth keeps the image's (test); training needs crops
+    odd = JointTransform(8, train=False)(guide[:, :30], depth[:, :30], rng())
+    assert (odd["target"].shape, odd["guide"].shape, odd["gt_raw"].shape) == ((1, 4, 6), (3, 32, 48), (1, 30, 48))
+    with pytest.raises(DataError, match=r"30 x 48, not a multiple of factor 8") as info:
+        JointTransform(8, train=True)(guide[:, :30], depth[:, :30], rng())
+    assert "crop_size" in info.value.hint
 
 
 # ============================================================================ synthetic

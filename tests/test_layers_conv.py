@@ -189,6 +189,20 @@ def test_deconvolution_bilinear_filler_taps_k4_and_k3():
     torch.testing.assert_close(w[0, 0], taps[:, None] * taps[None, :], rtol=0, atol=1e-7)
 
 
+def test_deconvolution_bilinear_diagonal_filler_is_dense_per_channel_upsampling():
+    w = _fill("Deconvolution", (1, 3, 4, 4), num_output=3, kernel_size=4, stride=2, pad=1, bias_term=False,
+              weight_filler={"type": "bilinear_diagonal"})
+    taps = torch.tensor([0.25, 0.75, 0.75, 0.25], dtype=D)
+    assert tuple(w.shape) == (3, 3, 4, 4)
+    for i in range(3):
+        for j in range(3):
+            want = taps[:, None] * taps[None, :] if i == j else torch.zeros(4, 4, dtype=D)
+            torch.testing.assert_close(w[i, j], want, rtol=0, atol=1e-7)
+    with layer_error("bilinear_diagonal filler needs as many inputs as outputs", layer="bad_layer"):
+        infer(make_spec("Deconvolution", name="bad_layer", num_output=4, kernel_size=4,
+                        weight_filler={"type": "bilinear_diagonal"}), (1, 3, 4, 4))
+
+
 def test_deconvolution_fans_use_caffe_layout():
     # Deconvolution weight [C=32, O/g=64, 3, 3]: FAN_IN = count/shape[0] = 64*9
     w = _fill("Deconvolution", (1, 32, 4, 4), num_output=64, kernel_size=3,
@@ -400,6 +414,9 @@ def test_inner_product_gradcheck():
      "only supported by Convolution", SchemaError),
     ("Deconvolution", dict(num_output=3, kernel_size=3, group=2), "multiple of group", SchemaError),
     ("InnerProduct", dict(num_output=3, weight_filler={"type": "bilinear"}), "bilinear", SchemaError),
+    ("InnerProduct", dict(num_output=3, weight_filler={"type": "bilinear_diagonal"}), "4-D blob", SchemaError),
+    ("Deconvolution", dict(num_output=4, kernel_size=[3, 5], weight_filler={"type": "bilinear_diagonal"}),
+     "bilinear_diagonal filler needs a square kernel", SchemaError),
     ("InnerProduct", dict(num_output=3, weight_filler={"type": "xy"}), "xy", SchemaError),
     ("InnerProduct", dict(num_output=3, bias_filler={"type": "constant", "sparse": 2}), "sparse",
      SchemaError),

@@ -185,3 +185,19 @@ def test_mismatched_bottoms_are_shape_errors():
         infer(spec, (N, C, H, W), (N, 3, H, 8))
     with layer_error("unary", cls=ShapeError):
         infer(spec, (N, C, H), (N, 3, H, W))
+
+
+def test_position_features_are_the_originals_create_position_feats():
+    from pacnet.crf import create_position_feats
+
+    spec = make_spec("PositionFeatures", scale=3.0)
+    assert defaults("PositionFeatures") == {"scale": 1.0}
+    x = rand(2, 5, 4, 7)
+    (pos,) = run_layer(spec, x)
+    assert pos.dtype == D64 and pos.shape == (2, 2, 4, 7)
+    torch.testing.assert_close(pos, create_position_feats((4, 7), 3.0, bs=2, dtype=D64), rtol=0, atol=0)
+    assert pos[1, 0, 3, 5] == 1.0 and pos[1, 1, 3, 6] == 2.0  # channel 0 the row y / 3, 1 the column x / 3
+    with layer_error("4-D", cls=ShapeError):
+        infer(spec, (2, 5, 4))
+    with layer_error("scale", cls=SchemaError):
+        make_spec("PositionFeatures", scale=0)

@@ -266,6 +266,30 @@ def test_groups_by_lr_and_decay_mult_and_frozen_blobs():
     assert not m.c.weight.requires_grad and m.a.weight.requires_grad
 
 
+def test_param_lr_mult_globs_override_the_nets_multipliers_longest_glob_first():
+    torch.manual_seed(0)
+    m = Three()
+    specs = {"a.weight": (1, 1), "a.bias": (2, 0), "c.weight": (0, 0)}
+    # freeze everything but layer b, whatever the net's param entries say
+    config = parse_solver({"base_lr": 0.1, "max_iter": 1, "param_lr_mult": {"*": 0, "b.*": 1, "b.bias": 3}})
+    assert config.param_lr_mult == (("*", 0.0), ("b.*", 1.0), ("b.bias", 3.0))
+    assert config.to_dict()["param_lr_mult"] == {"*": 0.0, "b.*": 1.0, "b.bias": 3.0}
+    s = Solver(config, m, specs)
+    assert sorted((g.lr_mult, tuple(g.names)) for g in s.groups) == [(1.0, ("b.weight",)), (3.0, ("b.bias",))]
+    assert sorted(s.frozen) == ["a.bias", "a.weight", "c.bias", "c.weight"] and not m.a.weight.requires_grad
+    # every blob at base_lr, as an optimizer given model.parameters(); a blob the net froze
+    # by its lr_mult 0 (codegen turned its requires_grad off) learns again
+    m = Three()
+    m.c.weight.requires_grad_(False)
+    groups, frozen = param_groups(m, specs, lr_mult_globs=(("*", 1.0),))
+    assert {g.lr_mult for g in groups} == {1.0} and sum(len(g.names) for g in groups) == 6 and not frozen
+    assert m.c.weight.requires_grad
+    with pytest.raises(PacnetValueError, match=r"param_lr_mult: 'crf.\*' matches no learnable blob"):
+        param_groups(Three(), specs, lr_mult_globs=(("crf.*", 1.0),))
+    with pytest.raises(SchemaError, match="param_lr_mult"):
+        parse_solver({"base_lr": 0.1, "max_iter": 1, "param_lr_mult": {"*": -1}})
+
+
 def test_param_spec_objects_and_unknown_keys():
     class Spec:
         lr_mult, decay_mult = 3.0, 0.5

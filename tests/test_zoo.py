@@ -1,16 +1,13 @@
 """The nets/ zoo: every net builds, with the reference architectures' shapes and sizes."""
 
-import collections
-import math
 import os
 import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 import pacnet
+from nvlabs_reference import JOINT_MODELS
 from pacnet.api import parameter_count
 from pacnet.load import zoo_names
 
@@ -23,7 +20,7 @@ VGG16_CONVS = sum(_conv(a, b, 3) for a, b in [(3, 64), (64, 64), (64, 128), (128
                                                 (256, 256), (256, 512), (512, 512), (512, 512), (512, 512),
                                                 (512, 512), (512, 512)])
 FCN8S = (VGG16_CONVS + _conv(512, 4096, 7) + _conv(4096, 4096, 1) + _conv(4096, 21, 1) + _conv(512, 21, 1)
-         + _conv(256, 21, 1) + 21 * (4 * 4 + 4 * 4 + 16 * 16))  # upsampling: group 21, one kernel per class
+         + _conv(256, 21, 1) + 21 * 21 * (4 * 4 + 4 * 4 + 16 * 16))  # upsampling: dense 21 x 21 x k x k
 
 
 
@@ -78,8 +75,12 @@ def _nl_head(mode):
 
 
 FCN8S_ALTPAD = FCN8S                             # same layers, other paddings
-FCN8SPAC = FCN8S - 21 * 16 * 16                  # upscore8 replaced by bilinear interpolation
-CRF_P4D5641P4D5161 = 2 * 21 * 21 * 5 * 5 + 1 + 2 + 2 * 3  # 4d messengers, unary + 2 pairwise weights, feat scales
+FCN8SPAC = FCN8S - 21 * 21 * 16 * 16             # upscore8 replaced by bilinear interpolation
+CRF_STEP = 2 * 21 * 21 * 5 * 5 + 1 + 2           # two 4d messengers, unary + 2 pairwise weights
+CRF_P4D5641P4D5161 = CRF_STEP + 2 * 3            # + the feature scales of the two kernels
+CRF_LOOSE = 5 * CRF_STEP + 2 * 3                 # a CRF per mean-field step
+CRF_P4D5321 = 21 * 21 * 5 * 5 + 1 + 1 + 3        # one kernel
+CONVCRF = 2 * 21 * 21 + 1 + 2                    # two 2d compat 1x1 convs (the box filters are buffers)
 
 # name -> (build kwargs, {blob: shape}, parameter count of the reference architecture)
 EXPECTED = {
@@ -122,6 +123,16 @@ EXPECTED = {
                           "conv5_3": (1, 512, 32, 32), "score": (1, 21, 512, 512)}, FCN8SPAC),
     "fcn/fcn8s_crfi5p4d5641p4d5161": ({}, {"score": (1, 21, 500, 500), "edge_feat1": (1, 3, 500, 500),
                                            "crf": (1, 21, 500, 500)}, FCN8S + CRF_P4D5641P4D5161),
+    "fcn/fcn8sfrozen_crfi5p4d5641p4d5161": ({}, {"crf": (1, 21, 500, 500)}, FCN8S + CRF_P4D5641P4D5161),
+    "fcn/fcn8s_crfi5lp4d5641p4d5161": ({}, {"crf": (1, 21, 500, 500)}, FCN8S + CRF_LOOSE),
+    "fcn/fcn8s_crfi5p4d5321": ({}, {"edge_feat0": (1, 3, 500, 500), "crf": (1, 21, 500, 500)},
+                               FCN8S + CRF_P4D5321),
+    "fcn/fcn8s_convcrf": ({}, {"edge_feat0": (1, 5, 500, 500), "edge_feat1": (1, 2, 500, 500),
+                               "crf": (1, 21, 500, 500)}, FCN8S + CONVCRF),
+    "fcn/fcn8spac_crfi5p4d5641p4d5161": ({}, {"crf": (1, 21, 512, 512)}, FCN8SPAC + CRF_P4D5641P4D5161),
+    "fcn/fcn8spac_crfi5lp4d5641p4d5161": ({}, {"crf": (1, 21, 512, 512)}, FCN8SPAC + CRF_LOOSE),
+    "jointupsample/djif_x4": ({}, {"target_up": (1, 1, 256, 256), "pred": (1, 1, 256, 256)}, 56_323),
+    "jointupsample/djif_x16": ({}, {"target_up": (1, 1, 256, 256), "pred": (1, 1, 256, 256)}, 56_323),
 }
 
 
@@ -134,10 +145,47 @@ def test_zoo_net_shapes_and_parameter_count(name):
     assert parameter_count(net) == params
 
 
+EXPERIMENTS = [n for n in zoo_names() if n.startswith(("jointupsample/nyu/", "jointupsample/sintel/"))]
+VOC_EXPERIMENTS = [n for n in zoo_names() if n.startswith("fcn/voc/")]
+
+
 def test_every_zoo_net_is_covered():
     assert set(EXPECTED) <= set(zoo_names())
-    # the segaware family is covered by its own tests
-    assert not {n for n in zoo_names() if not n.startswith("segaware/")} - set(EXPECTED)
+    # the segaware family is covered by its own tests, the experiments below
+    covered = set(EXPECTED) | set(EXPERIMENTS) | set(VOC_EXPERIMENTS)
+    assert not {n for n in zoo_names() if not n.startswith("segaware/")} - covered
+    assert (len(EXPERIMENTS), len(VOC_EXPERIMENTS)) == (15, 2)
+
+
+@pytest.mark.parametrize("name", VOC_EXPERIMENTS)
+def test_voc_experiment_nets_are_their_models_with_the_originals_voc_protocol(name):
+    from pacnet.engine.data import parse_data
+
+    model = name.rsplit("/", 1)[1]
+    net, base = pacnet.build(name, device="meta"), pacnet.build(f"fcn/{model}", device="meta")
+    assert {k: v.shape for k, v in net.state_dict().items()} == {k: v.shape for k, v in base.state_dict().items()}
+    test, train = parse_data(net.config["data"], "test"), parse_data(net.config["data"], "train")
+    assert test["list"].endswith("voc11seg/seg11valid.txt") and train["list"].endswith("voc11seg/train.txt")
+    assert test["crop_size"] == ([512, 512] if "pac" in model else [0, 0]) and test["batch_size"] == 1
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_nets_are_their_models_with_the_originals_data_and_solver(name):
+    from pacnet.engine.data import parse_data
+    from pacnet.engine.solver import parse_solver
+
+    _, kind, model = name.split("/")
+    net = pacnet.build(name, device="meta")
+    base = pacnet.build(f"jointupsample/{model}", device="meta", vars={"CHANNELS": 2 if kind == "sintel" else 1})
+    assert {k: v.shape for k, v in net.state_dict().items()} == {k: v.shape for k, v in base.state_dict().items()}
+    assert dict(net.inputs) == dict(base.inputs) and net.ir.name == f"{model}_{kind}"
+    data = parse_data(net.config["data"], "test")
+    epoch = {"nyu": 1000, "sintel": 908}[kind]
+    assert (data["dataset"], data["factor"], data["batch_size"]) == (kind, int(model.rsplit("x", 1)[1]), 1)
+    assert parse_data(net.config["data"], "train")["crop_size"] == [256, 256]
+    solver = parse_solver(net.config["solver"])
+    assert (solver.type, solver.base_lr, solver.max_iter) == ("Adam", 1e-4, 5000 * epoch)
+    assert solver.stepvalue == (3500 * epoch, 4500 * epoch)
 
 
 @pytest.mark.parametrize("name,size", [("fcn/fcn8s", 64), ("deeplab/deeplab_v2_resnet101", 65)])
@@ -155,90 +203,38 @@ def test_zoo_nets_run_forward_and_train_phase(name, size):
 
 # ----------------------------------------------------------------------------- PAC joint upsampling
 
-class _RefJointUpsample(nn.Module):
-    """PacJointUpsample written from pac.md section 3 with the original's module names
-    (branch_t.conv1, up_convts.0, ...): the oracle for the zoo graphs and their key mapping."""
-
-    def __init__(self, factor, t, g, k_ch, f):
-        super().__init__()
-        from pacnet.pac import PacConvTranspose2d
-
-        self.factor, self.k_ch, n = factor, k_ch, int(math.log2(factor))
-
-        def branch(chans, relu_last=False):
-            layers = []
-            for i in range(len(chans) - 1):
-                layers.append((f"conv{i + 1}", nn.Conv2d(chans[i], chans[i + 1], 5, padding=2)))
-                if i < len(chans) - 2:
-                    layers.append((f"relu{i + 1}", nn.ReLU()))
-            return nn.Sequential(collections.OrderedDict(layers))
-
-        self.branch_t = branch((1,) + t)
-        self.branch_g = branch((3,) + g + (k_ch * n,))
-        chans = (t[-1],) + f + (1,)
-        self.up_convts = nn.ModuleList(PacConvTranspose2d(chans[i], chans[i + 1], 5, stride=2, padding=2,
-                                                          output_padding=1) for i in range(n))
-        self.branch_f = branch(chans[n:])
-
-    def forward(self, target, guide):
-        x, g = self.branch_t(target), self.branch_g(guide)
-        for i, up in enumerate(self.up_convts):
-            scale = 2 ** (i + 1) / self.factor
-            gi = g[:, i * self.k_ch:(i + 1) * self.k_ch]
-            if scale != 1:
-                gi = F.interpolate(gi, scale_factor=scale, mode="bilinear", align_corners=False)
-            x = F.relu(up(x, gi))
-        return self.branch_f(x)
+# one model of each family and factor in the default suite, the others with -m slow
+JOINT_DEFAULT = ("jointupsample/pac_joint_upsample_x8", "jointupsample/pac_joint_upsample_lite_x4",
+                 "jointupsample/djif_x16")
 
 
-class _RefDJIF(nn.Module):
-    """DJIF from pac.md section 3 (unnamed nn.Sequentials, as the original)."""
-
-    def __init__(self, factor):
-        super().__init__()
-        self.factor = factor
-
-        def branch(cin, n1, n2, pads):
-            return nn.Sequential(nn.Conv2d(cin, n1, 9, padding=pads[0]), nn.ReLU(), nn.Conv2d(n1, n2, 1, padding=pads[1]),
-                                 nn.ReLU(), nn.Conv2d(n2, 1, 5, padding=pads[2]))
-
-        self.branch_t, self.branch_g = branch(1, 96, 48, (2, 2, 2)), branch(3, 96, 48, (2, 2, 2))
-        self.branch_joint = branch(2, 64, 32, (4, 0, 2))
-
-    def forward(self, target, guide):
-        if target.shape[-1] < guide.shape[-1]:
-            target = F.interpolate(target, scale_factor=self.factor, mode="bilinear", align_corners=False)
-        return self.branch_joint(torch.cat((self.branch_t(target), self.branch_g(guide)), dim=1))
-
-
-JOINT_REFERENCES = {
-    "pac_joint_upsample_x8": lambda: _RefJointUpsample(8, (32, 32, 32), (32, 32), 16, (32,) * 4),
-    "pac_joint_upsample_lite_x4": lambda: _RefJointUpsample(4, (12, 16, 22), (12, 22), 12, (12, 16, 22)),
-    "pac_joint_upsample_lite_x16": lambda: _RefJointUpsample(16, (8, 16, 16), (8, 16), 10, (8, 16, 16, 16, 16)),
-    "djif_x8": lambda: _RefDJIF(8),
-}
-
-
-@pytest.mark.parametrize("name", sorted(JOINT_REFERENCES))
-def test_joint_upsampling_nets_equal_the_reference_modules(name):
-    """Zoo weights load strictly into the original's module layout ('/' -> '.') and the two
-    compute the same prediction (float64, a 3 x 2 low-res target)."""
+@pytest.mark.parametrize("name", [n if n in JOINT_DEFAULT else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in sorted(JOINT_MODELS)])
+def test_joint_upsampling_nets_take_the_originals_files_and_compute_its_outputs(name, tmp_path):
+    """A state_dict of the original model (written from pac.md §3; saved in torch's legacy
+    format, as the published files are, for half of the nets) loads strictly through the
+    net's weights_from rules, and the two compute the same prediction (float64, a 3 x 2
+    low-res target; a 2-channel one too, which both run channel by channel)."""
     factor = int(name.rsplit("x", 1)[1])
     h, w = 3, 2
-    net = pacnet.build(f"jointupsample/{name}", inputs={"target": (2, 1, h, w), "guide": (2, 3, h * factor, w * factor)})
-    net = net.double()
-    ref = JOINT_REFERENCES[name]().double()
-    state = {k.replace("/", "."): v for k, v in net.state_dict().items()}
-    ref.load_state_dict(state, strict=True)
-    assert parameter_count(net) == sum(p.numel() for p in ref.parameters())
-    g = torch.Generator().manual_seed(0)
-    target = torch.rand(2, 1, h, w, generator=g, dtype=torch.float64)
-    guide = torch.rand(2, 3, h * factor, w * factor, generator=g, dtype=torch.float64)
-    with torch.no_grad():
-        out = net(target, guide)
-        want = ref(target, guide)
-    assert set(out) == {"pred"}
-    torch.testing.assert_close(out["pred"], want, rtol=1e-10, atol=1e-10)
+    torch.manual_seed(0)
+    ref = JOINT_MODELS[name]().double()
+    path = tmp_path / "weights_epoch_5000.pth"
+    torch.save(ref.state_dict(), path, _use_new_zipfile_serialization=bool(len(name) % 2))
+    for channels in (1, 2):
+        net = pacnet.build(name, inputs={"target": (2, channels, h, w), "guide": (2, 3, h * factor, w * factor)},
+                           vars={"CHANNELS": channels}).double()
+        result = pacnet.load_weights(net, path)
+        assert result.files[0].source.name == "nvlabs" and len(result.tensors) == len(ref.state_dict())
+        assert parameter_count(net) == sum(p.numel() for p in ref.parameters())
+        g = torch.Generator().manual_seed(channels)
+        target = torch.rand(2, channels, h, w, generator=g, dtype=torch.float64)
+        guide = torch.rand(2, 3, h * factor, w * factor, generator=g, dtype=torch.float64)
+        with torch.no_grad():
+            out = net(target, guide)
+            want = ref(target, guide)
+        assert set(out) == {"pred"} and out["pred"].shape == (2, channels, h * factor, w * factor)
+        torch.testing.assert_close(out["pred"], want, rtol=1e-10, atol=1e-10)
 
 
 def test_joint_upsampling_train_phase_has_gt_and_a_loss_that_reaches_the_pac_weights():
@@ -355,6 +351,52 @@ def test_deeplab_v2_vgg16_aspp_computes_what_the_caffe_test_net_computes():
         got = zoo(x)
     assert got["fc8_interp"].shape == (1, 21, 33, 33)
     torch.testing.assert_close(got["fc8_interp"], want["fc8_interp"], rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- FCN-8s vs Caffe's voc-fcn8s
+
+FCN_NARROW = {**{f"layers.{n}.num_output": 8 for n in ("conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1",
+                                                       "conv3_2", "conv3_3", "conv4_1", "conv4_2", "conv4_3",
+                                                       "conv5_1", "conv5_2", "conv5_3")},
+              "layers.fc6.num_output": 16, "layers.fc7.num_output": 16}
+
+
+@needs_graphs
+def test_fcn8s_takes_the_weights_of_caffes_voc_fcn8s(tmp_path):
+    """voc-fcn8s stores its upscore blobs dense (21 x 21 x k x k): a caffemodel of its deploy net
+    (narrowed, with random, non-diagonal upsampling weights) converts, loads strictly into
+    fcn/fcn8s, and the two compute the same scores."""
+    from pacnet.caffemodel import convert_caffemodel, write_caffemodel
+
+    caffe = _caffe("fcn/voc-fcn8s/deploy.prototxt", overrides={**FCN_NARROW, "layers.input.shape": [[1, 3, 64, 64]]})
+    zoo = pacnet.build("fcn/fcn8s", inputs={"data": (1, 3, 64, 64)}, overrides=FCN_NARROW)
+    assert caffe.state_dict()["upscore2.weight"].shape == zoo.state_dict()["upscore2.weight"].shape == (21, 21, 4, 4)
+    g = torch.Generator().manual_seed(5)
+    state = caffe.state_dict()
+    layers = [(n.name, n.type, [0.1 * torch.randn(state[f"{n.name}.{b}"].shape, generator=g).numpy()
+                                for b in ("weight", "bias") if f"{n.name}.{b}" in state])
+              for n in caffe.ir.nodes if f"{n.name}.weight" in state]
+    write_caffemodel(layers, tmp_path / "voc-fcn8s.caffemodel")
+    convert_caffemodel(tmp_path / "voc-fcn8s.caffemodel", caffe, tmp_path / "fcn8s.safetensors")
+    pacnet.load_weights(caffe, tmp_path / "fcn8s.safetensors")
+    pacnet.load_weights(zoo, tmp_path / "fcn8s.safetensors")
+    x = torch.randn(1, 3, 64, 64, generator=g) * 50
+    with torch.no_grad():
+        want, got = caffe(x)["score"], zoo(x)["score"]
+    assert got.shape == (1, 21, 64, 64)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_fcn_upscore_starts_as_per_class_bilinear_upsampling():
+    net = pacnet.build("fcn/fcn8s_altpad", inputs={"data": (1, 3, 32, 32)}, overrides=FCN_NARROW)
+    w = net.state_dict()["upscore2.weight"]
+    assert w.shape == (21, 21, 4, 4) and dict(net.param_specs)["upscore2.weight"][0] == 0
+    taps = torch.tensor([0.25, 0.75, 0.75, 0.25])
+    torch.testing.assert_close(w[3, 3], taps[:, None] * taps[None, :])
+    assert w.sum() == 21 * taps.sum() ** 2  # zero off the diagonal
+    x = torch.randn(1, 21, 5, 5, generator=torch.Generator().manual_seed(0))
+    up = torch.nn.functional.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(net.get_submodule("upscore2")(x)[..., 1:-1, 1:-1], up[..., 1:-1, 1:-1])
 
 
 # ----------------------------------------------------------------------------- FCN-8s + PAC-CRF

@@ -41,6 +41,7 @@ with ``poly``/``step`` schedules the two forms give different weights (caffe.md 
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import re
 from collections import deque
@@ -51,7 +52,7 @@ import torch
 from torch import nn
 
 from pacnet.engine import _schema
-from pacnet.errors import PacnetValueError, SchemaError
+from pacnet.errors import PacnetValueError, SchemaError, did_you_mean
 
 __all__ = [
     "SOLVER_SCHEMA", "LR_POLICIES", "SOLVER_TYPES", "SolverConfig", "parse_solver",
@@ -127,6 +128,12 @@ SOLVER_SCHEMA: Dict[str, Any] = {
                                "(negative = off)", -1.0),
         "iter_size": _int("forward/backward passes accumulated per update (gradient averaged)", 1,
                           minimum=1),
+        "param_lr_mult": {"type": "object",
+                          "additionalProperties": {"type": "number", "minimum": 0},
+                          "description": "pacnet: blob-name glob -> lr_mult, in place of the net's "
+                                         "param: multipliers for the blobs it matches (the longest "
+                                         "matching glob wins); e.g. {'*': 0, 'crf.*': 1} trains "
+                                         "the CRF alone, {'*': 1} every blob at base_lr"},
         "momentum_form": {"enum": ["caffe", "torch"], "default": "caffe",
                           "description": "pacnet: 'caffe' keeps lr inside the momentum buffer "
                                          "(V = m V + lr g, exact Caffe), 'torch' applies lr after it "
@@ -224,6 +231,7 @@ class SolverConfig:
     average_loss: int = 1
     random_seed: int = -1
     weights: Tuple[str, ...] = ()
+    param_lr_mult: Tuple[Tuple[str, float], ...] = ()
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain, YAML-ready dict of every field (tuples as lists, unset fields left out)."""
@@ -232,7 +240,10 @@ class SolverConfig:
             value = getattr(self, name)
             if value is None:
                 continue
-            out[name] = list(value) if isinstance(value, tuple) else value
+            if name == "param_lr_mult":
+                out[name] = dict(value)
+            else:
+                out[name] = list(value) if isinstance(value, tuple) else value
         return out
 
 
@@ -304,6 +315,8 @@ def parse_solver(raw: Optional[Mapping[str, Any]], *, root: Sequence[Any] = ("so
         if kwargs.get(key) is not None:
             kwargs[key] = int(kwargs[key])
     kwargs["stepvalue"] = tuple(int(v) for v in kwargs["stepvalue"])
+    kwargs["param_lr_mult"] = tuple((str(k), float(v))
+                                    for k, v in (cfg.get("param_lr_mult") or {}).items())
     kwargs["test_iter"] = tuple(int(v) for v in kwargs["test_iter"])
     for key in ("base_lr", "gamma", "power", "momentum", "momentum2", "delta", "rms_decay",
                 "weight_decay", "clip_gradients"):
@@ -390,7 +403,8 @@ def _mults(spec: Any, key: str) -> Tuple[float, float]:
 
 
 def param_groups(model: nn.Module, param_specs: Optional[Mapping[str, Any]] = None, *,
-                 freeze: bool = True) -> Tuple[List[ParamGroupSpec], List[str]]:
+                 freeze: bool = True, lr_mult_globs: Sequence[Tuple[str, float]] = ()
+                 ) -> Tuple[List[ParamGroupSpec], List[str]]:
     """Group ``model``'s learnable blobs by (lr_mult, decay_mult); return (groups, frozen names).
 
     ``param_specs`` maps state_dict keys to ``(lr_mult, decay_mult)`` (a tuple, a mapping
@@ -398,7 +412,10 @@ def param_groups(model: nn.Module, param_specs: Optional[Mapping[str, Any]] = No
     A blob shared by several layers appears under several keys but is counted once, with
     the spec of its first key in state_dict order (its owner, as in Caffe).  Blobs with
     ``lr_mult == 0`` are left out and, when ``freeze``, get ``requires_grad = False`` so
-    no gradient is computed for them (Caffe's ``param_propagate_down``).
+    no gradient is computed for them (Caffe's ``param_propagate_down``).  ``lr_mult_globs``
+    (the solver's ``param_lr_mult``) replaces the lr_mult of every blob whose key matches a
+    glob, the longest matching glob deciding; a glob that matches no learnable blob is an
+    error.
     """
     specs = dict(param_specs or {})
     tensors = model.state_dict(keep_vars=True)
@@ -406,6 +423,19 @@ def param_groups(model: nn.Module, param_specs: Optional[Mapping[str, Any]] = No
     if unknown:
         raise PacnetValueError(f"param_specs names {unknown[0]!r}, which is not a parameter of the model",
                                hint="keys must be state_dict keys of learnable blobs ('<layer>.<blob>')")
+    learnable = [k for k, t in tensors.items() if isinstance(t, nn.Parameter)]
+    for glob, _ in lr_mult_globs:
+        if not any(fnmatch.fnmatchcase(k, glob) for k in learnable):
+            raise PacnetValueError(
+                f"solver.param_lr_mult: {glob!r} matches no learnable blob of the net",
+                hint=did_you_mean(glob, learnable) or "globs match state_dict keys such as "
+                + ", ".join(learnable[:3]))
+
+    def lr_override(key: str) -> Optional[float]:
+        found = [(len(g), i, m) for i, (g, m) in enumerate(lr_mult_globs)
+                 if fnmatch.fnmatchcase(key, g)]
+        return max(found)[2] if found else None
+
     seen: Dict[int, str] = {}
     groups: Dict[Tuple[float, float], ParamGroupSpec] = {}
     frozen: List[str] = []
@@ -414,6 +444,11 @@ def param_groups(model: nn.Module, param_specs: Optional[Mapping[str, Any]] = No
             continue
         seen[id(tensor)] = key
         lr, decay = _mults(specs[key], key) if key in specs else (1.0, 1.0)
+        override = lr_override(key)
+        if override is not None:
+            if lr == 0 and override > 0:
+                tensor.requires_grad_(True)  # frozen by its lr_mult 0 (codegen), thawed here
+            lr = float(override)
         if lr == 0:
             frozen.append(key)
             if freeze:
@@ -591,7 +626,8 @@ class Solver:
         self.config = config if isinstance(config, SolverConfig) else parse_solver(config)
         self.model = model
         self.lr = LearningRate(self.config)
-        self.groups, self.frozen = param_groups(model, param_specs)
+        self.groups, self.frozen = param_groups(model, param_specs,
+                                                lr_mult_globs=self.config.param_lr_mult)
         self.optimizer = make_optimizer(self.config, self.groups)
         self.iter = 0
         self._losses: Deque[float] = deque(maxlen=self.config.average_loss)

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pacnet.engine.checkpoint import Checkpoint, CheckpointManager, load_weights, seed_everything
+from pacnet.engine.checkpoint import Checkpoint, CheckpointManager, seed_everything
 from pacnet.engine.data import make_dataset, make_loader, parse_data
 from pacnet.engine.datasets import BlobDataset
 from pacnet.engine.metrics import EPE, RMSE, Average, ConfusionMatrix, all_reduce_
@@ -49,9 +49,13 @@ from pacnet.engine.solver import Solver, parse_solver
 from pacnet.engine.transforms import denormalize
 from pacnet.engine.workdir import WorkDir
 from pacnet.errors import DataError, PacnetError, ShapeError
+from pacnet.weights import load_weights
+
+# F.interpolate mode by tensor rank: images (N x C x H x W) and clips (N x C x T x H x W).
+_LINEAR = {4: "bilinear", 5: "trilinear"}
 
 __all__ = ["DistInfo", "init_distributed", "pick_device", "batch_shapes", "copy_trained_layers", "total_loss",
-           "Evaluator", "evaluate", "train", "test", "benchmark"]
+           "Evaluator", "ShapedNets", "evaluate", "train", "test", "benchmark"]
 
 OnEvent = Optional[Callable[[Dict[str, Any]], None]]
 
@@ -137,28 +141,15 @@ def batch_shapes(dataset: BlobDataset, names: Sequence[str], batch_size: int) ->
 
 
 def copy_trained_layers(net: torch.nn.Module, paths: Iterable[str]) -> Dict[str, int]:
-    """Caffe's ``CopyTrainedLayersFrom``: copy every blob whose name is in the file; blobs
-    the file lacks keep their initialisation, blobs the net lacks are ignored, a blob
-    with another shape is an error (DataError naming the file).  Returns counts."""
-    state = net.state_dict()
-    copied, total_ignored = set(), 0
-    for path in paths:
-        path = os.fspath(path)
-        if not path.endswith(".safetensors"):
-            raise DataError(f"weights file {path} is not .safetensors",
-                            hint="convert Caffe weights with 'pacnet convert'")
-        weights, _ = load_weights(path)
-        for key, value in weights.items():
-            if key not in state:
-                total_ignored += 1
-                continue
-            if tuple(value.shape) != tuple(state[key].shape):
-                raise DataError(f"weights file {path}: {key} has shape {list(value.shape)}, the net "
-                                f"{list(state[key].shape)}", hint="the file belongs to another net")
-            with torch.no_grad():
-                state[key].copy_(value)
-            copied.add(key)
-    return {"copied": len(copied), "kept": len(state) - len(copied), "ignored": total_ignored}
+    """Caffe's ``CopyTrainedLayersFrom``: copy every blob the files give (safetensors, or the
+    ``.pth`` files of the models the net's ``weights_from`` names, mapped by
+    :mod:`pacnet.weights`); blobs the files lack keep their initialisation, entries the net
+    lacks are ignored, an entry of another shape or a file that gives nothing is an error
+    (DataError naming the file).  Returns counts."""
+    result = load_weights(net, [os.fspath(p) for p in paths], strict=False, allow_unused=True)
+    copied = len(result.tensors)
+    ignored = sum(len(f.unexpected) + len(f.ignored) for f in result.files)
+    return {"copied": copied, "kept": len(net.state_dict()) - copied, "ignored": ignored}
 
 
 def total_loss(net: torch.nn.Module, outputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -226,26 +217,41 @@ class Evaluator:
                 metric.reset()
 
     def prediction(self, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """The predict blob in the ground truth's space (de-normalised for depth/flow)."""
+        """The predict blob in the ground truth's space: de-normalised for depth/flow and,
+        where the data resized the guide to ``factor`` times the low-res target (an image
+        size that is not a multiple), resized back to the image (the original's
+        ``apply_model``)."""
         pred = outputs[self.predict]
         if self.kind in ("rmse", "epe"):
             rng = batch[self.key("target_range")].to(pred.device)
-            pred = denormalize(pred, rng)
+            pred = self._to_image(denormalize(pred, rng), batch)
         return pred
+
+    def _to_image(self, x: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``x`` at the guide's size, resized to the ground truth's when the two differ."""
+        guide, truth = batch.get(self.key("guide")), self.truth(batch)
+        if guide is None or x.shape[-2:] == truth.shape[-2:] or x.shape[-2:] != guide.shape[-2:]:
+            return x
+        size = tuple(x.shape[2:-2]) + tuple(truth.shape[-2:])  # a clip keeps its frames
+        return F.interpolate(x, size=size, mode=_LINEAR[x.dim()], align_corners=False)
 
     def truth(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return batch[self.key("label" if self.kind == "miou" else "gt_raw")]
 
     def bilinear(self, batch: Mapping[str, torch.Tensor], size: Sequence[int]) -> Optional[torch.Tensor]:
         """The bilinear baseline in the ground truth's space: the low-res ``target`` resized
-        to ``size`` (``F.interpolate``, align_corners=False; trilinear for clips),
-        de-normalised; None when the data gives no ``target``."""
+        (``F.interpolate``, align_corners=False; trilinear for clips, which keeps their
+        frames) to the guide's size, or to ``size`` without a guide, de-normalised and brought
+        to the image as :meth:`prediction`; None when the data gives no ``target``."""
         low = batch.get(self.key("target"))
         if low is None or low.dim() not in (4, 5):
             return None
-        mode = "bilinear" if low.dim() == 4 else "trilinear"
-        up = F.interpolate(low.float(), size=tuple(size), mode=mode, align_corners=False)
-        return denormalize(up, batch[self.key("target_range")].to(up.device))
+        guide = batch.get(self.key("guide"))
+        if guide is not None:
+            size = tuple(size[:-2]) + tuple(guide.shape[-2:])
+        up = F.interpolate(low.float(), size=tuple(size), mode=_LINEAR[low.dim()],
+                           align_corners=False)
+        return self._to_image(denormalize(up, batch[self.key("target_range")].to(up.device)), batch)
 
     def update(self, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]) -> Optional[torch.Tensor]:
         for name, value in outputs.items():
@@ -287,13 +293,53 @@ class Evaluator:
         return out
 
 
+class ShapedNets:
+    """The test net for each size of input.  A fully convolutional net meets images of many
+    sizes (VOC at full size); layers such as Crop, DummyData or Reshape fix their sizes when
+    the net is built, so a batch of another size gets a net built for it: on the meta
+    device, its blobs then the base net's own tensors (memory shared, so weights copied
+    into the base are seen), kept for the next batch of that size.  A net holding blobs
+    that are not in the state_dict is built for real and synchronised before each use.
+
+    ``build(shapes, device)`` compiles the net for ``{input: shape}``; ``base`` is the net
+    built for the first sample."""
+
+    def __init__(self, base: torch.nn.Module, build: Callable[..., torch.nn.Module]) -> None:
+        self.base, self.build = base, build
+        self.nets: Dict[Tuple[Tuple[str, Tuple[int, ...]], ...], Tuple[torch.nn.Module, bool]] = {}
+
+    def __call__(self, shapes: Mapping[str, Tuple[int, ...]]) -> torch.nn.Module:
+        if dict(shapes) == dict(self.base.inputs):
+            return self.base
+        key = tuple(sorted((k, tuple(v)) for k, v in shapes.items()))
+        if key not in self.nets:
+            self.nets[key] = self._built(dict(shapes))
+        net, shared = self.nets[key]
+        if not shared:
+            net.load_state_dict(self.base.state_dict())
+        return net.train(self.base.training)
+
+    def _built(self, shapes: Dict[str, Tuple[int, ...]]) -> Tuple[torch.nn.Module, bool]:
+        import itertools
+
+        net = self.build(shapes, device="meta")
+        net.load_state_dict(self.base.state_dict(), assign=True)
+        if not any(t.is_meta for t in itertools.chain(net.parameters(), net.buffers())):
+            return net, True
+        anchor = next(itertools.chain(self.base.parameters(), self.base.buffers()), torch.empty(0))
+        device = anchor.device
+        return self.build(shapes, device=None).to(device), False
+
+
 @torch.no_grad()
 def evaluate(net: torch.nn.Module, loader: Iterable[Mapping[str, torch.Tensor]], evaluator: Evaluator,
              device: torch.device, *, max_batches: Optional[int] = None,
              on_prediction: Optional[Callable[[torch.Tensor, Mapping[str, torch.Tensor], int], None]] = None,
-             distributed: bool = False) -> Dict[str, Any]:
+             distributed: bool = False, nets: Optional[ShapedNets] = None) -> Dict[str, Any]:
     """Run ``net`` in eval mode over ``loader`` (at most ``max_batches``); return the
-    evaluator's results (summed over ranks when ``distributed``) with ``batches``."""
+    evaluator's results (summed over ranks when ``distributed``) with ``batches``.  A batch
+    whose inputs differ in size from ``net``'s runs on ``nets(shapes)``; without ``nets``
+    it is a ShapeError (a net built for one size may crop or reshape to that size)."""
     was_training = net.training
     net.eval()
     evaluator.reset()
@@ -303,7 +349,15 @@ def evaluate(net: torch.nn.Module, loader: Iterable[Mapping[str, torch.Tensor]],
         for i, batch in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
-            outputs = _call(net, names, batch, device)
+            shapes = {n: tuple(batch[n].shape) for n in names}
+            model = net
+            if shapes != dict(net.inputs):
+                if nets is None:
+                    raise ShapeError(f"batch {i} has inputs {shapes}, the net was built for "
+                                     f"{dict(net.inputs)}",
+                                     hint="evaluate with nets=ShapedNets(...)")
+                model = nets(shapes)
+            outputs = _call(model, names, batch, device)
             pred = evaluator.update(outputs, batch)
             if on_prediction is not None and pred is not None:
                 on_prediction(pred, batch, i)
@@ -402,8 +456,9 @@ def train(source: Any, work_dir: str, *, vars: Optional[Mapping[str, Any]] = Non
 
     ``resume``: True = continue from the work dir's latest checkpoint if any; False =
     start fresh (the work dir's checkpoints are kept until overwritten, its metrics are
-    cleared); a path = resume from that checkpoint.  ``weights``: safetensors files to
-    initialise from when not resuming (added to the solver's ``weights``).  ``amp``: run
+    cleared); a path = resume from that checkpoint.  ``weights``: files to initialise from
+    when not resuming (added to the solver's ``weights``; as :func:`_weights_files`, mapped
+    by :mod:`pacnet.weights`).  ``amp``: run
     the training forward passes under bfloat16 autocast (:func:`_autocast`; the backward,
     the update and the test passes stay float32).  Returns a summary dict.
     """
@@ -428,13 +483,15 @@ def train(source: Any, work_dir: str, *, vars: Optional[Mapping[str, Any]] = Non
     solver = Solver(config, net, net.param_specs)
 
     testing = config.test_interval > 0
-    test_net = test_loader = evaluator = None
+    test_net = test_loader = evaluator = test_nets = None
     if testing:
         test_opts = parse_data(data, "test", source=src)
         test_set = make_dataset(data, "test", source=src)
         test_names = _input_names(tree, "test", src)
         test_net = build(source, phase="test", inputs=batch_shapes(test_set, test_names, test_opts["batch_size"]),
                          **kw).to(dev)
+        test_nets = ShapedNets(test_net, lambda shapes, device: build(
+            source, phase="test", inputs=shapes, device=device, **kw))
         evaluator = Evaluator(test_opts, _outputs(test_net), test_net.loss_weights)
         test_loader = make_loader(test_set, batch_size=test_opts["batch_size"], train=False, rank=info.rank,
                                   world_size=info.world_size, num_workers=test_opts["num_workers"])
@@ -458,6 +515,7 @@ def train(source: Any, work_dir: str, *, vars: Optional[Mapping[str, Any]] = Non
             wd.truncate_metrics(-1)  # records of an earlier run that never reached a checkpoint
         init = list(config.weights) + [os.fspath(w) for w in weights]
         if init:
+            init = _weights_files(init)  # a work dir gives its latest checkpoint
             counts = copy_trained_layers(net, init)
             _emit(on_event, {"event": "weights", "step": 0, "files": init, **counts})
 
@@ -484,7 +542,7 @@ def train(source: Any, work_dir: str, *, vars: Optional[Mapping[str, Any]] = Non
         _share_weights(test_net, net)
         started = time.perf_counter()
         results = evaluate(test_net, test_loader, evaluator, dev, max_batches=test_batches,
-                           distributed=info.distributed)
+                           distributed=info.distributed, nets=test_nets)
         results["seconds"] = round(time.perf_counter() - started, 3)
         last_test = results
         if info.main:
@@ -589,28 +647,42 @@ def _resume_point(manager: CheckpointManager, resume: Any) -> Optional[Checkpoin
 # --------------------------------------------------------------------------- test
 
 
-def _weights_file(path: str) -> str:
-    """A ``.safetensors`` file from a file, a checkpoint ``.state.pt`` or a work dir."""
-    path = os.path.expanduser(os.fspath(path))
-    if os.path.isdir(path):
-        folder = path if os.path.basename(path.rstrip(os.sep)) == "checkpoints" else os.path.join(path, "checkpoints")
-        ck = CheckpointManager(folder).latest()
-        if ck is None:
-            raise DataError(f"no checkpoint in {folder}", hint="train first, or give a .safetensors file")
-        return ck.weights
-    if path.endswith(".state.pt"):
-        return path[: -len(".state.pt")] + ".safetensors"
-    return path
+def _weights_files(weights: Any) -> List[str]:
+    """Weights files from ``weights``: a path or a list of them, a comma-separated list, a
+    checkpoint's ``.state.pt`` (its ``.safetensors``) or a work dir (its latest checkpoint)."""
+    items = [weights] if isinstance(weights, (str, os.PathLike)) else list(weights)
+    out = []
+    for item in items:
+        for path in os.fspath(item).split(","):
+            path = os.path.expanduser(path.strip())
+            if not path:
+                continue
+            if os.path.isdir(path):
+                folder = path if os.path.basename(path.rstrip(os.sep)) == "checkpoints" else \
+                    os.path.join(path, "checkpoints")
+                ck = CheckpointManager(folder).latest()
+                if ck is None:
+                    raise DataError(f"no checkpoint in {folder}",
+                                    hint="train first, or give a weights file")
+                path = ck.weights
+            elif path.endswith(".state.pt"):
+                path = path[: -len(".state.pt")] + ".safetensors"
+            out.append(path)
+    if not out:
+        raise DataError("no weights file given",
+                        hint="--weights W.safetensors (or W.pth, or a work dir)")
+    return out
 
 
 def test(source: Any, weights: Optional[str], *, vars: Optional[Mapping[str, Any]] = None,
          overrides: Optional[Mapping[str, Any]] = None, device: Any = None, split: str = "test",
          out_dir: Optional[str] = None, max_batches: Optional[int] = None, on_event: OnEvent = None,
          fuse: bool = True) -> Dict[str, Any]:
-    """Evaluate ``weights`` (None = the net's own initialisation) on the ``split`` set of the
-    net's ``data:`` section.  ``out_dir`` also writes one prediction per sample: a VOC
-    palette PNG of the argmax (cropped to ``data_dim``) for segmentation, ``.flo`` for
-    flow, ``.npy`` (float32, de-normalised) for depth."""
+    """Evaluate ``weights`` (None = the net's own initialisation; files as for
+    :func:`_weights_files`, mapped by :mod:`pacnet.weights`, every blob of the test net
+    required) on the ``split`` set of the net's ``data:`` section.  ``out_dir`` also writes
+    one prediction per sample: a VOC palette PNG of the argmax (cropped to ``data_dim``)
+    for segmentation, ``.flo`` for flow, ``.npy`` (float32, de-normalised) for depth."""
     from pacnet.api import build
     from pacnet.load import load
 
@@ -622,20 +694,14 @@ def test(source: Any, weights: Optional[str], *, vars: Optional[Mapping[str, Any
     opts = parse_data(data, split, source=src)
     dataset = make_dataset(data, split, source=src)
     names = _input_names(tree, "test", src)
-    net = build(source, phase="test", inputs=batch_shapes(dataset, names, opts["batch_size"]), vars=vars,
-                overrides=overrides, fuse=fuse).to(dev)
+    kw = dict(phase="test", vars=vars, overrides=overrides, fuse=fuse)
+    net = build(source, inputs=batch_shapes(dataset, names, opts["batch_size"]), **kw).to(dev)
     loaded = None
     if weights is not None:
-        path = _weights_file(weights)
-        tensors, _ = load_weights(path)
-        state = net.state_dict()
-        missing = [k for k in state if k not in tensors]
-        if missing:
-            raise DataError(f"weights file {path} lacks {len(missing)} blob(s) of the test net "
-                            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})",
-                            hint="it belongs to another net")
-        copy_trained_layers(net, [path])
-        loaded = path
+        files = _weights_files(weights)
+        # every blob of the test net from the files; entries it lacks (train-only blobs) are skipped
+        load_weights(net, files, strict=True, allow_unused=True)
+        loaded = ", ".join(files)
     evaluator = Evaluator(opts, _outputs(net), net.loss_weights)
     order = list(range(info.rank, len(dataset), info.world_size))
     loader = make_loader(dataset, batch_size=opts["batch_size"], train=False, rank=info.rank,
@@ -647,8 +713,9 @@ def test(source: Any, weights: Optional[str], *, vars: Optional[Mapping[str, Any
                               hint="set data.predict (and data.metric)")
         writer = _PredictionWriter(out_dir, dataset, order, opts["batch_size"], evaluator)
     started = time.perf_counter()
+    nets = ShapedNets(net, lambda shapes, device: build(source, inputs=shapes, device=device, **kw))
     results = evaluate(net, loader, evaluator, dev, max_batches=max_batches, on_prediction=writer,
-                       distributed=info.distributed)
+                       distributed=info.distributed, nets=nets)
     results["seconds"] = round(time.perf_counter() - started, 3)
     summary = {"event": "test", "split": split, "weights": loaded, "samples": len(dataset), **results}
     if writer is not None:

@@ -9,7 +9,8 @@
   crop, mirror, low-res target by ``center`` sampling (NYU) or anti-aliased bilinear
   resize (Sintel), target normalised per sample by its own min/max; for an image
   (``C x H x W``) or a clip (``C x T x H x W``, every frame alike).
-* :func:`lowres`, :func:`normalize_range`, :func:`denormalize`, :func:`resize`: the pieces.
+* :func:`lowres`, :func:`normalize_range`, :func:`denormalize`, :func:`resize`,
+  :func:`resize_antialiased`: the pieces.
 
 Arrays are numpy, channels first (``C x H x W``, clips ``C x T x H x W``), float32.
 Randomness comes only from the generator passed in, so a sample is a pure function of
@@ -27,25 +28,70 @@ import torch.nn.functional as F
 
 from pacnet.errors import DataError
 
-__all__ = ["resize", "SegTransform", "lowres", "normalize_range", "denormalize", "JointTransform",
-           "LOWRES_MODES"]
+__all__ = ["resize", "resize_antialiased", "SegTransform", "lowres", "normalize_range",
+           "denormalize", "JointTransform", "LOWRES_MODES"]
 
 LOWRES_MODES = ("center", "last", "bilinear", "nearest")
 
 
-def resize(arr: np.ndarray, size: Tuple[int, int], mode: str, antialias: bool = False) -> np.ndarray:
-    """Resize ``C x H x W`` to ``size`` (h, w).  ``bilinear`` is half-pixel (OpenCV
-    INTER_LINEAR, align_corners=False); ``nearest`` picks ``floor(dst * src/dst)`` like
-    OpenCV INTER_NEAREST.  ``antialias`` low-passes when shrinking."""
+def resize(arr: np.ndarray, size: Tuple[int, int], mode: str) -> np.ndarray:
+    """Resize ``C x H x W`` (or a clip ``C x T x H x W``, frame by frame) to ``size``
+    (h, w).  ``bilinear`` is half-pixel (OpenCV INTER_LINEAR, align_corners=False,
+    ``F.interpolate``); ``nearest`` picks ``floor(dst * src/dst)`` like OpenCV INTER_NEAREST."""
     h, w = size
-    if arr.shape[1:] == (h, w):
+    if arr.shape[-2:] == (h, w):
         return arr
-    t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None]
+    lead = arr.shape[:-2]
+    t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    t = t.reshape((1, -1) + arr.shape[-2:])
     if mode == "nearest":
         out = F.interpolate(t, size=(h, w), mode="nearest")
     else:
-        out = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False, antialias=antialias)
-    return out[0].numpy()
+        out = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)
+    return out[0].numpy().reshape(lead + (h, w))
+
+
+def _mirror(coords: np.ndarray, n: int) -> np.ndarray:
+    """Coordinates outside [0, n - 1] reflected about the edge pixels (d c b | a b c d | c b a)."""
+    if n == 1:
+        return np.zeros_like(coords)
+    period = 2 * (n - 1)
+    coords = np.abs(coords) % period
+    return np.where(coords > n - 1, period - coords, coords)
+
+
+def _antialias_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """``n_out x n_in``: one axis of :func:`resize_antialiased` as a linear map."""
+    scale = n_in / n_out
+    eye = np.eye(n_in)
+    sigma = max(0.0, (scale - 1) / 2)
+    if sigma > 0:
+        radius = int(4.0 * sigma + 0.5)
+        taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+        taps /= taps.sum()
+        index = _mirror(np.arange(-radius, n_in + radius), n_in).astype(np.int64)
+        blur = np.zeros((n_in, n_in))
+        for i in range(n_in):
+            np.add.at(blur[i], index[i:i + 2 * radius + 1], taps)
+        eye = blur
+    coords = _mirror((np.arange(n_out) + 0.5) * scale - 0.5, n_in)
+    lo = np.minimum(np.floor(coords).astype(np.int64), n_in - 1)
+    hi = np.minimum(lo + 1, n_in - 1)
+    frac = (coords - lo)[:, None]
+    return (1 - frac) * eye[lo] + frac * eye[hi]
+
+
+def resize_antialiased(arr: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+    """Resize ``C x H x W`` to ``size`` (h, w) as ``skimage.transform.resize(order=1,
+    mode='reflect', anti_aliasing=True)``, which the PAC original makes its low-res inputs
+    with: each axis is low-passed by a Gaussian of sigma ``max(0, (s - 1) / 2)`` (``s`` =
+    in / out, truncated at 4 sigma) and sampled bilinearly at half-pixel positions, both
+    with mirrored borders.  Computed in float64, returned as float32."""
+    h, w = size
+    rows = _antialias_matrix(arr.shape[1], h)
+    cols = _antialias_matrix(arr.shape[2], w)
+    out = np.einsum("yi,cij,xj->cyx", rows, np.asarray(arr, np.float64), cols, optimize=True)
+    return out.astype(np.float32)
 
 
 def _pair(value, name: str) -> Tuple[int, int]:
@@ -140,9 +186,9 @@ def lowres(x: np.ndarray, factor: int, mode: str = "center") -> np.ndarray:
     ``C x T x H x W`` frame by frame: ``C x T x ceil(H/f) x ceil(W/f)``).
 
     ``center``: every f-th pixel starting at ``(f-1)//2`` (NYU, PAC paper); ``last``:
-    starting at ``f-1``; ``bilinear``: anti-aliased bilinear resize (Sintel); ``nearest``.
-    A size that is not a multiple of f is first resized (bilinear) up to the next multiple,
-    as the original code does.
+    starting at ``f-1``; ``bilinear``: :func:`resize_antialiased` (Sintel); ``nearest``.
+    A size that is not a multiple of f is first resized up to the next multiple with
+    :func:`resize_antialiased`, as the original code does.
     """
     if mode not in LOWRES_MODES:
         raise DataError(f"unknown lowres_mode {mode!r}; use one of {', '.join(LOWRES_MODES)}")
@@ -151,12 +197,14 @@ def lowres(x: np.ndarray, factor: int, mode: str = "center") -> np.ndarray:
     x = x.reshape((-1, h0, w0))  # the frames of a clip side by side with the channels
     h, w = math.ceil(h0 / f), math.ceil(w0 / f)
     if (h * f, w * f) != (h0, w0):
-        x = resize(x, (h * f, w * f), "bilinear")
+        x = resize_antialiased(x, (h * f, w * f))
     if mode in ("center", "last"):
         o = (f - 1) // 2 if mode == "center" else f - 1
         low = np.ascontiguousarray(x[:, o::f, o::f], dtype=np.float32)
+    elif mode == "bilinear":
+        low = resize_antialiased(x, (h, w))
     else:
-        low = resize(x, (h, w), mode, antialias=mode == "bilinear")
+        low = resize(x, (h, w), mode)
     return low.reshape(lead + (h, w))
 
 
@@ -207,6 +255,11 @@ class JointTransform:
     multiple of ``factor``.  Mirror: a random horizontal flip (of the whole clip) when on.
     Unlike the original, ``gt`` is not cropped by an evaluation border: metrics take a
     ``border`` argument instead, so shapes match the net.
+    An uncropped image whose size is not a multiple of ``factor`` (Sintel's 436 rows) gets
+    its low-res target from the size rounded up (:func:`lowres`) and, as the original's
+    ``apply_model``, a ``guide`` resized (bilinear, half-pixel) to ``factor`` times the
+    target; ``gt`` and ``gt_raw`` keep the image's size (the evaluator resizes the
+    prediction back).  Training needs the sizes to agree: such images need a crop there.
     """
 
     def __init__(self, factor: int, *, crop: Sequence[int] | int | None = None, mirror: bool = False,
@@ -243,6 +296,13 @@ class JointTransform:
         if self.mirror and rng.integers(2):
             guide, gt = guide[..., ::-1], gt[..., ::-1]
         low = lowres(np.ascontiguousarray(gt), self.factor, self.lowres_mode)
+        size = tuple(d * self.factor for d in low.shape[-2:])
+        if size != tuple(gt.shape[-2:]):
+            if self.train:
+                raise DataError(f"the image is {gt.shape[-2]} x {gt.shape[-1]}, not a multiple of "
+                                f"factor {self.factor}: the prediction would not match it",
+                                hint=f"train on crops (crop_size, a multiple of {self.factor})")
+            guide = resize(guide, size, "bilinear")
         if self.normalize:
             target, value_range = normalize_range(low)
             lo, hi = (_per_channel(value_range[:, i], gt.ndim) for i in (0, 1))
