@@ -238,6 +238,8 @@ class Deconvolution(Layer):
     per-channel upsampling, as Caffe's filler documentation says.
     """
 
+    caffe_params = ("convolution_param",)
+
     params = {k: v for k, v in CONV_PARAMS.items()}
     params["num_output"] = {**POSITIVE_INT, "description": "number of output channels O"}
     params["weight_filler"] = filler("initialiser of the weight blob [C, O/g, kh, kw] "

@@ -129,6 +129,9 @@ class Interp(Layer):
                 hint="use smaller (less negative) pads")
         return he, we
 
+    def gradient_bottoms(self, spec: LayerSpec) -> Tuple[bool, ...]:
+        return (True,) + (False,) * (len(spec.bottoms) - 1)  # a reference shape
+
     def infer(self, spec: LayerSpec, shapes: List[Shape]) -> List[Shape]:
         shape = shapes[0]
         he, we = self._eff(spec, shape)
@@ -241,6 +244,9 @@ class Resize(Layer):
             return float(s), float(s)
         return (float(s[0]), float(s[0])) if len(s) == 1 else (float(s[0]), float(s[1]))
 
+    def gradient_bottoms(self, spec: LayerSpec) -> Tuple[bool, ...]:
+        return (True,) + (False,) * (len(spec.bottoms) - 1)  # a reference shape
+
     def infer(self, spec: LayerSpec, shapes: List[Shape]) -> List[Shape]:
         shape = shapes[0]
         if len(shape) != 4:
@@ -344,6 +350,9 @@ class Crop(Layer):
                     f"(bottom shapes {list(a)} and {list(b)})",
                     hint="reduce offset, or check the sizes of the bottoms")
         return axis, offsets, tuple(b[axis:])
+
+    def gradient_bottoms(self, spec: LayerSpec) -> Tuple[bool, ...]:
+        return (True, False)  # the reference shape gets none
 
     def infer(self, spec: LayerSpec, shapes: List[Shape]) -> List[Shape]:
         axis, _, sizes = self._plan(spec, shapes)
