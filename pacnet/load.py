@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import os
 import re
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Set, Tuple, Union
 
 import yaml
 
@@ -263,24 +263,29 @@ _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 def substitute(value: Any, env: Mapping[str, Any], missing: Dict[str, Optional[Location]],
-               loc: Optional[Location] = None) -> Any:
+               loc: Optional[Location] = None, used: Optional[Set[str]] = None) -> Any:
     """Replace ``${NAME}`` in every string of ``value``.
 
     A string that is exactly ``${NAME}`` takes the value itself (keeping its type);
     ``${NAME}`` inside a longer string is formatted into it.  Unknown names are
-    collected in ``missing`` (name -> first location) and left as they are.
+    collected in ``missing`` (name -> first location) and left as they are; the names
+    substituted are added to ``used`` when given.
     """
     if isinstance(value, str):
         whole = _VAR.fullmatch(value)
         if whole:
             name = whole.group(1)
             if name in env:
+                if used is not None:
+                    used.add(name)
                 return copy.deepcopy(env[name])
             missing.setdefault(name, loc)
             return value
 
         def repl(m: "re.Match[str]") -> str:
             if m.group(1) in env:
+                if used is not None:
+                    used.add(m.group(1))
                 return str(env[m.group(1)])
             missing.setdefault(m.group(1), loc)
             return m.group(0)
@@ -291,16 +296,34 @@ def substitute(value: Any, env: Mapping[str, Any], missing: Dict[str, Optional[L
         if isinstance(value, MarkedDict):
             out.loc, out.locs = value.loc, dict(value.locs)
         for k, v in value.items():
-            out[k] = substitute(v, env, missing, where(value, k) or loc)
+            out[k] = substitute(v, env, missing, where(value, k) or loc, used)
         return out
     if isinstance(value, list):
         out = value.__class__()
         if isinstance(value, MarkedList):
             out.loc, out.locs = value.loc, dict(value.locs)
         for i, v in enumerate(value):
-            out.append(substitute(v, env, missing, where(value, i) or loc))
+            out.append(substitute(v, env, missing, where(value, i) or loc, used))
         return out
     return value
+
+
+def unused_vars_error(given: Iterable[str], used: Iterable[str],
+                      location: Optional[Location]) -> Optional[LoadError]:
+    """The error for template variables given (``--var``, ``vars=``) that no ``${NAME}``
+    of the file uses (a misspelt name would otherwise be ignored without a word)."""
+    used = set(used)
+    unused = [name for name in given if name not in used]
+    if not unused:
+        return None
+    close = [h for h in (did_you_mean(n, sorted(used)) for n in unused) if h]
+    listed = ", ".join(unused)
+    return LoadError(f"template variable{'s' if len(unused) > 1 else ''} {listed} given, but "
+                     f"no ${{...}} in the net uses {'them' if len(unused) > 1 else 'it'}",
+                     location=location,
+                     hint="; ".join(close) if close else
+                     (f"the net uses: {', '.join(sorted(used))}" if used else
+                      "this net has no ${...} template variables"))
 
 
 def _typed(value: Any) -> Any:
@@ -489,6 +512,7 @@ def load(source: Source, *, vars: Optional[Mapping[str, Any]] = None,
     Steps: read (+ ``_base_``) -> expand ``blocks`` -> substitute ``${VAR}`` (file
     ``vars:`` overridden by ``vars``) -> apply ``overrides`` (dotted keys).
     """
+    given = dict(vars or {})
     if isinstance(source, Mapping):
         tree = mark(copy.deepcopy(dict(source)), Location("<dict>"))
     else:
@@ -496,8 +520,9 @@ def load(source: Source, *, vars: Optional[Mapping[str, Any]] = None,
         if path.endswith(".prototxt") or path.endswith(".pt.txt"):
             from pacnet.caffe_import import load_prototxt
 
-            net, marks = load_prototxt(path, vars=vars)
+            net, marks = load_prototxt(path, vars=given)  # substituted (and checked) as parsed
             tree = _apply_path_marks(net, marks, path)
+            given = {}
         else:
             tree = _load_with_bases(path)
     if not isinstance(tree, dict):
@@ -513,15 +538,25 @@ def load(source: Source, *, vars: Optional[Mapping[str, Any]] = None,
     if isinstance(tree.get("layers"), list) and blocks:
         tree["layers"] = expand_blocks(tree["layers"], blocks)
 
-    env = dict(tree.get("vars") or {})
+    declared = tree.get("vars") or {}
+    if not isinstance(declared, dict):
+        raise SchemaError("'vars' must map variable names to values",
+                          location=where(tree, "vars"), hint="vars: {NUM_LABELS: 21}")
+    env = dict(declared)
     # Text values (from --var) take YAML's types here, so ${NUM_LABELS} = "21" is the int 21.
-    env.update({k: _typed(v) for k, v in (vars or {}).items()})
+    env.update({k: _typed(v) for k, v in given.items()})
     missing: Dict[str, Optional[Location]] = {}
+    used: Set[str] = set()
     body = MarkedDict((k, v) for k, v in tree.items() if k not in ("blocks", "vars"))
     body.loc, body.locs = tree.loc, dict(tree.locs)
-    body = substitute(body, env, missing)
+    body = substitute(body, env, missing, used=used)
     if missing:
         raise _missing_error(missing, "template variables")
+    unused = unused_vars_error([k for k in given if k not in declared], used,
+                               where(tree) or Location(None if isinstance(source, Mapping)
+                                                       else os.fspath(source)))
+    if unused is not None:
+        raise unused
     if overrides:
         apply_overrides(body, overrides)
     return body
