@@ -206,10 +206,11 @@ def _merge(base: Any, override: Any) -> Any:
 
 def _merge_layers(base: List[Any], override: List[Any]) -> List[Any]:
     out = copy.deepcopy(base)
-    index = {l.get("name"): i for i, l in enumerate(out) if isinstance(l, dict)}
+    index = {l["name"]: i for i, l in enumerate(out) if isinstance(l, dict)
+             and isinstance(l.get("name"), str)}
     for j, layer in enumerate(override):
         name = layer.get("name") if isinstance(layer, dict) else None
-        if name in index:
+        if isinstance(name, str) and name in index:
             i = index[name]
             if layer.get("_delete_"):
                 out[i] = None
@@ -526,15 +527,23 @@ def load(source: Source, *, vars: Optional[Mapping[str, Any]] = None,
         else:
             tree = _load_with_bases(path)
     if not isinstance(tree, dict):
-        raise SchemaError("a net must be a mapping with 'layers:' at the top level", location=where(tree))
+        raise SchemaError("a net must be a mapping with 'layers:' at the top level",
+                          location=where(tree) or _origin(source))
+    if tree.loc is None:  # an empty file, or a net merged from its _base_ files
+        tree.loc = _origin(source)
 
     blocks = tree.get("blocks") or {}
     if not isinstance(blocks, dict):
         raise SchemaError("'blocks' must map block names to {args, layers}", location=where(tree, "blocks"))
     for bname, block in blocks.items():
-        if not isinstance(block, dict) or not isinstance(block.get("layers"), list):
-            raise SchemaError(f"block {bname!r} must be a mapping with a 'layers' list",
-                              location=where(blocks, bname))
+        if not isinstance(block, dict) or not isinstance(block.get("layers"), list) \
+                or not all(isinstance(l, dict) for l in block["layers"]) \
+                or not isinstance(block.get("args") or {}, dict):
+            raise SchemaError(f"block {bname!r} must be a mapping with a 'layers' list of "
+                              f"layers and optional 'args' (name: default)",
+                              location=where(blocks, bname),
+                              hint="blocks: {conv_relu: {args: {num_output: null}, layers: "
+                                   "[{name: conv, type: Convolution, ...}]}}")
     if isinstance(tree.get("layers"), list) and blocks:
         tree["layers"] = expand_blocks(tree["layers"], blocks)
 
@@ -552,14 +561,16 @@ def load(source: Source, *, vars: Optional[Mapping[str, Any]] = None,
     body = substitute(body, env, missing, used=used)
     if missing:
         raise _missing_error(missing, "template variables")
-    unused = unused_vars_error([k for k in given if k not in declared], used,
-                               where(tree) or Location(None if isinstance(source, Mapping)
-                                                       else os.fspath(source)))
+    unused = unused_vars_error([k for k in given if k not in declared], used, where(tree))
     if unused is not None:
         raise unused
     if overrides:
         apply_overrides(body, overrides)
     return body
+
+
+def _origin(source: Source) -> Location:
+    return Location("<dict>" if isinstance(source, Mapping) else os.fspath(source))
 
 
 def _apply_path_marks(net: Any, marks: Mapping[Tuple[Any, ...], Location], path: str) -> MarkedDict:
