@@ -139,6 +139,8 @@ def fill_(tensor: torch.Tensor, spec: Optional[Dict[str, Any]],
     FAN_OUT = count/shape[1], AVERAGE = their mean); ``bilinear`` fills every
     (out, in) slice of a square 4-D blob with the same upsampling kernel.
     """
+    if tensor.is_meta:  # nothing to fill (pacnet build compiles on the meta device)
+        return tensor
     spec = dict(spec or {})
     kind = spec.get("type", "constant")
     # Draw in the blob's own precision (as Caffe does): float64 draws of a 40M-parameter net
