@@ -14,10 +14,13 @@ pacnet graph format (v1), the same plain dict a YAML net file loads into::
 
 What the conversion does (``upgrade_proto.cpp`` semantics where Caffe has them):
 
-* every ``*_param`` message of a layer is lifted flat to the layer with Caffe's field names;
-  a field written once stays a scalar, a repeated one becomes a list (a few repeated proto
-  fields are always lists, see ``_ALWAYS_LIST``); ``BlobShape`` becomes a list of dims; enums
-  stay identifier strings; the same field set differently by two messages is an error;
+* every ``*_param`` message the layer's type reads (``Layer.caffe_messages``) is lifted flat
+  to the layer with Caffe's field names; a field written once stays a scalar, a repeated one
+  becomes a list (a few repeated proto fields are always lists, see ``_ALWAYS_LIST``);
+  ``BlobShape`` becomes a list of dims; enums stay identifier strings; the same field set
+  differently by two messages is an error.  Another type's message (a ``pooling_param`` on
+  a Convolution) is ignored with a located warning, as Caffe ignores it; a ``*_param`` no
+  type has is an error, as Caffe cannot parse it;
 * V1 ``layers { type: ENUM }`` nets: enum -> V2 type name (BVLC's table plus DeepLab's
   ``IMAGE_SEG_DATA``, ``SEG_ACCURACY``, ``INTERP``, ``MAT_WRITE``), ``blobs_lr`` ->
   ``param.lr_mult``, ``weight_decay`` -> ``param.decay_mult``, ``param: "name"`` ->
