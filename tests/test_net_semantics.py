@@ -388,3 +388,43 @@ def test_double_is_float64_everywhere(tmp_path):
     assert all(t.dtype == torch.float64 for t in converted.state_dict().values()
                if t.is_floating_point())
     assert torch.equal(converted(x)["crf"], native(x)["crf"])
+
+
+def test_ddp_trains_a_net_with_a_branch_no_loss_reaches(tmp_path):
+    """Two gloo ranks (forked): without taking the unreached blobs out of autograd, DDP
+    stops at the second iteration ("Expected to have finished reduction ...")."""
+    import torch.multiprocessing as mp
+
+    if "fork" not in mp.get_all_start_methods():
+        pytest.skip("needs the fork start method")
+    mp.start_processes(_ddp_rank, args=(str(tmp_path),), nprocs=2, join=True, start_method="fork")
+    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def _ddp_rank(rank, folder):
+    import os
+
+    import torch.distributed as dist
+
+    from pacnet.engine import trainer
+    from test_checkpoint import DEPTH_NET, _net
+
+    torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP pool
+    os.environ.update({"WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank)})
+    net = _net(DEPTH_NET, max_iter=2, snapshot=0)
+    net["layers"].insert(2, {"name": "side", "type": "Convolution", "bottom": "g1", "top": "side",
+                             "num_output": 2, "kernel_size": 1, "weight_filler": {"type": "msra"}})
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rdv", rank=rank, world_size=2)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = trainer.train(net, os.path.join(folder, "run"), tensorboard=False,
+                                   device="cpu")
+        said = [str(w.message) for w in caught if "no loss reaches" in str(w.message)]
+        assert len(said) == (1 if rank == 0 else 0), said
+        torch.save(result["net"].state_dict(), os.path.join(folder, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
