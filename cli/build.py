@@ -70,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
             "never_learn": list(net.backward_needs.never_learn),
             "layers": [{"name": r.name, "type": r.type, "bottoms": list(r.bottoms), "tops": list(r.tops),
                         "shapes": [list(s) for s in r.shapes], "params": r.params, "flops": r.flops,
-                        "memory": r.memory, "fused": r.fused, "backward": r.backward} for r in rows],
+                        "memory": r.memory, "fused": r.fused, "backward": r.backward}
+                       for r in rows],
         }, indent=None))
         return 0
     if args.code:
@@ -96,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
         flow = f"{', '.join(r.bottoms)} → {', '.join(r.tops)}"
         table.add_row(r.name, kind, flow, "  ".join(_shape(s) for s in r.shapes),
                       human(r.params) if r.params else "", human(r.flops) if r.flops else "",
-                      human(r.memory, base=1024), *(["yes" if r.backward else "no"] if backward else []))
+                      human(r.memory, base=1024),
+                      *(["yes" if r.backward else "no"] if backward else []))
     table.add_section()
     needing = sum(r.backward for r in rows)
     table.add_row("total", f"{len(rows)} layers", f"outputs: {', '.join(o.name for o in net.ir.outputs)}",
@@ -112,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"no backward computation ({len(idle)} layers): {_listed(idle)}")
         never = net.backward_needs.never_learn
         if never:
-            print(f"learnable blobs no loss reaches, which never learn ({len(never)}): {_listed(never)}")
+            print(f"learnable blobs no loss reaches, which never learn ({len(never)}): "
+                  f"{_listed(never)}")
     return 0
 
 

@@ -67,7 +67,8 @@ def analyse(graph: Graph, modules: Mapping[str, nn.Module],
 
     wants: Set[BlobRef] = set()
     for node in graph.nodes:
-        if trainable(node.name) or any(p and b in wants for p, b in zip(passes[node.name], node.inputs)):
+        into = zip(passes[node.name], node.inputs)
+        if trainable(node.name) or any(p and b in wants for p, b in into):
             wants.update(node.outputs)
 
     reached_blobs: Set[BlobRef] = set()

@@ -27,7 +27,7 @@ from pacnet import registry
 from pacnet.errors import GraphError, Location, SchemaError, did_you_mean
 from pacnet.frozen import FrozenDict
 from pacnet.load import MarkedDict, where
-from pacnet.registry import LayerSpec
+from pacnet.registry import LayerSpec, NamedBySpec
 from pacnet.schema import LayerDecl, ParamSpec, validate_net
 
 
@@ -43,7 +43,7 @@ class BlobRef:
 
 
 @dataclass(frozen=True)
-class Node:
+class Node(NamedBySpec):
     """A layer in the IR."""
 
     spec: LayerSpec
@@ -54,14 +54,6 @@ class Node:
     propagate_down: Tuple[bool, ...] = ()
     anonymous_tops: Tuple[int, ...] = ()
     fused: Optional[str] = None  # set by fusion passes: a note on what was fused
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    @property
-    def type(self) -> str:
-        return self.spec.type
 
 
 @dataclass(frozen=True)
@@ -239,7 +231,8 @@ def _dangling(bottom: str, decl: LayerDecl, loc: Optional[Location],
                               hint="a net must be acyclic; break the loop by renaming one blob")
         at = other.spec.location
         line = f" (line {at.line})" if at and at.line else ""
-        return GraphError(f"bottom {bottom!r} is produced only later, by layer {other.name!r}{line}",
+        return GraphError(f"bottom {bottom!r} is produced only later, by layer "
+                          f"{other.name!r}{line}",
                           location=loc, layer=decl.name,
                           hint=f"layers run in list order: move {other.name!r} above {decl.name!r}")
     known = list(inputs) + [t for d in kept[:index] for t in d.spec.tops]

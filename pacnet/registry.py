@@ -78,6 +78,20 @@ class LayerSpec:
         return self.error(message, hint=hint, cls=ShapeError)
 
 
+class NamedBySpec:
+    """``name`` and ``type`` of a record that holds its layer's :class:`LayerSpec` as ``spec``."""
+
+    spec: LayerSpec
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def type(self) -> str:
+        return self.spec.type
+
+
 class Layer:
     """Base class of every layer type.  Subclasses override the class attributes and hooks.
 

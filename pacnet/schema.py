@@ -21,7 +21,7 @@ from pacnet import registry
 from pacnet.errors import GraphError, Location, PacnetError, SchemaError, did_you_mean
 from pacnet.frozen import FrozenDict
 from pacnet.load import MarkedDict, where
-from pacnet.registry import LayerSpec
+from pacnet.registry import LayerSpec, NamedBySpec
 
 _STR_OR_LIST = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
 _BLOB_NAMES = {"oneOf": [{"type": "string", "minLength": 1},
@@ -231,7 +231,7 @@ class ParamSpec:
 
 
 @dataclass(frozen=True)
-class LayerDecl:
+class LayerDecl(NamedBySpec):
     """One layer of the file, validated whatever phase is built (Caffe's LayerParameter).
 
     ``spec`` is what the layer type sees, with the tops as written (the graph pass adds the
@@ -248,14 +248,6 @@ class LayerDecl:
     anonymous_tops: int = 0
     bottom_locations: Tuple[Optional[Location], ...] = ()
     top_locations: Tuple[Optional[Location], ...] = ()
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    @property
-    def type(self) -> str:
-        return self.spec.type
 
     def included(self, phase: str, level: int = 0, stages: Sequence[str] = ()) -> bool:
         """Caffe's Net::FilterNet for this layer: some include rule matches, or (without
@@ -376,7 +368,8 @@ def _as_list(value: Any) -> List[Any]:
     return list(value) if isinstance(value, list) else [value]
 
 
-def _item_locations(layer: Any, key: str, location: Optional[Location]) -> Tuple[Optional[Location], ...]:
+def _item_locations(layer: Any, key: str,
+                    location: Optional[Location]) -> Tuple[Optional[Location], ...]:
     value = layer.get(key)
     if isinstance(value, list):
         return tuple(where(value, j) or where(layer, key) or location for j in range(len(value)))
@@ -406,7 +399,8 @@ def _check_arity(type_obj: registry.Layer, n_bottoms: int, n_tops: int, error) -
     for what, count, (lo, hi) in (("bottom", n_bottoms, type_obj.bottoms),
                                   ("top", n_tops, type_obj.tops)):
         if count < lo or (hi is not None and count > hi):
-            expected = f"{lo}" if lo == hi else (f"at least {lo}" if hi is None else f"{lo} to {hi}")
+            expected = (f"{lo}" if lo == hi else f"at least {lo}" if hi is None
+                        else f"{lo} to {hi}")
             raise error(f"takes {expected} {what}(s), got {count}", what, cls=GraphError)
 
 
@@ -423,8 +417,8 @@ def _param_specs(raw: Any, type_obj: registry.Layer, error) -> Tuple[ParamSpec, 
                     f"blob(s) ({', '.join(type_obj.blobs) or 'none'})", "param",
                     hint="one param entry per learnable blob, in Caffe's blob order")
     specs = tuple(ParamSpec(name=p.get("name"), lr_mult=p.get("lr_mult"),
-                            decay_mult=p.get("decay_mult"), share_mode=p.get("share_mode", "STRICT"))
-                  for p in entries)
+                            decay_mult=p.get("decay_mult"),
+                            share_mode=p.get("share_mode", "STRICT")) for p in entries)
     _finite([s.lr_mult for s in specs] + [s.decay_mult for s in specs], "param", error)
     return specs
 
@@ -459,10 +453,12 @@ _VALID: set = set()
 
 
 def _validation_key(ltype: str, plain: Mapping[str, Any]) -> str:
-    def form(value: Any) -> Any:
+    def form(value: Any) -> Any:  # a string's form: empty or not (tuples are never JSON)
         if isinstance(value, str):
-            return bool(value)
-        return [bool(v) if isinstance(v, str) else v for v in value] if isinstance(value, list) else value
+            return ("str", bool(value))
+        if isinstance(value, list):
+            return [("str", bool(v)) if isinstance(v, str) else v for v in value]
+        return value
 
     reduced = {k: (form(v) if k in ("name", "bottom", "top") else v) for k, v in plain.items()}
     return ltype + repr(reduced)

@@ -83,7 +83,8 @@ def _given_shape(name: str, raw: Any) -> Shape:
         return tuple(operator.index(d) for d in raw)
     except TypeError:
         raise PacnetValueError(f"the shape of input {name!r} must be a sequence of ints, got "
-                               f"{raw!r}", hint=f"e.g. inputs={{'{name}': (1, 3, 224, 224)}}") from None
+                               f"{raw!r}",
+                               hint=f"e.g. inputs={{'{name}': (1, 3, 224, 224)}}") from None
 
 
 def infer_shapes(graph: Graph, input_shapes: Mapping[str, Shape]) -> Dict[BlobRef, Shape]:

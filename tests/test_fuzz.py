@@ -12,7 +12,6 @@ thousands, over every net.
 from __future__ import annotations
 
 import glob
-import math
 import os
 import re
 import shutil

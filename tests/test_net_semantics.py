@@ -13,7 +13,7 @@ import torch
 
 import pacnet
 from pacnet.cli.main import main
-from pacnet.errors import GraphError, LoadError, PacnetError, SchemaError, ShapeError
+from pacnet.errors import GraphError, LoadError, PacnetError, ShapeError
 
 
 def write(tmp_path, text, name="net.yaml"):
@@ -159,70 +159,6 @@ def test_distinct_module_names_compute_each_layer(tmp_path):
 
 
 # ----------------------------------------------------------------------------- validation
-
-# (layer text, error class, fragment, line of the error)
-MALFORMED = {
-    "duplicate_top": ("{name: s, type: Slice, bottom: data, top: [x, x]}", SchemaError,
-                      "top 'x' is listed twice", 3),
-    "include_string": ("{name: s, type: ReLU, bottom: data, top: y, include: train}",
-                       SchemaError, "write include: {phase: train}", 3),
-    "exclude_list_of_strings": ("{name: s, type: ReLU, bottom: data, top: y, exclude: [train]}",
-                                SchemaError, "exclude.0", 3),
-    "top_mapping": ("{name: s, type: ReLU, bottom: data, top: {x: 1}}", SchemaError,
-                    "write top: conv1", 3),
-    "phase_number": ("{name: s, type: ReLU, bottom: data, top: y, include: {phase: 3}}",
-                     SchemaError, "include.phase: 3", 3),
-    "phase_word": ("{name: s, type: ReLU, bottom: data, top: y, include: {phase: TRAINING}}",
-                   SchemaError, "did you mean 'TRAIN'", 3),
-    "level_float": ("{name: s, type: ReLU, bottom: data, top: y, include: {min_level: 0.5}}",
-                    SchemaError, "min_level", 3),
-    "stage_number": ("{name: s, type: ReLU, bottom: data, top: y, include: {stage: [1]}}",
-                     SchemaError, "stage", 3),
-    "include_and_exclude": ("{name: s, type: ReLU, bottom: data, top: y, include: {phase: test},"
-                            " exclude: {phase: train}}", SchemaError, "not both", 3),
-    "train_only_typo": ("{name: s, type: Convolution, bottom: data, top: y, num_output: 1, "
-                        "kernel_sise: 3, include: {phase: train}}", SchemaError,
-                        "did you mean 'kernel_size'", 3),
-    "train_only_type": ("{name: s, type: Convolutoin, bottom: data, top: y, "
-                        "include: {phase: train}}", SchemaError, "did you mean 'Convolution'", 3),
-    "train_only_arity": ("{name: s, type: Eltwise, bottom: data, top: y, "
-                         "include: {phase: train}}", GraphError, "takes at least 2 bottom", 3),
-    "train_only_check": ("{name: s, type: Convolution, bottom: data, top: y, num_output: 1, "
-                         "kernel_size: 2, pad_h: 1, include: {phase: train}}", SchemaError,
-                         "pad", 3),
-    "loss_weight_count": ("{name: s, type: ReLU, bottom: data, top: y, loss_weight: [1, 2]}",
-                          SchemaError, "loss_weight has 2 value(s)", 3),
-    "loss_weight_nan": ("{name: s, type: ReLU, bottom: data, top: y, loss_weight: .nan}",
-                        SchemaError, "finite", 3),
-    "propagate_down_count": ("{name: s, type: ReLU, bottom: data, top: y, "
-                             "propagate_down: [true, false]}", SchemaError,
-                             "propagate_down has 2 value(s)", 3),
-    "propagate_down_string": ("{name: s, type: ReLU, bottom: data, top: y, "
-                              "propagate_down: 'no'}", SchemaError, "write propagate_down", 3),
-    "param_count": ("{name: s, type: ReLU, bottom: data, top: y, param: [{lr_mult: 1}]}",
-                    SchemaError, "'param' entries", 3),
-    "lr_mult_inf": ("{name: s, type: Convolution, bottom: data, top: y, num_output: 1, "
-                    "kernel_size: 1, param: [{lr_mult: .inf}]}", SchemaError, "finite", 3),
-    "name_number": ("{name: 5, type: ReLU, bottom: data, top: y}", SchemaError,
-                    "layer name must be a string", 3),
-    "empty_bottom": ("{name: s, type: ReLU, bottom: '', top: y}", SchemaError, "bottom", 3),
-}
-
-
-@pytest.mark.parametrize("case", sorted(MALFORMED))
-def test_every_layer_of_every_phase_is_validated_before_use(tmp_path, case, capsys):
-    layer, cls, fragment, line = MALFORMED[case]
-    path = write(tmp_path, "inputs: {data: [1, 2, 4, 4]}\nlayers:\n  - " + layer + "\n"
-                 "  - {name: other, type: ReLU, bottom: data, top: z}\n")
-    for phase in ("test", "train"):
-        with pytest.raises(cls) as err:
-            pacnet.build(path, phase=phase)
-        assert fragment in str(err.value), str(err.value)
-        assert str(err.value).startswith(f"{path}:{line}:"), str(err.value)
-    assert main(["build", path]) == 2
-    captured = capsys.readouterr()
-    assert fragment in captured.err and "Traceback" not in captured.err
-
 
 def test_rules_select_phases_levels_and_stages(tmp_path):
     path = write(tmp_path, """

@@ -182,7 +182,8 @@ def _detach_unreached(net: torch.nn.Module, warn: bool = True) -> None:
         shown = ", ".join(never[:8]) + (f", ... ({len(never) - 8} more)" if len(never) > 8 else "")
         warnings.warn(f"{net.ir.source or net.ir.name}: no loss reaches {len(never)} learnable "
                       f"blob(s), which never learn (only weight decay changes them): {shown}; "
-                      f"connect them to a loss or set their lr_mult to 0", UserWarning, stacklevel=3)
+                      f"connect them to a loss or set their lr_mult to 0", UserWarning,
+                      stacklevel=3)
     for key in never:
         net.get_parameter(key).requires_grad_(False)
 
