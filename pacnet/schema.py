@@ -343,7 +343,7 @@ def _validate_layer(layer: Any, location: Optional[Location]) -> LayerDecl:
             raise error(f"top {top!r} is listed twice", "top", at=top_locs[j],
                         hint="each top of a layer is a new blob (Caffe: 'produced by multiple "
                              "sources'); give it another name")
-    include, exclude = _rules(layer, "include", error), _rules(layer, "exclude", error)
+    include, exclude = _rules(plain.get("include")), _rules(plain.get("exclude"))
     if include and exclude:
         raise error("a layer may have 'include' or 'exclude' rules, not both", "exclude",
                     hint="Caffe's NetStateRule: keep the include rules, or the exclude rules")
@@ -376,9 +376,9 @@ def _item_locations(layer: Any, key: str,
     return (where(layer, key) or location,) if value is not None else ()
 
 
-def _rules(layer: Any, key: str, error) -> Tuple[Rule, ...]:
+def _rules(raw_rules: Any) -> Tuple[Rule, ...]:
     rules = []
-    for raw in _as_list(layer.get(key)):
+    for raw in _as_list(raw_rules):
         stage, not_stage = _as_list(raw.get("stage")), _as_list(raw.get("not_stage"))
         phase = raw.get("phase")
         rules.append(Rule(phase=phase.lower() if phase is not None else None,
