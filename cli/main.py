@@ -15,7 +15,7 @@ import warnings
 from typing import List, Optional
 
 from pacnet import __version__
-from pacnet.errors import PacnetError
+from pacnet.errors import PacnetError, UnusedVariableWarning
 
 # Verb modules in the order their commands are listed by --help.
 VERBS = ("build", "layers", "convert", "hotswap", "train", "test", "time")
@@ -53,6 +53,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Run the CLI on ``argv`` (default ``sys.argv[1:]``); return the exit code."""
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
+        # A --var nothing uses is a typo here (the API only warns): an error, exit 2.
+        warnings.filterwarnings("error", category=UnusedVariableWarning)
         return _main(argv)
 
 

@@ -122,7 +122,8 @@ def _match(conv: Node, producer, consumers, outputs, shapes) -> Tuple[Optional[N
     fill_defaults(params, registry.get("SegawareConvolution").schema())
     spec = replace(conv.spec, type="SegawareConvolution", params=FrozenDict(params),
                    bottoms=(x_ref.name, m_ref.name))
-    return replace(conv, spec=spec, inputs=(x_ref, m_ref), fused=FUSED_NOTE), ""
+    return replace(conv, spec=spec, inputs=(x_ref, m_ref), propagate_down=(True, True),
+                   fused=FUSED_NOTE), ""
 
 
 def _remove_dead(nodes: List[Node], outputs: Set[BlobRef]) -> List[Node]:

@@ -55,6 +55,13 @@ class Node(NamedBySpec):
     anonymous_tops: Tuple[int, ...] = ()
     fused: Optional[str] = None  # set by fusion passes: a note on what was fused
 
+    def __post_init__(self) -> None:
+        if len(self.propagate_down) != len(self.inputs) or \
+                len(self.loss_weights) != len(self.outputs):  # a graph pass got it wrong
+            raise RuntimeError(f"node {self.name}: {len(self.inputs)} inputs, "
+                               f"{len(self.propagate_down)} propagate_down flags, "
+                               f"{len(self.outputs)} outputs, {len(self.loss_weights)} weights")
+
 
 @dataclass(frozen=True)
 class Graph:

@@ -16,11 +16,12 @@ from __future__ import annotations
 import copy
 import os
 import re
+import warnings
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Set, Tuple, Union
 
 import yaml
 
-from pacnet.errors import LoadError, Location, SchemaError, did_you_mean
+from pacnet.errors import LoadError, Location, SchemaError, UnusedVariableWarning, did_you_mean
 
 
 class MarkedDict(dict):
@@ -251,8 +252,8 @@ def _load_with_bases(path: str, seen: Tuple[str, ...] = ()) -> Any:
     merged: Any = MarkedDict()
     for base in bases:
         base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
-        if not os.path.exists(base_path):
-            raise LoadError(f"_base_ file not found: {base}", location=base_loc,
+        if not os.path.isfile(base_path):
+            raise LoadError(f"_base_ file not found: {base!r}", location=base_loc,
                             hint="paths in _base_ are relative to the file that names them")
         merged = _merge(merged, _load_with_bases(base_path, seen + (real,)))
     return _merge(merged, tree)
@@ -309,22 +310,23 @@ def substitute(value: Any, env: Mapping[str, Any], missing: Dict[str, Optional[L
     return value
 
 
-def unused_vars_error(given: Iterable[str], used: Iterable[str],
-                      location: Optional[Location]) -> Optional[LoadError]:
-    """The error for template variables given (``--var``, ``vars=``) that no ``${NAME}``
-    of the file uses (a misspelt name would otherwise be ignored without a word)."""
+def warn_unused_vars(given: Iterable[str], used: Iterable[str],
+                     location: Optional[Location]) -> None:
+    """Warn (:class:`~pacnet.errors.UnusedVariableWarning`, an error in the CLI) about
+    template variables given that no ``${NAME}`` of the file uses: a misspelt name would
+    otherwise be ignored without a word."""
     used = set(used)
     unused = [name for name in given if name not in used]
     if not unused:
-        return None
+        return
     close = [h for h in (did_you_mean(n, sorted(used)) for n in unused) if h]
     listed = ", ".join(unused)
-    return LoadError(f"template variable{'s' if len(unused) > 1 else ''} {listed} given, but "
-                     f"no ${{...}} in the net uses {'them' if len(unused) > 1 else 'it'}",
-                     location=location,
-                     hint="; ".join(close) if close else
-                     (f"the net uses: {', '.join(sorted(used))}" if used else
-                      "this net has no ${...} template variables"))
+    warnings.warn(UnusedVariableWarning(
+        f"template variable{'s' if len(unused) > 1 else ''} {listed} given, but no ${{...}} in "
+        f"the net uses {'them' if len(unused) > 1 else 'it'}", location=location,
+        hint="; ".join(close) if close else (f"the net uses: {', '.join(sorted(used))}" if used
+                                             else "this net has no ${...} template variables")),
+        stacklevel=4)
 
 
 def _typed(value: Any) -> Any:
@@ -561,9 +563,7 @@ def load(source: Source, *, vars: Optional[Mapping[str, Any]] = None,
     body = substitute(body, env, missing, used=used)
     if missing:
         raise _missing_error(missing, "template variables")
-    unused = unused_vars_error([k for k in given if k not in declared], used, where(tree))
-    if unused is not None:
-        raise unused
+    warn_unused_vars([k for k in given if k not in declared], used, where(tree))
     if overrides:
         apply_overrides(body, overrides)
     return body

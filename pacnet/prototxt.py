@@ -501,10 +501,10 @@ def parse(text: str, vars: Optional[Mapping[str, Any]] = None, *,
     """Parse protobuf text into a :class:`Message` tree; ``file`` only labels errors.
 
     Raises :class:`LoadError` for garbled or truncated text (with line and column) and,
-    before parsing, one error listing every unset ``${VAR}`` or every name of ``vars`` that
-    no ``${VAR}`` uses.
+    before parsing, one error listing every unset ``${VAR}``; warns (an error in the CLI)
+    about names of ``vars`` that no ``${VAR}`` uses.
     """
-    from pacnet.load import unused_vars_error
+    from pacnet.load import warn_unused_vars
 
     if text.startswith("\ufeff"):
         text = text[1:]
@@ -513,11 +513,9 @@ def parse(text: str, vars: Optional[Mapping[str, Any]] = None, *,
     toks = tz.tokens()
     if tz.unset:
         raise _unset_error(src, tz.unset)
-    unused = unused_vars_error(vars or {}, tz.used, Location(file))
-    if unused is not None:
-        raise unused
     p = _Parser(src, toks)
     fields = p.message_body(None, None, "")
+    warn_unused_vars(vars or {}, tz.used, Location(file))
     return Message(fields, 1, 1, file)
 
 
