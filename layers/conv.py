@@ -238,8 +238,6 @@ class Deconvolution(Layer):
     per-channel upsampling, as Caffe's filler documentation says.
     """
 
-    caffe_params = ("convolution_param",)
-
     params = {k: v for k, v in CONV_PARAMS.items()}
     params["num_output"] = {**POSITIVE_INT, "description": "number of output channels O"}
     params["weight_filler"] = filler("initialiser of the weight blob [C, O/g, kh, kw] "
@@ -249,6 +247,7 @@ class Deconvolution(Layer):
     required = ("num_output",)
     bottoms = (1, 1)
     tops = (1, 1)
+    caffe_params = ("convolution_param",)
     blobs = ("weight", "bias")
 
     def check(self, spec: LayerSpec) -> None:
