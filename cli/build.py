@@ -67,9 +67,11 @@ def run(args: argparse.Namespace) -> int:
             "flops": total_flops,
             "memory": total_mem,
             "loss_weights": dict(net.loss_weights),
+            "never_learn": list(net.backward_needs.never_learn),
             "layers": [{"name": r.name, "type": r.type, "bottoms": list(r.bottoms), "tops": list(r.tops),
                         "shapes": [list(s) for s in r.shapes], "params": r.params, "flops": r.flops,
-                        "memory": r.memory, "fused": r.fused} for r in rows],
+                        "memory": r.memory, "fused": r.fused, "backward": r.backward}
+                       for r in rows],
         }, indent=None))
         return 0
     if args.code:
@@ -79,27 +81,47 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    # Caffe's "needs backward computation", shown when a loss is there to send gradients.
+    backward = bool(net.loss_weights)
     table = Table(title=f"{net.ir.name} ({net.ir.phase})", show_lines=False, header_style="bold")
-    for col, justify in (("layer", "left"), ("type", "left"), ("bottoms → tops", "left"),
-                         ("output shape", "left"), ("params", "right"), ("FLOPs", "right"),
-                         ("memory", "right")):
+    columns = [("layer", "left"), ("type", "left"), ("bottoms → tops", "left"),
+               ("output shape", "left"), ("params", "right"), ("FLOPs", "right"),
+               ("memory", "right")] + ([("backward", "center")] if backward else [])
+    for col, justify in columns:
         table.add_column(col, justify=justify, overflow="fold")
     for name, shape in net.inputs.items():
-        table.add_row(name, "input", "", _shape(shape), "", "", human(4 * _numel(shape), base=1024))
+        table.add_row(name, "input", "", _shape(shape), "", "", human(4 * _numel(shape), base=1024),
+                      *([""] if backward else []))
     for r in rows:
         kind = r.type + (" (fused)" if r.fused else "")
         flow = f"{', '.join(r.bottoms)} → {', '.join(r.tops)}"
         table.add_row(r.name, kind, flow, "  ".join(_shape(s) for s in r.shapes),
                       human(r.params) if r.params else "", human(r.flops) if r.flops else "",
-                      human(r.memory, base=1024))
+                      human(r.memory, base=1024),
+                      *(["yes" if r.backward else "no"] if backward else []))
     table.add_section()
+    needing = sum(r.backward for r in rows)
     table.add_row("total", f"{len(rows)} layers", f"outputs: {', '.join(o.name for o in net.ir.outputs)}",
-                  "", human(total_params), human(total_flops), human(total_mem, base=1024))
+                  "", human(total_params), human(total_flops), human(total_mem, base=1024),
+                  *([f"{needing} yes"] if backward else []))
     Console(file=sys.stdout, width=max(100, _terminal_width())).print(table)
     for r in rows:
         if r.fused:
             print(f"fused: {r.name}: {r.fused}")
+    if backward:
+        idle = [r.name for r in rows if not r.backward]
+        if idle:
+            print(f"no backward computation ({len(idle)} layers): {_listed(idle)}")
+        never = net.backward_needs.never_learn
+        if never:
+            print(f"learnable blobs no loss reaches, which never learn ({len(never)}): "
+                  f"{_listed(never)}")
     return 0
+
+
+def _listed(names, limit: int = 12) -> str:
+    more = len(names) - limit
+    return ", ".join(names[:limit]) + (f", ... ({more} more)" if more > 0 else "")
 
 
 def _terminal_width() -> int:

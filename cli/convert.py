@@ -29,7 +29,7 @@ import sys
 import warnings
 from typing import Dict, List, Optional, Tuple
 
-from pacnet.errors import PacnetError
+from pacnet.errors import PacnetError, UnusedVariableWarning
 
 
 def add_parser(sub) -> None:
@@ -143,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        warnings.simplefilter("error", UnusedVariableWarning)  # a --var nothing uses: exit 2
         net, _ = load_prototxt(src, vars)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)

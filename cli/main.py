@@ -11,10 +11,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from typing import List, Optional
 
 from pacnet import __version__
-from pacnet.errors import PacnetError
+from pacnet.errors import PacnetError, UnusedVariableWarning
 
 # Verb modules in the order their commands are listed by --help.
 VERBS = ("build", "layers", "convert", "hotswap", "train", "test", "time")
@@ -42,8 +43,22 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    # pacnet's warnings carry their own location (file:line of the net); the Python source
+    # line that raised them means nothing to a user.
+    print(f"warning: {message}", file=file or sys.stderr)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the CLI on ``argv`` (default ``sys.argv[1:]``); return the exit code."""
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        # A --var nothing uses is a typo here (the API only warns): an error, exit 2.
+        warnings.filterwarnings("error", category=UnusedVariableWarning)
+        return _main(argv)
+
+
+def _main(argv: Optional[List[str]]) -> int:
     parser = make_parser()
     try:
         args = parser.parse_args(argv)

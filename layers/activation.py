@@ -52,6 +52,8 @@ class ReLU(_SameShape):
     Shapes: any -> same.
     """
 
+    caffe_params = ("relu_param",)
+
     params = {
         "negative_slope": {"type": "number", "default": 0.0,
                            "description": "slope for x < 0 (0 = plain ReLU)"},
@@ -86,6 +88,8 @@ class PReLU(_SameShape):
 
     Shapes: N x C x ... -> same.  Blob ``weight``: (C,), or () with ``channel_shared``.
     """
+
+    caffe_params = ("prelu_param",)
 
     params = {
         "channel_shared": {"type": "boolean", "default": False,
@@ -139,6 +143,8 @@ class Sigmoid(_SameShape):
 @register("TanH")
 class TanH(_SameShape):
     """y = tanh(x).  Shapes: any -> same."""
+
+    caffe_params = ("tanh_param",)
 
     params = {"engine": _ENGINE}
 

@@ -614,6 +614,8 @@ class ArgMax(Layer):
     [indices; values] if ``out_max_val`` (at least 3 axes, as Caffe).  Indices are floats.
     """
 
+    caffe_params = ("argmax_param",)
+
     params = {
         "out_max_val": {"type": "boolean", "default": False,
                         "description": "output the values (with axis) or [indices; values] (without)"},
@@ -638,6 +640,9 @@ class ArgMax(Layer):
         if spec["out_max_val"]:
             out[1] = 2
         return None, tuple(out)
+
+    def gradient_bottoms(self, spec):
+        return (bool(spec["out_max_val"]),)  # indices carry no gradient
 
     def infer(self, spec, shapes):
         return [self._geometry(spec, tuple(shapes[0]))[1]]

@@ -309,6 +309,8 @@ def fill_(tensor: torch.Tensor, spec: Optional[Dict[str, Any]],
     ``bilinear_diagonal`` only the slices ``[c, c]`` (zeros elsewhere), as
     fcn.berkeleyvision.org's ``surgery.interp`` initialises FCN's dense upscore layers.
     """
+    if tensor.is_meta:  # nothing to fill (pacnet build compiles on the meta device)
+        return tensor
     spec = dict(spec or {})
     kind = spec.get("type", "constant")
     # Draw in the blob's own precision (as Caffe does): float64 draws of a 40M-parameter net

@@ -277,6 +277,7 @@ class Deconvolution(Layer):
     required = ("num_output",)
     bottoms = (1, 1)
     tops = (1, 1)
+    caffe_params = ("convolution_param",)
     blobs = ("weight", "bias")
 
     def check(self, spec: LayerSpec) -> None:

@@ -285,6 +285,9 @@ class PositionFeatures(Layer):
     bottoms = (1, 1)
     tops = (1, 1)
 
+    def gradient_bottoms(self, spec: LayerSpec) -> Tuple[bool, ...]:
+        return (False,)  # only the bottom's shape is read
+
     def infer(self, spec: LayerSpec, shapes: List[Shape]) -> List[Shape]:
         shape = shapes[0]
         if len(shape) != 4:

@@ -3,8 +3,8 @@
 * ``Input`` (BVLC ``input_layer.cpp``) only declares graph inputs.  The compiler turns its
   tops into graph placeholders with the declared shapes; the layer has no computation.
 * ``DummyData`` (BVLC ``dummy_data_layer.cpp``) produces blobs from fillers.  As in Caffe,
-  blobs with a ``constant`` filler are filled once, blobs with any other filler are
-  refilled on every forward (in train and test alike).  The segaware ``xy`` filler
+  blobs with a ``constant`` filler hold the same values on every forward, blobs with any
+  other filler are refilled (in train and test alike).  The segaware ``xy`` filler
   (segaware.md §2.9) writes pixel coordinates: channel 0 = column index x, channel 1 =
   row index y, unnormalised.
 """
@@ -140,37 +140,31 @@ def xy_grid(shape: Sequence[int]) -> torch.Tensor:
     return torch.stack([xs, ys]).expand(n, 2, h, w).clone()
 
 
-def _is_refilled(filler: Optional[Dict[str, Any]]) -> bool:
-    # Caffe refills every forward iff the filler is not 'constant'; 'xy' is deterministic,
-    # so filling it once gives the same values.
-    return (filler or {}).get("type", "constant") not in ("constant", "xy")
-
-
 class DummyDataModule(nn.Module):
-    """Produces the DummyData tops: fixed buffers for constant/xy fillers, fresh random
-    values (torch's global RNG) on every call for the other fillers."""
+    """Produces the DummyData tops, filled on every call in the module's dtype (Caffe refills
+    every forward unless the filler is 'constant', whose values are the same each time; a
+    constant made in float32 and converted would not be exact in float64): random fillers
+    draw from torch's global RNG.  The segaware ``xy`` grid (integers) is a buffer."""
 
     def __init__(self, shapes: Sequence[Shape], fillers: Sequence[Optional[Dict[str, Any]]]) -> None:
         super().__init__()
         self.shapes = [tuple(s) for s in shapes]
         self.fillers = [dict(f or {"type": "constant", "value": 0.0}) for f in fillers]
-        self.refill = [_is_refilled(f) for f in self.fillers]
-        # dtype/device anchor for the refilled tops: follows module.to(...)
+        # dtype/device anchor for the filled tops: follows module.to(...)
         self.register_buffer("anchor", torch.empty(0), persistent=False)
         for i, (shape, f) in enumerate(zip(self.shapes, self.fillers)):
-            if self.refill[i]:
-                continue
-            value = xy_grid(shape) if f.get("type") == "xy" else fill_(torch.empty(shape, dtype=torch.float64), f)
-            self.register_buffer(f"top{i}", value.to(torch.get_default_dtype()), persistent=False)
+            if f.get("type") == "xy":
+                self.register_buffer(f"top{i}", xy_grid(shape).to(torch.get_default_dtype()),
+                                     persistent=False)
 
     def forward(self):
         outs = []
         for i, shape in enumerate(self.shapes):
-            if self.refill[i]:
+            if self.fillers[i].get("type") == "xy":
+                outs.append(getattr(self, f"top{i}").clone())
+            else:
                 t = torch.empty(shape, dtype=self.anchor.dtype, device=self.anchor.device)
                 outs.append(fill_(t, self.fillers[i]))
-            else:
-                outs.append(getattr(self, f"top{i}").clone())
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def extra_repr(self) -> str:
@@ -190,7 +184,7 @@ class DummyData(Layer):
     Shapes: () -> one blob per top, from ``shape`` (one shared or one per top) or the
     legacy 4-D ``num``/``channels``/``height``/``width`` (each once or once per top).
     ``data_filler``: none (constant 0), one shared by every top, or one per top; constant
-    blobs are filled once, the others are refilled on every forward, as in Caffe.  The
+    blobs keep their values, the others are refilled on every forward, as in Caffe.  The
     ``xy`` filler needs N x 2 x H x W and gives channel 0 = x (column), 1 = y (row) for
     every image (Caffe's own filler gets images n > 0 wrong).
     """

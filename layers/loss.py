@@ -135,6 +135,8 @@ class SoftmaxWithLoss(Layer):
     an optional second top gets the softmax probabilities (shape of the scores).
     """
 
+    caffe_params = ("softmax_param", "loss_param", "softmaxloss_param")  # the last: DeepLab v1
+
     params = {
         "axis": {"type": "integer", "default": 1, "description": "class axis of the scores (softmax_param.axis)"},
         "ignore_label": _IGNORE,
@@ -148,6 +150,9 @@ class SoftmaxWithLoss(Layer):
     bottoms = (2, 2)
     tops = (1, 2)
     loss = True
+
+    def gradient_bottoms(self, spec):
+        return (True, False)  # the labels get none
 
     def infer(self, spec, shapes):
         axis = canonical_axis(spec, int(spec["axis"]), len(shapes[0]))
@@ -235,6 +240,9 @@ class SigmoidCrossEntropyLoss(Layer):
     tops = (1, 1)
     loss = True
 
+    def gradient_bottoms(self, spec):
+        return (True, False)  # the targets get none
+
     def infer(self, spec, shapes):
         a, b = tuple(shapes[0]), tuple(shapes[1])
         if not a or numel(a) != numel(b):
@@ -298,6 +306,9 @@ class Accuracy(Layer):
     }
     bottoms = (2, 2)
     tops = (1, 2)
+
+    def gradient_bottoms(self, spec):
+        return (False, False)
 
     def infer(self, spec, shapes):
         axis = canonical_axis(spec, int(spec["axis"]), len(shapes[0]))
@@ -387,6 +398,9 @@ class SegAccuracy(Layer):
                    "description": "accepted for compatibility; the layer outputs all three metrics"},
     }
     bottoms = (2, 2)
+
+    def gradient_bottoms(self, spec):
+        return (False, False)
 
     def infer(self, spec, shapes):
         s, lab = tuple(shapes[0]), tuple(shapes[1])

@@ -132,6 +132,9 @@ class Interp(Layer):
                 hint="use smaller (less negative) pads")
         return he, we
 
+    def gradient_bottoms(self, spec: LayerSpec) -> Tuple[bool, ...]:
+        return (True,) + (False,) * (len(spec.bottoms) - 1)  # a reference shape
+
     def infer(self, spec: LayerSpec, shapes: List[Shape]) -> List[Shape]:
         shape = shapes[0]
         he, we = self._eff(spec, shape)
@@ -279,6 +282,9 @@ class Resize(Layer):
                              cls=ShapeError, hint=f"use mode: {_LINEAR_MODE[rank]} (or nearest)")
         return rank
 
+    def gradient_bottoms(self, spec: LayerSpec) -> Tuple[bool, ...]:
+        return (True,) + (False,) * (len(spec.bottoms) - 1)  # a reference shape
+
     def infer(self, spec: LayerSpec, shapes: List[Shape]) -> List[Shape]:
         shape = tuple(shapes[0])
         rank = self._rank(spec, shape)
@@ -391,6 +397,9 @@ class Crop(Layer):
                     f"(bottom shapes {list(a)} and {list(b)})",
                     hint="reduce offset, or check the sizes of the bottoms")
         return axis, offsets, tuple(b[axis:])
+
+    def gradient_bottoms(self, spec: LayerSpec) -> Tuple[bool, ...]:
+        return (True, False)  # the reference shape gets none
 
     def infer(self, spec: LayerSpec, shapes: List[Shape]) -> List[Shape]:
         axis, _, sizes = self._plan(spec, shapes)

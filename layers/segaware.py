@@ -159,6 +159,8 @@ class Im2col(Layer):
     convolution fields are ignored, as in the fork.
     """
 
+    caffe_params = ("convolution_param",)
+
     params = _conv_fields("Im2col reads only kernel, pad, stride, dilation and axis")
     bottoms = (1, 1)
     tops = (1, 1)
@@ -219,6 +221,8 @@ class Im2dist(Layer):
     with ``remove_bounds``, else 0.  Constant entries pass no gradient; L1 uses sign(0)=0
     (the fork's GPU backward; its CPU backward differs and is treated as a bug).
     """
+
+    caffe_params = ("convolution_param", "im2dist_param")
 
     params = {
         **_conv_fields("Im2dist reads only kernel, pad, stride, dilation and axis"),
@@ -281,6 +285,8 @@ class Im2parity(Layer):
     No gradient (the fork: NOT_IMPLEMENTED).
     """
 
+    caffe_params = ("convolution_param", "im2parity_param")
+
     params = {
         **_conv_fields("Im2parity reads only kernel, pad, stride, dilation and axis"),
         "ignore_label": {**NON_NEGATIVE_INT,
@@ -293,6 +299,9 @@ class Im2parity(Layer):
 
     def check(self, spec: LayerSpec) -> None:
         _check_geometry(spec)
+
+    def gradient_bottoms(self, spec: LayerSpec) -> Tuple[bool, ...]:
+        return (False,)  # labels
 
     def infer(self, spec: LayerSpec, shapes: List[Shape]) -> List[Shape]:
         geo = _Geometry(spec)
@@ -388,6 +397,8 @@ class DistLoss(Layer):
     fields are parsed and ignored, as in the fork.
     """
 
+    caffe_params = ("convolution_param", "dist_loss_param")
+
     params = {
         **_conv_fields("DistLoss parses convolution_param but never uses it"),
         "alpha": {"type": "number", "exclusiveMinimum": 0,
@@ -409,6 +420,9 @@ class DistLoss(Layer):
             raise spec.error(f"beta ({spec['beta']}) must be greater than alpha ({spec['alpha']})",
                              key="beta", hint="alpha is the same-label margin, beta the "
                                               "different-label one; e.g. alpha 0.5, beta 2")
+
+    def gradient_bottoms(self, spec: LayerSpec) -> Tuple[bool, ...]:
+        return (True, False)  # the parity gets none
 
     def infer(self, spec: LayerSpec, shapes: List[Shape]) -> List[Shape]:
         dist, parity = shapes
@@ -547,6 +561,8 @@ class NormConv(Layer):
     No segaware config uses it directly (NormConvMeanfield builds its own).  Caffe blob
     order: a caffemodel of a layer with ``bias_term: false`` stores the scale as blob 1.
     """
+
+    caffe_params = ("convolution_param", "norm_conv_param")
 
     params = {
         **CONV_PARAMS,

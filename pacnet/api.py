@@ -10,18 +10,18 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from types import MappingProxyType
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 from pacnet import registry
 from pacnet.codegen import Net, compile_graph, module_name
-from pacnet.graph import BlobRef, Graph, build_graph
+from pacnet.graph import Graph, build_graph
 from pacnet.load import Source, load
 from pacnet.passes import passes
-from pacnet.shapes import bind_inputs, infer_shapes, latest_shapes
+from pacnet.shapes import bind_inputs, infer_shapes
 from pacnet.weights import sources as weight_sources
 
 log = logging.getLogger("pacnet")
+
 
 def debug_level() -> int:
     try:
@@ -61,15 +61,7 @@ def build(source: Source, *, inputs: Optional[Mapping[str, Sequence[int]]] = Non
         for name, fn in passes():
             graph = fn(graph, input_shapes)
     shapes = infer_shapes(graph, input_shapes)
-    net, mults = compile_graph(graph, shapes, device=device)
-    net.ir = graph
-    net.inputs = MappingProxyType(dict(input_shapes))
-    net.blob_shapes = MappingProxyType(dict(shapes))
-    net.shapes = MappingProxyType(latest_shapes(graph, shapes))
-    net.param_specs = MappingProxyType(mults)
-    net.loss_weights = MappingProxyType({
-        ref.name: w for n in graph.nodes for ref, w in zip(n.outputs, n.loss_weights) if w})
-    net.config = graph.config
+    net = compile_graph(graph, input_shapes, shapes, device=device)
     if debug_level() >= 1:
         log.warning("pacnet: %s", describe(net))
     if debug_level() >= 2:
@@ -90,6 +82,7 @@ class LayerRow:
     flops: int
     memory: int  # bytes of the layer's outputs at float32
     fused: Optional[str] = None
+    backward: bool = False  # needs backward computation (a loss's gradient reaches it)
 
 
 def summarize(net: Net) -> List[LayerRow]:
@@ -110,7 +103,7 @@ def summarize(net: Net) -> List[LayerRow]:
         memory = sum(4 * _numel(s) for s in out_shapes)
         rows.append(LayerRow(node.name, node.type, tuple(str(b) for b in node.inputs),
                              tuple(str(t) for t in node.outputs), tuple(out_shapes), count,
-                             int(flops), memory, node.fused))
+                             int(flops), memory, node.fused, net.backward_needs.layers[node.name]))
     return rows
 
 

@@ -14,10 +14,13 @@ pacnet graph format (v1), the same plain dict a YAML net file loads into::
 
 What the conversion does (``upgrade_proto.cpp`` semantics where Caffe has them):
 
-* every ``*_param`` message of a layer is lifted flat to the layer with Caffe's field names;
-  a field written once stays a scalar, a repeated one becomes a list (a few repeated proto
-  fields are always lists, see ``_ALWAYS_LIST``); ``BlobShape`` becomes a list of dims; enums
-  stay identifier strings; the same field set differently by two messages is an error;
+* every ``*_param`` message the layer's type reads (``Layer.caffe_messages``) is lifted flat
+  to the layer with Caffe's field names; a field written once stays a scalar, a repeated one
+  becomes a list (a few repeated proto fields are always lists, see ``_ALWAYS_LIST``);
+  ``BlobShape`` becomes a list of dims; enums stay identifier strings; the same field set
+  differently by two messages is an error.  Another type's message (a ``pooling_param`` on
+  a Convolution) is ignored with a located warning, as Caffe ignores it; a ``*_param`` no
+  type has is an error, as Caffe cannot parse it;
 * V1 ``layers { type: ENUM }`` nets: enum -> V2 type name (BVLC's table plus DeepLab's
   ``IMAGE_SEG_DATA``, ``SEG_ACCURACY``, ``INTERP``, ``MAT_WRITE``), ``blobs_lr`` ->
   ``param.lr_mult``, ``weight_decay`` -> ``param.decay_mult``, ``param: "name"`` ->
@@ -44,6 +47,7 @@ import re
 import warnings
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
+from pacnet import registry
 from pacnet.errors import LoadError, Location, did_you_mean
 from pacnet.prototxt import Field, Ident, Message, parse, read_text
 
@@ -162,6 +166,23 @@ _ENUM_NUMBERS = {
     "label_type": ("NONE", "IMAGE", "PIXEL"),
 }
 _BLOB_SHAPE_FIELDS = frozenset({"shape", "input_shape"})
+
+
+#: LayerParameter messages of BVLC Caffe and of the forks pacnet imports (DeepLab, PSPNet,
+#: segaware) that no registered type reads: data layers, sinks, types pacnet lacks.
+_OTHER_MESSAGES = frozenset({
+    "transform_param", "data_param", "image_data_param", "hdf5_data_param", "hdf5_output_param",
+    "memory_data_param", "window_data_param", "python_param", "mat_write_param",
+    "two_image_data_param", "contrastive_loss_param", "hinge_loss_param",
+    "infogain_loss_param", "lrn_param", "mvn_param", "spp_param", "threshold_param",
+    "recurrent_param", "embed_param", "elu_param", "clip_param", "swish_param",
+    "parameter_param", "sigmoid_param", "accuracy_param", "dense_crf_param",
+})
+
+
+def _known_messages() -> frozenset:
+    """Every ``*_param`` message a prototxt layer may carry (read or not)."""
+    return _OTHER_MESSAGES.union(*(t.caffe_messages() for t in registry.types().values()))
 
 
 def _warn(message: str) -> None:
@@ -572,6 +593,8 @@ class _Converter:
                     ltype: str) -> None:
         pend = self._pending
         origin: Dict[str, Tuple[str, Field]] = {}
+        registered = registry.types().get(ltype)
+        read = registered.caffe_messages() if registered is not None else None
         for f in msg:
             n = f.name
             if n in _RESERVED or n in _IGNORED_LAYER_FIELDS or n in _V1_FIELDS:
@@ -594,6 +617,16 @@ class _Converter:
             if f.kind != "message":
                 raise self.err(f"'{n}' must be a message: {n} {{ ... }}", f, layer=who,
                                layer_type=ltype)
+            if read is not None and n not in read:
+                if n not in _known_messages():
+                    close = did_you_mean(n, _known_messages())
+                    raise self.err(f"unknown LayerParameter field '{n}'", f, layer=who,
+                                   layer_type=ltype, hint=(close + " " if close else "")
+                                   + f"({ltype} reads {', '.join(read)})")
+                _warn(f"{self.loc(f)}: layer '{who}' ({ltype}): {n} ignored: it belongs to "
+                      f"another layer type ({ltype} reads {', '.join(read)}), and Caffe "
+                      f"ignores it too")
+                continue
             sub: Message = f.value
             counts: Dict[str, int] = {}
             for g in sub:

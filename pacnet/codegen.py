@@ -7,6 +7,7 @@ become one tensor object owned by the first layer that names it (Caffe's AppendP
 
 from __future__ import annotations
 
+import copy
 import keyword
 import operator
 import re
@@ -17,9 +18,12 @@ import torch.fx as fx
 from torch import nn
 
 from pacnet import registry
+from pacnet.backward import analyse
 from pacnet.errors import GraphError, PacnetError
-from pacnet.graph import BlobRef, Graph, Node, ParamSpec
-from pacnet.shapes import Shape
+from pacnet.frozen import FrozenDict
+from pacnet.graph import BlobRef, Graph, Node
+from pacnet.schema import ParamSpec
+from pacnet.shapes import Shape, latest_shapes
 
 
 def _identifier(name: str) -> str:
@@ -30,9 +34,9 @@ def _identifier(name: str) -> str:
     return ident
 
 
-#: Attributes a compiled Net sets on itself (besides nn.Module's and GraphModule's).
-NET_ATTRIBUTES = ("ir", "inputs", "shapes", "blob_shapes", "param_specs", "loss_weights", "config",
-                  "total_loss")
+#: The facts a compiled Net carries as attributes (besides nn.Module's and GraphModule's).
+NET_FACTS = ("ir", "inputs", "shapes", "blob_shapes", "param_specs", "loss_weights",
+             "backward_needs", "config")
 
 
 def module_name(layer_name: str) -> str:
@@ -48,7 +52,7 @@ def module_name(layer_name: str) -> str:
 def _reserved() -> set:
     global _RESERVED
     if _RESERVED is None:
-        _RESERVED = set(dir(Net)) | set(NET_ATTRIBUTES) | {"training", "graph", "code"}
+        _RESERVED = set(dir(Net)) | set(NET_FACTS) | {"training", "graph", "code"}
     return _RESERVED
 
 
@@ -173,15 +177,22 @@ def _resolve(module: nn.Module, attr: str) -> Tuple[nn.Module, str, str]:
 
 def build_fx_graph(graph: Graph) -> fx.Graph:
     """The forward as an fx Graph: one placeholder per input, one call per layer,
-    returning a dict of output blobs."""
+    returning a dict of output blobs.  A bottom with ``propagate_down: false`` is passed as
+    ``blob.detach()``: no gradient flows into it from that layer (Caffe's semantics)."""
     g = fx.Graph()
     env: Dict[BlobRef, fx.Node] = {}
+    detached: Dict[BlobRef, fx.Node] = {}
     for name in graph.inputs:
         env[BlobRef(name)] = g.placeholder(_identifier(name))
     for node in graph.nodes:
-        args = tuple(env[b] for b in node.inputs)
+        args = []
+        for ref, down in zip(node.inputs, node.propagate_down):
+            if not down and ref not in detached:
+                detached[ref] = g.create_node("call_method", "detach", (env[ref],), {},
+                                              name=_identifier(ref.name) + "_detached")
+            args.append(env[ref] if down else detached[ref])
         first = node.outputs[0] if node.outputs else None
-        call = g.create_node("call_module", module_name(node.name), args, {},
+        call = g.create_node("call_module", module_name(node.name), tuple(args), {},
                              name=_identifier(first.name if first and len(node.outputs) == 1 else node.name))
         if len(node.outputs) == 1:
             env[node.outputs[0]] = call
@@ -198,12 +209,16 @@ class Net(fx.GraphModule):
 
     ``forward(*inputs)`` (or keyword arguments named after the input blobs) returns a dict
     ``{output blob: tensor}``; :meth:`total_loss` turns it into Caffe's training loss.
-    Submodules are named after the layers (see :func:`module_name`).  Attributes: ``shapes`` (blob -> shape of its last
-    version), ``inputs`` (input blob -> shape), ``loss_weights`` (output blob -> weight),
-    ``param_specs`` (state_dict key -> (lr_mult, decay_mult)), ``ir`` (the
-    :class:`~pacnet.graph.Graph`), ``blob_shapes`` (every version), ``config`` (the
-    resolved net file, including ``solver:``/``data:``), and ``code`` (the generated
-    Python source of ``forward``).
+    Submodules are named after the layers (see :func:`module_name`).  Attributes:
+    ``shapes`` (blob -> shape of its last version), ``inputs`` (input blob -> shape),
+    ``loss_weights`` (output blob -> weight), ``param_specs`` (state_dict key -> (lr_mult,
+    decay_mult)), ``backward_needs`` (:class:`~pacnet.backward.BackwardNeeds`: which layers
+    and learnable blobs a loss's gradient reaches), ``ir`` (the :class:`~pacnet.graph.Graph`),
+    ``blob_shapes`` (every version), ``config`` (the resolved net file, including
+    ``solver:``/``data:``), and ``code`` (the generated Python source of ``forward``).
+
+    A Net deep-copies, pickles and ``torch.save``s like any module: the copy is a Net with
+    the same layers, weights, buffers and mode (forward hooks are not copied).
     """
 
     def total_loss(self, outputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -217,19 +232,49 @@ class Net(fx.GraphModule):
             total = term if total is None else total + term
         return total
 
+    def __reduce__(self):
+        facts = {name: getattr(self, name) for name in NET_FACTS}
+        return (_assemble, (dict(self.named_children()), facts, self.training))
 
-def compile_graph(graph: Graph, shapes: Mapping[BlobRef, Shape],
-                  device: Any = None) -> Tuple[Net, Dict[str, Tuple[float, float]]]:
+    def __deepcopy__(self, memo: Dict[int, Any]) -> "Net":
+        rebuild, args = self.__reduce__()
+        return rebuild(*copy.deepcopy(args, memo))
+
+
+def _assemble(modules: Mapping[str, nn.Module], facts: Mapping[str, Any], training: bool) -> Net:
+    """A Net from its layer modules (by module name) and its facts (``NET_FACTS``)."""
+    root = nn.Module()
+    for name, module in modules.items():
+        root.add_module(name, module)
+    graph: Graph = facts["ir"]
+    net = Net(root, build_fx_graph(graph), class_name=_identifier(graph.name))
+    for name in NET_FACTS:
+        setattr(net, name, facts[name])
+    return net.train(training)
+
+
+def compile_graph(graph: Graph, input_shapes: Mapping[str, Shape],
+                  shapes: Mapping[BlobRef, Shape], device: Any = None) -> Net:
+    """Build the layers' modules (on ``device``), share and freeze blobs, run the
+    backward-need analysis and assemble the :class:`Net` with its facts."""
     if device is None:
         modules = build_modules(graph, shapes)
     else:
         with torch.device(device):
             modules = build_modules(graph, shapes)
     mults = share_blobs(graph, modules)
-    root = nn.Module()
-    for name, module in modules.items():
-        root.add_module(module_name(name), module)
-    fx_graph = build_fx_graph(graph)
-    net = Net(root, fx_graph, class_name=_identifier(graph.name))
-    net.train(graph.phase == "train")
-    return net, mults
+    by_module = {module_name(name): module for name, module in modules.items()}
+    parameters = {f"{m}.{key}": p for m, module in by_module.items()
+                  for key, p in module.named_parameters(remove_duplicate=False)}
+    facts = {
+        "ir": graph,
+        "inputs": FrozenDict(input_shapes),
+        "blob_shapes": FrozenDict(shapes),
+        "shapes": FrozenDict(latest_shapes(graph, shapes)),
+        "param_specs": FrozenDict(mults),
+        "loss_weights": FrozenDict({ref.name: w for n in graph.nodes
+                                    for ref, w in zip(n.outputs, n.loss_weights) if w}),
+        "backward_needs": analyse(graph, modules, mults, parameters),
+        "config": graph.config,
+    }
+    return _assemble(by_module, facts, training=graph.phase == "train")

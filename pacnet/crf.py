@@ -67,9 +67,8 @@ Quirks kept from the original (trained models depend on them):
 * **``pairwise_weights`` are mostly not learned.**  Kernel *i*'s weight is trainable only
   for ``'potts'`` with ``spatial_filter=False`` and without ``fixed_weighting`` (the only
   case where nothing else can learn the message's scale); everywhere else it is a
-  constant that gets no gradient.  (The original multiplied by the constructor's Python
-  float there; we multiply by the stored value, detached, which is the same number for
-  every checkpoint the original can write, and makes a loaded value the value used.)
+  constant that gets no gradient: the constructor's float, as in the original (exact in
+  float64; the parameter stays in the ``state_dict`` for strict loading, unused).
 * With ``blur > 1`` features and ``Q`` are average-pooled with ``kernel = stride = blur``,
   padding ``((blur - H % blur) % blur + 1) // 2`` per axis and ``count_include_pad=False``;
   messages are upsampled bilinearly (``align_corners=False``) by ``blur`` and cropped
@@ -127,8 +126,12 @@ def _int(value: Any, name: str, minimum: int) -> int:
 
 
 def _number(value: Any, name: str) -> float:
+    """A finite float from a Python number or a 0-dim tensor (as the original accepts)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex() \
+            and value.dtype != torch.bool:
+        value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise PacnetValueError(f"{name} must be a finite number, got {value!r}")
+        raise PacnetValueError(f"{name} must be a finite number or 0-dim tensor, got {value!r}")
     return float(value)
 
 
@@ -342,11 +345,13 @@ class PacCRF(nn.Module):
     def num_kernels(self) -> int:
         return len(self.messengers)
 
-    def pairwise_weight(self, i: int) -> torch.Tensor:
-        """The weight kernel ``i``'s message is multiplied by (negated for potts);
-        detached unless it is the learnable kind (see the module docstring)."""
-        w = self.pairwise_weights[i]
-        return w if self._learn_pairwise_weight[i] else w.detach()
+    def pairwise_weight(self, i: int) -> Union[torch.Tensor, float]:
+        """The weight kernel ``i``'s message is multiplied by (negated for potts): the
+        parameter when it is the learnable kind, else the constructor's float, exact in
+        the computation's dtype (see the module docstring)."""
+        if self._learn_pairwise_weight[i]:
+            return self.pairwise_weights[i]
+        return self.init_pairwise_weights[i]
 
     def extra_repr(self) -> str:
         s = (f"channels={self.channels}, num_steps={self.num_steps}, "
@@ -522,7 +527,11 @@ class PacCRF(nn.Module):
                     msg = _unblur(msg, b, hw)
                 # logQ -= w_i * msg, in place: logQ is this step's own tensor and no op
                 # keeps it for backward
-                logQ = logQ.addcmul_(msg, self.pairwise_weight(i), value=-1)
+                w = self.pairwise_weight(i)
+                if isinstance(w, torch.Tensor):
+                    logQ = logQ.addcmul_(msg, w, value=-1)
+                else:
+                    logQ = logQ.sub_(msg, alpha=w)
                 del msg  # before the next kernel's message is allocated
             del pooled  # the blurred Q's, before the next step makes its own
         return logQ

@@ -110,6 +110,15 @@ class DataError(PacnetError):
     """A data set, image, label or checkpoint file is missing, corrupt or out of range."""
 
 
+class UnusedVariableWarning(PacnetError, UserWarning):
+    """Template variables given (``vars=``, ``--var``) that no ``${NAME}`` of the net uses.
+
+    A warning from the Python API (one vars dict may serve a family of nets, as Caffe's
+    experiment scripts substitute one set into train, test and deploy files); the CLI
+    turns it into an error (exit 2), where a name is typed for one net and a misspelt one
+    would otherwise be ignored."""
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> Optional[str]:
     """Return a "did you mean ...?" hint for ``word`` among ``choices``, or None."""
     close = difflib.get_close_matches(str(word), list(choices), n=3, cutoff=0.6)

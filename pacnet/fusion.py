@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from types import MappingProxyType
 from typing import Dict, List, Mapping, Optional, Set, Tuple
 
 from pacnet.graph import BlobRef, Graph, Node
+from pacnet.frozen import FrozenDict
 from pacnet.registry import LayerSpec
 from pacnet.passes import register_pass
 from pacnet.schema import fill_defaults
@@ -120,9 +120,10 @@ def _match(conv: Node, producer, consumers, outputs, shapes) -> Tuple[Optional[N
     params.update({k: list(v) for k, v in geo.items()})
     params.update(group=1)
     fill_defaults(params, registry.get("SegawareConvolution").schema())
-    spec = replace(conv.spec, type="SegawareConvolution", params=MappingProxyType(params),
+    spec = replace(conv.spec, type="SegawareConvolution", params=FrozenDict(params),
                    bottoms=(x_ref.name, m_ref.name))
-    return replace(conv, spec=spec, inputs=(x_ref, m_ref), fused=FUSED_NOTE), ""
+    return replace(conv, spec=spec, inputs=(x_ref, m_ref), propagate_down=(True, True),
+                   fused=FUSED_NOTE), ""
 
 
 def _remove_dead(nodes: List[Node], outputs: Set[BlobRef]) -> List[Node]:

@@ -16,11 +16,12 @@ from __future__ import annotations
 import copy
 import os
 import re
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+import warnings
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Set, Tuple, Union
 
 import yaml
 
-from pacnet.errors import LoadError, Location, SchemaError, did_you_mean
+from pacnet.errors import LoadError, Location, SchemaError, UnusedVariableWarning, did_you_mean
 
 
 class MarkedDict(dict):
@@ -208,10 +209,11 @@ def _merge(base: Any, override: Any) -> Any:
 
 def _merge_layers(base: List[Any], override: List[Any]) -> List[Any]:
     out = copy.deepcopy(base)
-    index = {l.get("name"): i for i, l in enumerate(out) if isinstance(l, dict)}
+    index = {l["name"]: i for i, l in enumerate(out) if isinstance(l, dict)
+             and isinstance(l.get("name"), str)}
     for j, layer in enumerate(override):
         name = layer.get("name") if isinstance(layer, dict) else None
-        if name in index:
+        if isinstance(name, str) and name in index:
             i = index[name]
             if layer.get("_delete_"):
                 out[i] = None
@@ -275,8 +277,8 @@ def _load_with_bases(path: str, seen: Tuple[str, ...] = ()) -> Any:
     merged: Any = MarkedDict()
     for base in bases:
         base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
-        if not os.path.exists(base_path):
-            raise LoadError(f"_base_ file not found: {base}", location=base_loc,
+        if not os.path.isfile(base_path):
+            raise LoadError(f"_base_ file not found: {base!r}", location=base_loc,
                             hint="paths in _base_ are relative to the file that names them")
         merged = _merge(merged, _load_with_bases(base_path, seen + (real,)))
     return _merge(merged, tree)
@@ -288,24 +290,29 @@ _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 def substitute(value: Any, env: Mapping[str, Any], missing: Dict[str, Optional[Location]],
-               loc: Optional[Location] = None) -> Any:
+               loc: Optional[Location] = None, used: Optional[Set[str]] = None) -> Any:
     """Replace ``${NAME}`` in every string of ``value``.
 
     A string that is exactly ``${NAME}`` takes the value itself (keeping its type);
     ``${NAME}`` inside a longer string is formatted into it.  Unknown names are
-    collected in ``missing`` (name -> first location) and left as they are.
+    collected in ``missing`` (name -> first location) and left as they are; the names
+    substituted are added to ``used`` when given.
     """
     if isinstance(value, str):
         whole = _VAR.fullmatch(value)
         if whole:
             name = whole.group(1)
             if name in env:
+                if used is not None:
+                    used.add(name)
                 return copy.deepcopy(env[name])
             missing.setdefault(name, loc)
             return value
 
         def repl(m: "re.Match[str]") -> str:
             if m.group(1) in env:
+                if used is not None:
+                    used.add(m.group(1))
                 return str(env[m.group(1)])
             missing.setdefault(m.group(1), loc)
             return m.group(0)
@@ -316,16 +323,35 @@ def substitute(value: Any, env: Mapping[str, Any], missing: Dict[str, Optional[L
         if isinstance(value, MarkedDict):
             out.loc, out.locs = value.loc, dict(value.locs)
         for k, v in value.items():
-            out[k] = substitute(v, env, missing, where(value, k) or loc)
+            out[k] = substitute(v, env, missing, where(value, k) or loc, used)
         return out
     if isinstance(value, list):
         out = value.__class__()
         if isinstance(value, MarkedList):
             out.loc, out.locs = value.loc, dict(value.locs)
         for i, v in enumerate(value):
-            out.append(substitute(v, env, missing, where(value, i) or loc))
+            out.append(substitute(v, env, missing, where(value, i) or loc, used))
         return out
     return value
+
+
+def warn_unused_vars(given: Iterable[str], used: Iterable[str],
+                     location: Optional[Location]) -> None:
+    """Warn (:class:`~pacnet.errors.UnusedVariableWarning`, an error in the CLI) about
+    template variables given that no ``${NAME}`` of the file uses: a misspelt name would
+    otherwise be ignored without a word."""
+    used = set(used)
+    unused = [name for name in given if name not in used]
+    if not unused:
+        return
+    close = [h for h in (did_you_mean(n, sorted(used)) for n in unused) if h]
+    listed = ", ".join(unused)
+    warnings.warn(UnusedVariableWarning(
+        f"template variable{'s' if len(unused) > 1 else ''} {listed} given, but no ${{...}} in "
+        f"the net uses {'them' if len(unused) > 1 else 'it'}", location=location,
+        hint="; ".join(close) if close else (f"the net uses: {', '.join(sorted(used))}" if used
+                                             else "this net has no ${...} template variables")),
+        stacklevel=4)
 
 
 def _typed(value: Any) -> Any:
@@ -514,6 +540,7 @@ def load(source: Source, *, vars: Optional[Mapping[str, Any]] = None,
     Steps: read (+ ``_base_``) -> expand ``blocks`` -> substitute ``${VAR}`` (file
     ``vars:`` overridden by ``vars``) -> apply ``overrides`` (dotted keys).
     """
+    given = dict(vars or {})
     if isinstance(source, Mapping):
         tree = mark(copy.deepcopy(dict(source)), Location("<dict>"))
     else:
@@ -521,36 +548,55 @@ def load(source: Source, *, vars: Optional[Mapping[str, Any]] = None,
         if path.endswith(".prototxt") or path.endswith(".pt.txt"):
             from pacnet.caffe_import import load_prototxt
 
-            net, marks = load_prototxt(path, vars=vars)
+            net, marks = load_prototxt(path, vars=given)  # substituted (and checked) as parsed
             tree = _apply_path_marks(net, marks, path)
+            given = {}
         else:
             tree = _load_with_bases(path)
             _settle_deletes(tree)
     if not isinstance(tree, dict):
-        raise SchemaError("a net must be a mapping with 'layers:' at the top level", location=where(tree))
+        raise SchemaError("a net must be a mapping with 'layers:' at the top level",
+                          location=where(tree) or _origin(source))
+    if tree.loc is None:  # an empty file, or a net merged from its _base_ files
+        tree.loc = _origin(source)
 
     blocks = tree.get("blocks") or {}
     if not isinstance(blocks, dict):
         raise SchemaError("'blocks' must map block names to {args, layers}", location=where(tree, "blocks"))
     for bname, block in blocks.items():
-        if not isinstance(block, dict) or not isinstance(block.get("layers"), list):
-            raise SchemaError(f"block {bname!r} must be a mapping with a 'layers' list",
-                              location=where(blocks, bname))
+        if not isinstance(block, dict) or not isinstance(block.get("layers"), list) \
+                or not all(isinstance(l, dict) for l in block["layers"]) \
+                or not isinstance(block.get("args") or {}, dict):
+            raise SchemaError(f"block {bname!r} must be a mapping with a 'layers' list of "
+                              f"layers and optional 'args' (name: default)",
+                              location=where(blocks, bname),
+                              hint="blocks: {conv_relu: {args: {num_output: null}, layers: "
+                                   "[{name: conv, type: Convolution, ...}]}}")
     if isinstance(tree.get("layers"), list) and blocks:
         tree["layers"] = expand_blocks(tree["layers"], blocks)
 
-    env = dict(tree.get("vars") or {})
+    declared = tree.get("vars") or {}
+    if not isinstance(declared, dict):
+        raise SchemaError("'vars' must map variable names to values",
+                          location=where(tree, "vars"), hint="vars: {NUM_LABELS: 21}")
+    env = dict(declared)
     # Text values (from --var) take YAML's types here, so ${NUM_LABELS} = "21" is the int 21.
-    env.update({k: _typed(v) for k, v in (vars or {}).items()})
+    env.update({k: _typed(v) for k, v in given.items()})
     missing: Dict[str, Optional[Location]] = {}
+    used: Set[str] = set()
     body = MarkedDict((k, v) for k, v in tree.items() if k not in ("blocks", "vars"))
     body.loc, body.locs = tree.loc, dict(tree.locs)
-    body = substitute(body, env, missing)
+    body = substitute(body, env, missing, used=used)
     if missing:
         raise _missing_error(missing, "template variables")
+    warn_unused_vars([k for k in given if k not in declared], used, where(tree))
     if overrides:
         apply_overrides(body, overrides)
     return body
+
+
+def _origin(source: Source) -> Location:
+    return Location("<dict>" if isinstance(source, Mapping) else os.fspath(source))
 
 
 def _apply_path_marks(net: Any, marks: Mapping[Tuple[Any, ...], Location], path: str) -> MarkedDict:

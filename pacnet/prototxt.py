@@ -34,7 +34,7 @@ import bisect
 import math
 import os
 import re
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Set, Tuple, Union
 
 from pacnet.errors import LoadError, Location
 
@@ -270,6 +270,7 @@ class _Tokenizer:
         self.src = src
         self.vars = vars
         self.unset: Dict[str, int] = {}  # name -> offset of first use
+        self.used: Set[str] = set()
 
     def _subst(self, text: str, pos: int) -> str:
         """Replace ``${NAME}`` in ``text`` (found at offset ``pos``); record unset names."""
@@ -280,6 +281,7 @@ class _Tokenizer:
                 raise self.src.error(pos + m.start(), f"bad template variable '${{{name}}}'",
                                      hint="variable names are letters, digits and '_'")
             if name in self.vars:
+                self.used.add(name)
                 v = self.vars[name]
                 if isinstance(v, bool):
                     return "true" if v else "false"
@@ -499,8 +501,11 @@ def parse(text: str, vars: Optional[Mapping[str, Any]] = None, *,
     """Parse protobuf text into a :class:`Message` tree; ``file`` only labels errors.
 
     Raises :class:`LoadError` for garbled or truncated text (with line and column) and,
-    before parsing, one error listing every unset ``${VAR}``.
+    before parsing, one error listing every unset ``${VAR}``; warns (an error in the CLI)
+    about names of ``vars`` that no ``${VAR}`` uses.
     """
+    from pacnet.load import warn_unused_vars
+
     if text.startswith("\ufeff"):
         text = text[1:]
     src = _Source(text, file)
@@ -510,6 +515,7 @@ def parse(text: str, vars: Optional[Mapping[str, Any]] = None, *,
         raise _unset_error(src, tz.unset)
     p = _Parser(src, toks)
     fields = p.message_body(None, None, "")
+    warn_unused_vars(vars or {}, tz.used, Location(file))
     return Message(fields, 1, 1, file)
 
 

@@ -29,11 +29,13 @@ from __future__ import annotations
 import importlib
 import inspect
 import pkgutil
+import re
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Type
 
 from pacnet.errors import Location, PacnetError, SchemaError, ShapeError, did_you_mean
+from pacnet.frozen import FrozenDict
 
 Shape = Tuple[int, ...]
 
@@ -54,7 +56,7 @@ class LayerSpec:
     tops: Tuple[str, ...] = ()
     phase: str = "test"
     location: Optional[Location] = None
-    locations: Mapping[str, Location] = field(default_factory=lambda: MappingProxyType({}))
+    locations: Mapping[str, Location] = field(default_factory=FrozenDict)
 
     def __getitem__(self, key: str) -> Any:
         return self.params[key]
@@ -76,6 +78,20 @@ class LayerSpec:
         return self.error(message, hint=hint, cls=ShapeError)
 
 
+class NamedBySpec:
+    """``name`` and ``type`` of a record that holds its layer's :class:`LayerSpec` as ``spec``."""
+
+    spec: LayerSpec
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def type(self) -> str:
+        return self.spec.type
+
+
 class Layer:
     """Base class of every layer type.  Subclasses override the class attributes and hooks.
 
@@ -87,6 +103,10 @@ class Layer:
       ``blobs``: attribute names of the learnable blobs of the built module, in Caffe order
         (what ``param:`` entries and ``.caffemodel`` blobs refer to by index).
       ``loss``: a loss layer (default ``loss_weight`` 1 on top 0; its tops may be omitted).
+      ``caffe_params``: the Caffe ``*_param`` messages whose fields the type reads (the
+        prototxt importer writes them flat; another type's message is ignored with a
+        warning, as Caffe ignores it).  Empty: the type name in snake case
+        (``InnerProduct`` -> ``inner_product_param``).  Loss layers also read ``loss_param``.
     """
 
     type: ClassVar[str] = ""
@@ -96,6 +116,7 @@ class Layer:
     tops: ClassVar[Tuple[int, Optional[int]]] = (1, 1)
     blobs: ClassVar[Tuple[str, ...]] = ()
     loss: ClassVar[bool] = False
+    caffe_params: ClassVar[Tuple[str, ...]] = ()
 
     def check(self, spec: LayerSpec) -> None:
         """Semantic checks beyond the schema; raise ``spec.error(...)``."""
@@ -112,6 +133,12 @@ class Layer:
         """Multiply-adds counted as 2 FLOPs; default one FLOP per output element."""
         return sum(_numel(s) for s in out_shapes)
 
+    def gradient_bottoms(self, spec: LayerSpec) -> Tuple[bool, ...]:
+        """Per bottom: whether the built module passes a gradient into it.  False where a
+        bottom is only read as labels, indices or a reference shape; the compiler's
+        backward-need analysis (:mod:`pacnet.backward`) relies on it."""
+        return (True,) * len(spec.bottoms)
+
     @classmethod
     def schema(cls) -> dict:
         """The JSON schema (Draft 2020-12) object for this type's own parameters."""
@@ -121,6 +148,13 @@ class Layer:
             "required": list(cls.required),
             "additionalProperties": False,
         }
+
+    @classmethod
+    def caffe_messages(cls) -> Tuple[str, ...]:
+        """The ``*_param`` messages of a prototxt layer of this type that pacnet reads."""
+        own = cls.caffe_params or (re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", cls.type).lower()
+                                   + "_param",)
+        return own + (("loss_param",) if cls.loss and "loss_param" not in own else ())
 
     @classmethod
     def doc(cls) -> str:

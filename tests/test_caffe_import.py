@@ -64,6 +64,36 @@ def test_params_are_lifted_flat_with_caffe_names():
     assert layer(net, "e1")["coeff"] == [1]          # a repeated proto field stays a list
 
 
+def test_a_param_block_of_another_type_is_ignored_with_a_warning_never_applied(tmp_path, capsys):
+    text = (
+        'name: "t"\ninput: "data" input: "label"\n'
+        'input_dim: 1 input_dim: 3 input_dim: 28 input_dim: 28 input_dim: 1 input_dim: 1\n'
+        'input_dim: 28 input_dim: 28\n'
+        'layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"\n'
+        '  convolution_param { num_output: 4 kernel_size: 3 pad: 1 }\n'
+        '  pooling_param { stride: 2 pad: 0 kernel_size: 5 } }\n'
+        'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "conv1" bottom: "label"\n'
+        '  loss_param { ignore_label: 255 } softmax_param { axis: 1 } }\n')
+    with pytest.warns(UserWarning, match=r"t.prototxt:7:3: layer 'conv1' \(Convolution\): "
+                                         r"pooling_param ignored: it belongs to another"):
+        net, _ = convert_text(text, file="t.prototxt")
+    assert layer(net, "conv1") == {"name": "conv1", "type": "Convolution", "bottom": "data",
+                                   "top": "conv1", "num_output": 4, "kernel_size": 3, "pad": 1}
+    assert layer(net, "loss")["ignore_label"] == 255 and layer(net, "loss")["axis"] == 1
+    src = tmp_path / "t.prototxt"
+    src.write_text(text)
+    assert pacnet.build(str(src), device="meta").shapes["conv1"] == (1, 4, 28, 28)  # Caffe's
+    out = tmp_path / "t.yaml"
+    assert main(["convert", str(src), "-o", str(out)]) == 0
+    assert "pooling_param ignored" in capsys.readouterr().err
+    assert "stride" not in out.read_text()
+    # a *_param no layer type has is an error, as Caffe refuses to parse it
+    src.write_text(text.replace("pooling_param", "poolng_param"))
+    with pytest.raises(LoadError, match="unknown LayerParameter field 'poolng_param'") as err:
+        pacnet.build(str(src))
+    assert err.value.location.line == 7 and "did you mean 'pooling_param'" in str(err.value)
+
+
 def test_rules_loss_weight_propagate_down_and_shapes():
     net, _ = conv('''
         layer { name: "in" type: "Input" top: "data" top: "label"
@@ -543,13 +573,16 @@ def test_cli_convert_user_errors(tmp_path, capsys, argv, fragment):
 
 def test_cli_vars_are_text(tmp_path, capsys):
     src = tmp_path / "t.prototxt"
-    src.write_text('name: "net_${ID}"\nlayer { name: "c${ID}" type: "Convolution"\n'
+    src.write_text('name: "net_${ID}_${EQ}"\nlayer { name: "c${ID}" type: "Convolution"\n'
                    '  convolution_param { num_output: ${N} } }\n')
-    assert main(["convert", str(src), "--var", "ID=01", "--var", "N=021", "--var", "UNUSED=x=y"]) == 0
+    assert main(["convert", str(src), "--var", "ID=01", "--var", "N=021", "--var", "EQ=x=y"]) == 0
     # (021 is octal in protobuf text, as Caffe reads it)
     net = yaml.safe_load(capsys.readouterr().out)
-    assert net["name"] == "net_01" and net["layers"][0]["name"] == "c01"
+    assert net["name"] == "net_01_x=y" and net["layers"][0]["name"] == "c01"
     assert net["layers"][0]["num_output"] == 17
+    assert main(["convert", str(src), "--var", "ID=01", "--var", "N=1", "--var", "EQ=a",
+                 "--var", "NUM=3"]) == 2
+    assert "NUM given, but no ${...} in the net uses it" in capsys.readouterr().err
 
 
 def test_cli_convert_unset_vars_lists_all(tmp_path, capsys):

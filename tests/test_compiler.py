@@ -254,16 +254,70 @@ ERROR_CASES = {
     "not_a_mapping": ("- a\n- b\n", SchemaError, "mapping", 1),
 }
 
+# Mistakes in one layer (a train-only one for some), caught whatever phase is built:
+# (layer, error class, fragment), the layer on line 3 of a two-layer net.
+LAYER_CASES = {
+    "duplicate_top": ("{name: s, type: Slice, bottom: data, top: [x, x]}", SchemaError,
+                      "top 'x' is listed twice"),
+    "include_string": ("{name: s, type: ReLU, bottom: data, top: y, include: train}",
+                       SchemaError, "write include: {phase: train}"),
+    "exclude_list_of_strings": ("{name: s, type: ReLU, bottom: data, top: y, exclude: [train]}",
+                                SchemaError, "exclude.0"),
+    "top_mapping": ("{name: s, type: ReLU, bottom: data, top: {x: 1}}", SchemaError,
+                    "write top: conv1"),
+    "phase_number": ("{name: s, type: ReLU, bottom: data, top: y, include: {phase: 3}}",
+                     SchemaError, "include.phase: 3"),
+    "phase_word": ("{name: s, type: ReLU, bottom: data, top: y, include: {phase: TRAINING}}",
+                   SchemaError, "did you mean 'TRAIN'"),
+    "level_float": ("{name: s, type: ReLU, bottom: data, top: y, include: {min_level: 0.5}}",
+                    SchemaError, "min_level"),
+    "stage_number": ("{name: s, type: ReLU, bottom: data, top: y, include: {stage: [1]}}",
+                     SchemaError, "stage"),
+    "include_and_exclude": ("{name: s, type: ReLU, bottom: data, top: y, include: {phase: test},"
+                            " exclude: {phase: train}}", SchemaError, "not both"),
+    "train_only_typo": ("{name: s, type: Convolution, bottom: data, top: y, num_output: 1, "
+                        "kernel_sise: 3, include: {phase: train}}", SchemaError,
+                        "did you mean 'kernel_size'"),
+    "train_only_type": ("{name: s, type: Convolutoin, bottom: data, top: y, "
+                        "include: {phase: train}}", SchemaError, "did you mean 'Convolution'"),
+    "train_only_arity": ("{name: s, type: Eltwise, bottom: data, top: y, "
+                         "include: {phase: train}}", GraphError, "takes at least 2 bottom"),
+    "train_only_check": ("{name: s, type: Convolution, bottom: data, top: y, num_output: 1, "
+                         "kernel_size: 2, pad_h: 1, include: {phase: train}}", SchemaError,
+                         "pad"),
+    "loss_weight_count": ("{name: s, type: ReLU, bottom: data, top: y, loss_weight: [1, 2]}",
+                          SchemaError, "loss_weight has 2 value(s)"),
+    "loss_weight_nan": ("{name: s, type: ReLU, bottom: data, top: y, loss_weight: .nan}",
+                        SchemaError, "finite"),
+    "propagate_down_count": ("{name: s, type: ReLU, bottom: data, top: y, "
+                             "propagate_down: [true, false]}", SchemaError,
+                             "propagate_down has 2 value(s)"),
+    "propagate_down_string": ("{name: s, type: ReLU, bottom: data, top: y, "
+                              "propagate_down: 'no'}", SchemaError, "write propagate_down"),
+    "param_count": ("{name: s, type: ReLU, bottom: data, top: y, param: [{lr_mult: 1}]}",
+                    SchemaError, "'param' entries"),
+    "lr_mult_inf": ("{name: s, type: Convolution, bottom: data, top: y, num_output: 1, "
+                    "kernel_size: 1, param: [{lr_mult: .inf}]}", SchemaError, "finite"),
+    "name_number": ("{name: 5, type: ReLU, bottom: data, top: y}", SchemaError,
+                    "layer name must be a string"),
+    "empty_bottom": ("{name: s, type: ReLU, bottom: '', top: y}", SchemaError, "bottom"),
+}
+for _case, (_layer, _cls, _fragment) in LAYER_CASES.items():
+    ERROR_CASES[_case] = ("inputs: {data: [1, 2, 4, 4]}\nlayers:\n  - " + _layer + "\n"
+                          "  - {name: other, type: ReLU, bottom: data, top: z}\n",
+                          _cls, _fragment, 3)
+
 
 @pytest.mark.parametrize("case", sorted(ERROR_CASES))
 def test_user_mistakes_are_located_errors(tmp_path, case, capsys):
     text, cls, needle, line = ERROR_CASES[case]
     path = write(tmp_path, text)
-    with pytest.raises(cls) as err:
-        pacnet.build(path)
-    assert needle in str(err.value)
-    assert err.value.location is not None and err.value.location.line == line, str(err.value)
-    assert str(err.value).startswith(f"{path}:{line}")
+    for phase in ("test", "train"):  # every layer is validated whatever phase is built
+        with pytest.raises(cls) as err:
+            pacnet.build(path, phase=phase)
+        assert needle in str(err.value)
+        assert err.value.location is not None and err.value.location.line == line, str(err.value)
+        assert str(err.value).startswith(f"{path}:{line}")
     # The CLI prints it briefly and exits 2, without a traceback.
     assert main(["build", path]) == 2
     captured = capsys.readouterr()

@@ -240,6 +240,41 @@ def test_all_kernels_together_match_oracle(final_output):
         torch.testing.assert_close(got.sum(1), torch.ones(N, H, W, dtype=D64))
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "autograd"])
+def test_float64_is_exact_with_weights_float32_cannot_hold(grad):
+    """0.7 and 0.3 are not float32 numbers: a float64 CRF must use them exactly, as the
+    original does with its Python floats (its float32 0.7 is 0.699999988)."""
+    kernels = [K1(pairwise_weight=0.7), K1(compat_type="2d", pairwise_weight=0.3),
+               K1(compat_type="none", kernel_size=5, pairwise_weight=0.7),
+               K1(compat_type="potts", blur=2, pairwise_weight=0.3)]
+    crf = make_crf(kernels, steps=2)
+    unary, feat = inputs(seed=5)
+    with torch.set_grad_enabled(grad):
+        got = crf(unary, feat)
+        want = oracle(crf, unary, feat)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_zero_dim_tensor_weights_are_accepted_as_the_original_does():
+    t = lambda v: torch.tensor(v, dtype=D64)  # noqa: E731
+    kernels = [K1(pairwise_weight=0.7), K1(compat_type="potts", spatial_filter=False,
+                                           pairwise_weight=0.3)]
+    floats = make_crf(kernels, unary_weight=0.5)
+    tensors = make_crf([dict(k, pairwise_weight=t(k["pairwise_weight"])) for k in kernels],
+                       unary_weight=t(0.5))
+    assert tensors.kernel_args == floats.kernel_args
+    for key, value in floats.state_dict().items():
+        assert torch.equal(tensors.state_dict()[key], value), key
+    unary, feat = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(tensors(unary, feat), floats(unary, feat), rtol=0, atol=0)
+    fixed = PacCRF(C, 1, fixed_weighting=True, unary_weight=t(0.7), pairwise_kernels=[K1()])
+    assert fixed.unary_weight == 0.7
+    for bad in (torch.ones(2), torch.tensor(float("nan")), torch.tensor(True)):
+        with pytest.raises(PacnetValueError, match="unary_weight must be a finite number"):
+            PacCRF(C, 1, unary_weight=bad)
+
+
 def test_per_kernel_features_and_given_logQ():
     crf = make_crf(ALL, steps=2)
     unary, _ = inputs()

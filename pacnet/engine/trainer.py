@@ -34,6 +34,7 @@ import contextlib
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -158,6 +159,24 @@ def total_loss(net: torch.nn.Module, outputs: Mapping[str, torch.Tensor]) -> tor
     if fn is None or not callable(fn):
         raise PacnetError("the net has no total_loss method", hint="build it with pacnet.build")
     return fn(net, outputs)
+
+
+def _detach_unreached(net: torch.nn.Module, warn: bool = True) -> None:
+    """Learnable blobs that no loss gradient reaches (``Net.backward_needs``) change only by
+    weight decay, as in Caffe: the solver (built first) still decays them with a zero
+    gradient.  Warn once, and take them out of autograd, so that DistributedDataParallel
+    waits for exactly the gradients that come."""
+    never = net.backward_needs.never_learn
+    if not never:
+        return
+    if warn:
+        shown = ", ".join(never[:8]) + (f", ... ({len(never) - 8} more)" if len(never) > 8 else "")
+        warnings.warn(f"{net.ir.source or net.ir.name}: no loss reaches {len(never)} learnable "
+                      f"blob(s), which never learn (only weight decay changes them): {shown}; "
+                      f"connect them to a loss or set their lr_mult to 0", UserWarning,
+                      stacklevel=3)
+    for key in never:
+        net.get_parameter(key).requires_grad_(False)
 
 
 def _call(net: torch.nn.Module, names: Sequence[str], batch: Mapping[str, torch.Tensor], device: torch.device,
@@ -481,6 +500,7 @@ def train(source: Any, work_dir: str, *, vars: Optional[Mapping[str, Any]] = Non
     net = build(source, phase="train", inputs=batch_shapes(train_set, names, train_opts["batch_size"]), **kw).to(dev)
     names = list(net.inputs)
     solver = Solver(config, net, net.param_specs)
+    _detach_unreached(net, warn=info.main)
 
     testing = config.test_interval > 0
     test_net = test_loader = evaluator = test_nets = None
