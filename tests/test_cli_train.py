@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -135,6 +136,52 @@ def test_resume_continues_exactly(net_file, reference, tmp_path, capsys):
     # --resume in an empty work dir starts a new run
     assert _train(net_file, tmp_path / "fresh", "--resume", "--max-iter", "1") == 0
     assert "no checkpoint in" in capsys.readouterr().out
+
+
+def test_a_damaged_checkpoint_is_refused_and_auto_resumes_from_the_newest_intact(net_file, reference, tmp_path,
+                                                                                  capsys):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    newest = run / "checkpoints" / "iter_00000006.safetensors"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 64] = bytes(64)  # still a valid safetensors file
+    newest.write_bytes(data)
+    assert _train(net_file, run, "--resume", "--max-iter", "9") == 2
+    err = capsys.readouterr().err
+    assert f"error: checkpoint weights {newest} is corrupt: its tensors do not match the SHA-256 checksum" in err
+    assert "hint: --resume auto continues from the newest intact checkpoint (iter_00000003.safetensors)" in err
+    assert "Traceback" not in err
+    assert _train(net_file, run, "--resume", "auto") == 0
+    out, err = capsys.readouterr()
+    assert f"warning: skipping a damaged checkpoint: checkpoint weights {newest} is corrupt" in err
+    assert "iter_00000003.safetensors (iteration 3)" in out
+    assert _losses(run) == _losses(reference)  # iterations 3-5 again, exactly; iter_6 rewritten intact
+    for key, value in _weights(reference)[1].items():
+        torch.testing.assert_close(_weights(run)[1][key], value, rtol=0, atol=0, msg=key)
+    # resuming the finished run trains nothing and names the checkpoint it holds
+    stamp = newest.stat().st_mtime_ns
+    assert _train(net_file, run, "--resume") == 0
+    out, err = capsys.readouterr()
+    assert "warning: the run already finished: iteration 6 of solver.max_iter 6; nothing to train" in err
+    assert str(newest) in " ".join(out.split()) and "none" not in out
+    assert newest.stat().st_mtime_ns == stamp
+
+
+def test_weights_that_are_not_this_nets_are_refused(net_file, tmp_path, capsys):
+    pth = tmp_path / "x8_pac_weights_epoch_5000.pth"
+    torch.save({"conv.weight": torch.zeros(1)}, pth)
+    assert main(["test", net_file, "--weights", str(pth)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {pth} is a PyTorch file saved with torch.save" in err and "not a safetensors" in err
+    assert "safetensors.torch.save_file" in err and "delete" not in err and "corrupt" not in err
+    other = tmp_path / "other.safetensors"
+    from pacnet.tensorfile import write_safetensors
+
+    write_safetensors(str(other), {"conv1_1.weight": torch.zeros(2), "fc8.bias": torch.zeros(2)})
+    assert _train(net_file, tmp_path / "run", "--weights", str(other)) == 2
+    err = capsys.readouterr().err
+    assert f"error: weights file {other}: none of its 2 blobs is a blob of the net" in err
+    assert "the file has conv1_1.weight, fc8.bias; the net has g1.weight, g1.bias, out.weight" in err
 
 
 def test_sigterm_saves_a_snapshot_that_resumes_exactly(net_file, reference, tmp_path, monkeypatch, capsys):

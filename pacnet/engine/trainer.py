@@ -41,14 +41,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pacnet.engine.checkpoint import Checkpoint, CheckpointManager, load_weights, seed_everything
+from pacnet.engine.checkpoint import (Checkpoint, CheckpointManager, capture_rng_state, load_weights,
+                                     seed_everything)
 from pacnet.engine.data import make_dataset, make_loader, parse_data
 from pacnet.engine.datasets import BlobDataset
 from pacnet.engine.metrics import EPE, RMSE, Average, ConfusionMatrix, all_reduce_
 from pacnet.engine.solver import Solver, parse_solver
 from pacnet.engine.transforms import denormalize
 from pacnet.engine.workdir import WorkDir
-from pacnet.errors import DataError, PacnetError, ShapeError
+from pacnet.errors import DamagedFileError, DataError, PacnetError, ShapeError
 
 __all__ = ["DistInfo", "init_distributed", "pick_device", "batch_shapes", "copy_trained_layers", "total_loss",
            "Evaluator", "evaluate", "train", "test", "benchmark"]
@@ -138,27 +139,42 @@ def batch_shapes(dataset: BlobDataset, names: Sequence[str], batch_size: int) ->
 
 def copy_trained_layers(net: torch.nn.Module, paths: Iterable[str]) -> Dict[str, int]:
     """Caffe's ``CopyTrainedLayersFrom``: copy every blob whose name is in the file; blobs
-    the file lacks keep their initialisation, blobs the net lacks are ignored, a blob
-    with another shape is an error (DataError naming the file).  Returns counts."""
+    the file lacks keep their initialisation, blobs the net lacks are ignored.  A blob with
+    another shape, and a file none of whose blobs is in the net (another net's weights),
+    are errors (DataError naming the file).  Returns counts."""
     state = net.state_dict()
-    copied, total_ignored = set(), 0
+    copied, ignored = set(), 0
     for path in paths:
         path = os.fspath(path)
-        if not path.endswith(".safetensors"):
-            raise DataError(f"weights file {path} is not .safetensors",
-                            hint="convert Caffe weights with 'pacnet convert'")
         weights, _ = load_weights(path)
-        for key, value in weights.items():
-            if key not in state:
-                total_ignored += 1
-                continue
-            if tuple(value.shape) != tuple(state[key].shape):
-                raise DataError(f"weights file {path}: {key} has shape {list(value.shape)}, the net "
-                                f"{list(state[key].shape)}", hint="the file belongs to another net")
-            with torch.no_grad():
-                state[key].copy_(value)
-            copied.add(key)
-    return {"copied": len(copied), "kept": len(state) - len(copied), "ignored": total_ignored}
+        done, skipped = _copy_blobs(state, weights, path)
+        copied.update(done)
+        ignored += skipped
+    return {"copied": len(copied), "kept": len(state) - len(copied), "ignored": ignored}
+
+
+def _copy_blobs(state: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor],
+                path: str) -> Tuple[List[str], int]:
+    """Copy the blobs of ``weights`` (read from ``path``) into ``state`` by name: (copied
+    names, number of file blobs the net does not have)."""
+    matching = [k for k in weights if k in state]
+    if not matching:
+        raise DataError(f"weights file {path}: none of its {len(weights)} blobs is a blob of the net "
+                        f"(the file has {_some(weights)}; the net has {_some(state)})",
+                        hint="is it the weights of this net? blobs match by '<layer>.<blob>' name")
+    for key in matching:
+        value = weights[key]
+        if tuple(value.shape) != tuple(state[key].shape):
+            raise DataError(f"weights file {path}: {key} has shape {list(value.shape)}, the net "
+                            f"{list(state[key].shape)}", hint="the file belongs to another net")
+        with torch.no_grad():
+            state[key].copy_(value)
+    return matching, len(weights) - len(matching)
+
+
+def _some(names: Iterable[str], limit: int = 3) -> str:
+    names = list(names)
+    return (", ".join(names[:limit]) + (", ..." if len(names) > limit else "")) if names else "none"
 
 
 def total_loss(net: torch.nn.Module, outputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -395,21 +411,28 @@ def _interrupts_held():
 def train(source: Any, work_dir: str, *, vars: Optional[Mapping[str, Any]] = None,
           overrides: Optional[Mapping[str, Any]] = None, device: Any = None, resume: Any = True,
           weights: Sequence[str] = (), on_event: OnEvent = None, tensorboard: Optional[bool] = None,
-          argv: Optional[Sequence[str]] = None, fuse: bool = True, amp: bool = False) -> Dict[str, Any]:
+          argv: Optional[Sequence[str]] = None, fuse: bool = True, amp: bool = False,
+          solver: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """Train the net of ``source`` into ``work_dir`` (see the module docstring).
 
-    ``resume``: True = continue from the work dir's latest checkpoint if any; False =
-    start fresh (the work dir's checkpoints are kept until overwritten, its metrics are
-    cleared); a path = resume from that checkpoint.  ``weights``: safetensors files to
+    ``resume``: True = continue from the work dir's latest checkpoint if any (refused when
+    it is damaged); ``"auto"`` = from the newest intact one; False = start fresh (the work
+    dir's checkpoints are kept until overwritten, its metrics are cleared); a path = resume
+    from that checkpoint.  ``solver``: a ``solver:`` section replacing the net's (e.g.
+    :func:`pacnet.engine.solver.read_solver_file`; ``overrides`` still apply).  ``weights``: safetensors files to
     initialise from when not resuming (added to the solver's ``weights``).  ``amp``: run
     the training forward passes under bfloat16 autocast (:func:`_autocast`; the backward,
     the update and the test passes stay float32).  Returns a summary dict.
     """
     from pacnet.api import build
-    from pacnet.load import load
+    from pacnet.load import apply_overrides, load
 
     src = None if isinstance(source, Mapping) else os.fspath(source)
-    tree = load(source, vars=vars, overrides=overrides)
+    tree = load(source, vars=vars)
+    if solver is not None:
+        tree["solver"] = dict(solver)
+    if overrides:
+        apply_overrides(tree, overrides)
     config = parse_solver(tree.get("solver"), source=src)
     data = tree.get("data")
     info = init_distributed()
@@ -418,8 +441,7 @@ def train(source: Any, work_dir: str, *, vars: Optional[Mapping[str, Any]] = Non
     train_opts = parse_data(data, "train", source=src)
     train_set = make_dataset(data, "train", source=src)
     names = _input_names(tree, "train", src)
-    if config.random_seed >= 0:
-        seed_everything(config.random_seed)
+    _seed_rank(config.random_seed, info)
     kw = dict(vars=vars, overrides=overrides, fuse=fuse)
     net = build(source, phase="train", inputs=batch_shapes(train_set, names, train_opts["batch_size"]), **kw).to(dev)
     names = list(net.inputs)
@@ -440,14 +462,18 @@ def train(source: Any, work_dir: str, *, vars: Optional[Mapping[str, Any]] = Non
 
     wd = WorkDir(work_dir, tensorboard=tensorboard if info.main else False)
     manager = wd.checkpoints(keep_last=config.snapshot_keep)
-    if info.main:
-        wd.write_config(tree)
-        wd.write_environment(argv, dev, {"world_size": info.world_size})
+    shape = {"world_size": info.world_size, "batch_size": train_opts["batch_size"], "iter_size": config.iter_size}
     position = 0
-    checkpoint = _resume_point(manager, resume)
+    checkpoint, state = _load_resume_point(manager, resume, net, solver, info, on_event)
+    if info.main:
+        previous = wd.write_config(tree, keep_previous=checkpoint is not None)
+        if previous is not None:
+            _emit(on_event, {"event": "warning", "message": f"the config differs from the one the run was "
+                             f"trained with so far ({_changes(previous[1], tree)}); the previous one is kept "
+                             f"as {previous[0]}"})
+        wd.write_environment(argv, dev, {"world_size": info.world_size})
     if checkpoint is not None:
-        state = manager.load(checkpoint, net, solver=solver)
-        position = int(state.get("extra", {}).get("data_position", 0))
+        position = _resumed_position(state, shape, config, info, on_event)
         if info.main:
             wd.truncate_metrics(solver.iter - 1)  # records from iteration `iter` on came after it
         _emit(on_event, {"event": "resume", "step": solver.iter, "path": checkpoint.weights})
@@ -475,7 +501,12 @@ def train(source: Any, work_dir: str, *, vars: Optional[Mapping[str, Any]] = Non
                      "work_dir": wd.path, "params": sum(p.numel() for p in solver.params),
                      "frozen": len(solver.frozen), "world_size": info.world_size})
     last_test: Dict[str, Any] = {}
-    last_checkpoint: Optional[Checkpoint] = None
+    last_checkpoint: Optional[Checkpoint] = checkpoint  # the newest one of this run so far
+    finished = checkpoint is not None and solver.done
+    if finished:
+        _emit(on_event, {"event": "warning", "message": f"the run already finished: iteration {solver.iter} of "
+                         f"solver.max_iter {config.max_iter}; nothing to train",
+                         "hint": "raise solver.max_iter (--max-iter) to train on; 'pacnet test' evaluates it"})
 
     def run_test() -> None:
         nonlocal last_test
@@ -489,12 +520,16 @@ def train(source: Any, work_dir: str, *, vars: Optional[Mapping[str, Any]] = Non
             wd.log(solver.iter, results, phase="test")
         _emit(on_event, {"event": "test", "step": solver.iter, **results})
 
-    def snapshot(barrier: bool = True) -> None:
+    def snapshot(collective: bool = True) -> None:
+        """Save a checkpoint (rank 0).  ``collective``: every rank is here, so their RNG
+        states are gathered into it; off on an interrupt, where other ranks may be anywhere."""
         nonlocal last_checkpoint
+        ranks = _gather_rng_states(info) if info.distributed and collective else None
         if info.main:
-            last_checkpoint = manager.save(solver.iter, net, solver=solver, extra={"data_position": position})
+            last_checkpoint = manager.save(solver.iter, net, solver=solver, rng_ranks=ranks,
+                                           extra={"data_position": position, **shape})
             _emit(on_event, {"event": "snapshot", "step": solver.iter, "path": last_checkpoint.weights})
-        if info.distributed and barrier:
+        if info.distributed and collective:
             torch.distributed.barrier()
 
     tick, since = time.perf_counter(), solver.iter
@@ -539,22 +574,22 @@ def train(source: Any, work_dir: str, *, vars: Optional[Mapping[str, Any]] = Non
                 _emit(on_event, {"event": "train", "step": step.iter, **record})
             if solver.should_snapshot():
                 snapshot()
-        if solver.snapshot_at_end():
+        if solver.snapshot_at_end() and not finished:
             snapshot()
-        if testing and solver.test_at_end():
+        if testing and solver.test_at_end() and not finished:
             run_test()
     except KeyboardInterrupt:
         # Save the last completed iteration: the unfinished one never happened (its RNG
         # draws are undone; its gradients are not in the weights; `position` excludes it).
         if unfinished is not None:
             _set_torch_rng(unfinished)
-        snapshot(barrier=False)  # other ranks may be stopped anywhere
+        snapshot(collective=False)  # other ranks may be stopped anywhere
         _emit(on_event, {"event": "interrupted", "step": solver.iter,
                          "path": last_checkpoint.weights if info.main and last_checkpoint else None})
         raise
     finally:
         wd.close()
-    summary = {"event": "done", "step": solver.iter, "work_dir": wd.path,
+    summary = {"event": "done", "step": solver.iter, "work_dir": wd.path, "finished_before": finished,
                "checkpoint": last_checkpoint.weights if last_checkpoint else None, "test": last_test,
                "smoothed_loss": solver.smoothed_loss}
     _emit(on_event, summary)
@@ -571,17 +606,118 @@ def _outputs(net: torch.nn.Module) -> List[str]:
     return []
 
 
-def _resume_point(manager: CheckpointManager, resume: Any) -> Optional[Checkpoint]:
-    if resume is True:
-        return manager.latest()
+def _seed_rank(seed: int, info: DistInfo) -> None:
+    """Seed every generator of this process for ``solver.random_seed``: ``seed + rank``, so
+    each DDP rank draws its own dropout masks (DDP gives every rank rank 0's initial
+    weights).  Unseeded DDP ranks get fresh random seeds: torch's default seed is the same
+    in every process."""
+    if seed >= 0:
+        seed_everything(seed + info.rank)
+    elif info.distributed:
+        seed_everything(int.from_bytes(os.urandom(8), "little") >> 1)
+
+
+def _gather_rng_states(info: DistInfo) -> Optional[List[Dict[str, Any]]]:
+    """Every rank's RNG state, in rank order, on rank 0 (None elsewhere).  A collective."""
+    import torch.distributed as dist
+
+    states: Optional[List[Any]] = [None] * info.world_size if info.main else None
+    dist.gather_object(capture_rng_state(), states, dst=0)
+    return states
+
+
+def _load_resume_point(manager: CheckpointManager, resume: Any, net: torch.nn.Module, solver: Solver,
+                       info: DistInfo, on_event: OnEvent) -> Tuple[Optional[Checkpoint], Dict[str, Any]]:
+    """Load the checkpoint ``resume`` names into ``net`` and ``solver``: (checkpoint, its
+    training state), or (None, {}) for a new run.  ``True``: the latest checkpoint, refused
+    when damaged; ``"auto"``: the newest intact one, skipping damaged ones with a warning;
+    a path: that checkpoint; ``False``/``None``: none."""
     if resume in (False, None):
-        return None
-    path = os.fspath(resume)
-    ck = manager._resolve(path)
-    if not os.path.isfile(ck.state) or not os.path.isfile(ck.weights):
-        raise DataError(f"checkpoint not found: {path}", hint="give a .safetensors or .state.pt of a checkpoint "
-                        "with both files present")
-    return ck
+        return None, {}
+    if resume is True or resume == "auto":
+        candidates = list(reversed(manager.list()))
+    else:
+        path = os.fspath(resume)
+        ck = manager.resolve(path)
+        if not os.path.isfile(ck.state) or not os.path.isfile(ck.weights):
+            raise DataError(f"checkpoint not found: {path}", hint="give a .safetensors or .state.pt of a "
+                            "checkpoint with both files present")
+        candidates = [ck]
+    for ck in candidates:
+        try:
+            state = manager.load(ck, net, solver=solver, rank=info.rank, world_size=info.world_size)
+        except DamagedFileError as err:
+            if resume != "auto":
+                raise _damaged(err, manager, ck, named=resume is not True) from None
+            _emit(on_event, {"event": "warning", "message": f"skipping a damaged checkpoint: {err.message}"})
+            continue
+        return ck, state
+    if candidates:
+        raise DataError(f"no intact checkpoint in {manager.folder}: all {len(candidates)} are damaged",
+                        hint="start a new run in another --work-dir")
+    return None, {}
+
+
+def _damaged(err: DamagedFileError, manager: CheckpointManager, ck: Checkpoint, named: bool) -> DamagedFileError:
+    """``err`` with a hint on how to go on: the newest intact older checkpoint, if any."""
+    if named:
+        return DamagedFileError(err.message, hint="resume from another checkpoint, or with --resume auto from "
+                                "the newest intact one")
+    older = [c for c in manager.list() if c.iteration < ck.iteration]
+    intact, _ = CheckpointManager(manager.folder, prefix=manager.prefix).latest_intact() if older else (None, [])
+    if intact is None:
+        return DamagedFileError(err.message, hint="no older checkpoint is intact: start a new run in "
+                                "another --work-dir")
+    return DamagedFileError(err.message, hint=f"--resume auto continues from the newest intact checkpoint "
+                            f"({os.path.basename(intact.weights)}); or move the damaged files away")
+
+
+def _resumed_position(state: Mapping[str, Any], shape: Mapping[str, int], config: Any, info: DistInfo,
+                      on_event: OnEvent) -> int:
+    """This rank's position in the training stream after resuming, with warnings when the
+    run goes on with another world size or global batch than it was saved with."""
+    extra = state.get("extra") or {}
+    position = int(extra.get("data_position", 0))
+    saved_world = int(extra.get("world_size", info.world_size))
+    if saved_world != info.world_size:  # the same samples consumed, spread over a new number of ranks
+        position = position * saved_world // info.world_size
+    before = {k: int(extra.get(k, shape[k])) for k in shape}
+    if before != dict(shape):
+        def batch(d):
+            return d["world_size"] * d["batch_size"] * d["iter_size"]
+        _emit(on_event, {"event": "warning", "message":
+                         f"resuming with world size {shape['world_size']}, batch_size {shape['batch_size']}, "
+                         f"iter_size {shape['iter_size']} (global batch {batch(shape)}); the checkpoint was "
+                         f"saved with {before['world_size']}, {before['batch_size']}, {before['iter_size']} "
+                         f"(global batch {batch(before)}): the run goes on from the same sample but will not "
+                         "match an uninterrupted one"})
+    if info.distributed and not (len(state.get("rng_ranks") or ()) == info.world_size):
+        _emit(on_event, {"event": "warning", "message": "the checkpoint holds no random state for every rank "
+                         "(it was saved on an interrupt, or by another number of ranks): ranks other than 0 "
+                         "start new random streams, so random layers will not repeat an uninterrupted run"})
+        if info.rank > 0:
+            seed = int(np.random.SeedSequence([max(config.random_seed, 0), info.rank,
+                                               int(state.get("iteration", 0))]).generate_state(1)[0])
+            seed_everything(seed)
+    return position
+
+
+def _changes(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 4) -> str:
+    """The dotted keys whose values differ between two config trees, e.g. 'solver.base_lr'."""
+    from pacnet.engine.workdir import plain
+
+    found: List[str] = []
+
+    def walk(a: Any, b: Any, path: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in list(a) + [k for k in b if k not in a]:
+                walk(a.get(key), b.get(key), f"{path}.{key}" if path else str(key))
+        elif a != b:
+            found.append(path or "the whole config")
+
+    walk(plain(old), plain(new), "")
+    shown = ", ".join(found[:limit]) + (f" and {len(found) - limit} more" if len(found) > limit else "")
+    return "changed: " + (shown or "formatting only")
 
 
 # --------------------------------------------------------------------------- test
@@ -630,9 +766,8 @@ def test(source: Any, weights: Optional[str], *, vars: Optional[Mapping[str, Any
         missing = [k for k in state if k not in tensors]
         if missing:
             raise DataError(f"weights file {path} lacks {len(missing)} blob(s) of the test net "
-                            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})",
-                            hint="it belongs to another net")
-        copy_trained_layers(net, [path])
+                            f"({_some(missing)})", hint="it belongs to another net")
+        _copy_blobs(state, tensors, path)
         loaded = path
     evaluator = Evaluator(opts, _outputs(net), net.loss_weights)
     order = list(range(info.rank, len(dataset), info.world_size))
