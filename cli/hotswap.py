@@ -12,13 +12,13 @@ import argparse
 import sys
 
 from pacnet.atomic import atomic_write
-from pacnet.cli.common import parse_assignments, parse_inputs
+from pacnet.cli.common import description, parse_assignments, parse_inputs
 from pacnet.errors import PacnetError
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("hotswap", help="turn Convolution layers into PAC layers guided by a blob",
-                       description=__doc__.splitlines()[0])
+                       description=description(__doc__))
     p.add_argument("net", metavar="NET", help="net file (YAML or .prototxt) or zoo name, e.g. fcn/fcn8s_altpad")
     p.add_argument("--layers", "-l", required=True, metavar="A,B,...",
                    help="comma-separated names of the Convolution layers to swap")

@@ -513,13 +513,21 @@ def load(source: Source, *, vars: Optional[Mapping[str, Any]] = None,
     if isinstance(tree.get("layers"), list) and blocks:
         tree["layers"] = expand_blocks(tree["layers"], blocks)
 
-    env = dict(tree.get("vars") or {})
+    # A variable listed as null has no default: it must be set (as a block's null args).
+    env = {k: v for k, v in (tree.get("vars") or {}).items() if v is not None}
     # Text values (from --var) take YAML's types here, so ${NUM_LABELS} = "21" is the int 21.
     env.update({k: _typed(v) for k, v in (vars or {}).items()})
     missing: Dict[str, Optional[Location]] = {}
-    body = MarkedDict((k, v) for k, v in tree.items() if k not in ("blocks", "vars"))
+    body = MarkedDict()
     body.loc, body.locs = tree.loc, dict(tree.locs)
-    body = substitute(body, env, missing)
+    for key, value in tree.items():
+        if key in ("blocks", "vars"):
+            continue
+        # The engine's sections may keep unset variables (data paths are not needed to
+        # build a net); parse_data/parse_solver refuse them when they are used.
+        body[key] = substitute(value, env, {} if key in ("data", "solver") else missing,
+                               where(tree, key))
+    body.locs = {k: v for k, v in body.locs.items() if k in body}
     if missing:
         raise _missing_error(missing, "template variables")
     if overrides:
