@@ -355,3 +355,55 @@ def test_short_openmp_spin_only_before_torch_loads(monkeypatch):
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     short_openmp_spin()
     assert "GOMP_SPINCOUNT" not in os.environ
+
+
+SEG = """\
+name: tiny_seg
+inputs: {data: [N, 3, 16, 16], label: [N, 1, 16, 16]}
+dims: {N: 1}
+data: {dataset: synthetic_seg, size: 2, height: 16, width: 16, num_classes: 5, batch_size: 1}
+solver: {base_lr: 0.01, max_iter: 1, test_interval: 1, test_iter: 1}
+layers:
+  - {name: score, type: Convolution, bottom: data, top: score, num_output: 21, kernel_size: 1}
+  - {name: loss, type: SoftmaxWithLoss, bottom: [score, label], top: loss, include: {phase: train}}
+"""
+
+
+def test_messages_say_what_happened_where_and_what_to_do(tmp_path, capsys):
+    seg = tmp_path / "seg.yaml"
+    seg.write_text(SEG)
+    assert _train(str(seg), tmp_path / "run") == 2  # 21 scores for 5 classes
+    err = capsys.readouterr().err
+    assert f"error: {seg}: the test net's prediction 'score' scores 21 classes but the data set " \
+           "(synthetic_seg) has data.num_classes = 5" in err
+    assert "--set data.num_classes=21" in err and "num_output 5" in err
+    nodata = tmp_path / "nodata.yaml"
+    nodata.write_text(SEG.replace("data: {dataset: synthetic_seg, size: 2, height: 16, width: 16, "
+                                  "num_classes: 5, batch_size: 1}\n", ""))
+    assert _train(str(nodata), tmp_path / "run2") == 2
+    err = capsys.readouterr().err
+    assert "data: missing: this command needs a data section naming a data set" in err
+    assert "dataset: voc" in err and "synthetic_seg" in err and "synthetic_depth" not in err
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert main(["build", str(empty)]) == 2
+    assert f"error: {empty}: the file is empty" in capsys.readouterr().err
+    named = tmp_path / "named.yaml"
+    named.write_text("inputs: {x: [1, 1, 2, 2]}\nlayers:\n  - {name: 5, type: ReLU, bottom: x, top: y}\n")
+    assert main(["build", str(named)]) == 2
+    assert f"error: {named}:3:6: layer name 5 is int, not text" in capsys.readouterr().err
+    proto = tmp_path / "train.prototxt"  # a Caffe train net: its data layer becomes a data: record
+    proto.write_text('layer { name: "data" type: "ImageSegData" top: "data" top: "label"\n'
+                     '  image_data_param { root_folder: "/voc" source: "train.txt" batch_size: 1 }\n'
+                     '  transform_param { crop_size: 8 } }\n'
+                     'layer { name: "score" type: "Convolution" bottom: "data" top: "score"\n'
+                     '  convolution_param { num_output: 2 kernel_size: 1 } }\n'
+                     'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "score" bottom: "label" }\n')
+    converted = tmp_path / "train.yaml"
+    assert main(["convert", str(proto), "-o", str(converted)]) == 0
+    capsys.readouterr()
+    assert _train(str(converted), tmp_path / "run3", "--set", "solver.base_lr=0.1",
+                  "--set", "solver.max_iter=1") == 2
+    err = capsys.readouterr().err
+    assert "data: this section lists the Caffe data layers of a converted prototxt (ImageSegData 'data')" in err
+    assert "replace it with a data set section, e.g. data: {dataset: voc" in err and "MarkedList" not in err

@@ -37,7 +37,7 @@ from pacnet.engine.datasets import (
 from pacnet.engine.transforms import LOWRES_MODES, JointTransform, SegTransform
 from pacnet.errors import DataError, SchemaError
 
-__all__ = ["DATASETS", "DATASET_INFO", "PHASES", "data_schema", "parse_data", "make_dataset", "StreamSampler",
+__all__ = ["DATASETS", "DATASET_INFO", "PHASES", "data_schema", "missing_section", "parse_data", "make_dataset", "StreamSampler",
            "make_loader", "collate", "input_shapes"]
 
 PHASES = ("train", "val", "test")
@@ -228,6 +228,25 @@ def data_schema(dataset: str) -> Dict[str, Any]:
     }
 
 
+def missing_section(inputs: Sequence[str] = (), source: Optional[str] = None) -> SchemaError:
+    """The error for a net without a ``data:`` section, with an example that fits its
+    ``inputs`` (joint upsampling: guide and target; segmentation: an image blob)."""
+    names = set(inputs)
+    if {"guide", "target"} <= names:
+        example = ("data: {dataset: synthetic_depth, factor: 8} (built in; nyu and sintel read the "
+                   "real data sets)")
+    elif names:
+        image = "data" if "data" in names else sorted(names)[0]
+        rename = "" if image == "data" else f", blobs: {{data: {image}}}"
+        example = (f"data: {{dataset: voc, root: data/VOCdevkit/VOC2012{rename}}}, or to try it without "
+                   f"downloading: data: {{dataset: synthetic_seg, num_classes: 21, crop_size: 64{rename}}}")
+    else:
+        example = "data: {dataset: NAME, ...}"
+    return _schema.error(["data"], "missing: this command needs a data section naming a data set",
+                         hint=f"add e.g. {example}; 'pacnet datasets' lists the data sets",
+                         source=source)
+
+
 def parse_data(raw: Optional[Mapping[str, Any]], phase: str, *, root: Sequence[Any] = ("data",),
                locate: Optional[_schema.Locate] = None, source: Optional[str] = None) -> Dict[str, Any]:
     """Validate a ``data:`` section and return the resolved options of ``phase``
@@ -237,9 +256,7 @@ def parse_data(raw: Optional[Mapping[str, Any]], phase: str, *, root: Sequence[A
     if phase not in PHASES:
         raise DataError(f"unknown phase {phase!r}; use one of {', '.join(PHASES)}")
     if raw is None:
-        raise _schema.error(list(root), "missing: this command needs a data section",
-                            hint="add e.g. 'data: {dataset: synthetic_depth, factor: 8}'",
-                            locate=locate, source=source)
+        raise missing_section(source=source)
     if isinstance(raw, list) and raw and all(isinstance(r, Mapping) and "type" in r and "tops" in r for r in raw):
         kinds = ", ".join(sorted({f"{r['type']} '{r.get('name')}'" for r in raw}))
         raise _schema.error(list(root), f"this section lists the Caffe data layers of a converted prototxt "

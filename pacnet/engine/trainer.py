@@ -43,13 +43,13 @@ import torch.nn.functional as F
 
 from pacnet.engine.checkpoint import (Checkpoint, CheckpointManager, capture_rng_state, load_weights,
                                      seed_everything)
-from pacnet.engine.data import make_dataset, make_loader, parse_data
+from pacnet.engine.data import make_dataset, make_loader, missing_section, parse_data
 from pacnet.engine.datasets import BlobDataset
 from pacnet.engine.metrics import EPE, RMSE, Average, ConfusionMatrix, all_reduce_
 from pacnet.engine.solver import Solver, parse_solver
 from pacnet.engine.transforms import denormalize
 from pacnet.engine.workdir import WorkDir
-from pacnet.errors import DamagedFileError, DataError, PacnetError, ShapeError
+from pacnet.errors import DamagedFileError, DataError, Location, PacnetError, ShapeError
 
 __all__ = ["DistInfo", "init_distributed", "pick_device", "batch_shapes", "copy_trained_layers", "total_loss",
            "Evaluator", "evaluate", "train", "test", "benchmark"]
@@ -202,8 +202,10 @@ class Evaluator:
     the low-res ``target`` upsampled bilinearly to the ground truth's size and
     de-normalised like the prediction (pac.md §3 "Bilinear")."""
 
-    def __init__(self, options: Mapping[str, Any], outputs: Sequence[str], losses: Iterable[str] = ()) -> None:
+    def __init__(self, options: Mapping[str, Any], outputs: Sequence[str], losses: Iterable[str] = (),
+                 source: Optional[str] = None) -> None:
         self.options = dict(options)
+        self.source = source  # the net file, for messages
         self.kind = options.get("metric", "none")
         rename = dict(options.get("blobs") or {})
         self.key = lambda k: rename.get(k, k)
@@ -269,6 +271,14 @@ class Evaluator:
             return None
         pred, truth = self.prediction(outputs, batch), self.truth(batch)
         if self.kind == "miou":
+            k = self.options["num_classes"]
+            if pred.dim() == 4 and pred.shape[1] > 1 and pred.shape[1] != k:
+                raise ShapeError(f"the test net's prediction '{self.predict}' scores {pred.shape[1]} classes "
+                                 f"but the data set ({self.options['dataset']}) has data.num_classes = {k}",
+                                 location=Location(self.source) if self.source else None,
+                                 hint=f"make them agree: set data.num_classes to {pred.shape[1]} (--set "
+                                      f"data.num_classes={pred.shape[1]}), or give the net's last layer "
+                                      f"num_output {k} (e.g. --var NUM_LABELS={k} where the net has it)")
             if pred.shape[-2:] != truth.shape[-2:]:
                 raise ShapeError(f"prediction '{self.predict}' is {tuple(pred.shape[-2:])} but the labels are "
                                  f"{tuple(truth.shape[-2:])}", hint="resize the scores to the label size in "
@@ -434,7 +444,7 @@ def train(source: Any, work_dir: str, *, vars: Optional[Mapping[str, Any]] = Non
     if overrides:
         apply_overrides(tree, overrides)
     config = parse_solver(tree.get("solver"), source=src)
-    data = tree.get("data")
+    data = _data_section(tree, src)
     info = init_distributed()
     dev = pick_device(device, info)
     autocast = _autocast(dev, amp)
@@ -455,7 +465,7 @@ def train(source: Any, work_dir: str, *, vars: Optional[Mapping[str, Any]] = Non
         test_names = _input_names(tree, "test", src)
         test_net = build(source, phase="test", inputs=batch_shapes(test_set, test_names, test_opts["batch_size"]),
                          **kw).to(dev)
-        evaluator = Evaluator(test_opts, _outputs(test_net), test_net.loss_weights)
+        evaluator = Evaluator(test_opts, _outputs(test_net), test_net.loss_weights, source=src)
         test_loader = make_loader(test_set, batch_size=test_opts["batch_size"], train=False, rank=info.rank,
                                   world_size=info.world_size, num_workers=test_opts["num_workers"])
     test_batches = config.test_iter[0] if config.test_iter and config.test_iter[0] > 0 else None
@@ -672,6 +682,13 @@ def _damaged(err: DamagedFileError, manager: CheckpointManager, ck: Checkpoint, 
                             f"({os.path.basename(intact.weights)}); or move the damaged files away")
 
 
+def _data_section(tree: Mapping[str, Any], source: Optional[str]) -> Mapping[str, Any]:
+    """The net's ``data:`` section; its absence is an error whose example fits the net."""
+    if tree.get("data") is None:
+        raise missing_section(list(tree.get("inputs") or {}), source=source)
+    return tree["data"]
+
+
 def _resumed_position(state: Mapping[str, Any], shape: Mapping[str, int], config: Any, info: DistInfo,
                       on_event: OnEvent) -> int:
     """This rank's position in the training stream after resuming, with warnings when the
@@ -750,7 +767,7 @@ def test(source: Any, weights: Optional[str], *, vars: Optional[Mapping[str, Any
 
     src = None if isinstance(source, Mapping) else os.fspath(source)
     tree = load(source, vars=vars, overrides=overrides)
-    data = tree.get("data")
+    data = _data_section(tree, src)
     info = init_distributed()
     dev = pick_device(device, info)
     opts = parse_data(data, split, source=src)
@@ -769,7 +786,7 @@ def test(source: Any, weights: Optional[str], *, vars: Optional[Mapping[str, Any
                             f"({_some(missing)})", hint="it belongs to another net")
         _copy_blobs(state, tensors, path)
         loaded = path
-    evaluator = Evaluator(opts, _outputs(net), net.loss_weights)
+    evaluator = Evaluator(opts, _outputs(net), net.loss_weights, source=src)
     order = list(range(info.rank, len(dataset), info.world_size))
     loader = make_loader(dataset, batch_size=opts["batch_size"], train=False, rank=info.rank,
                          world_size=info.world_size, num_workers=opts["num_workers"])
