@@ -539,3 +539,66 @@ def _ddp_rank(rank, folder):
         torch.save(result["net"].state_dict(), os.path.join(folder, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+DROPOUT_NET = copy.deepcopy(DEPTH_NET)
+DROPOUT_NET["layers"].insert(3, {"name": "drop", "type": "Dropout", "bottom": "cat", "top": "cat",
+                                 "dropout_ratio": 0.5})
+DROPOUT_NET["solver"].update(max_iter=4, snapshot=2, lr_policy="fixed")
+
+
+def _ddp_run(rank, folder, tag, max_iter, resume):
+    """One rank of a 2-process gloo job: train DROPOUT_NET into folder/run, save this rank's
+    final weights and torch RNG state as folder/<tag><rank>.pt."""
+    torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP pool
+    os.environ.update({"WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank)})
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rdv-{tag}", rank=rank, world_size=2)
+    try:
+        net = copy.deepcopy(DROPOUT_NET)
+        net["solver"]["max_iter"] = max_iter
+        result = trainer.train(net, os.path.join(folder, "run"), tensorboard=False, device="cpu",
+                               resume=resume)
+        torch.save({"weights": result["net"].state_dict(), "rng": torch.get_rng_state()},
+                   os.path.join(folder, f"{tag}{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _ddp(folder, tag, max_iter, resume):
+    import torch.multiprocessing as mp
+
+    os.makedirs(folder, exist_ok=True)
+    mp.start_processes(_ddp_run, args=(folder, tag, max_iter, resume), nprocs=2, join=True,
+                       start_method="fork")
+    return [torch.load(os.path.join(folder, f"{tag}{r}.pt"), weights_only=True) for r in range(2)]
+
+
+def test_distributed_resume_equals_the_uninterrupted_run_on_every_rank(tmp_path):
+    """Dropout draws per-rank masks (seed + rank); every rank's RNG state goes into the
+    checkpoint and comes back to that rank, so a resumed 2-rank run ends where the
+    uninterrupted one does, on both ranks."""
+    import torch.multiprocessing as mp
+
+    if "fork" not in mp.get_all_start_methods():
+        pytest.skip("needs the fork start method")
+    whole = _ddp(str(tmp_path / "whole"), "w", 4, False)
+    assert not torch.equal(whole[0]["rng"], whole[1]["rng"])  # each rank its own stream
+    _ddp(str(tmp_path / "split"), "a", 2, False)
+    state = load_state(str(tmp_path / "split" / "run" / "checkpoints" / "iter_00000002.state.pt"))
+    assert len(state["rng_ranks"]) == 2 and state["extra"]["world_size"] == 2
+    split = _ddp(str(tmp_path / "split"), "b", 4, True)
+    for rank in range(2):
+        assert torch.equal(split[rank]["rng"], whole[rank]["rng"]), rank
+        for key, value in whole[rank]["weights"].items():
+            torch.testing.assert_close(split[rank]["weights"][key], value, rtol=0, atol=0, msg=key)
+    # one process resuming the 2-rank checkpoint: told that this run will not repeat it
+    events = []
+    net = copy.deepcopy(DROPOUT_NET)
+    net["solver"]["max_iter"] = 3
+    trainer.train(net, str(tmp_path / "split" / "run"), tensorboard=False, on_event=events.append,
+                  resume=str(tmp_path / "split" / "run" / "checkpoints" / "iter_00000002.state.pt"))
+    warnings = " ".join(e["message"] for e in events if e["event"] == "warning")
+    assert "resuming with world size 1, batch_size 2, iter_size 1 (global batch 2)" in warnings
+    assert "saved with 2, 2, 1 (global batch 4)" in warnings
