@@ -22,9 +22,11 @@ def add_parser(sub) -> None:
                        description=description(__doc__))
     add_net_arguments(p)
     p.add_argument("--code", action="store_true", help="print the generated forward() code")
-    p.add_argument("--dot", metavar="FILE", help="write the layer graph: Graphviz DOT text (FILE.dot, "
-                   "FILE.gv, or - for stdout instead of the table), or a picture rendered by Graphviz's "
-                   "dot program (" + ", ".join("FILE." + e for e in PICTURES) + ")")
+    p.add_argument("--dot", metavar="FILE",
+                   help="write the layer graph: Graphviz DOT text (FILE.dot, FILE.gv, or - for "
+                        "stdout instead of the table), or a picture rendered by Graphviz's dot "
+                        "program ("
+                        + ", ".join("FILE." + e for e in PICTURES) + ")")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.set_defaults(run=run)
 
@@ -51,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     from pacnet.api import parameter_count, summarize
 
     if args.dot == "-" and (args.json or args.code):
-        raise PacnetError("--dot - and --" + ("json" if args.json else "code") + " would both print to stdout",
+        other = "--json" if args.json else "--code"
+        raise PacnetError(f"--dot - and {other} would both print to stdout",
                           hint="write the graph to a file: --dot graph.dot")
     if args.dot and args.dot != "-":
         _picture_format(args.dot)  # refuse an unknown extension before building
@@ -134,8 +137,8 @@ def _picture_format(path: str):
     if ext in PICTURES:
         return "jpg" if ext == "jpeg" else ext
     raise PacnetError(f"--dot {path}: cannot tell the format from the extension '.{ext}'",
-                      hint="use .dot or .gv for DOT text, or one of " + ", ".join("." + e for e in PICTURES)
-                           + " for a picture")
+                      hint="use .dot or .gv for DOT text, or one of "
+                           + ", ".join("." + e for e in PICTURES) + " for a picture")
 
 
 def write_dot(net, path: str) -> None:
@@ -151,9 +154,10 @@ def write_dot(net, path: str) -> None:
         return
     program = shutil.which("dot")
     if program is None:
-        raise OutputError(f"--dot {path}: rendering a .{fmt} picture needs Graphviz's 'dot' program, which "
-                          "is not on PATH", hint="install Graphviz (apt install graphviz, brew install "
-                          "graphviz, conda install graphviz), or write DOT text: --dot graph.dot")
+        raise OutputError(f"--dot {path}: rendering a .{fmt} picture needs Graphviz's 'dot' "
+                          "program, which is not on PATH",
+                          hint="install Graphviz (apt install graphviz, brew install graphviz, "
+                               "conda install graphviz), or write DOT text: --dot graph.dot")
     done = subprocess.run([program, f"-T{fmt}"], input=text.encode("utf-8"), capture_output=True)
     if done.returncode != 0:
         reason = done.stderr.decode("utf-8", "replace").strip().splitlines()

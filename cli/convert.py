@@ -31,13 +31,13 @@ from pacnet.errors import PacnetError
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("convert", help="convert a Caffe prototxt (and .caffemodel), or a solver.prototxt, "
-                                       "to pacnet YAML (and safetensors)",
-                       description=description(__doc__))
+    p = sub.add_parser("convert", description=description(__doc__),
+                       help="convert a Caffe prototxt (and .caffemodel), or a solver.prototxt, to "
+                            "pacnet YAML (and safetensors)")
     p.add_argument("net", metavar="NET.prototxt", help="Caffe net definition or solver (text)")
     p.add_argument("-o", "--output", action="append", default=[], metavar="FILE",
-                   help="output file: NET.yaml (or - for stdout) for the net or solver, W.safetensors "
-                        "for the weights; give it once for each")
+                   help="output file: NET.yaml (or - for stdout) for the net or solver, "
+                        "W.safetensors for the weights; give it once for each")
     p.add_argument("--var", action="append", default=[], metavar="NAME=VALUE", dest="vars",
                    help="value of a ${NAME} template variable; repeatable (unset ones stay vars:)")
     p.add_argument("--weights", metavar="W.caffemodel", help="Caffe weights to convert")
@@ -65,7 +65,8 @@ def _outputs(items: List[str]) -> Tuple[Optional[str], Optional[str]]:
             weights_out = item
         else:
             raise PacnetError(f"-o {item}: cannot tell what to write from the extension",
-                              hint="use NET.yaml (or -) for the net and W.safetensors for the weights")
+                              hint="use NET.yaml (or -) for the net and W.safetensors for the "
+                                   "weights")
     return yaml_out, weights_out
 
 
@@ -100,8 +101,8 @@ def _solver_text(src: str, vars: Dict[str, str]) -> str:
     dropped = [k for k in section if k in IGNORED_FIELDS]
     section = {k: v for k, v in section.items() if k not in IGNORED_FIELDS}
     unset = sorted({m for v in section.values() for m in re.findall(r"\$\{(\w+)\}", str(v))})
-    header = (f"converted from {os.path.basename(src)} by pacnet convert: use it with 'pacnet train NET "
-              "--solver FILE', or paste the solver: section into the net")
+    header = (f"converted from {os.path.basename(src)} by pacnet convert: use it with 'pacnet "
+              "train NET --solver FILE', or paste the solver: section into the net")
     if dropped:
         header += f"\nleft out (pacnet takes them from the command line): {', '.join(dropped)}"
     out = {"vars": {name: None for name in unset}} if unset else {}
@@ -171,7 +172,8 @@ def run(args: argparse.Namespace) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # already shown above
             # meta: shapes, dtypes and shared-tensor identity without allocating anything
-            built = build(src, vars=vars, inputs=inputs, phase=args.phase, fuse=False, device="meta")
+            built = build(src, vars=vars, inputs=inputs, phase=args.phase, fuse=False,
+                          device="meta")
         mapped = map_blobs(model, built)
         if not mapped.loaded:
             raise PacnetError(f"no layer of {args.weights} matches a layer of {src}",

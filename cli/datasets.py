@@ -17,8 +17,8 @@ from pacnet.errors import SchemaError, did_you_mean
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("datasets", help="list the data sets of the data: section, or one data set's fields",
-                       description=description(__doc__))
+    p = sub.add_parser("datasets", description=description(__doc__),
+                       help="list the data sets of the data: section, or one data set's fields")
     p.add_argument("name", nargs="?", metavar="NAME", help="a data set, e.g. voc")
     p.add_argument("--schema", action="store_true", help="print the JSON schema instead")
     p.add_argument("--solver", action="store_true", help="show the fields of the solver: section")
@@ -47,8 +47,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.name is None:
         if args.schema:
-            raise SchemaError("--schema needs a data set name", hint="e.g. pacnet datasets voc --schema")
-        table = Table(title=f"{len(DATASETS)} data sets (data: {{dataset: NAME, ...}})", header_style="bold")
+            raise SchemaError("--schema needs a data set name",
+                              hint="e.g. pacnet datasets voc --schema")
+        table = Table(title=f"{len(DATASETS)} data sets (data: {{dataset: NAME, ...}})",
+                      header_style="bold")
         for col in ("dataset", "task", "required", "metric"):
             table.add_column(col, overflow="fold")
         for row in reference.summary_rows():
@@ -59,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.name not in DATASETS:
         raise SchemaError(f"unknown data set {args.name!r}",
-                          hint=did_you_mean(args.name, DATASETS) or "run 'pacnet datasets' for the list")
+                          hint=did_you_mean(args.name, DATASETS)
+                          or "run 'pacnet datasets' for the list")
     if args.schema:
         print(json.dumps(data_schema(args.name), indent=1))
         return 0
@@ -67,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
     out.print(f"{args.name}: {info['task']}", markup=False, style="bold")
     out.print(f"reads: {info['layout']}", markup=False)
     out.print(f"a sample gives: {info['gives']}", markup=False)
-    out.print(_fields_table(reference.dataset_fields(args.name), f"data: {{dataset: {args.name}}} fields"))
+    out.print(_fields_table(reference.dataset_fields(args.name),
+                            f"data: {{dataset: {args.name}}} fields"))
     from pacnet.engine.data import _COMMON
 
     out.print(_fields_table(reference.fields(_COMMON), "fields of every data set"))
@@ -82,6 +86,7 @@ def _fields_table(rows, title: str):
     for col in ("field", "type", "default", "description"):
         table.add_column(col, overflow="fold")
     for f in rows:  # Text: no markup in descriptions that hold [lists]
-        table.add_row(*(Text(v) for v in (f.name + (" *" if f.required else ""), f.type.replace("\\|", "|"),
-                                          f.default, f.description)))
+        name = f.name + (" *" if f.required else "")
+        kind = f.type.replace("\\|", "|")
+        table.add_row(*(Text(v) for v in (name, kind, f.default, f.description)))
     return table

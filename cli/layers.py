@@ -50,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     out.print(Text(args.type, style="bold") + Text(
         f"  bottoms {_arity(t.bottoms)}, tops {_arity(t.tops)}"
-        + (f", learnable blobs: {', '.join(t.blobs)}" if t.blobs else "") + (", loss layer" if t.loss else "")))
+        + (f", learnable blobs: {', '.join(t.blobs)}" if t.blobs else "")
+        + (", loss layer" if t.loss else "")))
     out.print(t.doc().replace("``", ""), markup=False)
     table = Table(header_style="bold")
     for col in ("parameter", "type", "default", "description"):

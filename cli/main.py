@@ -23,11 +23,12 @@ from pacnet.errors import PacnetError
 # Verb modules in the order their commands are listed by --help.
 VERBS = ("build", "layers", "datasets", "convert", "hotswap", "train", "test", "time")
 
-DESCRIPTION = ("pacnet: a Caffe-style graph compiler for PyTorch. Nets are YAML (or Caffe .prototxt) "
-               "graphs of primitive layers; pixel-adaptive, segmentation-aware and dense-CRF layers "
-               "run on fused kernels.")
+DESCRIPTION = ("pacnet: a Caffe-style graph compiler for PyTorch. Nets are YAML (or Caffe "
+               ".prototxt) graphs of primitive layers; pixel-adaptive, segmentation-aware and "
+               "dense-CRF layers run on fused kernels.")
 EPILOG = ("Run 'pacnet COMMAND --help' for a command's options, e.g. 'pacnet build "
-          "deeplab/deeplab_v1_largefov' or 'pacnet train nets/jointupsample/pac_joint_upsample_x8.yaml'.")
+          "deeplab/deeplab_v1_largefov' or 'pacnet train "
+          "nets/jointupsample/pac_joint_upsample_x8.yaml'.")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -3,7 +3,7 @@
     pacnet train nets/jointupsample/pac_joint_upsample_x8.yaml
     pacnet train NET --work-dir runs/a --set solver.max_iter=200 --set data.batch_size=2
     pacnet train NET --resume                    # continue from the work dir's latest checkpoint
-    pacnet train NET --resume auto               # ... or from the newest intact one, skipping damaged ones
+    pacnet train NET --resume auto               # ... or the newest intact one
     pacnet train NET --weights init.safetensors  # start from weights (Caffe's -weights)
     pacnet train NET --solver solver.prototxt    # a Caffe solver (or a YAML solver: section)
     torchrun --nproc-per-node 2 -m pacnet train NET
@@ -49,15 +49,16 @@ def add_parser(sub) -> None:
     p.add_argument("--work-dir", metavar="DIR", help="where the run's files go (default work_dirs/<net name>)")
     start = p.add_mutually_exclusive_group()
     start.add_argument("--resume", nargs="?", const=True, default=None, metavar="CKPT|auto",
-                       help="continue from the work dir's latest checkpoint (a new run if it has none; "
-                            "refused if it is damaged), with 'auto' from the newest intact one (damaged "
-                            "ones are skipped with a warning), or from the checkpoint CKPT "
-                            "(.safetensors or .state.pt)")
+                       help="continue from the work dir's latest checkpoint (a new run if it "
+                            "has none; refused if it is damaged), with 'auto' from the newest "
+                            "intact one (damaged ones are skipped with a warning), or from the "
+                            "checkpoint CKPT (.safetensors or .state.pt)")
     start.add_argument("--weights", action="append", default=[], metavar="W.safetensors",
                        help="initialise from these weights (blobs matched by name, as Caffe's "
                             "-weights); repeatable or comma-separated")
-    p.add_argument("--solver", metavar="FILE", help="train with this solver instead of the net's solver: "
-                   "section: a Caffe solver.prototxt or a YAML file with a solver: section")
+    p.add_argument("--solver", metavar="FILE",
+                   help="train with this solver instead of the net's solver: section: a Caffe "
+                        "solver.prototxt or a YAML file with a solver: section")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override a value, e.g. solver.base_lr=0.01 or data.batch_size=2; repeatable")
     p.add_argument("--var", action="append", default=[], metavar="NAME=VALUE", dest="vars",
@@ -200,7 +201,8 @@ class _Display:
                                      lr=fmt(event["lr"]))
             return
         if kind == "warning":
-            self.warn(f"warning: {event['message']}" + (f"\n  hint: {event['hint']}" if event.get("hint") else ""))
+            hint = f"\n  hint: {event['hint']}" if event.get("hint") else ""
+            self.warn(f"warning: {event['message']}{hint}")
         elif kind == "resume":
             self.print(f"resuming from {event['path']} (iteration {event['step']})")
         elif kind == "weights":

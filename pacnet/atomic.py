@@ -22,7 +22,8 @@ from typing import IO, Callable, Iterator, List, Tuple
 
 from pacnet.errors import OutputError
 
-__all__ = ["atomic_write", "atomic_save", "atomic_files", "file_mode", "fsync_dir", "check_writable"]
+__all__ = ["atomic_write", "atomic_save", "atomic_files", "file_mode", "fsync_dir",
+           "check_writable"]
 
 _UMASK_LOCK = threading.Lock()
 

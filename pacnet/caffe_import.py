@@ -791,8 +791,8 @@ def convert(root: Message, *, file: Optional[str] = None,
     return net, c.marks
 
 
-def convert_text(text: str, vars: Optional[Mapping[str, Any]] = None, *,
-                 file: Optional[str] = None, keep_unset: bool = False) -> Tuple[Dict[str, Any], Marks]:
+def convert_text(text: str, vars: Optional[Mapping[str, Any]] = None, *, file: Optional[str] = None,
+                 keep_unset: bool = False) -> Tuple[Dict[str, Any], Marks]:
     """Parse and convert prototxt text.  ``keep_unset``: template variables without a value
     stay ``${NAME}`` in the net and are listed as ``vars: {NAME: null}`` (to be set when the
     net is loaded) instead of being an error."""

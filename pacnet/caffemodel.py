@@ -212,8 +212,8 @@ def _records(data: bytes, start: int, end: int) -> Iterator[Tuple[int, int, int,
                 length, lo = _varint(data, pos, end)
                 nxt = lo + length
                 if nxt > end:
-                    raise _WireError(rec, f"field {number} claims {length} bytes but only {end - lo} "
-                                          "remain (truncated file?)")
+                    raise _WireError(rec, f"field {number} claims {length} bytes but only "
+                                          f"{end - lo} remain (truncated file?)")
             elif wire == 5:
                 lo, nxt = pos, pos + 4
             else:
@@ -268,7 +268,8 @@ class _Locator:
     def __init__(self, data: bytes, file: Optional[str]) -> None:
         self.data, self.file = data, file
 
-    def error(self, message: str, path: Sequence[Tuple[int, int]], extra: int = 0, **kw: Any) -> LoadError:
+    def error(self, message: str, path: Sequence[Tuple[int, int]], extra: int = 0,
+              **kw: Any) -> LoadError:
         offset = _offset(self.data, path)
         where = f" (byte offset {offset + extra} of {len(self.data)})" if offset is not None else ""
         kw.setdefault("hint", "the file is corrupt or truncated; download or convert it again")
@@ -281,7 +282,8 @@ class _Locator:
         return value
 
 
-def _blob_array(blob, exact_cls, where: str, at: _Locator, path: Tuple[Tuple[int, int], ...]) -> np.ndarray:
+def _blob_array(blob, exact_cls, where: str, at: _Locator,
+                path: Tuple[Tuple[int, int], ...]) -> np.ndarray:
     if blob.HasField("shape"):
         shape = tuple(int(d) for d in blob.shape.dim)
     elif any(blob.HasField(k) for k in ("num", "channels", "height", "width")):
@@ -317,13 +319,14 @@ def _blob_array(blob, exact_cls, where: str, at: _Locator, path: Tuple[Tuple[int
     if shape is None:
         shape = (arr.size,)
     if arr.size != int(np.prod(shape, dtype=np.int64)):
-        raise at.error(f"{where}: blob shape {list(shape)} needs {int(np.prod(shape, dtype=np.int64))} "
-                       f"values, the file has {arr.size}", path + ((field, 0),))
+        raise at.error(f"{where}: blob shape {list(shape)} needs "
+                       f"{int(np.prod(shape, dtype=np.int64))} values, the file has {arr.size}",
+                       path + ((field, 0),))
     bad = np.flatnonzero(~np.isfinite(arr))
     if bad.size:
         first = int(bad[0])
-        raise at.error(f"{where}: {bad.size} value(s) are not finite (value {first} of {arr.size} is "
-                       f"{arr[first]})", path + ((field, 0),), extra=first * width,
+        raise at.error(f"{where}: {bad.size} value(s) are not finite (value {first} of {arr.size} "
+                       f"is {arr[first]})", path + ((field, 0),), extra=first * width,
                        hint="the file is corrupt, or the model diverged while training")
     return arr.reshape(shape)
 

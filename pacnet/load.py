@@ -96,7 +96,8 @@ def _yaml_to_marked(text: str, filename: str) -> Any:
         raise LoadError(f"invalid YAML: {err}", location=Location(filename)) from None
     if node is None:
         raise LoadError("the file is empty", location=Location(filename),
-                        hint="a net file needs at least 'layers:' (see the README, 'The net format')")
+                        hint="a net file needs at least 'layers:' (see the README, 'The net "
+                             "format')")
 
     def at(n) -> Location:
         return Location(filename, n.start_mark.line + 1, n.start_mark.column + 1)

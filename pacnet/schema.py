@@ -191,7 +191,8 @@ def validate_layer(layer: MarkedDict, location: Optional[Location]) -> Tuple[Dic
         raise SchemaError("layer without a 'name'", location=location, hint="add 'name: <unique name>'")
     if not isinstance(name, str):
         raise SchemaError(f"layer name {name!r} is {type(name).__name__}, not text",
-                          location=where(layer, "name") or location, hint=f"quote it: name: \"{name}\"")
+                          location=where(layer, "name") or location,
+                          hint=f"quote it: name: \"{name}\"")
     if not isinstance(ltype, str) or not ltype:
         raise SchemaError("layer without a 'type'", location=location, layer=name,
                           hint="add 'type: <LayerType>' (see 'pacnet layers')")

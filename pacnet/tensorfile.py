@@ -33,8 +33,8 @@ import torch
 
 from pacnet.errors import DamagedFileError, DataError, PacnetValueError
 
-__all__ = ["CHECKSUM_KEY", "write_safetensors", "read_safetensors", "tensor_digest", "content_digest",
-           "identify"]
+__all__ = ["CHECKSUM_KEY", "write_safetensors", "read_safetensors", "tensor_digest",
+           "content_digest", "identify"]
 
 CHECKSUM_KEY = "pacnet.sha256"
 _ALIASES = "pacnet.aliases"  # written by pacnet <= 0.1 for shared blobs; still read
@@ -98,7 +98,8 @@ def _feed(h: "hashlib._Hash", value: Any) -> None:
         raw = value.encode("utf-8") if isinstance(value, str) else value
         h.update((b"S" if isinstance(value, str) else b"Y") + b"%d:" % len(raw) + raw)
     else:
-        raise PacnetValueError(f"cannot checksum a {type(value).__name__} (plain data and tensors only)")
+        raise PacnetValueError(f"cannot checksum a {type(value).__name__} (plain data and tensors "
+                               "only)")
 
 
 def content_digest(value: Any) -> str:
@@ -133,7 +134,8 @@ def write_safetensors(path: str, tensors: Mapping[str, torch.Tensor],
         if code is None:
             raise PacnetValueError(f"cannot save {key!r} to {path}: safetensors has no {t.dtype}")
         size = t.numel() * t.element_size()
-        header[key] = {"dtype": code, "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        header[key] = {"dtype": code, "shape": list(t.shape),
+                       "data_offsets": [offset, offset + size]}
         items.append((key, t))
         offset += size
     checksum = tensor_digest(tensors)
@@ -209,23 +211,28 @@ def read_safetensors(path: str, device: Any = "cpu", *, what: str = "weights fil
     from safetensors import SafetensorError, safe_open
 
     if not os.path.isfile(path):
+        folder = os.path.isdir(path)
         raise DataError(f"{what} not found: {path}",
-                        hint="check the path" if not os.path.isdir(path) else "give a file, not a folder")
+                        hint="give a file, not a folder" if folder else "check the path")
     foreign = identify(path)
     if foreign is not None:
-        raise DataError(f"{path} is {foreign}, not a safetensors {what}", hint=_advice(foreign, path))
+        raise DataError(f"{path} is {foreign}, not a safetensors {what}",
+                        hint=_advice(foreign, path))
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             meta = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as err:
-        raise DamagedFileError(f"{what} {path} is damaged: {str(err).strip() or type(err).__name__}",
-                        hint="the file was cut short or overwritten; write or copy it again") from None
+        reason = str(err).strip() or type(err).__name__
+        raise DamagedFileError(f"{what} {path} is damaged: {reason}",
+                               hint="the file was cut short or overwritten; write or copy it "
+                                    "again") from None
     expected = meta.get(CHECKSUM_KEY)
     if expected is not None and tensor_digest(tensors) != expected:
-        raise DamagedFileError(f"{what} {path} is corrupt: its tensors do not match the SHA-256 checksum "
-                        "written with them", hint="the file was damaged after it was written "
-                        "(disk, copy or transfer); write or copy it again")
+        raise DamagedFileError(f"{what} {path} is corrupt: its tensors do not match the SHA-256 "
+                               "checksum written with them",
+                               hint="the file was damaged after it was written (disk, copy or "
+                                    "transfer); write or copy it again")
     if _ALIASES in meta:
         try:
             for alias, owner in json.loads(meta[_ALIASES]).items():

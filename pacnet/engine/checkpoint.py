@@ -40,7 +40,8 @@ from pacnet.tensorfile import CHECKSUM_KEY, content_digest, read_safetensors, wr
 
 __all__ = [
     "FORMAT", "capture_rng_state", "restore_rng_state", "seed_everything", "save_weights", "load_weights",
-    "check_compatible", "save_state", "load_state", "Checkpoint", "CheckpointManager", "rank_rng_state",
+    "check_compatible", "save_state", "load_state", "Checkpoint", "CheckpointManager",
+    "rank_rng_state",
 ]
 
 FORMAT = 1  # version of the training-state layout
@@ -150,8 +151,8 @@ def load_state(path: str) -> Dict[str, Any]:
         raise DataError(f"{path} is not a pacnet training state (format {FORMAT})")
     expected = state.pop(_CHECKSUM, None)
     if expected is not None and content_digest(state) != expected:
-        raise DamagedFileError(f"training state {path} is corrupt: its content does not match the SHA-256 "
-                        "checksum written with it", hint=_DAMAGED)
+        raise DamagedFileError(f"training state {path} is corrupt: its content does not match the "
+                               "SHA-256 checksum written with it", hint=_DAMAGED)
     return state
 
 
@@ -247,12 +248,13 @@ class CheckpointManager:
         expected = state.get("weights_sha256")
         if expected is not None and meta.get(CHECKSUM_KEY) != expected:
             raise DamagedFileError(f"{ck.weights} is not the weights file saved with {ck.state} "
-                            "(their checksums differ)",
-                            hint="one of the two was replaced; restore the pair, or resume from another "
-                                 "checkpoint")
+                                   "(their checksums differ)",
+                                   hint="one of the two was replaced; restore the pair, or resume "
+                                        "from another checkpoint")
         return weights, state
 
-    def latest_intact(self) -> Tuple[Optional[Checkpoint], List[Tuple[Checkpoint, DamagedFileError]]]:
+    def latest_intact(self) -> Tuple[Optional[Checkpoint],
+                                     List[Tuple[Checkpoint, DamagedFileError]]]:
         """The newest checkpoint whose files verify, and the newer, damaged ones (each with
         its error), newest first."""
         damaged: List[Tuple[Checkpoint, DamagedFileError]] = []
@@ -315,7 +317,8 @@ class CheckpointManager:
                         hint="give the .safetensors or .state.pt file of a checkpoint")
 
 
-def rank_rng_state(state: Mapping[str, Any], rank: int = 0, world_size: int = 1) -> Optional[Mapping[str, Any]]:
+def rank_rng_state(state: Mapping[str, Any], rank: int = 0,
+                   world_size: int = 1) -> Optional[Mapping[str, Any]]:
     """The RNG state a process of ``rank`` in ``world_size`` resumes with: its own when the
     checkpoint holds one per rank of the same world size, else the saving process's."""
     ranks = state.get("rng_ranks")

@@ -37,7 +37,8 @@ from pacnet.engine.datasets import (
 from pacnet.engine.transforms import LOWRES_MODES, JointTransform, SegTransform
 from pacnet.errors import DataError, SchemaError
 
-__all__ = ["DATASETS", "DATASET_INFO", "PHASES", "data_schema", "missing_section", "parse_data", "make_dataset", "StreamSampler",
+__all__ = ["DATASETS", "DATASET_INFO", "PHASES", "data_schema", "missing_section", "parse_data",
+           "make_dataset", "StreamSampler",
            "make_loader", "collate", "input_shapes"]
 
 PHASES = ("train", "val", "test")
@@ -164,8 +165,8 @@ DATASET_INFO: Dict[str, Dict[str, str]] = {
     "synthetic_depth": {
         "task": "joint depth upsampling (built in, no download)",
         "gives": "guide, target, gt, gt_raw, target_range",
-        "layout": "procedural scenes drawn from (seed, split, index): piecewise-planar depth 1-10 m "
-                  "with an RGB guide whose regions follow the depth edges",
+        "layout": "procedural scenes drawn from (seed, split, index): piecewise-planar depth "
+                  "1-10 m with an RGB guide whose regions follow the depth edges",
     },
     "synthetic_seg": {
         "task": "semantic segmentation (built in, no download)",
@@ -176,22 +177,23 @@ DATASET_INFO: Dict[str, Dict[str, str]] = {
     "synthetic_embedding": {
         "task": "segmentation-aware embeddings (built in, no download)",
         "gives": "data, label (region ids), data_dim",
-        "layout": "procedural scenes whose label is a region id per object (segaware embs, DistLoss)",
+        "layout": "procedural scenes whose label is a region id per object (segaware embs, "
+                  "DistLoss)",
     },
     "voc": {
         "task": "semantic segmentation: PASCAL VOC 2012, optionally with SBD",
         "gives": "data, label, data_dim",
         "layout": "root: VOC2012/ with JPEGImages/<id>.jpg, SegmentationClass/<id>.png, "
-                  "ImageSets/Segmentation/<image_set>.txt (a VOCdevkit/ holding VOC2012/ works too); "
-                  "sbd_root: benchmark_RELEASE/dataset/ with img/, cls/<id>.mat, train.txt, val.txt "
-                  "(image sets train_aug, trainval_aug); or list: a Caffe ImageSegData list of "
-                  "'/JPEGImages/x.jpg /SegmentationClassAug/x.png' lines relative to root",
+                  "ImageSets/Segmentation/<image_set>.txt (a VOCdevkit/ holding VOC2012/ works "
+                  "too); sbd_root: benchmark_RELEASE/dataset/ with img/, cls/<id>.mat, train.txt, "
+                  "val.txt (image sets train_aug, trainval_aug); or list: a Caffe ImageSegData "
+                  "list of '/JPEGImages/x.jpg /SegmentationClassAug/x.png' lines relative to root",
     },
     "nyu": {
         "task": "joint depth upsampling: NYU Depth v2 (the PAC paper's split)",
         "gives": "guide, target, gt, gt_raw, target_range",
-        "layout": "root: the folder holding nyu_depth_v2_labeled.mat (or the file): 1449 RGB-D images, "
-                  "the first train_count train, the rest test",
+        "layout": "root: the folder holding nyu_depth_v2_labeled.mat (or the file): 1449 RGB-D "
+                  "images, the first train_count train, the rest test",
     },
     "sintel": {
         "task": "joint optical-flow upsampling: MPI-Sintel",
@@ -238,8 +240,9 @@ def missing_section(inputs: Sequence[str] = (), source: Optional[str] = None) ->
     elif names:
         image = "data" if "data" in names else sorted(names)[0]
         rename = "" if image == "data" else f", blobs: {{data: {image}}}"
-        example = (f"data: {{dataset: voc, root: data/VOCdevkit/VOC2012{rename}}}, or to try it without "
-                   f"downloading: data: {{dataset: synthetic_seg, num_classes: 21, crop_size: 64{rename}}}")
+        example = (f"data: {{dataset: voc, root: data/VOCdevkit/VOC2012{rename}}}, or to try it "
+                   f"without downloading: data: {{dataset: synthetic_seg, num_classes: 21, "
+                   f"crop_size: 64{rename}}}")
     else:
         example = "data: {dataset: NAME, ...}"
     return _schema.error(["data"], "missing: this command needs a data section naming a data set",
@@ -257,13 +260,16 @@ def parse_data(raw: Optional[Mapping[str, Any]], phase: str, *, root: Sequence[A
         raise DataError(f"unknown phase {phase!r}; use one of {', '.join(PHASES)}")
     if raw is None:
         raise missing_section(source=source)
-    if isinstance(raw, list) and raw and all(isinstance(r, Mapping) and "type" in r and "tops" in r for r in raw):
+    if isinstance(raw, list) and raw and all(isinstance(r, Mapping) and {"type", "tops"} <= set(r)
+                                             for r in raw):
         kinds = ", ".join(sorted({f"{r['type']} '{r.get('name')}'" for r in raw}))
-        raise _schema.error(list(root), f"this section lists the Caffe data layers of a converted prototxt "
-                            f"({kinds}); pacnet reads data through a data set, which it does not name",
-                            hint="replace it with a data set section, e.g. data: {dataset: voc, root: "
-                                 "VOC2012, list: train.txt, crop_size: 321, mean_value: [104.008, 116.669, "
-                                 "122.675], mirror: true} ('pacnet datasets' lists them and their fields)",
+        raise _schema.error(list(root), f"this section lists the Caffe data layers of a converted "
+                            f"prototxt ({kinds}); pacnet reads data through a data set, which it "
+                            "does not name",
+                            hint="replace it with a data set section, e.g. data: {dataset: voc, "
+                                 "root: VOC2012, list: train.txt, crop_size: 321, mean_value: "
+                                 "[104.008, 116.669, 122.675], mirror: true} ('pacnet datasets' "
+                                 "lists them and their fields)",
                             locate=locate, source=source)
     if not isinstance(raw, Mapping):
         raise _schema.error(list(root), f"expected a mapping, got {_schema.kind_of(raw)}",

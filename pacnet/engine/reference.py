@@ -47,10 +47,11 @@ def _type(schema: Mapping[str, Any]) -> str:
         return f"list of {size + ' ' if size else ''}{what}"
     if kind == "object":
         return "mapping"
-    return {"number": "number", "integer": "integer", "string": "string", "boolean": "bool"}.get(kind, kind)
+    return {"boolean": "bool"}.get(kind, kind)
 
 
-def fields(properties: Mapping[str, Mapping[str, Any]], required: Sequence[str] = ()) -> List[Field]:
+def fields(properties: Mapping[str, Mapping[str, Any]],
+           required: Sequence[str] = ()) -> List[Field]:
     """The rows of a schema's ``properties``, in their order."""
     return [Field(name, _type(sub), json.dumps(sub["default"]) if "default" in sub else "",
                   str(sub.get("description", "")), name in required)
@@ -79,8 +80,8 @@ def markdown() -> str:
     """The README's ``data:`` and ``solver:`` reference (between :data:`BEGIN` and :data:`END`)."""
     lines = [BEGIN, "", "### The `data:` section", "",
              "`dataset` names the data set; its fields (below) may also be set per phase under "
-             f"{', '.join('`' + p + ':`' for p in PHASES)} (e.g. random crops and mirroring only in "
-             "`train:`). Fields every data set takes:", ""]
+             f"{', '.join('`' + p + ':`' for p in PHASES)} (e.g. random crops and mirroring only "
+             "in `train:`). Fields every data set takes:", ""]
     lines += _table(fields(_COMMON))
     for name in DATASETS:
         info = DATASET_INFO[name]
@@ -90,9 +91,9 @@ def markdown() -> str:
         lines += _table(dataset_fields(name))
     ignored = ", ".join(f"`{k}`" for k in IGNORED_FIELDS)
     lines += ["", "### The `solver:` section", "",
-              "Caffe's `SolverParameter` fields (a Caffe `solver.prototxt` converts with `pacnet convert "
-              "solver.prototxt`, or trains as it is with `pacnet train NET --solver solver.prototxt`). "
-              f"Accepted and ignored: {ignored}.", ""]
+              "Caffe's `SolverParameter` fields (a Caffe `solver.prototxt` converts with `pacnet "
+              "convert solver.prototxt`, or trains as it is with `pacnet train NET --solver "
+              f"solver.prototxt`). Accepted and ignored: {ignored}.", ""]
     lines += _table([f for f in solver_fields() if f.name not in IGNORED_FIELDS])
     lines += ["", END]
     return "\n".join(lines) + "\n"

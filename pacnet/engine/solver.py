@@ -56,7 +56,8 @@ from pacnet.errors import PacnetValueError, SchemaError
 __all__ = [
     "SOLVER_SCHEMA", "LR_POLICIES", "SOLVER_TYPES", "SolverConfig", "parse_solver",
     "LearningRate", "ParamGroupSpec", "param_groups", "CaffeSGD", "make_optimizer",
-    "clip_gradients", "StepInfo", "Solver", "IGNORED_FIELDS", "is_solver_prototxt", "read_solver_file",
+    "clip_gradients", "StepInfo", "Solver", "IGNORED_FIELDS", "is_solver_prototxt",
+    "read_solver_file",
 ]
 
 LR_POLICIES = ("fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid")
@@ -177,7 +178,8 @@ SOLVER_SCHEMA: Dict[str, Any] = {
 
 #: Caffe SolverParameter fields pacnet accepts and ignores (net files, devices, snapshot naming).
 IGNORED_FIELDS = tuple(k for k, v in SOLVER_SCHEMA["properties"].items()
-                       if str(v.get("description", "")).startswith(_IGNORED) or k == "snapshot_prefix")
+                       if str(v.get("description", "")).startswith(_IGNORED)
+                       or k == "snapshot_prefix")
 
 _NUMBER_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
@@ -722,8 +724,8 @@ def is_solver_prototxt(root: Any) -> bool:
     fields every solver has."""
     names = set(root.names())
     known = set(SOLVER_SCHEMA["properties"])
-    return bool(names) and names <= known and bool(names & {"base_lr", "lr_policy", "max_iter", "net",
-                                                                "train_net", "type", "solver_type"})
+    every = {"base_lr", "lr_policy", "max_iter", "net", "train_net", "type", "solver_type"}
+    return bool(names) and names <= known and bool(names & every)
 
 
 def read_solver_file(path: str, vars: Optional[Mapping[str, Any]] = None, *,
@@ -744,7 +746,8 @@ def read_solver_file(path: str, vars: Optional[Mapping[str, Any]] = None, *,
 
         root = parse(read_text(path), vars, file=path, keep_unset={})
         if not is_solver_prototxt(root):
-            raise LoadError(f"{path} is not a Caffe solver (SolverParameter)", location=Location(path),
+            raise LoadError(f"{path} is not a Caffe solver (SolverParameter)",
+                            location=Location(path),
                             hint="a solver file has fields such as base_lr, lr_policy and max_iter")
         section = root.to_dict()
         marks = {("solver", f.name): Location(path, f.line, f.col) for f in root}
@@ -753,12 +756,12 @@ def read_solver_file(path: str, vars: Optional[Mapping[str, Any]] = None, *,
 
         tree = read_yaml(path)
         section = tree.get("solver", tree) if isinstance(tree, Mapping) else tree
-        env = {k: v for k, v in ((tree.get("vars") or {}) if isinstance(tree, Mapping) else {}).items()
-               if v is not None}
+        own = (tree.get("vars") or {}) if isinstance(tree, Mapping) else {}
+        env = {k: v for k, v in own.items() if v is not None}
         env.update(vars or {})
         section = substitute(section, env, {})
     checked = section
-    if keep_unset and isinstance(section, Mapping):  # check the rest; a number stands in for a template
+    if keep_unset and isinstance(section, Mapping):  # check the rest; 1 stands in for a number
         checked = {}
         for key, value in section.items():
             if _schema._unset_template(value, ()) is None:

@@ -41,8 +41,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pacnet.engine.checkpoint import (Checkpoint, CheckpointManager, capture_rng_state, load_weights,
-                                     seed_everything)
+from pacnet.engine.checkpoint import (Checkpoint, CheckpointManager, capture_rng_state,
+                                     load_weights, seed_everything)
 from pacnet.engine.data import make_dataset, make_loader, missing_section, parse_data
 from pacnet.engine.datasets import BlobDataset
 from pacnet.engine.metrics import EPE, RMSE, Average, ConfusionMatrix, all_reduce_
@@ -159,8 +159,8 @@ def _copy_blobs(state: Mapping[str, torch.Tensor], weights: Mapping[str, torch.T
     names, number of file blobs the net does not have)."""
     matching = [k for k in weights if k in state]
     if not matching:
-        raise DataError(f"weights file {path}: none of its {len(weights)} blobs is a blob of the net "
-                        f"(the file has {_some(weights)}; the net has {_some(state)})",
+        raise DataError(f"weights file {path}: none of its {len(weights)} blobs is a blob of the "
+                        f"net (the file has {_some(weights)}; the net has {_some(state)})",
                         hint="is it the weights of this net? blobs match by '<layer>.<blob>' name")
     for key in matching:
         value = weights[key]
@@ -202,8 +202,8 @@ class Evaluator:
     the low-res ``target`` upsampled bilinearly to the ground truth's size and
     de-normalised like the prediction (pac.md §3 "Bilinear")."""
 
-    def __init__(self, options: Mapping[str, Any], outputs: Sequence[str], losses: Iterable[str] = (),
-                 source: Optional[str] = None) -> None:
+    def __init__(self, options: Mapping[str, Any], outputs: Sequence[str],
+                 losses: Iterable[str] = (), source: Optional[str] = None) -> None:
         self.options = dict(options)
         self.source = source  # the net file, for messages
         self.kind = options.get("metric", "none")
@@ -273,12 +273,15 @@ class Evaluator:
         if self.kind == "miou":
             k = self.options["num_classes"]
             if pred.dim() == 4 and pred.shape[1] > 1 and pred.shape[1] != k:
-                raise ShapeError(f"the test net's prediction '{self.predict}' scores {pred.shape[1]} classes "
-                                 f"but the data set ({self.options['dataset']}) has data.num_classes = {k}",
+                n = pred.shape[1]
+                raise ShapeError(f"the test net's prediction '{self.predict}' scores {n} classes "
+                                 f"but the data set ({self.options['dataset']}) has "
+                                 f"data.num_classes = {k}",
                                  location=Location(self.source) if self.source else None,
-                                 hint=f"make them agree: set data.num_classes to {pred.shape[1]} (--set "
-                                      f"data.num_classes={pred.shape[1]}), or give the net's last layer "
-                                      f"num_output {k} (e.g. --var NUM_LABELS={k} where the net has it)")
+                                 hint=f"make them agree: set data.num_classes to {n} (--set "
+                                      f"data.num_classes={n}), or give the net's last layer "
+                                      f"num_output {k} (e.g. --var NUM_LABELS={k} where the net "
+                                      "has it)")
             if pred.shape[-2:] != truth.shape[-2:]:
                 raise ShapeError(f"prediction '{self.predict}' is {tuple(pred.shape[-2:])} but the labels are "
                                  f"{tuple(truth.shape[-2:])}", hint="resize the scores to the label size in "
@@ -429,10 +432,11 @@ def train(source: Any, work_dir: str, *, vars: Optional[Mapping[str, Any]] = Non
     it is damaged); ``"auto"`` = from the newest intact one; False = start fresh (the work
     dir's checkpoints are kept until overwritten, its metrics are cleared); a path = resume
     from that checkpoint.  ``solver``: a ``solver:`` section replacing the net's (e.g.
-    :func:`pacnet.engine.solver.read_solver_file`; ``overrides`` still apply).  ``weights``: safetensors files to
-    initialise from when not resuming (added to the solver's ``weights``).  ``amp``: run
-    the training forward passes under bfloat16 autocast (:func:`_autocast`; the backward,
-    the update and the test passes stay float32).  Returns a summary dict.
+    :func:`pacnet.engine.solver.read_solver_file`; ``overrides`` still apply).
+    ``weights``: safetensors files to initialise from when not resuming (added to the
+    solver's ``weights``).  ``amp``: run the training forward passes under bfloat16
+    autocast (:func:`_autocast`; the backward, the update and the test passes stay
+    float32).  Returns a summary dict.
     """
     from pacnet.api import build
     from pacnet.load import apply_overrides, load
@@ -472,18 +476,19 @@ def train(source: Any, work_dir: str, *, vars: Optional[Mapping[str, Any]] = Non
 
     wd = WorkDir(work_dir, tensorboard=tensorboard if info.main else False)
     manager = wd.checkpoints(keep_last=config.snapshot_keep)
-    shape = {"world_size": info.world_size, "batch_size": train_opts["batch_size"], "iter_size": config.iter_size}
+    shape = {"world_size": info.world_size, "batch_size": train_opts["batch_size"],
+             "iter_size": config.iter_size}
     position = 0
     checkpoint, state = _load_resume_point(manager, resume, net, solver, info, on_event)
     if info.main:
         previous = wd.write_config(tree, keep_previous=checkpoint is not None)
         if previous is not None:
-            _emit(on_event, {"event": "warning", "message": f"the config differs from the one the run was "
-                             f"trained with so far ({_changes(previous[1], tree)}); the previous one is kept "
-                             f"as {previous[0]}"})
+            _warn(on_event, "the config differs from the one the run was trained with so far "
+                            f"({_changes(previous[1], tree)}); the previous one is kept as "
+                            f"{previous[0]}")
         wd.write_environment(argv, dev, {"world_size": info.world_size})
     if checkpoint is not None:
-        position = _resumed_position(state, shape, config, info, on_event)
+        position = _resumed_position(state, shape, config.random_seed, info, on_event)
         if info.main:
             wd.truncate_metrics(solver.iter - 1)  # records from iteration `iter` on came after it
         _emit(on_event, {"event": "resume", "step": solver.iter, "path": checkpoint.weights})
@@ -514,9 +519,9 @@ def train(source: Any, work_dir: str, *, vars: Optional[Mapping[str, Any]] = Non
     last_checkpoint: Optional[Checkpoint] = checkpoint  # the newest one of this run so far
     finished = checkpoint is not None and solver.done
     if finished:
-        _emit(on_event, {"event": "warning", "message": f"the run already finished: iteration {solver.iter} of "
-                         f"solver.max_iter {config.max_iter}; nothing to train",
-                         "hint": "raise solver.max_iter (--max-iter) to train on; 'pacnet test' evaluates it"})
+        _warn(on_event, f"the run already finished: iteration {solver.iter} of solver.max_iter "
+                        f"{config.max_iter}; nothing to train",
+              hint="raise solver.max_iter (--max-iter) to train on; 'pacnet test' evaluates it")
 
     def run_test() -> None:
         nonlocal last_test
@@ -599,7 +604,8 @@ def train(source: Any, work_dir: str, *, vars: Optional[Mapping[str, Any]] = Non
         raise
     finally:
         wd.close()
-    summary = {"event": "done", "step": solver.iter, "work_dir": wd.path, "finished_before": finished,
+    summary = {"event": "done", "step": solver.iter, "work_dir": wd.path,
+               "finished_before": finished,
                "checkpoint": last_checkpoint.weights if last_checkpoint else None, "test": last_test,
                "smoothed_loss": solver.smoothed_loss}
     _emit(on_event, summary)
@@ -636,8 +642,9 @@ def _gather_rng_states(info: DistInfo) -> Optional[List[Dict[str, Any]]]:
     return states
 
 
-def _load_resume_point(manager: CheckpointManager, resume: Any, net: torch.nn.Module, solver: Solver,
-                       info: DistInfo, on_event: OnEvent) -> Tuple[Optional[Checkpoint], Dict[str, Any]]:
+def _load_resume_point(manager: CheckpointManager, resume: Any, net: torch.nn.Module,
+                       solver: Solver, info: DistInfo,
+                       on_event: OnEvent) -> Tuple[Optional[Checkpoint], Dict[str, Any]]:
     """Load the checkpoint ``resume`` names into ``net`` and ``solver``: (checkpoint, its
     training state), or (None, {}) for a new run.  ``True``: the latest checkpoint, refused
     when damaged; ``"auto"``: the newest intact one, skipping damaged ones with a warning;
@@ -650,36 +657,40 @@ def _load_resume_point(manager: CheckpointManager, resume: Any, net: torch.nn.Mo
         path = os.fspath(resume)
         ck = manager.resolve(path)
         if not os.path.isfile(ck.state) or not os.path.isfile(ck.weights):
-            raise DataError(f"checkpoint not found: {path}", hint="give a .safetensors or .state.pt of a "
-                            "checkpoint with both files present")
+            raise DataError(f"checkpoint not found: {path}", hint="give a .safetensors or "
+                            ".state.pt of a checkpoint with both files present")
         candidates = [ck]
     for ck in candidates:
         try:
             state = manager.load(ck, net, solver=solver, rank=info.rank, world_size=info.world_size)
         except DamagedFileError as err:
             if resume != "auto":
-                raise _damaged(err, manager, ck, named=resume is not True) from None
-            _emit(on_event, {"event": "warning", "message": f"skipping a damaged checkpoint: {err.message}"})
+                raise _damaged(err, manager, named=resume is not True) from None
+            _warn(on_event, f"skipping a damaged checkpoint: {err.message}")
             continue
         return ck, state
     if candidates:
-        raise DataError(f"no intact checkpoint in {manager.folder}: all {len(candidates)} are damaged",
-                        hint="start a new run in another --work-dir")
+        raise DataError(f"no intact checkpoint in {manager.folder}: all {len(candidates)} are "
+                        "damaged", hint="start a new run in another --work-dir")
     return None, {}
 
 
-def _damaged(err: DamagedFileError, manager: CheckpointManager, ck: Checkpoint, named: bool) -> DamagedFileError:
-    """``err`` with a hint on how to go on: the newest intact older checkpoint, if any."""
+def _damaged(err: DamagedFileError, manager: CheckpointManager, named: bool) -> DamagedFileError:
+    """``err`` with a hint on how to go on: the newest intact checkpoint, if any."""
     if named:
-        return DamagedFileError(err.message, hint="resume from another checkpoint, or with --resume auto from "
-                                "the newest intact one")
-    older = [c for c in manager.list() if c.iteration < ck.iteration]
-    intact, _ = CheckpointManager(manager.folder, prefix=manager.prefix).latest_intact() if older else (None, [])
+        return DamagedFileError(err.message, hint="resume from another checkpoint, or with "
+                                "--resume auto from the newest intact one")
+    intact, _ = manager.latest_intact()
     if intact is None:
-        return DamagedFileError(err.message, hint="no older checkpoint is intact: start a new run in "
+        return DamagedFileError(err.message, hint="no checkpoint is intact: start a new run in "
                                 "another --work-dir")
-    return DamagedFileError(err.message, hint=f"--resume auto continues from the newest intact checkpoint "
-                            f"({os.path.basename(intact.weights)}); or move the damaged files away")
+    return DamagedFileError(err.message, hint="--resume auto continues from the newest intact "
+                            f"checkpoint ({os.path.basename(intact.weights)}); or move the "
+                            "damaged files away")
+
+
+def _warn(on_event: OnEvent, message: str, hint: Optional[str] = None) -> None:
+    _emit(on_event, {"event": "warning", "message": message, **({"hint": hint} if hint else {})})
 
 
 def _data_section(tree: Mapping[str, Any], source: Optional[str]) -> Mapping[str, Any]:
@@ -689,33 +700,33 @@ def _data_section(tree: Mapping[str, Any], source: Optional[str]) -> Mapping[str
     return tree["data"]
 
 
-def _resumed_position(state: Mapping[str, Any], shape: Mapping[str, int], config: Any, info: DistInfo,
-                      on_event: OnEvent) -> int:
+def _resumed_position(state: Mapping[str, Any], shape: Mapping[str, int], seed: int,
+                      info: DistInfo, on_event: OnEvent) -> int:
     """This rank's position in the training stream after resuming, with warnings when the
     run goes on with another world size or global batch than it was saved with."""
     extra = state.get("extra") or {}
     position = int(extra.get("data_position", 0))
     saved_world = int(extra.get("world_size", info.world_size))
-    if saved_world != info.world_size:  # the same samples consumed, spread over a new number of ranks
+    if saved_world != info.world_size:  # the samples consumed so far, over the new ranks
         position = position * saved_world // info.world_size
     before = {k: int(extra.get(k, shape[k])) for k in shape}
     if before != dict(shape):
         def batch(d):
             return d["world_size"] * d["batch_size"] * d["iter_size"]
-        _emit(on_event, {"event": "warning", "message":
-                         f"resuming with world size {shape['world_size']}, batch_size {shape['batch_size']}, "
-                         f"iter_size {shape['iter_size']} (global batch {batch(shape)}); the checkpoint was "
-                         f"saved with {before['world_size']}, {before['batch_size']}, {before['iter_size']} "
-                         f"(global batch {batch(before)}): the run goes on from the same sample but will not "
-                         "match an uninterrupted one"})
-    if info.distributed and not (len(state.get("rng_ranks") or ()) == info.world_size):
-        _emit(on_event, {"event": "warning", "message": "the checkpoint holds no random state for every rank "
-                         "(it was saved on an interrupt, or by another number of ranks): ranks other than 0 "
-                         "start new random streams, so random layers will not repeat an uninterrupted run"})
+
+        _warn(on_event, f"resuming with world size {shape['world_size']}, batch_size "
+                        f"{shape['batch_size']}, iter_size {shape['iter_size']} (global batch "
+                        f"{batch(shape)}); the checkpoint was saved with {before['world_size']}, "
+                        f"{before['batch_size']}, {before['iter_size']} (global batch "
+                        f"{batch(before)}): the run goes on from the same sample but will not "
+                        "match an uninterrupted one")
+    if info.distributed and len(state.get("rng_ranks") or ()) != info.world_size:
+        _warn(on_event, "the checkpoint holds no random state for every rank (it was saved on an "
+                        "interrupt, or by another number of ranks): ranks other than 0 start new "
+                        "random streams, so random layers will not repeat an uninterrupted run")
         if info.rank > 0:
-            seed = int(np.random.SeedSequence([max(config.random_seed, 0), info.rank,
-                                               int(state.get("iteration", 0))]).generate_state(1)[0])
-            seed_everything(seed)
+            entropy = [max(seed, 0), info.rank, int(state.get("iteration", 0))]
+            seed_everything(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
     return position
 
 
@@ -733,8 +744,8 @@ def _changes(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 4) -> 
             found.append(path or "the whole config")
 
     walk(plain(old), plain(new), "")
-    shown = ", ".join(found[:limit]) + (f" and {len(found) - limit} more" if len(found) > limit else "")
-    return "changed: " + (shown or "formatting only")
+    more = f" and {len(found) - limit} more" if len(found) > limit else ""
+    return "changed: " + (", ".join(found[:limit]) + more or "formatting only")
 
 
 # --------------------------------------------------------------------------- test

@@ -143,7 +143,8 @@ class WorkDir:
         if keep_previous and os.path.isfile(self.config_path):
             old = self.read_config()
             if old != yaml.safe_load(text):
-                stamp = _dt.datetime.fromtimestamp(os.stat(self.config_path).st_mtime).strftime("%Y%m%d-%H%M%S")
+                written = _dt.datetime.fromtimestamp(os.stat(self.config_path).st_mtime)
+                stamp = written.strftime("%Y%m%d-%H%M%S")
                 target = os.path.join(self.path, f"config.{stamp}.yaml")
                 n = 1
                 while os.path.exists(target):
