@@ -73,6 +73,20 @@ def _weights(work_dir):
 
 
 @pytest.fixture(scope="module")
+def busy():
+    """A process spinning beside the tests, with torch on more than one thread: the conditions
+    under which a resumed run once differed from the uninterrupted one (issue 12)."""
+    import subprocess
+
+    if (os.cpu_count() or 1) > 1:
+        assert torch.get_num_threads() > 1
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    yield spinner
+    spinner.kill()
+    spinner.wait()
+
+
+@pytest.fixture(scope="module")
 def reference(net_file, tmp_path_factory):
     """One uninterrupted run of 6 iterations: the work dir every other run is compared with."""
     work_dir = tmp_path_factory.mktemp("ref") / "run"
@@ -122,7 +136,7 @@ def test_weights_and_resume_exclude_each_other(net_file, tmp_path, capsys):
     assert "checkpoint not found" in capsys.readouterr().err
 
 
-def test_resume_continues_exactly(net_file, reference, tmp_path, capsys):
+def test_resume_continues_exactly(net_file, reference, busy, tmp_path, capsys):
     run = tmp_path / "run"
     assert _train(net_file, run, "--max-iter", "3") == 0
     assert _weights(run)[0] == 3
@@ -184,7 +198,8 @@ def test_weights_that_are_not_this_nets_are_refused(net_file, tmp_path, capsys):
     assert "the file has conv1_1.weight, fc8.bias; the net has g1.weight, g1.bias, out.weight" in err
 
 
-def test_sigterm_saves_a_snapshot_that_resumes_exactly(net_file, reference, tmp_path, monkeypatch, capsys):
+def test_sigterm_saves_a_snapshot_that_resumes_exactly(net_file, reference, busy, tmp_path, monkeypatch,
+                                                       capsys):
     """SIGTERM during iteration 2's progress update: exit 130, snapshot of iteration 3."""
     from pacnet.cli import train as train_cli
 
