@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.text import Text
 
     from pacnet.engine import reference
-    from pacnet.engine.data import DATASET_INFO, DATASETS, data_schema
+    from pacnet.engine.data import DATASETS, data_schema
     from pacnet.engine.solver import SOLVER_SCHEMA
 
     if args.markdown:
@@ -66,10 +66,10 @@ def run(args: argparse.Namespace) -> int:
     if args.schema:
         print(json.dumps(data_schema(args.name), indent=1))
         return 0
-    info = DATASET_INFO[args.name]
-    out.print(f"{args.name}: {info['task']}", markup=False, style="bold")
-    out.print(f"reads: {info['layout']}", markup=False)
-    out.print(f"a sample gives: {info['gives']}", markup=False)
+    about = reference.info(args.name)
+    out.print(f"{args.name}: {about['task']}", markup=False, style="bold")
+    out.print(f"reads: {about['layout']}", markup=False)
+    out.print(f"a sample gives: {about['gives']}", markup=False)
     out.print(_fields_table(reference.dataset_fields(args.name),
                             f"data: {{dataset: {args.name}}} fields"))
     from pacnet.engine.data import _COMMON

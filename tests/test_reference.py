@@ -18,9 +18,11 @@ def test_readme_reference_matches_the_schemas(capsys):
 
 
 def test_every_data_set_and_field_is_documented():
-    from pacnet.engine.data import DATASETS
+    from pacnet.engine.data import DATASET_INFO, DATASETS
     from pacnet.engine.solver import IGNORED_FIELDS, SOLVER_SCHEMA
 
+    undocumented = [n for n in DATASETS if set(DATASET_INFO.get(n, {})) != {"task", "gives", "layout"}]
+    assert not undocumented, f"add task, gives and layout to DATASET_INFO for {undocumented}"
     text = markdown()
     for name, fields in DATASETS.items():
         assert f"`dataset: {name}`" in text

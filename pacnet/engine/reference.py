@@ -76,6 +76,11 @@ def _table(rows: Sequence[Field]) -> List[str]:
     return out
 
 
+def info(name: str) -> Dict[str, str]:
+    """What :data:`~pacnet.engine.data.DATASET_INFO` says of a data set (blanks if nothing)."""
+    return {"task": "", "gives": "", "layout": "", **DATASET_INFO.get(name, {})}
+
+
 def markdown() -> str:
     """The README's ``data:`` and ``solver:`` reference (between :data:`BEGIN` and :data:`END`)."""
     lines = [BEGIN, "", "### The `data:` section", "",
@@ -84,10 +89,10 @@ def markdown() -> str:
              "in `train:`). Fields every data set takes:", ""]
     lines += _table(fields(_COMMON))
     for name in DATASETS:
-        info = DATASET_INFO[name]
-        lines += ["", f"#### `dataset: {name}` — {info['task']}", "",
-                  f"Reads: {info['layout']}. A sample gives: {info['gives']}. Metric: "
-                  f"`{_AUTO_METRIC[name]}`.", ""]
+        about = info(name)
+        lines += ["", f"#### `dataset: {name}` — {about['task']}", "",
+                  f"Reads: {about['layout']}. A sample gives: {about['gives']}. Metric: "
+                  f"`{_AUTO_METRIC.get(name, 'none')}`.", ""]
         lines += _table(dataset_fields(name))
     ignored = ", ".join(f"`{k}`" for k in IGNORED_FIELDS)
     lines += ["", "### The `solver:` section", "",
@@ -101,6 +106,6 @@ def markdown() -> str:
 
 def summary_rows() -> List[Dict[str, str]]:
     """One row per data set for ``pacnet datasets``: name, task, required fields, metric."""
-    return [{"dataset": name, "task": DATASET_INFO[name]["task"],
-             "required": ", ".join(_REQUIRED.get(name, ())) or "-", "metric": _AUTO_METRIC[name]}
-            for name in DATASETS]
+    return [{"dataset": name, "task": info(name)["task"],
+             "required": ", ".join(_REQUIRED.get(name, ())) or "-",
+             "metric": _AUTO_METRIC.get(name, "none")} for name in DATASETS]
