@@ -116,3 +116,29 @@ def test_layers_help_keeps_brackets_and_whole_sentences(capsys):
     out = " ".join(capsys.readouterr().out.replace("│", " ").split())
     assert "scale the rest by 1 / (1 - dropout_ratio)." in out  # Dropout's summary runs over two lines
     assert "``" not in out
+
+
+def test_hotswap_and_predictions_outputs(tmp_path, capsys):
+    net = tmp_path / "plain.yaml"
+    net.write_text("inputs: {data: [1, 3, 8, 8]}\nlayers:\n"
+                   "  - {name: conv1, type: Convolution, bottom: data, top: conv1, num_output: 4, kernel_size: 3,"
+                   " pad: 1}\n"
+                   "  - {name: conv2, type: Convolution, bottom: conv1, top: conv2, num_output: 4, kernel_size: 3,"
+                   " pad: 1}\n")
+    argv = ["hotswap", str(net), "--layers", "conv2", "--guide", "conv1"]
+    assert main(argv + ["-o", "-"]) == 0
+    assert "PacConv" in capsys.readouterr().out and not os.path.exists("-")
+    assert main(argv + ["-o", str(tmp_path / "none" / "x.yaml")]) == 2
+    assert "folder" in capsys.readouterr().err
+    from pacnet.engine import trainer
+
+    seg = {"name": "s", "inputs": {"data": [1, 3, 8, 8], "label": [1, 1, 8, 8]},
+           "data": {"dataset": "synthetic_seg", "size": 1, "height": 8, "width": 8, "num_classes": 2},
+           "layers": [{"name": "score", "type": "Convolution", "bottom": "data", "top": "score",
+                       "num_output": 2, "kernel_size": 1}]}
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    from pacnet.errors import OutputError
+
+    with pytest.raises(OutputError, match="it is a file, not a folder"):
+        trainer.test(seg, None, out_dir=str(taken))

@@ -49,7 +49,8 @@ from pacnet.engine.metrics import EPE, RMSE, Average, ConfusionMatrix, all_reduc
 from pacnet.engine.solver import Solver, parse_solver
 from pacnet.engine.transforms import denormalize
 from pacnet.engine.workdir import WorkDir
-from pacnet.errors import DamagedFileError, DataError, Location, PacnetError, ShapeError
+from pacnet.errors import (DamagedFileError, DataError, Location, OutputError, PacnetError,
+                           ShapeError)
 
 __all__ = ["DistInfo", "init_distributed", "pick_device", "batch_shapes", "copy_trained_layers", "total_loss",
            "Evaluator", "evaluate", "train", "test", "benchmark"]
@@ -822,7 +823,14 @@ class _PredictionWriter:
     def __init__(self, folder: str, dataset: BlobDataset, order: List[int], batch_size: int, ev: Evaluator) -> None:
         self.folder, self.dataset, self.order, self.batch_size, self.ev = folder, dataset, order, batch_size, ev
         self.count = 0
-        os.makedirs(folder, exist_ok=True)
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise OutputError(f"cannot write predictions into {folder}: it is a file, not a folder",
+                              hint="give a folder (it is created if missing)")
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as err:
+            raise OutputError(f"cannot create the predictions folder {folder}: "
+                              f"{err.strerror or err}") from None
 
     def __call__(self, pred: torch.Tensor, batch: Mapping[str, torch.Tensor], i: int) -> None:
         from pacnet.engine import formats
