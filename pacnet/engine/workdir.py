@@ -61,6 +61,19 @@ def _version(dist: str) -> Optional[str]:
         return None
 
 
+_THREADING_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER",
+                  "GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "OMP_DYNAMIC", "MKL_DYNAMIC", "MKL_CBWR")
+
+
+def _numba_threads() -> Optional[int]:
+    try:
+        import numba
+
+        return int(numba.get_num_threads())
+    except Exception:  # noqa: BLE001 - numba absent or its threading layer unavailable
+        return None
+
+
 def environment(argv: Optional[Sequence[str]] = None, device: Any = None,
                 extra: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """Versions and devices of this run (a plain dict)."""
@@ -83,6 +96,9 @@ def environment(argv: Optional[Sequence[str]] = None, device: Any = None,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "device": str(device) if device is not None else None,
         "threads": torch.get_num_threads(),
+        # what decides the order of parallel reductions, for comparing runs bit for bit
+        "numba_threads": _numba_threads(),
+        "threading_env": {k: os.environ[k] for k in _THREADING_ENV if k in os.environ},
     }
     if torch.cuda.is_available():
         env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
