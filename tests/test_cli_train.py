@@ -72,7 +72,7 @@ def _weights(work_dir):
     return ck.iteration, load_weights(ck.weights)[0]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def busy():
     """A process spinning beside the tests, with torch on more than one thread: the conditions
     under which a resumed run once differed from the uninterrupted one (issue 12)."""
