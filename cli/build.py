@@ -8,19 +8,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import List
 
-from pacnet.atomic import atomic_write
-from pacnet.cli.common import add_net_arguments, build_from_args
+from pacnet.cli.common import add_net_arguments, build_from_args, console, description, write_output
+from pacnet.errors import OutputError, PacnetError
+
+# Output formats of Graphviz's dot program chosen by --dot's extension.
+PICTURES = ("svg", "png", "pdf", "jpg", "jpeg", "gif", "ps", "eps")
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("build", help="validate and compile a net; show shapes, params, FLOPs",
-                       description=__doc__.splitlines()[0])
+                       description=description(__doc__))
     add_net_arguments(p)
     p.add_argument("--code", action="store_true", help="print the generated forward() code")
-    p.add_argument("--dot", metavar="FILE", help="write the layer graph in Graphviz dot format")
+    p.add_argument("--dot", metavar="FILE",
+                   help="write the layer graph: Graphviz DOT text (FILE.dot, FILE.gv, or - for "
+                        "stdout instead of the table), or a picture rendered by Graphviz's dot "
+                        "program ("
+                        + ", ".join("FILE." + e for e in PICTURES) + ")")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.set_defaults(run=run)
 
@@ -46,6 +52,12 @@ def _shape(s) -> str:
 def run(args: argparse.Namespace) -> int:
     from pacnet.api import parameter_count, summarize
 
+    if args.dot == "-" and (args.json or args.code):
+        other = "--json" if args.json else "--code"
+        raise PacnetError(f"--dot - and {other} would both print to stdout",
+                          hint="write the graph to a file: --dot graph.dot")
+    if args.dot and args.dot != "-":
+        _picture_format(args.dot)  # refuse an unknown extension before building
     # Nothing is run: build on the meta device (no allocation, no initialisation).
     net = build_from_args(args, device="meta")
     rows = summarize(net)
@@ -54,8 +66,9 @@ def run(args: argparse.Namespace) -> int:
     total_mem = sum(r.memory for r in rows) + sum(4 * _numel(s) for s in net.inputs.values())
 
     if args.dot:
-        with atomic_write(args.dot) as f:
-            f.write(to_dot(net))
+        write_dot(net, args.dot)
+        if args.dot == "-":
+            return 0
     if args.json:
         print(json.dumps({
             "name": net.ir.name,
@@ -78,7 +91,6 @@ def run(args: argparse.Namespace) -> int:
         print(net.code)
         return 0
 
-    from rich.console import Console
     from rich.table import Table
 
     # Caffe's "needs backward computation", shown when a loss is there to send gradients.
@@ -104,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     table.add_row("total", f"{len(rows)} layers", f"outputs: {', '.join(o.name for o in net.ir.outputs)}",
                   "", human(total_params), human(total_flops), human(total_mem, base=1024),
                   *([f"{needing} yes"] if backward else []))
-    Console(file=sys.stdout, width=max(100, _terminal_width())).print(table)
+    console(width=max(100, _terminal_width())).print(table)
     for r in rows:
         if r.fused:
             print(f"fused: {r.name}: {r.fused}")
@@ -135,6 +147,45 @@ def _numel(shape) -> int:
     for d in shape:
         n *= int(d)
     return n
+
+
+def _picture_format(path: str):
+    """The Graphviz output format of ``path`` by its extension, None for DOT text."""
+    import os
+
+    ext = os.path.splitext(path)[1].lower().lstrip(".")
+    if ext in ("", "dot", "gv"):
+        return None
+    if ext in PICTURES:
+        return "jpg" if ext == "jpeg" else ext
+    raise PacnetError(f"--dot {path}: cannot tell the format from the extension '.{ext}'",
+                      hint="use .dot or .gv for DOT text, or one of "
+                           + ", ".join("." + e for e in PICTURES) + " for a picture")
+
+
+def write_dot(net, path: str) -> None:
+    """Write the graph of ``net`` to ``path`` (- = stdout): DOT text, or a picture rendered
+    by Graphviz's ``dot`` program when the extension names one."""
+    import shutil
+    import subprocess
+
+    text = to_dot(net)
+    fmt = None if path == "-" else _picture_format(path)
+    if fmt is None:
+        write_output(path, text)
+        return
+    program = shutil.which("dot")
+    if program is None:
+        raise OutputError(f"--dot {path}: rendering a .{fmt} picture needs Graphviz's 'dot' "
+                          "program, which is not on PATH",
+                          hint="install Graphviz (apt install graphviz, brew install graphviz, "
+                               "conda install graphviz), or write DOT text: --dot graph.dot")
+    done = subprocess.run([program, f"-T{fmt}"], input=text.encode("utf-8"), capture_output=True)
+    if done.returncode != 0:
+        reason = done.stderr.decode("utf-8", "replace").strip().splitlines()
+        raise OutputError(f"--dot {path}: Graphviz could not render the graph: "
+                          f"{reason[0] if reason else f'dot exited with {done.returncode}'}")
+    write_output(path, done.stdout)
 
 
 def to_dot(net) -> str:

@@ -4,10 +4,37 @@ from __future__ import annotations
 
 import argparse
 import re
-from typing import Dict, List, Optional, Sequence, Tuple
+import sys
+from typing import Dict, Optional, Sequence, Tuple
 
 from pacnet.errors import PacnetError
 from pacnet.load import parse_assignment
+
+
+def description(doc: str) -> str:
+    """The first line of a verb module's docstring as help text: reStructuredText's
+    ``literal`` and :role:`target` markup taken out."""
+    line = doc.strip().splitlines()[0]
+    line = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", line)
+    return line.replace("``", "")
+
+
+_CONSOLE = None
+
+
+def console(width: Optional[int] = None, **kw):
+    """A rich Console on stdout whose closed pipe raises BrokenPipeError (rich's own
+    handling exits with 1); :func:`pacnet.cli.main.main` turns it into the SIGPIPE status."""
+    global _CONSOLE
+    if _CONSOLE is None:
+        from rich.console import Console
+
+        class PipeConsole(Console):
+            def on_broken_pipe(self) -> None:
+                raise BrokenPipeError(32, "Broken pipe")
+
+        _CONSOLE = PipeConsole
+    return _CONSOLE(file=sys.stdout, width=width, **kw)
 
 
 def int_at_least(minimum: int):
@@ -79,3 +106,25 @@ def build_from_args(args: argparse.Namespace, *, phase: Optional[str] = None, de
                  vars=parse_assignments(args.vars, "--var", typed=False),
                  overrides=parse_assignments(args.overrides, "--set"), fuse=not args.no_fuse,
                  device=device)
+
+
+def write_output(path: str, data, *, stage=None) -> None:
+    """Write ``data`` (text or bytes) to the output ``path``: ``-`` is stdout, anything else
+    a file written atomically (a missing folder or a folder in its place is an OutputError
+    saying so).  ``stage``: join a :func:`pacnet.atomic.atomic_files` block instead."""
+    from pacnet.atomic import atomic_save
+
+    if path == "-":
+        if isinstance(data, bytes):
+            sys.stdout.flush()
+            sys.stdout.buffer.write(data)
+        else:
+            sys.stdout.write(data)
+        sys.stdout.flush()
+        return
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data if isinstance(data, bytes) else data.encode("utf-8"))
+
+    (stage or atomic_save)(path, write)

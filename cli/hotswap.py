@@ -9,16 +9,16 @@ written to -o atomically (after checking that it builds), or printed.
 from __future__ import annotations
 
 import argparse
-import sys
 
-from pacnet.atomic import atomic_write
-from pacnet.cli.common import parse_assignments, parse_inputs
+from pacnet.atomic import check_writable
+from pacnet.cli.common import (description, parse_assignments, parse_inputs,
+                               write_output)
 from pacnet.errors import PacnetError
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("hotswap", help="turn Convolution layers into PAC layers guided by a blob",
-                       description=__doc__.splitlines()[0])
+                       description=description(__doc__))
     p.add_argument("net", metavar="NET", help="net file (YAML or .prototxt) or zoo name, e.g. fcn/fcn8s_altpad")
     p.add_argument("--layers", "-l", required=True, metavar="A,B,...",
                    help="comma-separated names of the Convolution layers to swap")
@@ -27,7 +27,8 @@ def add_parser(sub) -> None:
     p.add_argument("--guide-scale", type=float, default=1.0, metavar="S",
                    help="multiply the guide by S (default 1; the PAC paper uses 1e-4 so the net "
                         "starts as the plain one)")
-    p.add_argument("--output", "-o", metavar="OUT.yaml", help="write the net here (default: print it)")
+    p.add_argument("--output", "-o", metavar="OUT.yaml",
+                   help="write the net here (default, or -: print it)")
     p.add_argument("--input", "-i", action="append", default=[], metavar="NAME=NxCxHxW",
                    help="input shape for the size comparison (default: the net's dims); repeatable")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
@@ -54,11 +55,10 @@ def run(args: argparse.Namespace) -> int:
               f"{', '.join(layers)}: PacConv layers guided by {args.guide} (resized to each layer's input"
               + (f", x {args.guide_scale:g}" if args.guide_scale != 1 else "") + "); weights of the plain net load by name."]
     text = to_yaml(net, header)
+    if args.output not in (None, "-"):
+        check_writable(args.output)  # before the work
     build(net, inputs=inputs, device="meta")  # never write a net that does not build
-    if args.output:
-        with atomic_write(args.output) as f:
-            f.write(text)
+    write_output(args.output or "-", text)
+    if args.output not in (None, "-"):
         print(f"wrote {args.output}: {len(layers)} layer(s) hot-swapped ({', '.join(layers)})")
-    else:
-        sys.stdout.write(text)
     return 0

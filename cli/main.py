@@ -3,13 +3,17 @@
 Each verb module (``build.py``, ``train.py``, ...) defines ``add_parser(subparsers)``
 (registering its sub-parser with ``set_defaults(run=...)``) and a ``run(args) -> int``.
 User mistakes arrive here as :class:`~pacnet.errors.PacnetError` and are printed in one
-or two lines with exit code 2; anything else is a bug and keeps its traceback.
+or two lines with exit code 2; anything else is a bug and keeps its traceback.  A reader
+that closes the pipe early (``pacnet build NET --json | head``) ends the command quietly
+with 141, the status of a Unix tool stopped by SIGPIPE.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
 import warnings
 from typing import List, Optional
@@ -18,7 +22,14 @@ from pacnet import __version__
 from pacnet.errors import PacnetError, UnusedVariableWarning
 
 # Verb modules in the order their commands are listed by --help.
-VERBS = ("build", "layers", "convert", "hotswap", "train", "test", "time")
+VERBS = ("build", "layers", "datasets", "convert", "hotswap", "train", "test", "time")
+
+DESCRIPTION = ("pacnet: a Caffe-style graph compiler for PyTorch. Nets are YAML (or Caffe "
+               ".prototxt) graphs of primitive layers; pixel-adaptive, segmentation-aware and "
+               "dense-CRF layers run on fused kernels.")
+EPILOG = ("Run 'pacnet COMMAND --help' for a command's options, e.g. 'pacnet build "
+          "deeplab/deeplab_v1_largefov' or 'pacnet train "
+          "nets/jointupsample/pac_joint_upsample_x8.yaml'.")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,7 +40,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="pacnet", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="pacnet", description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"pacnet {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="COMMAND", parser_class=_Parser)
     for verb in VERBS:
@@ -74,6 +85,20 @@ def _main(argv: Optional[List[str]]) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _closed_pipe()
+
+
+def _closed_pipe() -> int:
+    """The reader of stdout went away: send the rest of the output to /dev/null (so the
+    interpreter's last flush does not fail too) and exit as a Unix tool killed by SIGPIPE."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout is not a file (e.g. captured by a test)
+        pass
+    return 128 + int(getattr(signal, "SIGPIPE", 13))
 
 
 def entry_point() -> None:

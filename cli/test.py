@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import argparse
 
-from pacnet.cli.common import int_at_least, parse_assignments
+from pacnet.cli.common import description, int_at_least, parse_assignments
 from pacnet.cli.train import (_data_options, _net_name, baseline_table, console, fmt,
                               is_main_process, short_openmp_spin, results)
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("test", help="evaluate weights on the net's test data (mIoU, RMSE, EPE)",
-                       description=__doc__.splitlines()[0])
+                       description=description(__doc__))
     p.add_argument("net", metavar="NET", help="net file with a data: section (YAML or .prototxt)")
     p.add_argument("--weights", required=True, metavar="W",
                    help="a .safetensors file, a .pth/.pt/.pth.tar the net's weights_from maps, "

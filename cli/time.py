@@ -18,12 +18,12 @@ import argparse
 import sys
 from typing import Dict
 
-from pacnet.cli.common import add_net_arguments, build_from_args, int_at_least
+from pacnet.cli.common import add_net_arguments, build_from_args, description, int_at_least
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("time", help="time the forward/backward passes of a net, per layer (caffe time)",
-                       description=__doc__.splitlines()[0])
+                       description=description(__doc__))
     add_net_arguments(p, phase="train")
     p.add_argument("--iterations", "-n", type=int_at_least(1), default=10, metavar="N",
                    help="timed passes per measurement (default 10)")

@@ -3,7 +3,9 @@
     pacnet train nets/jointupsample/pac_joint_upsample_x8.yaml
     pacnet train NET --work-dir runs/a --set solver.max_iter=200 --set data.batch_size=2
     pacnet train NET --resume                    # continue from the work dir's latest checkpoint
+    pacnet train NET --resume auto               # ... or the newest intact one
     pacnet train NET --weights init.safetensors  # start from weights (Caffe's -weights; .pth too)
+    pacnet train NET --solver solver.prototxt    # a Caffe solver (or a YAML solver: section)
     torchrun --nproc-per-node 2 -m pacnet train NET
 
 Everything goes to the work dir (default ``work_dirs/<net name>``): ``config.yaml``,
@@ -29,7 +31,8 @@ import threading
 import time
 from typing import Any, Dict, List, Mapping, Optional
 
-from pacnet.cli.common import int_at_least, parse_assignments
+from pacnet.cli.common import console as common_console
+from pacnet.cli.common import description, int_at_least, parse_assignments
 from pacnet.errors import PacnetError
 
 # NVlabs/pacnet's README (Su et al., CVPR 2019, Tables 1 and 2): (bilinear, PacJointUpsample) by
@@ -44,17 +47,22 @@ _NOT_RESULTS = ("event", "step", "batches", "seconds", "split", "weights", "samp
 
 def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train a net (its solver: and data: sections) into a work dir",
-                       description=__doc__.splitlines()[0])
+                       description=description(__doc__))
     p.add_argument("net", metavar="NET", help="net file with solver: and data: sections (YAML or .prototxt)")
     p.add_argument("--work-dir", metavar="DIR", help="where the run's files go (default work_dirs/<net name>)")
     start = p.add_mutually_exclusive_group()
-    start.add_argument("--resume", nargs="?", const=True, default=None, metavar="CKPT",
-                       help="continue from the work dir's latest checkpoint (a new run if it has none), "
-                            "or from the checkpoint CKPT (.safetensors or .state.pt)")
+    start.add_argument("--resume", nargs="?", const=True, default=None, metavar="CKPT|auto",
+                       help="continue from the work dir's latest checkpoint (a new run if it "
+                            "has none; refused if it is damaged), with 'auto' from the newest "
+                            "intact one (damaged ones are skipped with a warning), or from the "
+                            "checkpoint CKPT (.safetensors or .state.pt)")
     start.add_argument("--weights", action="append", default=[], metavar="W",
                        help="initialise from these weights: .safetensors, or .pth/.pt/.pth.tar the "
                             "net's weights_from maps (blobs matched by name, as Caffe's -weights); "
                             "repeatable or comma-separated")
+    p.add_argument("--solver", metavar="FILE",
+                   help="train with this solver instead of the net's solver: section: a Caffe "
+                        "solver.prototxt or a YAML file with a solver: section")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override a value, e.g. solver.base_lr=0.01 or data.batch_size=2; repeatable")
     p.add_argument("--var", action="append", default=[], metavar="NAME=VALUE", dest="vars",
@@ -157,9 +165,7 @@ def is_main_process() -> bool:
 
 
 def console():
-    from rich.console import Console
-
-    return Console(file=sys.stdout, width=None if sys.stdout.isatty() else 120, highlight=False)
+    return common_console(width=None if sys.stdout.isatty() else 120, highlight=False)
 
 
 # --------------------------------------------------------------------------- progress
@@ -183,6 +189,11 @@ class _Display:
         if self.enabled:
             (self.progress.console if self.progress is not None else self.con).print(text, markup=False, soft_wrap=True)
 
+    def warn(self, text: str) -> None:
+        """To stderr (a live progress bar redirects it above itself)."""
+        if self.enabled:
+            print(text, file=sys.stderr, flush=True)
+
     def stop(self) -> None:
         if self.progress is not None:
             self.progress.stop()
@@ -197,7 +208,10 @@ class _Display:
                 self.progress.update(self.task, completed=event["step"] + 1, loss=fmt(event["smoothed_loss"]),
                                      lr=fmt(event["lr"]))
             return
-        if kind == "resume":
+        if kind == "warning":
+            hint = f"\n  hint: {event['hint']}" if event.get("hint") else ""
+            self.warn(f"warning: {event['message']}{hint}")
+        elif kind == "resume":
             self.print(f"resuming from {event['path']} (iteration {event['step']})")
         elif kind == "weights":
             self.print(f"initialised from {', '.join(event['files'])}: {event['copied']} blobs copied, "
@@ -306,6 +320,7 @@ def run(args: argparse.Namespace) -> int:
     short_openmp_spin()
     from pacnet.engine import trainer
     from pacnet.engine.checkpoint import CheckpointManager
+    from pacnet.engine.solver import read_solver_file
     from pacnet.load import load
 
     overrides = parse_assignments(args.overrides, "--set")
@@ -314,6 +329,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_iter is not None:
         overrides["solver.max_iter"] = args.max_iter
     variables = parse_assignments(args.vars, "--var", typed=False)
+    solver = read_solver_file(args.solver, variables) if args.solver else None
     tree = load(args.net, vars=variables, overrides=overrides)
     name = _net_name(tree, args.net)
     work_dir = args.work_dir or os.path.join("work_dirs", name)
@@ -327,14 +343,14 @@ def run(args: argparse.Namespace) -> int:
     main = is_main_process()
     con = console()
     display = _Display(con, name, enabled=main)
-    if args.resume is True and latest is None:
+    if args.resume in (True, "auto") and latest is None:
         display.print(f"--resume: no checkpoint in {work_dir}, starting a new run")
     try:
         with _sigterm_interrupts(), _deterministic(args.deterministic):
             summary = trainer.train(args.net, work_dir, vars=variables, overrides=overrides, device=args.device,
                                     resume=args.resume if args.resume is not None else False, weights=weights,
                                     on_event=display, tensorboard=False if args.no_tensorboard else None,
-                                    fuse=not args.no_fuse, amp=args.amp)
+                                    fuse=not args.no_fuse, amp=args.amp, solver=solver)
     except KeyboardInterrupt:
         display.stop()
         if main:

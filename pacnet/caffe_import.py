@@ -737,6 +737,10 @@ class _Converter:
 
         def intparam(key: str, default: int) -> int:
             v = params.get(key, default)
+            if isinstance(v, str) and "${" in v:
+                raise self.err(f"{key} is {v}, a template variable without a value; the conversion "
+                               "needs it for the input shapes", f, layer=name, layer_type=ltype,
+                               hint=f"pass --var {v.strip('${}')}=VALUE")
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise self.err(f"{key} must be a non-negative integer, got {v!r}", f, layer=name,
                                layer_type=ltype)
@@ -820,27 +824,33 @@ def convert(root: Message, *, file: Optional[str] = None,
     return net, c.marks
 
 
-def convert_text(text: str, vars: Optional[Mapping[str, Any]] = None, *,
-                 file: Optional[str] = None) -> Tuple[Dict[str, Any], Marks]:
-    """Parse and convert prototxt text."""
+def convert_text(text: str, vars: Optional[Mapping[str, Any]] = None, *, file: Optional[str] = None,
+                 keep_unset: bool = False) -> Tuple[Dict[str, Any], Marks]:
+    """Parse and convert prototxt text.  ``keep_unset``: template variables without a value
+    stay ``${NAME}`` in the net and are listed as ``vars: {NAME: null}`` (to be set when the
+    net is loaded) instead of being an error."""
     stem = os.path.splitext(os.path.basename(file))[0] if file else "net"
     # Parsing allocates ~10 small objects per line and creates no garbage cycles; with
     # torch loaded, the collector's full passes over its big heap would double the time.
     enabled = gc.isenabled()
     gc.disable()
     try:
-        root = parse(text, vars, file=file)
-        return convert(root, file=file, default_name=stem)
+        unset: Optional[Dict[str, int]] = {} if keep_unset else None
+        root = parse(text, vars, file=file, keep_unset=unset)
+        net, marks = convert(root, file=file, default_name=stem)
+        if unset:
+            net["vars"] = {name: None for name in sorted(unset, key=unset.get)}
+        return net, marks
     finally:
         if enabled:
             gc.enable()
 
 
-def load_prototxt(path: Union[str, os.PathLike],
-                  vars: Optional[Mapping[str, Any]] = None) -> Tuple[Dict[str, Any], Marks]:
+def load_prototxt(path: Union[str, os.PathLike], vars: Optional[Mapping[str, Any]] = None, *,
+                  keep_unset: bool = False) -> Tuple[Dict[str, Any], Marks]:
     """Read a Caffe net prototxt -> ``(net_dict, marks)`` in pacnet's graph format."""
     p = os.fspath(path)
-    return convert_text(read_text(p), vars, file=p)
+    return convert_text(read_text(p), vars, file=p, keep_unset=keep_unset)
 
 
 def unknown_types(net: Mapping[str, Any], known: Iterable[str]) -> Dict[str, List[str]]:
@@ -954,7 +964,7 @@ def convert_to_yaml_text(net: Mapping[str, Any], header: Optional[str] = None) -
     lines: List[str] = []
     if header:
         lines.extend("# " + h if h else "#" for h in header.splitlines())
-    order = ["name", "pacnet_version", "inputs", "dims", "data"]
+    order = ["name", "pacnet_version", "vars", "inputs", "dims", "data", "solver"]
     keys = [k for k in order if k in net] + [k for k in net if k not in order and k != "layers"]
     for k in keys:
         v = net[k]
@@ -966,7 +976,7 @@ def convert_to_yaml_text(net: Mapping[str, Any], header: Optional[str] = None) -
                 for ek, ev in items[1:]:
                     _emit(lines, ek, ev, 2)
             continue
-        if k in ("inputs", "dims") and isinstance(v, Mapping) and v:
+        if k in ("inputs", "dims", "vars") and isinstance(v, Mapping) and v:
             lines.append(f"{k}:")  # one entry per line: these sections are read most
             for name, shape in v.items():
                 _emit(lines, name, shape, 2)

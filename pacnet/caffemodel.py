@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -36,7 +36,7 @@ from pacnet.errors import LoadError, Location, ShapeError
 
 __all__ = [
     "CaffeLayer", "CaffeModel", "MappedWeights", "read_caffemodel", "parse_caffemodel",
-    "map_blobs", "save_safetensors", "convert_caffemodel", "schema", "write_caffemodel",
+    "map_blobs", "convert_caffemodel", "schema", "write_caffemodel",
 ]
 
 # ----------------------------------------------------------------------------- schema
@@ -167,68 +167,123 @@ _NESTED = {
 }
 
 
+class _WireError(Exception):
+    def __init__(self, offset: int, message: str) -> None:
+        super().__init__(message)
+        self.offset, self.message = offset, message
+
+
+def _varint(data: bytes, p: int, end: int) -> Tuple[int, int]:
+    """(value, next offset) of the varint at ``p``; IndexError/ValueError when malformed."""
+    shift = value = 0
+    while True:
+        if p >= end:
+            raise IndexError(p)
+        b = data[p]
+        value |= (b & 0x7F) << shift
+        p += 1
+        if not b & 0x80:
+            return value, p
+        shift += 7
+        if shift > 63:
+            raise ValueError(p)
+
+
+def _records(data: bytes, start: int, end: int) -> Iterator[Tuple[int, int, int, int, int]]:
+    """The wire records of ``data[start:end]``: (record offset, field number, wire type,
+    payload start, payload end).  Raises :class:`_WireError` at the first malformed one."""
+    pos = start
+    while pos < end:
+        rec = pos
+        try:
+            key, pos = _varint(data, pos, end)
+        except (IndexError, ValueError):
+            raise _WireError(rec, "a field tag is cut off or malformed") from None
+        number, wire = key >> 3, key & 7
+        if number == 0:
+            raise _WireError(rec, "field number 0 (not a protobuf message)")
+        try:
+            if wire == 0:
+                _, nxt = _varint(data, pos, end)
+                lo = pos
+            elif wire == 1:
+                lo, nxt = pos, pos + 8
+            elif wire == 2:
+                length, lo = _varint(data, pos, end)
+                nxt = lo + length
+                if nxt > end:
+                    raise _WireError(rec, f"field {number} claims {length} bytes but only "
+                                          f"{end - lo} remain (truncated file?)")
+            elif wire == 5:
+                lo, nxt = pos, pos + 4
+            else:
+                raise _WireError(rec, f"field {number} has invalid wire type {wire}")
+        except (IndexError, ValueError):
+            raise _WireError(rec, f"field {number} is cut off") from None
+        if nxt > end:
+            raise _WireError(rec, f"field {number} is cut off (truncated file?)")
+        yield rec, number, wire, lo, nxt
+        pos = nxt
+
+
 def _wire_problem(data: bytes, start: int = 0, end: Optional[int] = None,
                   kind: str = "NetParameter", where: str = "") -> Optional[Tuple[int, str]]:
     """Walk the wire records of ``data[start:end]`` (a ``kind`` message), descending into
     the messages of :data:`_NESTED`; return (absolute offset, what is wrong) or None."""
-    n = len(data) if end is None else end
-    pos = start
-
-    def varint(p: int) -> Tuple[int, int]:
-        shift = value = 0
-        while True:
-            if p >= n:
-                raise IndexError(p)
-            b = data[p]
-            value |= (b & 0x7F) << shift
-            p += 1
-            if not b & 0x80:
-                return value, p
-            shift += 7
-            if shift > 63:
-                raise ValueError(p)
-
     counts: Dict[int, int] = {}
-    while pos < n:
-        rec = pos
-        try:
-            key, pos = varint(pos)
-        except (IndexError, ValueError):
-            return rec, f"{where}a field tag is cut off or malformed"
-        number, wire = key >> 3, key & 7
-        if number == 0:
-            return rec, f"{where}field number 0 (not a protobuf message)"
-        try:
-            if wire == 0:
-                _, pos = varint(pos)
-            elif wire == 1:
-                pos += 8
-            elif wire == 2:
-                length, pos = varint(pos)
-                if pos + length > n:
-                    return rec, (f"{where}field {number} claims {length} bytes but only "
-                                 f"{n - pos} remain (truncated file?)")
-                sub = _NESTED.get(kind, {}).get(number)
-                if sub is not None:
-                    i = counts.get(number, 0)
-                    counts[number] = i + 1
-                    found = _wire_problem(data, pos, pos + length, sub[1],
-                                          f"{where}{sub[0]} {i}: ")
-                    if found is not None:
-                        return found
-                pos += length
-            elif wire == 5:
-                pos += 4
-            else:
-                return rec, f"{where}field {number} has invalid wire type {wire}"
-        except (IndexError, ValueError):
-            return rec, f"{where}field {number} is cut off"
-        if pos > n:
-            return rec, f"{where}field {number} is cut off (truncated file?)"
+    try:
+        for _, number, wire, lo, hi in _records(data, start, len(data) if end is None else end):
+            sub = _NESTED.get(kind, {}).get(number) if wire == 2 else None
+            if sub is not None:
+                i = counts.get(number, 0)
+                counts[number] = i + 1
+                found = _wire_problem(data, lo, hi, sub[1], f"{where}{sub[0]} {i}: ")
+                if found is not None:
+                    return found
+    except _WireError as err:
+        return err.offset, where + err.message
     return None
 
 
-def _blob_array(blob, exact_cls, where: str, file: Optional[str]) -> np.ndarray:
+def _offset(data: bytes, path: Sequence[Tuple[int, int]]) -> Optional[int]:
+    """Byte offset of the payload of the field reached by ``path``, a sequence of (field
+    number, occurrence) from the top message down: ``((100, 3), (1, 0))`` is the name of
+    the fourth V2 layer.  None when there is no such field."""
+    lo, hi = 0, len(data)
+    for number, index in path:
+        for _, num, _, plo, phi in _records(data, lo, hi):
+            if num == number:
+                if index == 0:
+                    lo, hi = plo, phi
+                    break
+                index -= 1
+        else:
+            return None
+    return lo
+
+
+class _Locator:
+    """Byte offsets into a caffemodel's bytes, computed only for an error message."""
+
+    def __init__(self, data: bytes, file: Optional[str]) -> None:
+        self.data, self.file = data, file
+
+    def error(self, message: str, path: Sequence[Tuple[int, int]], extra: int = 0,
+              **kw: Any) -> LoadError:
+        offset = _offset(self.data, path)
+        where = f" (byte offset {offset + extra} of {len(self.data)})" if offset is not None else ""
+        kw.setdefault("hint", "the file is corrupt or truncated; download or convert it again")
+        return LoadError(message + where, location=Location(self.file), **kw)
+
+    def text(self, value: Any, what: str, path: Sequence[Tuple[int, int]]) -> str:
+        """``value`` of a string field, refused when it is not UTF-8 (protobuf then gives bytes)."""
+        if isinstance(value, bytes):
+            raise self.error(f"{what} is not UTF-8 text ({value[:40]!r})", path)
+        return value
+
+
+def _blob_array(blob, exact_cls, where: str, at: _Locator,
+                path: Tuple[Tuple[int, int], ...]) -> np.ndarray:
     if blob.HasField("shape"):
         shape = tuple(int(d) for d in blob.shape.dim)
     elif any(blob.HasField(k) for k in ("num", "channels", "height", "width")):
@@ -236,39 +291,50 @@ def _blob_array(blob, exact_cls, where: str, file: Optional[str]) -> np.ndarray:
     else:
         shape = None
     if any(d < 0 for d in (shape or ())):
-        raise LoadError(f"{where}: negative dimension in blob shape {list(shape)}",
-                        location=Location(file))
+        raise at.error(f"{where}: negative dimension in blob shape {list(shape)}", path)
     fbytes = b"".join(blob.data)
     dbytes = b"".join(blob.double_data)
     count = int(np.prod(shape, dtype=np.int64)) if shape is not None else None
+    field, width = 5, 4
     if fbytes and len(fbytes) % 4 == 0 and (count is None or len(fbytes) == 4 * count):
         arr = np.frombuffer(fbytes, dtype="<f4").astype(np.float32)
     elif dbytes and len(dbytes) % 8 == 0 and (count is None or len(dbytes) == 8 * count):
         arr = np.frombuffer(dbytes, dtype="<f8").astype(np.float64)
+        field, width = 8, 8
     else:
         # Unpacked or oddly split data: decode this blob with the exact schema.
         exact = exact_cls()
         try:
             exact.ParseFromString(blob.SerializeToString())
         except Exception:
-            raise LoadError(f"{where}: blob data is corrupt", location=Location(file)) from None
+            raise at.error(f"{where}: blob data is corrupt", path) from None
         if len(exact.data):
             arr = np.asarray(exact.data, dtype=np.float32)
         elif len(exact.double_data):
             arr = np.asarray(exact.double_data, dtype=np.float64)
+            field = 8
         else:
             arr = np.zeros(0, dtype=np.float32)
+        width = 0  # no single packed record to point into
     if shape is None:
         shape = (arr.size,)
     if arr.size != int(np.prod(shape, dtype=np.int64)):
-        raise LoadError(f"{where}: blob shape {list(shape)} needs "
-                        f"{int(np.prod(shape, dtype=np.int64))} values, the file has {arr.size}",
-                        location=Location(file), hint="the file is truncated or corrupt")
+        raise at.error(f"{where}: blob shape {list(shape)} needs "
+                       f"{int(np.prod(shape, dtype=np.int64))} values, the file has {arr.size}",
+                       path + ((field, 0),))
+    bad = np.flatnonzero(~np.isfinite(arr))
+    if bad.size:
+        first = int(bad[0])
+        raise at.error(f"{where}: {bad.size} value(s) are not finite (value {first} of {arr.size} "
+                       f"is {arr[first]})", path + ((field, 0),), extra=first * width,
+                       hint="the file is corrupt, or the model diverged while training")
     return arr.reshape(shape)
 
 
 def parse_caffemodel(data: bytes, *, file: Optional[str] = None) -> CaffeModel:
-    """Decode caffemodel bytes (V2 ``layer`` or legacy V1 ``layers``)."""
+    """Decode caffemodel bytes (V2 ``layer`` or legacy V1 ``layers``).  Damage -- a garbled
+    record, a name that is not UTF-8 text, a blob of the wrong size, a value that is not
+    finite -- is a :class:`LoadError` that gives its byte offset."""
     from google.protobuf.message import DecodeError
 
     from pacnet.caffe_import import V1_TYPE_NUMBERS
@@ -286,29 +352,40 @@ def parse_caffemodel(data: bytes, *, file: Optional[str] = None) -> CaffeModel:
     if len(net.layer) and len(net.layers):
         raise LoadError("the caffemodel has both V2 'layer' and V1 'layers' entries",
                         location=Location(file))
+    at = _Locator(data, file)
     layers: List[CaffeLayer] = []
     if len(net.layer) or not len(net.layers):
         for i, lp in enumerate(net.layer):
-            where = f"layer {i} '{lp.name}'"
-            blobs = [_blob_array(b, exact_blob, f"{where} blob {j}", file)
+            top = ((100, i),)
+            name = at.text(lp.name, f"the name of layer {i}", top + ((1, 0),))
+            where = f"layer {i} '{name}'"
+            ltype = at.text(lp.type, f"the type of {where}", top + ((2, 0),))
+            params = tuple(at.text(p.name, f"param {k} name of {where}", top + ((6, k), (1, 0)))
+                           for k, p in enumerate(lp.param))
+            blobs = [_blob_array(b, exact_blob, f"{where} blob {j}", at, top + ((7, j),))
                      for j, b in enumerate(lp.blobs)]
-            layers.append(CaffeLayer(lp.name, lp.type, blobs,
-                                     tuple(p.name for p in lp.param), i))
-        return CaffeModel(net.name, layers, file, v1=False)
+            layers.append(CaffeLayer(name, ltype, blobs, params, i))
+        return CaffeModel(at.text(net.name, "the net name", ((1, 0),)), layers, file, v1=False)
     for i, lp in enumerate(net.layers):
-        name, blobs_src = lp.name, lp.blobs
+        top = ((2, i),)
+        name, blobs_src, name_path, blob_path = lp.name, lp.blobs, top + ((4, 0),), top
+        blob_field = 6
         if lp.HasField("layer") and not name:  # V0 wrapped in V1
             name, blobs_src = lp.layer.name, lp.layer.blobs
-            ltype = lp.layer.type
+            name_path, blob_path, blob_field = top + ((1, 0), (1, 0)), top + ((1, 0),), 50
+            ltype = at.text(lp.layer.type, f"the type of layer {i}", top + ((1, 0), (2, 0)))
         else:
             ltype = V1_TYPE_NUMBERS.get(lp.type, f"V1:{lp.type}")
             if lp.type == 39:  # BVLC Deconvolution or DeepLab ImageSegData (no blobs)
                 ltype = "Deconvolution" if len(blobs_src) else "ImageSegData"
+        name = at.text(name, f"the name of layer {i}", name_path)
         where = f"layer {i} '{name}'"
-        blobs = [_blob_array(b, exact_blob, f"{where} blob {j}", file)
+        params = tuple(at.text(p, f"param {k} name of {where}", top + ((1001, k),))
+                       for k, p in enumerate(lp.param))
+        blobs = [_blob_array(b, exact_blob, f"{where} blob {j}", at, blob_path + ((blob_field, j),))
                  for j, b in enumerate(blobs_src)]
-        layers.append(CaffeLayer(name, ltype, blobs, tuple(lp.param), i))
-    return CaffeModel(net.name, layers, file, v1=True)
+        layers.append(CaffeLayer(name, ltype, blobs, params, i))
+    return CaffeModel(at.text(net.name, "the net name", ((1, 0),)), layers, file, v1=True)
 
 
 def read_caffemodel(path: Union[str, os.PathLike]) -> CaffeModel:
@@ -451,35 +528,6 @@ def map_blobs(model: CaffeModel, net, *, strict_types: bool = False) -> MappedWe
 
 # ----------------------------------------------------------------------------- writing
 
-def save_safetensors(tensors: Mapping[str, Any], path: Union[str, os.PathLike],
-                     metadata: Optional[Mapping[str, str]] = None) -> None:
-    """Write ``tensors`` to ``path`` atomically (temp file in the same folder + rename).
-
-    Tensors that alias each other (shared weights) are stored once per key as copies, which
-    ``safetensors`` requires.
-    """
-    from safetensors.torch import save_file
-
-    from pacnet.atomic import atomic_save
-
-    seen: Dict[int, str] = {}
-    out = {}
-    for k, t in tensors.items():
-        t = t.detach().contiguous()
-        if t.data_ptr() in seen and t.numel():
-            t = t.clone()
-        seen[t.data_ptr()] = k
-        out[k] = t
-    p = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(p))
-    if not os.path.isdir(folder):
-        raise LoadError(f"cannot write {p}: folder {folder} does not exist")
-    try:
-        atomic_save(p, lambda tmp: save_file(out, tmp, metadata=dict(metadata or {})))
-    except OSError as err:
-        raise LoadError(f"cannot write {p}: {err.strerror or err}") from None
-
-
 def convert_caffemodel(caffemodel: Union[str, os.PathLike], net,
                        out: Optional[Union[str, os.PathLike]] = None) -> MappedWeights:
     """Read ``caffemodel``, map it onto ``net``; write ``out`` (.safetensors) if given.
@@ -493,9 +541,10 @@ def convert_caffemodel(caffemodel: Union[str, os.PathLike], net,
                         hint="is it the caffemodel of this net? layer names must match "
                              "(template variables such as ${EXP} included)")
     if out is not None:
-        save_safetensors(mapped.tensors, out, metadata={
-            "format": "pt", "source": os.path.basename(os.fspath(caffemodel)),
-            "converter": "pacnet convert"})
+        from pacnet.tensorfile import write_safetensors
+
+        write_safetensors(os.fspath(out), mapped.tensors, metadata={
+            "source": os.path.basename(os.fspath(caffemodel)), "converter": "pacnet convert"})
     return mapped
 
 

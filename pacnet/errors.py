@@ -119,6 +119,16 @@ class UnusedVariableWarning(PacnetError, UserWarning):
     would otherwise be ignored."""
 
 
+class DamagedFileError(DataError):
+    """A file pacnet wrote fails its checksum or no longer parses: it was damaged after it
+    was written (disk, copy, transfer), or two files that belong together were mixed up."""
+
+
+class OutputError(PacnetError):
+    """A file cannot be written: a missing folder, a folder in its place, no permission, a
+    full disk."""
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> Optional[str]:
     """Return a "did you mean ...?" hint for ``word`` among ``choices``, or None."""
     close = difflib.get_close_matches(str(word), list(choices), n=3, cutoff=0.6)

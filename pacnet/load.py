@@ -96,7 +96,9 @@ def _yaml_to_marked(text: str, filename: str) -> Any:
     except yaml.YAMLError as err:
         raise LoadError(f"invalid YAML: {err}", location=Location(filename)) from None
     if node is None:
-        return MarkedDict()
+        raise LoadError("the file is empty", location=Location(filename),
+                        hint="a net file needs at least 'layers:' (see the README, 'The net "
+                             "format')")
 
     def at(n) -> Location:
         return Location(filename, n.start_mark.line + 1, n.start_mark.column + 1)
@@ -579,14 +581,22 @@ def load(source: Source, *, vars: Optional[Mapping[str, Any]] = None,
     if not isinstance(declared, dict):
         raise SchemaError("'vars' must map variable names to values",
                           location=where(tree, "vars"), hint="vars: {NUM_LABELS: 21}")
-    env = dict(declared)
+    # A variable listed as null has no default: it must be set (as a block's null args).
+    env = {k: v for k, v in declared.items() if v is not None}
     # Text values (from --var) take YAML's types here, so ${NUM_LABELS} = "21" is the int 21.
     env.update({k: _typed(v) for k, v in given.items()})
     missing: Dict[str, Optional[Location]] = {}
     used: Set[str] = set()
-    body = MarkedDict((k, v) for k, v in tree.items() if k not in ("blocks", "vars"))
+    body = MarkedDict()
     body.loc, body.locs = tree.loc, dict(tree.locs)
-    body = substitute(body, env, missing, used=used)
+    for key, value in tree.items():
+        if key in ("blocks", "vars"):
+            continue
+        # The engine's sections may keep unset variables (data paths are not needed to
+        # build a net); parse_data/parse_solver refuse them when they are used.
+        body[key] = substitute(value, env, {} if key in ("data", "solver") else missing,
+                               where(tree, key), used)
+    body.locs = {k: v for k, v in body.locs.items() if k in body}
     if missing:
         raise _missing_error(missing, "template variables")
     warn_unused_vars([k for k in given if k not in declared], used, where(tree))

@@ -266,9 +266,10 @@ def _unescape(src: _Source, body: str, pos: int) -> str:
 
 
 class _Tokenizer:
-    def __init__(self, src: _Source, vars: Mapping[str, Any]) -> None:
+    def __init__(self, src: _Source, vars: Mapping[str, Any], keep_unset: bool = False) -> None:
         self.src = src
         self.vars = vars
+        self.keep_unset = keep_unset  # leave unset ${NAME} in the values (as strings)
         self.unset: Dict[str, int] = {}  # name -> offset of first use
         self.used: Set[str] = set()
 
@@ -287,7 +288,7 @@ class _Tokenizer:
                     return "true" if v else "false"
                 return str(v)
             self.unset.setdefault(name, pos + m.start())
-            return "0"
+            return m.group(0) if self.keep_unset else "0"
 
         return _VAR.sub(repl, text)
 
@@ -304,7 +305,8 @@ class _Tokenizer:
             elif kind == "bare":
                 raw = m.group(kind)
                 val = self._subst(raw, pos) if "${" in raw else raw
-                append(_Tok(T_BARE, raw, val, pos))
+                # a value left as an unset ${NAME} is a string for whoever sets NAME later
+                append(_Tok(T_STRING if "${" in val else T_BARE, raw, val, pos))
             elif kind == "string":
                 raw = m.group(kind)
                 body = raw[1:-1]
@@ -497,21 +499,25 @@ def _unset_error(src: _Source, unset: Dict[str, int]) -> LoadError:
 
 
 def parse(text: str, vars: Optional[Mapping[str, Any]] = None, *,
-          file: Optional[str] = None) -> Message:
+          file: Optional[str] = None, keep_unset: Optional[Dict[str, int]] = None) -> Message:
     """Parse protobuf text into a :class:`Message` tree; ``file`` only labels errors.
 
     Raises :class:`LoadError` for garbled or truncated text (with line and column) and,
-    before parsing, one error listing every unset ``${VAR}``; warns (an error in the CLI)
-    about names of ``vars`` that no ``${VAR}`` uses.
+    before parsing, one error listing every unset ``${VAR}`` -- unless ``keep_unset`` is
+    a dict: then unset variables stay in the values as ``${VAR}`` text and their names are
+    recorded there (name -> offset of the first use); warns (an error in the CLI) about
+    names of ``vars`` that no ``${VAR}`` uses.
     """
     from pacnet.load import warn_unused_vars
 
     if text.startswith("\ufeff"):
         text = text[1:]
     src = _Source(text, file)
-    tz = _Tokenizer(src, vars or {})
+    tz = _Tokenizer(src, vars or {}, keep_unset=keep_unset is not None)
     toks = tz.tokens()
-    if tz.unset:
+    if keep_unset is not None:
+        keep_unset.update(tz.unset)
+    elif tz.unset:
         raise _unset_error(src, tz.unset)
     p = _Parser(src, toks)
     fields = p.message_body(None, None, "")

@@ -349,9 +349,9 @@ def _validate_layer(layer: Any, location: Optional[Location]) -> LayerDecl:
     if name is None or name == "":
         raise SchemaError("layer without a 'name'", location=location, hint="add 'name: <unique name>'")
     if not isinstance(name, str):
-        raise SchemaError(f"layer name must be a string, got {name!r}",
+        raise SchemaError(f"layer name {name!r} is {type(name).__name__}, not text",
                           location=where(layer, "name") or location,
-                          hint=f"write name: \"{name}\" (quoted) or another unique name")
+                          hint=f"quote it: name: \"{name}\"")
     if ltype is None or ltype == "":
         raise SchemaError("layer without a 'type'", location=location, layer=name,
                           hint="add 'type: <LayerType>' (see 'pacnet layers')")

@@ -253,7 +253,7 @@ def _unwrap(obj: Any, path: str) -> Dict[str, torch.Tensor]:
 
 def read_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
     """The tensors of a weights file, by name (see the module docstring for the formats)."""
-    from pacnet.engine.checkpoint import load_weights as read_safetensors
+    from pacnet.tensorfile import read_safetensors
 
     p = os.fspath(path)
     if _kind(p) == "safetensors":
@@ -434,7 +434,12 @@ def _problem(result: Matched, strict: bool,
                     "the file belongs to another model, or the net's weights_from rules miss "
                     "these names")
         if not f.tensors:
-            return (f"{src} gives net {result.net} nothing", "is it the weights of this net?")
+            entries = f.unexpected + f.ignored
+            return (f"{src} gives net {result.net} nothing{how}: none of its {len(entries)} "
+                    f"entries is a blob of the net (the file has {_listed(entries) or 'none'}; "
+                    f"the net has {_listed(result.missing) or 'none'})",
+                    "is it the weights of this net? entries match the net's '<layer>.<blob>' "
+                    "names, or its weights_from rules")
     if strict and result.missing:
         hints = [f.source.hint for f in result.files if f.source.hint]
         holder = (os.path.basename(result.files[0].path) + " does not hold"
@@ -475,23 +480,19 @@ def convert(net: torch.nn.Module, paths: Union[PathLike, Iterable[PathLike]], ou
     under the net's own names, to the safetensors file ``out`` (atomically).  ``strict``:
     every blob of the net given and every entry used; otherwise what matches is written.
     Nothing is written when a check fails."""
-    from pacnet.engine.checkpoint import save_weights
+    from pacnet.atomic import check_writable
+    from pacnet.tensorfile import write_safetensors
 
     result = match(net, paths, strict=strict, allow_unused=not strict, source=source)
     target = os.fspath(out)
     inputs = {os.path.abspath(f.path) for f in result.files}
     if os.path.abspath(target) in inputs:
         raise LoadError(f"-o {target} would overwrite an input file", hint="give another output")
-    folder = os.path.dirname(os.path.abspath(target))
-    if not os.path.isdir(folder):
-        raise LoadError(f"cannot write {target}: folder {folder} does not exist")
+    check_writable(target)
     sources_used = sorted({f.source.name for f in result.files})
-    try:
-        save_weights(target, result.tensors, {
-            "source": ",".join(os.path.basename(f.path) for f in result.files), "net": result.net,
-            "weights_from": ",".join(sources_used), "converter": "pacnet convert"})
-    except OSError as err:
-        raise LoadError(f"cannot write {target}: {err.strerror or err}") from None
+    write_safetensors(target, result.tensors, {
+        "source": ",".join(os.path.basename(f.path) for f in result.files), "net": result.net,
+        "weights_from": ",".join(sources_used), "converter": "pacnet convert"})
     return result
 
 

@@ -1,6 +1,7 @@
 """Caffe prototxt -> pacnet net dict: flattening, upgrades, data layers, marks, YAML, real graphs."""
 
 import collections
+import json
 import os
 import re
 import textwrap
@@ -585,14 +586,57 @@ def test_cli_vars_are_text(tmp_path, capsys):
     assert "NUM given, but no ${...} in the net uses it" in capsys.readouterr().err
 
 
-def test_cli_convert_unset_vars_lists_all(tmp_path, capsys):
+def test_cli_convert_keeps_unset_vars_as_vars(tmp_path, capsys):
     src = tmp_path / "t.prototxt"
-    src.write_text('name: "${NET_ID}"\nlayer { name: "fc_${EXP}" type: "Convolution"\n'
-                   '  convolution_param { num_output: ${NUM_LABELS} } }\n')
-    assert main(["convert", str(src), "--var", "EXP=voc12"]) == 2
+    src.write_text('name: "${NET_ID}"\nlayer { name: "fc_${EXP}" type: "Convolution" bottom: "data"\n'
+                   '  top: "fc" convolution_param { num_output: ${NUM_LABELS} kernel_size: 1 } }\n'
+                   'input: "data" input_dim: 1 input_dim: 3 input_dim: 4 input_dim: 4\n')
+    out = tmp_path / "t.yaml"
+    assert main(["convert", str(src), "--var", "EXP=voc12", "-o", str(out)]) == 0
+    net = yaml.safe_load(out.read_text())
+    assert net["vars"] == {"NET_ID": None, "NUM_LABELS": None}  # null: no default, must be set
+    assert net["name"] == "${NET_ID}" and net["layers"][0]["num_output"] == "${NUM_LABELS}"
+    assert net["layers"][0]["name"] == "fc_voc12"
+    capsys.readouterr()
+    assert main(["build", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "unset template variables: NET_ID (line 1), NUM_LABELS (line 3)" in err
-    assert "--var NAME=VALUE" in err
+    assert "unset template variables: NET_ID (line 3), NUM_LABELS (line 16)" in err and "--var NAME=VALUE" in err
+    assert main(["build", str(out), "--var", "NET_ID=n", "--var", "NUM_LABELS=21", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["blobs"]["fc"] == [1, 21, 4, 4]
+
+
+def test_cli_convert_asks_for_a_variable_it_needs(tmp_path, capsys):
+    src = tmp_path / "t.prototxt"
+    src.write_text('layer { name: "data" type: "ImageSegData" top: "data" top: "label"\n'
+                   '  transform_param { crop_size: ${CROP_SIZE} } image_data_param { batch_size: 2 } }\n')
+    assert main(["convert", str(src)]) == 2
+    err = capsys.readouterr().err
+    assert "crop_size is ${CROP_SIZE}, a template variable without a value" in err
+    assert "--var CROP_SIZE=VALUE" in err
+
+
+def test_cli_convert_solver_prototxt(tmp_path, capsys):
+    src = tmp_path / "solver.prototxt"
+    src.write_text('train_net: "${NET_ROOT}/train.prototxt"\nlr_policy: "poly"\npower: 0.9\n'
+                   'base_lr: ${LEARNING_RATE}\nmax_iter: 20000\nmomentum: 0.9\nweight_decay: 0.0005\n'
+                   'snapshot_prefix: "model/train"\nsolver_mode: GPU\n')
+    out = tmp_path / "solver.yaml"
+    assert main(["convert", str(src), "-o", str(out)]) == 0
+    text = out.read_text()
+    assert "left out (pacnet takes them from the command line): train_net, snapshot_prefix, solver_mode" in text
+    got = yaml.safe_load(text)
+    assert got == {"vars": {"LEARNING_RATE": None}, "solver": {
+        "lr_policy": "poly", "power": 0.9, "base_lr": "${LEARNING_RATE}", "max_iter": 20000, "momentum": 0.9,
+        "weight_decay": 0.0005}}
+    from pacnet.engine.solver import parse_solver, read_solver_file
+
+    assert parse_solver(read_solver_file(str(out), {"LEARNING_RATE": "1e-3"})).base_lr == 1e-3
+    assert parse_solver(read_solver_file(str(src), {"LEARNING_RATE": "1e-3", "NET_ROOT": "."})).power == 0.9
+    src.write_text("lr_policy: \"step\"\nbase_lr: 0.1\nmax_iter: 10\n")  # step needs gamma, stepsize
+    capsys.readouterr()
+    assert main(["convert", str(src), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {src}: solver.gamma: lr_policy 'step' needs 'gamma'" in err
 
 
 # ----------------------------------------------------------------------------- builds

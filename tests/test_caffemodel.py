@@ -1,4 +1,4 @@
-"""Binary .caffemodel reading and mapping onto compiled nets; atomic safetensors output."""
+"""Binary .caffemodel reading and mapping onto compiled nets."""
 
 import os
 import struct
@@ -9,10 +9,11 @@ import torch
 
 import pacnet
 from pacnet.caffemodel import (
-    convert_caffemodel, map_blobs, parse_caffemodel, read_caffemodel, save_safetensors, schema,
+    convert_caffemodel, map_blobs, parse_caffemodel, read_caffemodel, schema,
     write_caffemodel,
 )
 from pacnet.errors import LoadError, ShapeError
+from pacnet.tensorfile import write_safetensors
 
 NET = """
 name: "tiny"
@@ -270,7 +271,7 @@ def test_shared_params_load_once_and_must_agree(tmp_path):
     mapped = map_blobs(model, net)
     assert set(mapped.tensors) == {"ca.weight", "ca.bias", "cb.weight", "cb.bias"}
     out = tmp_path / "s.safetensors"
-    save_safetensors(mapped.tensors, out)
+    write_safetensors(str(out), mapped.tensors)
     from safetensors.torch import load_file
 
     net.load_state_dict(load_file(str(out)))
@@ -291,26 +292,6 @@ def test_v1_enum_39_is_deconvolution_when_it_has_blobs():
     data = write_caffemodel([("up", 39, [r(2, 2, 4, 4)]), ("data", 39, [])], v1=True)
     model = parse_caffemodel(data)
     assert [l.type for l in model.layers] == ["Deconvolution", "ImageSegData"]
-
-
-def test_save_safetensors_is_atomic(tmp_path, monkeypatch):
-    out = tmp_path / "x.safetensors"
-    save_safetensors({"a": torch.ones(2)}, out)
-    before = out.read_bytes()
-    import safetensors.torch as st
-
-    def boom(tensors, filename, metadata=None):
-        with open(filename, "wb") as fh:
-            fh.write(b"partial")
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(st, "save_file", boom)
-    with pytest.raises(LoadError, match="No space left on device"):
-        save_safetensors({"a": torch.zeros(2)}, out)
-    assert out.read_bytes() == before
-    assert sorted(os.listdir(tmp_path)) == ["x.safetensors"]
-    with pytest.raises(LoadError, match="does not exist"):
-        save_safetensors({"a": torch.ones(1)}, tmp_path / "no" / "x.safetensors")
 
 
 def test_repeated_layer_names_follow_the_import_renaming(tmp_path):
@@ -398,6 +379,27 @@ def test_cli_convert_weights_errors_leave_no_file(net_path, tmp_path, capsys):
     assert main(["convert", str(net_path), "--weights", str(net_path)]) == 2
     assert "looks like a prototxt" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["bad.caffemodel", "other.caffemodel", "tiny.prototxt"]
+
+
+def test_corrupt_names_and_values_are_located_to_the_byte_and_nothing_is_written(net_path, tmp_path, capsys):
+    w, st, yml = tmp_path / "bad.caffemodel", tmp_path / "bad.safetensors", tmp_path / "bad.yaml"
+    good = model_bytes(blobs())
+    at = good.find(b"relu1")
+    w.write_bytes(good[:at] + b"\xff\xfe" + good[at + 2:])  # a layer name that is not UTF-8
+    assert main(["convert", str(net_path), "--weights", str(w), "-o", str(st), "-o", str(yml)]) == 2
+    err = capsys.readouterr().err
+    assert f"the name of layer 1 is not UTF-8 text (b'\\xff\\xfelu1') (byte offset {at} of {len(good)})" in err
+    assert "Traceback" not in err and not st.exists() and not yml.exists()
+    b = blobs()
+    b["sc1"][1][3] = np.inf
+    data = model_bytes(b)
+    w.write_bytes(data)
+    assert main(["convert", str(net_path), "--weights", str(w), "-o", str(st), "-o", str(yml)]) == 2
+    err = capsys.readouterr().err
+    expected = data.find(b["sc1"][1].tobytes()) + 3 * 4
+    assert (f"layer 4 'sc1' blob 1: 1 value(s) are not finite (value 3 of 6 is inf) "
+            f"(byte offset {expected} of {len(data)})") in err
+    assert not st.exists() and not yml.exists() and not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
 
 
 def test_corrupt_nested_message_is_located():

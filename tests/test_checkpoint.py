@@ -9,13 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from pacnet.errors import DataError
+from pacnet.errors import DamagedFileError, DataError, OutputError
 from pacnet.engine.checkpoint import (
     CheckpointManager, capture_rng_state, check_compatible, load_state, load_weights, restore_rng_state,
     save_weights, seed_everything,
 )
 from pacnet.engine.solver import Solver
 from pacnet.engine.workdir import WorkDir, plain
+from pacnet.tensorfile import tensor_digest
 
 
 class Net(nn.Module):
@@ -54,22 +55,33 @@ def test_rng_state_round_trip_through_weights_only_load(tmp_path):
     assert expect[2] == got[2] and expect[3] == got[3]
 
 
-def test_weights_are_safetensors_and_shared_blobs_stored_once(tmp_path):
-    from safetensors import safe_open
+def test_weights_are_safetensors_with_every_key_and_a_checksum(tmp_path):
+    from safetensors.torch import load_file
 
     m = SharedNet()
     path = str(tmp_path / "w.safetensors")
     save_weights(path, m.state_dict(), {"iteration": "5"})
-    with safe_open(path, framework="pt") as f:
-        assert list(f.keys()) == ["a.weight"]
-        assert f.metadata()["iteration"] == "5"
+    plain = load_file(path)  # any safetensors reader gets every key, a shared blob under each name
+    assert sorted(plain) == ["a.weight", "b.weight"] and torch.equal(plain["b.weight"], m.a.weight)
     weights, meta = load_weights(path)
-    assert weights["b.weight"] is weights["a.weight"]
-    torch.testing.assert_close(weights["a.weight"], m.a.weight.detach())
+    assert meta["iteration"] == "5" and meta["pacnet.sha256"] == tensor_digest(plain)
     fresh = SharedNet()
     fresh.load_state_dict(weights)
     assert fresh.b.weight is fresh.a.weight and torch.equal(fresh.a.weight, m.a.weight)
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp")]
+    again = str(tmp_path / "again.safetensors")  # the bytes are a function of the tensors
+    save_weights(again, dict(reversed(list(m.state_dict().items()))), {"iteration": "5"})
+    assert open(again, "rb").read() == open(path, "rb").read()
+
+
+def test_files_of_earlier_versions_with_aliases_still_load(tmp_path):
+    from safetensors.torch import save_file
+
+    path = str(tmp_path / "old.safetensors")
+    save_file({"a.weight": torch.ones(3, 3)}, path, metadata={"format": "pt",
+                                                           "pacnet.aliases": '{"b.weight": "a.weight"}'})
+    weights, _ = load_weights(path)  # no checksum: read as it is
+    assert weights["b.weight"] is weights["a.weight"]
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
@@ -176,6 +188,76 @@ def test_corrupt_files_give_data_errors(tmp_path, damage):
         mgr.load(ck, Net())
 
 
+def _zero_bytes(path, offset, n=64):
+    data = bytearray(open(path, "rb").read())
+    data[offset:offset + n] = bytes(n)
+    open(path, "wb").write(data)
+
+
+def test_damage_that_still_parses_is_caught_by_the_checksums(tmp_path):
+    """64 zero bytes inside the tensor data of either file: both files still load, and only
+    the checksums tell; the damaged file is named and nothing is loaded into the net."""
+    mgr = CheckpointManager(str(tmp_path))
+    m, x = Net(width=16), torch.randn(4, 2, 6, 6)
+    s = Solver({"type": "Adam", "base_lr": 0.1, "max_iter": 5}, m)
+    train(m, s, x, 2)
+    ck = mgr.save(2, m, solver=s)
+    weights_raw, state_raw = open(ck.weights, "rb").read(), open(ck.state, "rb").read()
+    rng_bytes = torch.get_rng_state().numpy().tobytes()[:64]  # the state file's torch RNG tensor
+    rng_at = state_raw.find(capture_rng_state()["torch"].numpy().tobytes()[:64])
+    assert rng_at > 0 and rng_bytes
+    for path, offset in ((ck.weights, len(weights_raw) // 2), (ck.state, rng_at)):
+        _zero_bytes(path, offset)
+        fresh = Net(width=16)
+        before = {k: v.clone() for k, v in fresh.state_dict().items()}
+        with pytest.raises(DamagedFileError, match="corrupt") as info:
+            mgr.load(ck, fresh, solver=Solver({"type": "Adam", "base_lr": 0.1, "max_iter": 5}, fresh))
+        assert path in str(info.value) and "SHA-256" in str(info.value)
+        assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
+        open(ck.weights, "wb").write(weights_raw)
+        open(ck.state, "wb").write(state_raw)
+    torch.load(ck.state, weights_only=True)  # (the damaged state file did load: only its checksum caught it)
+    assert mgr.load(ck, Net(width=16))["iteration"] == 2
+
+
+def test_a_weights_file_from_another_checkpoint_is_refused(tmp_path):
+    mgr = CheckpointManager(str(tmp_path))
+    a, b = mgr.save(1, Net()), mgr.save(2, Net())
+    os.replace(a.weights, b.weights)  # intact files, but not a pair
+    with pytest.raises(DamagedFileError, match="iter_00000002.safetensors is not the weights file saved with"):
+        mgr.load(b, Net())
+
+
+def test_latest_intact_skips_damaged_checkpoints(tmp_path):
+    mgr = CheckpointManager(str(tmp_path))
+    for it in (1, 2, 3):
+        mgr.save(it, Net())
+    _zero_bytes(mgr.paths(3).weights, 200)
+    open(mgr.paths(2).state, "wb").write(b"garbage")
+    intact, damaged = mgr.latest_intact()
+    assert intact.iteration == 1 and [c.iteration for c, _ in damaged] == [3, 2]
+    assert all(isinstance(e, DamagedFileError) for _, e in damaged)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_written_files_follow_the_umask(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        wd = WorkDir(str(tmp_path / "run"), tensorboard=False)
+        wd.checkpoints().save(1, Net())
+        wd.write_config({"name": "n"})
+        wd.write_environment()
+        wd.log(0, {"loss": 1.0})
+        wd.log(1, {"loss": 1.0})
+        wd.truncate_metrics(0)  # rewrites metrics.jsonl atomically
+        files = [os.path.join(d, f) for d, _, names in os.walk(wd.path) for f in names]
+    finally:
+        os.umask(previous)
+    assert len(files) == 5
+    for path in files:
+        assert oct(os.stat(path).st_mode & 0o777) == oct(0o666 & ~umask), path
+
+
 def test_state_files_never_unpickle_objects(tmp_path):
     class Evil:
         def __reduce__(self):
@@ -200,10 +282,10 @@ def test_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     mgr.save(1, Net())
 
     def boom(*args, **kwargs):
-        raise OSError("disk full")
+        raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputError, match=r"cannot write .*iter_00000002.state.pt: No space left on device"):
         mgr.save(2, Net())
     assert mgr.latest().iteration == 1
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp")]
@@ -342,8 +424,16 @@ def test_resumed_training_matches_uninterrupted_training(tmp_path):
                   on_event=events.append)
     records = crashed.read_metrics("train")
     assert [r["step"] for r in records] == [0, 1, 2, 3, 4, 5] and 99.0 not in [r["loss"] for r in records]
-    assert events[0] == {"event": "resume", "step": 3,
-                         "path": str(tmp_path / "split" / "checkpoints" / "iter_00000003.safetensors")}
+    assert [e for e in events if e["event"] == "resume"] == [{
+        "event": "resume", "step": 3, "path": str(tmp_path / "split" / "checkpoints" / "iter_00000003.safetensors")}]
+    # max_iter changed (3 -> 6): the config the first part ran with is kept beside the new one
+    warning = next(e["message"] for e in events if e["event"] == "warning")
+    kept = [f for f in os.listdir(tmp_path / "split") if f.startswith("config.") and f != "config.yaml"]
+    assert len(kept) == 1 and "changed: solver.max_iter" in warning and kept[0] in warning
+    assert WorkDir(str(tmp_path / "split")).read_config()["solver"]["max_iter"] == 6
+    import yaml
+
+    assert yaml.safe_load(open(tmp_path / "split" / kept[0]))["solver"]["max_iter"] == 3
     (it_a, a), (it_b, b) = _final_weights(str(tmp_path / "whole")), _final_weights(str(tmp_path / "split"))
     assert it_a == it_b == 6
     for k in a:
@@ -449,3 +539,66 @@ def _ddp_rank(rank, folder):
         torch.save(result["net"].state_dict(), os.path.join(folder, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+DROPOUT_NET = copy.deepcopy(DEPTH_NET)
+DROPOUT_NET["layers"].insert(3, {"name": "drop", "type": "Dropout", "bottom": "cat", "top": "cat",
+                                 "dropout_ratio": 0.5})
+DROPOUT_NET["solver"].update(max_iter=4, snapshot=2, lr_policy="fixed")
+
+
+def _ddp_run(rank, folder, tag, max_iter, resume):
+    """One rank of a 2-process gloo job: train DROPOUT_NET into folder/run, save this rank's
+    final weights and torch RNG state as folder/<tag><rank>.pt."""
+    torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP pool
+    os.environ.update({"WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank)})
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rdv-{tag}", rank=rank, world_size=2)
+    try:
+        net = copy.deepcopy(DROPOUT_NET)
+        net["solver"]["max_iter"] = max_iter
+        result = trainer.train(net, os.path.join(folder, "run"), tensorboard=False, device="cpu",
+                               resume=resume)
+        torch.save({"weights": result["net"].state_dict(), "rng": torch.get_rng_state()},
+                   os.path.join(folder, f"{tag}{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _ddp(folder, tag, max_iter, resume):
+    import torch.multiprocessing as mp
+
+    os.makedirs(folder, exist_ok=True)
+    mp.start_processes(_ddp_run, args=(folder, tag, max_iter, resume), nprocs=2, join=True,
+                       start_method="fork")
+    return [torch.load(os.path.join(folder, f"{tag}{r}.pt"), weights_only=True) for r in range(2)]
+
+
+def test_distributed_resume_equals_the_uninterrupted_run_on_every_rank(tmp_path):
+    """Dropout draws per-rank masks (seed + rank); every rank's RNG state goes into the
+    checkpoint and comes back to that rank, so a resumed 2-rank run ends where the
+    uninterrupted one does, on both ranks."""
+    import torch.multiprocessing as mp
+
+    if "fork" not in mp.get_all_start_methods():
+        pytest.skip("needs the fork start method")
+    whole = _ddp(str(tmp_path / "whole"), "w", 4, False)
+    assert not torch.equal(whole[0]["rng"], whole[1]["rng"])  # each rank its own stream
+    _ddp(str(tmp_path / "split"), "a", 2, False)
+    state = load_state(str(tmp_path / "split" / "run" / "checkpoints" / "iter_00000002.state.pt"))
+    assert len(state["rng_ranks"]) == 2 and state["extra"]["world_size"] == 2
+    split = _ddp(str(tmp_path / "split"), "b", 4, True)
+    for rank in range(2):
+        assert torch.equal(split[rank]["rng"], whole[rank]["rng"]), rank
+        for key, value in whole[rank]["weights"].items():
+            torch.testing.assert_close(split[rank]["weights"][key], value, rtol=0, atol=0, msg=key)
+    # one process resuming the 2-rank checkpoint: told that this run will not repeat it
+    events = []
+    net = copy.deepcopy(DROPOUT_NET)
+    net["solver"]["max_iter"] = 3
+    trainer.train(net, str(tmp_path / "split" / "run"), tensorboard=False, on_event=events.append,
+                  resume=str(tmp_path / "split" / "run" / "checkpoints" / "iter_00000002.state.pt"))
+    warnings = " ".join(e["message"] for e in events if e["event"] == "warning")
+    assert "resuming with world size 1, batch_size 2, iter_size 1 (global batch 2)" in warnings
+    assert "saved with 2, 2, 1 (global batch 4)" in warnings

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -71,6 +72,20 @@ def _weights(work_dir):
     return ck.iteration, load_weights(ck.weights)[0]
 
 
+@pytest.fixture
+def busy():
+    """A process spinning beside the tests, with torch on more than one thread: the conditions
+    under which a resumed run once differed from the uninterrupted one (issue 12)."""
+    import subprocess
+
+    if (os.cpu_count() or 1) > 1:
+        assert torch.get_num_threads() > 1
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    yield spinner
+    spinner.kill()
+    spinner.wait()
+
+
 @pytest.fixture(scope="module")
 def reference(net_file, tmp_path_factory):
     """One uninterrupted run of 6 iterations: the work dir every other run is compared with."""
@@ -121,7 +136,7 @@ def test_weights_and_resume_exclude_each_other(net_file, tmp_path, capsys):
     assert "checkpoint not found" in capsys.readouterr().err
 
 
-def test_resume_continues_exactly(net_file, reference, tmp_path, capsys):
+def test_resume_continues_exactly(net_file, reference, busy, tmp_path, capsys):
     run = tmp_path / "run"
     assert _train(net_file, run, "--max-iter", "3") == 0
     assert _weights(run)[0] == 3
@@ -137,7 +152,55 @@ def test_resume_continues_exactly(net_file, reference, tmp_path, capsys):
     assert "no checkpoint in" in capsys.readouterr().out
 
 
-def test_sigterm_saves_a_snapshot_that_resumes_exactly(net_file, reference, tmp_path, monkeypatch, capsys):
+def test_a_damaged_checkpoint_is_refused_and_auto_resumes_from_the_newest_intact(net_file, reference, tmp_path,
+                                                                                  capsys):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    newest = run / "checkpoints" / "iter_00000006.safetensors"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 64] = bytes(64)  # still a valid safetensors file
+    newest.write_bytes(data)
+    assert _train(net_file, run, "--resume", "--max-iter", "9") == 2
+    err = capsys.readouterr().err
+    assert f"error: checkpoint weights {newest} is corrupt: its tensors do not match the SHA-256 checksum" in err
+    assert "hint: --resume auto continues from the newest intact checkpoint (iter_00000003.safetensors)" in err
+    assert "Traceback" not in err
+    assert _train(net_file, run, "--resume", "auto") == 0
+    out, err = capsys.readouterr()
+    assert f"warning: skipping a damaged checkpoint: checkpoint weights {newest} is corrupt" in err
+    assert "iter_00000003.safetensors (iteration 3)" in out
+    assert _losses(run) == _losses(reference)  # iterations 3-5 again, exactly; iter_6 rewritten intact
+    for key, value in _weights(reference)[1].items():
+        torch.testing.assert_close(_weights(run)[1][key], value, rtol=0, atol=0, msg=key)
+    # resuming the finished run trains nothing and names the checkpoint it holds
+    stamp = newest.stat().st_mtime_ns
+    assert _train(net_file, run, "--resume") == 0
+    out, err = capsys.readouterr()
+    assert "warning: the run already finished: iteration 6 of solver.max_iter 6; nothing to train" in err
+    assert str(newest) in " ".join(out.split()) and "none" not in out
+    assert newest.stat().st_mtime_ns == stamp
+
+
+def test_weights_that_are_not_this_nets_are_refused(net_file, tmp_path, capsys):
+    pth = tmp_path / "x8_pac_weights_epoch_5000.pth"
+    torch.save({"conv.weight": torch.zeros(1)}, pth)
+    assert main(["test", net_file, "--weights", str(pth)]) == 2
+    err = capsys.readouterr().err
+    assert "error: x8_pac_weights_epoch_5000.pth gives net tiny_depth nothing: none of its 1 " \
+           "entries is a blob of the net (the file has conv.weight; the net has g1.weight" in err
+    assert "delete" not in err and "corrupt" not in err
+    other = tmp_path / "other.safetensors"
+    from pacnet.tensorfile import write_safetensors
+
+    write_safetensors(str(other), {"conv1_1.weight": torch.zeros(2), "fc8.bias": torch.zeros(2)})
+    assert _train(net_file, tmp_path / "run", "--weights", str(other)) == 2
+    err = capsys.readouterr().err
+    assert "error: other.safetensors gives net tiny_depth nothing: none of its 2 entries is a " \
+           "blob of the net (the file has conv1_1.weight, fc8.bias; the net has g1.weight" in err
+
+
+def test_sigterm_saves_a_snapshot_that_resumes_exactly(net_file, reference, busy, tmp_path, monkeypatch,
+                                                       capsys):
     """SIGTERM during iteration 2's progress update: exit 130, snapshot of iteration 3."""
     from pacnet.cli import train as train_cli
 
@@ -308,3 +371,55 @@ def test_short_openmp_spin_only_before_torch_loads(monkeypatch):
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     short_openmp_spin()
     assert "GOMP_SPINCOUNT" not in os.environ
+
+
+SEG = """\
+name: tiny_seg
+inputs: {data: [N, 3, 16, 16], label: [N, 1, 16, 16]}
+dims: {N: 1}
+data: {dataset: synthetic_seg, size: 2, height: 16, width: 16, num_classes: 5, batch_size: 1}
+solver: {base_lr: 0.01, max_iter: 1, test_interval: 1, test_iter: 1}
+layers:
+  - {name: score, type: Convolution, bottom: data, top: score, num_output: 21, kernel_size: 1}
+  - {name: loss, type: SoftmaxWithLoss, bottom: [score, label], top: loss, include: {phase: train}}
+"""
+
+
+def test_messages_say_what_happened_where_and_what_to_do(tmp_path, capsys):
+    seg = tmp_path / "seg.yaml"
+    seg.write_text(SEG)
+    assert _train(str(seg), tmp_path / "run") == 2  # 21 scores for 5 classes
+    err = capsys.readouterr().err
+    assert f"error: {seg}: the test net's prediction 'score' scores 21 classes but the data set " \
+           "(synthetic_seg) has data.num_classes = 5" in err
+    assert "--set data.num_classes=21" in err and "num_output 5" in err
+    nodata = tmp_path / "nodata.yaml"
+    nodata.write_text(SEG.replace("data: {dataset: synthetic_seg, size: 2, height: 16, width: 16, "
+                                  "num_classes: 5, batch_size: 1}\n", ""))
+    assert _train(str(nodata), tmp_path / "run2") == 2
+    err = capsys.readouterr().err
+    assert "data: missing: this command needs a data section naming a data set" in err
+    assert "dataset: voc" in err and "synthetic_seg" in err and "synthetic_depth" not in err
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert main(["build", str(empty)]) == 2
+    assert f"error: {empty}: the file is empty" in capsys.readouterr().err
+    named = tmp_path / "named.yaml"
+    named.write_text("inputs: {x: [1, 1, 2, 2]}\nlayers:\n  - {name: 5, type: ReLU, bottom: x, top: y}\n")
+    assert main(["build", str(named)]) == 2
+    assert f"error: {named}:3:6: layer name 5 is int, not text" in capsys.readouterr().err
+    proto = tmp_path / "train.prototxt"  # a Caffe train net: its data layer becomes a data: record
+    proto.write_text('layer { name: "data" type: "ImageSegData" top: "data" top: "label"\n'
+                     '  image_data_param { root_folder: "/voc" source: "train.txt" batch_size: 1 }\n'
+                     '  transform_param { crop_size: 8 } }\n'
+                     'layer { name: "score" type: "Convolution" bottom: "data" top: "score"\n'
+                     '  convolution_param { num_output: 2 kernel_size: 1 } }\n'
+                     'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "score" bottom: "label" }\n')
+    converted = tmp_path / "train.yaml"
+    assert main(["convert", str(proto), "-o", str(converted)]) == 0
+    capsys.readouterr()
+    assert _train(str(converted), tmp_path / "run3", "--set", "solver.base_lr=0.1",
+                  "--set", "solver.max_iter=1") == 2
+    err = capsys.readouterr().err
+    assert "data: this section lists the Caffe data layers of a converted prototxt (ImageSegData 'data')" in err
+    assert "replace it with a data set section, e.g. data: {dataset: voc" in err and "MarkedList" not in err

@@ -299,7 +299,7 @@ LAYER_CASES = {
     "lr_mult_inf": ("{name: s, type: Convolution, bottom: data, top: y, num_output: 1, "
                     "kernel_size: 1, param: [{lr_mult: .inf}]}", SchemaError, "finite"),
     "name_number": ("{name: 5, type: ReLU, bottom: data, top: y}", SchemaError,
-                    "layer name must be a string"),
+                    "layer name 5 is int, not text"),
     "empty_bottom": ("{name: s, type: ReLU, bottom: '', top: y}", SchemaError, "bottom"),
 }
 for _case, (_layer, _cls, _fragment) in LAYER_CASES.items():

@@ -13,7 +13,7 @@ from torch import nn
 import pacnet
 from pacnet.engine.checkpoint import load_weights as read_safetensors
 from pacnet.engine.checkpoint import save_weights
-from pacnet.errors import DataError, LoadError, SchemaError
+from pacnet.errors import DataError, LoadError, OutputError, SchemaError
 from pacnet.weights import convert, match, read_state_dict, suggest_nets
 
 # A small net whose layer names differ from its source model's module names.
@@ -270,7 +270,7 @@ def test_convert_writes_the_nets_names_atomically_and_nothing_on_failure(tmp_pat
     assert not out2.exists() and sorted(os.listdir(tmp_path)) == ["bad.pth", "tiny.pth", "tiny.safetensors"]
     with pytest.raises(LoadError, match="would overwrite an input file"):
         convert(net, out, out)
-    with pytest.raises(LoadError, match="does not exist"):
+    with pytest.raises(OutputError, match="does not exist"):
         convert(net, src, tmp_path / "no" / "x.safetensors")
 
 

@@ -268,6 +268,38 @@ def test_joint_upsampling_x8_carries_a_trainable_data_and_solver_section():
     assert sample["guide"].shape[-1] == f * sample["target"].shape[-1] == sample["gt"].shape[-1]
 
 
+# Zoo nets that carry the data: and solver: sections of their training recipe, with the vars
+# their training crops need.
+RECIPES = {
+    "deeplab/deeplab_v1_largefov": {}, "deeplab/deeplab_v2_vgg16_aspp": {}, "deeplab/deeplab_v2_resnet101": {},
+    "deeplab/aspp_v3_head": {}, "fcn/fcn8s": {}, "pspnet/pspnet101_voc2012": {}, "segaware/vgg": {},
+    "segaware/res": {"HALF_SIZE": 161}, "segaware/embs": {},
+}
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_training_recipes_validate_and_build_at_their_crops(name):
+    """Each recipe's data: and solver: sections validate for both phases, and the train net
+    builds (on the meta device) at the batch and crop its data gives."""
+    from pacnet.engine.data import parse_data
+    from pacnet.engine.solver import parse_solver
+    from pacnet.load import load
+
+    tree = load(name, vars=RECIPES[name])
+    solver = parse_solver(tree["solver"])
+    assert solver.max_iter > 0 and solver.base_lr > 0
+    train, test = parse_data(tree["data"], "train"), parse_data(tree["data"], "test")
+    assert train["metric"] in ("miou", "none") and test["batch_size"] >= 1
+    dims = tree.get("dims") or {}
+    h, w = train["crop_size"] if train["crop_size"][0] else (dims.get("H", 64), dims.get("W", 64))
+    if train["dataset"] == "synthetic_embedding" and not train["crop_size"][0]:
+        h, w = train["height"], train["width"]
+    b = train["batch_size"]
+    net = pacnet.build(name, phase="train", device="meta", vars=RECIPES[name],
+                       inputs={"data": (b, 3, h, w), "label": (b, 1, h, w)})
+    assert net.loss_weights, name  # it has a loss to train
+
+
 # ----------------------------------------------------------------------------- heads
 
 @pytest.mark.parametrize("mode", ["embedded_gaussian", "dot_product", "concatenation"])

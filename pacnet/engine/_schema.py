@@ -10,7 +10,8 @@ into a copy of the input, recursively through nested object properties.
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence
+import re
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import jsonschema
 from jsonschema import Draft202012Validator
@@ -24,6 +25,17 @@ _TYPE_WORDS = {
     "number": "a number", "integer": "an integer", "string": "a string",
     "boolean": "true or false", "array": "a list", "object": "a mapping", "null": "null",
 }
+
+
+def kind_of(value: Any) -> str:
+    """What a YAML value is, in the user's words: 'a list', 'a string', ..."""
+    if isinstance(value, bool):
+        return "true or false"
+    for kind, word in ((Mapping, "a mapping"), ((list, tuple), "a list"), (str, "a string"),
+                       ((int, float), "a number")):
+        if isinstance(value, kind):
+            return word
+    return "null" if value is None else type(value).__name__
 
 
 def _describe(value: Any) -> str:
@@ -139,6 +151,23 @@ def marked_locator(container: Any, root: Sequence[Any] = ()) -> Optional[Locate]
     return locate
 
 
+_TEMPLATE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _unset_template(value: Any, path: Tuple[Any, ...]) -> Optional[Tuple[Tuple[Any, ...], str]]:
+    """(path, name) of the first string in ``value`` still holding a ``${NAME}``."""
+    if isinstance(value, str):
+        m = _TEMPLATE.search(value)
+        return (path, m.group(1)) if m else None
+    items = value.items() if isinstance(value, Mapping) else (
+        enumerate(value) if isinstance(value, (list, tuple)) else ())
+    for key, item in items:
+        found = _unset_template(item, path + (key,))
+        if found:
+            return found
+    return None
+
+
 def validate(instance: Any, schema: Mapping[str, Any], *, root: Sequence[Any] = (),
              locate: Optional[Locate] = None, source: Optional[str] = None) -> Dict[str, Any]:
     """Check ``instance`` against ``schema``; return a copy with defaults filled.
@@ -149,6 +178,13 @@ def validate(instance: Any, schema: Mapping[str, Any], *, root: Sequence[Any] = 
     """
     if locate is None:
         locate = marked_locator(instance, root)
+    unset = _unset_template(instance, ())
+    if unset is not None:
+        path, name = unset
+        full = list(root) + list(path)
+        raise SchemaError(f"{dotted(full)}: the template variable ${{{name}}} has no value",
+                          hint=f"pass --var {name}=VALUE (or set it under 'vars:')",
+                          location=where(full, locate, source))
     validator = Draft202012Validator(schema)
     errors = list(validator.iter_errors(instance))
     if errors:

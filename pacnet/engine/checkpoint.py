@@ -1,24 +1,28 @@
-"""Checkpoints: weights as safetensors, training state via ``torch.save``, written atomically.
+"""Checkpoints: weights as safetensors, training state via ``torch.save``, written atomically
+and checksummed.
 
 A checkpoint of iteration ``it`` is two files in the work dir's ``checkpoints/`` folder:
 
-* ``iter_<it>.safetensors``: the net's state_dict (parameters and buffers).  A blob shared
-  by several layers is stored once; the other keys are listed as aliases in the metadata.
+* ``iter_<it>.safetensors``: the net's state_dict (parameters and buffers), written by
+  :func:`pacnet.tensorfile.write_safetensors` with the SHA-256 of its tensors in the metadata.
 * ``iter_<it>.state.pt``: the training state -- solver (iteration, optimizer, loss window),
-  RNG states of torch/CUDA/numpy/python stored as tensors, the data stream position and any
-  ``extra`` -- loadable with ``torch.load(weights_only=True)``: plain containers, numbers,
-  strings and tensors only, never pickled objects.
+  RNG states of torch/CUDA/numpy/python stored as tensors (one per DDP rank), the data
+  stream position and any ``extra`` -- loadable with ``torch.load(weights_only=True)``:
+  plain containers, numbers, strings and tensors only, never pickled objects.  It holds the
+  SHA-256 of its own content (``sha256``) and the weights file's (``weights_sha256``).
 
 Both are written to a temp file in the same folder, fsynced and renamed into place; the
 state file goes last, so a checkpoint counts only once its state file exists and a crash
-mid-save leaves the previous one intact.  :class:`CheckpointManager` keeps the newest
-``keep_last``, finds the latest for auto-resume, and refuses files that are corrupt or do
-not fit the net with a :class:`~pacnet.errors.DataError` naming the file.
+mid-save leaves the previous one intact.  Loading verifies both checksums and that the two
+files belong together: a damaged checkpoint is refused with a
+:class:`~pacnet.errors.DataError` naming the file, never trained on.
+:class:`CheckpointManager` keeps the newest ``keep_last``, finds the latest (or the newest
+intact one, :meth:`CheckpointManager.latest_intact`) for resuming, and refuses files that do
+not fit the net.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import random
@@ -31,15 +35,16 @@ import numpy as np
 import torch
 
 from pacnet.atomic import atomic_save
-from pacnet.errors import DataError, PacnetError
+from pacnet.errors import DamagedFileError, DataError, PacnetError
+from pacnet.tensorfile import CHECKSUM_KEY, content_digest, read_safetensors, write_safetensors
 
 __all__ = [
     "FORMAT", "capture_rng_state", "restore_rng_state", "seed_everything", "save_weights", "load_weights",
     "check_compatible", "save_state", "load_state", "Checkpoint", "CheckpointManager",
+    "rank_rng_state",
 ]
 
 FORMAT = 1  # version of the training-state layout
-_ALIASES = "pacnet.aliases"
 
 
 # --------------------------------------------------------------------------- RNG
@@ -84,79 +89,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _fsync_dir(folder: str) -> None:
-    """Make a rename in ``folder`` durable (POSIX); harmless where unsupported."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 # --------------------------------------------------------------------------- weights
 
-
-def save_weights(path: str, state_dict: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str, str]] = None) -> None:
-    """Write ``state_dict`` as safetensors, atomically.  Tensors that are the same blob
-    (weight sharing) are stored once; the other names become aliases in the metadata."""
-    from safetensors.torch import save_file
-
-    tensors: Dict[str, torch.Tensor] = {}
-    aliases: Dict[str, str] = {}
-    seen: Dict[Tuple[int, Tuple[int, ...], Tuple[int, ...], torch.dtype], str] = {}
-    storages: Dict[int, str] = {}
-    for name, t in state_dict.items():
-        if not isinstance(t, torch.Tensor):
-            raise DataError(f"cannot save {name!r} to {path}: not a tensor ({type(t).__name__})")
-        t = t.detach()
-        ident = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
-        if t.numel() and ident in seen:
-            aliases[name] = seen[ident]
-            continue
-        seen[ident] = name
-        cpu = t.cpu().contiguous()
-        ptr = cpu.untyped_storage().data_ptr()
-        if cpu.numel() and ptr in storages:  # a different view of a stored blob: own copy
-            cpu = cpu.clone()
-        storages[cpu.untyped_storage().data_ptr()] = name
-        tensors[name] = cpu
-    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    meta["format"] = "pt"
-    if aliases:
-        meta[_ALIASES] = json.dumps(aliases, sort_keys=True)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_save(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
-def load_weights(path: str, device: str | torch.device = "cpu") -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
-    """Read a safetensors file written by :func:`save_weights` (or any safetensors file):
-    (state_dict with aliases restored as the same tensor, metadata).  DataError if the
-    file is missing or corrupt."""
-    from safetensors import SafetensorError, safe_open
-
-    if not os.path.isfile(path):
-        raise DataError(f"weights file not found: {path}")
-    try:
-        with safe_open(path, framework="pt", device=str(device)) as f:
-            meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as err:
-        raise DataError(f"cannot read weights file {path}: {str(err).strip() or type(err).__name__}",
-                        hint="the file is corrupt or not safetensors; delete it or re-convert the weights") from None
-    if _ALIASES in meta:
-        try:
-            aliases = json.loads(meta[_ALIASES])
-            for alias, owner in aliases.items():
-                tensors[alias] = tensors[owner]
-        except (ValueError, KeyError, AttributeError, TypeError):
-            raise DataError(f"weights file {path} has a corrupt alias table") from None
-    return tensors, meta
+# The weights of a checkpoint are a safetensors file of pacnet.tensorfile (checksummed).
+save_weights = write_safetensors
+load_weights = read_safetensors
 
 
 def check_compatible(weights: Mapping[str, torch.Tensor], expected: Mapping[str, Any], path: str) -> None:
@@ -185,28 +122,37 @@ def check_compatible(weights: Mapping[str, torch.Tensor], expected: Mapping[str,
 
 # --------------------------------------------------------------------------- training state
 
+_CHECKSUM = "sha256"  # key of the state's own content digest (pacnet.tensorfile.content_digest)
+_DAMAGED = "the file was damaged after it was written (disk, copy or transfer)"
+
 
 def save_state(path: str, state: Mapping[str, Any]) -> None:
-    """``torch.save`` the training state atomically (plain containers and tensors only)."""
+    """``torch.save`` the training state atomically (plain containers and tensors only), with
+    the SHA-256 of its content under ``"sha256"``."""
+    body = {k: v for k, v in state.items() if k != _CHECKSUM}
+    body[_CHECKSUM] = content_digest(body)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_save(path, lambda tmp: torch.save(dict(state), tmp))
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    atomic_save(path, lambda tmp: torch.save(body, tmp))
 
 
 def load_state(path: str) -> Dict[str, Any]:
-    """``torch.load(weights_only=True)`` a training state; DataError if missing or corrupt."""
+    """``torch.load(weights_only=True)`` a training state and verify its checksum; DataError
+    naming ``path`` if it is missing, damaged or not a pacnet state."""
     if not os.path.isfile(path):
         raise DataError(f"training state file not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError,
-            AttributeError, KeyError, TypeError, IndexError) as err:
+            AttributeError, KeyError, TypeError, IndexError, UnicodeDecodeError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise DataError(f"cannot read training state {path}: {first}",
-                        hint="the file is corrupt or was not written by pacnet; delete it to resume "
-                             "from an older checkpoint") from None
+        raise DamagedFileError(f"cannot read training state {path}: {first}",
+                        hint="the file is damaged or was not written by pacnet") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise DataError(f"{path} is not a pacnet training state (format {FORMAT})")
+    expected = state.pop(_CHECKSUM, None)
+    if expected is not None and content_digest(state) != expected:
+        raise DamagedFileError(f"training state {path} is corrupt: its content does not match the "
+                               "SHA-256 checksum written with it", hint=_DAMAGED)
     return state
 
 
@@ -220,7 +166,7 @@ class Checkpoint:
 
 
 class CheckpointManager:
-    """Save, list, prune and load the checkpoints in ``folder``.
+    """Save, list, prune, verify and load the checkpoints in ``folder``.
 
     ``keep_last`` > 0 deletes all but the newest that many after each save.
     """
@@ -235,22 +181,29 @@ class CheckpointManager:
         return Checkpoint(int(iteration), base + ".safetensors", base + ".state.pt")
 
     def save(self, iteration: int, model: torch.nn.Module, *, solver: Any = None,
-             extra: Optional[Mapping[str, Any]] = None, rng: bool = True) -> Checkpoint:
-        """Write the checkpoint of ``iteration`` (weights first, then the state), then prune.
-        ``extra`` must hold plain values/tensors (e.g. ``{"data_position": 1234}``)."""
+             extra: Optional[Mapping[str, Any]] = None, rng: bool = True,
+             rng_ranks: Optional[List[Mapping[str, Any]]] = None) -> Checkpoint:
+        """Write the checkpoint of ``iteration`` (weights first, then the state that records
+        their checksum), then prune.  ``extra`` must hold plain values/tensors (e.g.
+        ``{"data_position": 1234}``).  ``rng_ranks``: the RNG state of every DDP rank, in
+        rank order (this process's own is captured when ``rng``)."""
         from pacnet import __version__
 
         ck = self.paths(iteration)
         os.makedirs(self.folder, exist_ok=True)
         model_state = model.state_dict()
-        save_weights(ck.weights, model_state, {"iteration": str(int(iteration)), "pacnet": __version__})
+        checksum = save_weights(ck.weights, model_state, {"iteration": str(int(iteration)),
+                                                          "pacnet": __version__})
         state: Dict[str, Any] = {
             "format": FORMAT, "iteration": int(iteration), "pacnet": __version__,
+            "weights_sha256": checksum,
             "params": {k: list(v.shape) for k, v in model_state.items()},
             "solver": solver.state_dict() if solver is not None else None,
             "rng": capture_rng_state() if rng else None,
             "extra": dict(extra or {}),
         }
+        if rng_ranks is not None:
+            state["rng_ranks"] = [dict(r) for r in rng_ranks]
         save_state(ck.state, state)
         self.prune()
         return ck
@@ -286,14 +239,44 @@ class CheckpointManager:
                     pass
         return old
 
+    def read(self, checkpoint: Checkpoint | str) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+        """(weights, training state) of a checkpoint (or of a ``.safetensors``/``.state.pt``
+        path of one), both verified against their checksums and against each other."""
+        ck = self.resolve(checkpoint)
+        state = load_state(ck.state)
+        weights, meta = load_weights(ck.weights, what="checkpoint weights")
+        expected = state.get("weights_sha256")
+        if expected is not None and meta.get(CHECKSUM_KEY) != expected:
+            raise DamagedFileError(f"{ck.weights} is not the weights file saved with {ck.state} "
+                                   "(their checksums differ)",
+                                   hint="one of the two was replaced; restore the pair, or resume "
+                                        "from another checkpoint")
+        return weights, state
+
+    def latest_intact(self) -> Tuple[Optional[Checkpoint],
+                                     List[Tuple[Checkpoint, DamagedFileError]]]:
+        """The newest checkpoint whose files verify, and the newer, damaged ones (each with
+        its error), newest first."""
+        damaged: List[Tuple[Checkpoint, DamagedFileError]] = []
+        for ck in reversed(self.list()):
+            try:
+                self.read(ck)
+            except DamagedFileError as err:
+                damaged.append((ck, err))
+                continue
+            return ck, damaged
+        return None, damaged
+
     def load(self, checkpoint: Checkpoint | str, model: torch.nn.Module, *, solver: Any = None,
-             restore_rng: bool = True, strict: bool = True) -> Dict[str, Any]:
+             restore_rng: bool = True, strict: bool = True, rank: int = 0,
+             world_size: int = 1) -> Dict[str, Any]:
         """Load weights into ``model`` (and the solver state, RNG states) from a checkpoint
         (or a ``.safetensors``/``.state.pt`` path of one); return the training state.
-        Refuses a checkpoint whose names or shapes differ from the model's (DataError)."""
-        ck = self._resolve(checkpoint)
-        state = load_state(ck.state)
-        weights, _ = load_weights(ck.weights)
+        Refuses a damaged checkpoint, and one whose names or shapes differ from the
+        model's (DataError).  Under DDP each ``rank`` restores its own RNG state when the
+        checkpoint was saved by ``world_size`` ranks."""
+        ck = self.resolve(checkpoint)
+        weights, state = self.read(ck)
         if strict:
             check_compatible(weights, model.state_dict(), ck.weights)
         try:
@@ -312,14 +295,16 @@ class CheckpointManager:
                 raise DataError(f"cannot resume from {ck.state}: the optimizer state does not fit "
                                 f"({str(err).splitlines()[0] if str(err) else type(err).__name__})",
                                 hint="the solver or the net changed since it was saved; use a fresh work dir") from None
-        if restore_rng and state.get("rng"):
+        rng = rank_rng_state(state, rank, world_size)
+        if restore_rng and rng:
             try:
-                restore_rng_state(state["rng"])
+                restore_rng_state(rng)
             except (KeyError, ValueError, TypeError, RuntimeError) as err:
                 raise DataError(f"{ck.state} has a corrupt RNG state ({err})") from None
         return state
 
-    def _resolve(self, checkpoint: Checkpoint | str) -> Checkpoint:
+    def resolve(self, checkpoint: Checkpoint | str) -> Checkpoint:
+        """The :class:`Checkpoint` of a ``.safetensors`` or ``.state.pt`` path of one."""
         if isinstance(checkpoint, Checkpoint):
             return checkpoint
         path = str(checkpoint)
@@ -330,3 +315,13 @@ class CheckpointManager:
                 return Checkpoint(int(m.group(1)) if m else -1, base + ".safetensors", base + ".state.pt")
         raise DataError(f"not a checkpoint file: {path}",
                         hint="give the .safetensors or .state.pt file of a checkpoint")
+
+
+def rank_rng_state(state: Mapping[str, Any], rank: int = 0,
+                   world_size: int = 1) -> Optional[Mapping[str, Any]]:
+    """The RNG state a process of ``rank`` in ``world_size`` resumes with: its own when the
+    checkpoint holds one per rank of the same world size, else the saving process's."""
+    ranks = state.get("rng_ranks")
+    if ranks and len(ranks) == world_size and 0 <= rank < len(ranks):
+        return ranks[rank]
+    return state.get("rng")

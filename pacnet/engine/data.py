@@ -37,7 +37,8 @@ from pacnet.engine.datasets import (
 from pacnet.engine.transforms import LOWRES_MODES, JointTransform, SegTransform
 from pacnet.errors import DataError, SchemaError
 
-__all__ = ["DATASETS", "PHASES", "data_schema", "parse_data", "make_dataset", "StreamSampler",
+__all__ = ["DATASETS", "DATASET_INFO", "PHASES", "data_schema", "missing_section", "parse_data",
+           "make_dataset", "StreamSampler",
            "make_loader", "collate", "input_shapes"]
 
 PHASES = ("train", "val", "test")
@@ -173,6 +174,59 @@ DATASETS: Dict[str, Dict[str, Any]] = {
     },
 }
 
+# What each data set is for, what a sample gives and the files it reads: the docs of the
+# `data:` section (README, `pacnet datasets`) are generated from this and DATASETS.
+DATASET_INFO: Dict[str, Dict[str, str]] = {
+    "synthetic_depth": {
+        "task": "joint depth upsampling (built in, no download)",
+        "gives": "guide, target, gt, gt_raw, target_range",
+        "layout": "procedural scenes drawn from (seed, split, index): piecewise-planar depth "
+                  "1-10 m with an RGB guide whose regions follow the depth edges",
+    },
+    "synthetic_video": {
+        "task": "joint depth upsampling of video clips (built in, no download)",
+        "gives": "guide (3 x T x H x W), target, gt, gt_raw, target_range; with per_frame, "
+                 "every frame as an image sample",
+        "layout": "the synthetic depth scenes in motion, drawn from (seed, split, index): objects "
+                  "slide and drift in depth over a panning background, textures move with "
+                  "their surfaces, noise is new every frame",
+    },
+    "synthetic_seg": {
+        "task": "semantic segmentation (built in, no download)",
+        "gives": "data, label, data_dim",
+        "layout": "procedural scenes of num_classes - 1 object classes on background 0, drawn from "
+                  "(seed, split, index)",
+    },
+    "synthetic_embedding": {
+        "task": "segmentation-aware embeddings (built in, no download)",
+        "gives": "data, label (region ids), data_dim",
+        "layout": "procedural scenes whose label is a region id per object (segaware embs, "
+                  "DistLoss)",
+    },
+    "voc": {
+        "task": "semantic segmentation: PASCAL VOC 2012, optionally with SBD",
+        "gives": "data, label, data_dim",
+        "layout": "root: VOC2012/ with JPEGImages/<id>.jpg, SegmentationClass/<id>.png, "
+                  "ImageSets/Segmentation/<image_set>.txt (a VOCdevkit/ holding VOC2012/ works "
+                  "too); sbd_root: benchmark_RELEASE/dataset/ with img/, cls/<id>.mat, train.txt, "
+                  "val.txt (image sets train_aug, trainval_aug); or list: a Caffe ImageSegData "
+                  "list of '/JPEGImages/x.jpg /SegmentationClassAug/x.png' lines relative to root",
+    },
+    "nyu": {
+        "task": "joint depth upsampling: NYU Depth v2 (the PAC paper's split)",
+        "gives": "guide, target, gt, gt_raw, target_range",
+        "layout": "root: the folder holding nyu_depth_v2_labeled.mat (or the file): 1449 RGB-D "
+                  "images, the first train_count train, the rest test",
+    },
+    "sintel": {
+        "task": "joint optical-flow upsampling: MPI-Sintel",
+        "gives": "guide, target, gt, gt_raw, target_range",
+        "layout": "root: MPI-Sintel-complete/ with training/<pass>/<scene>/frame_XXXX.png and "
+                  "training/flow/<scene>/frame_XXXX.flo; train/val from split_file (NVlabs "
+                  "Sintel_train_val.txt) or val_sequences",
+    },
+}
+
 # Options whose default depends on the data set (applied after validation).
 _LOWRES_DEFAULT = {"synthetic_depth": "center", "synthetic_video": "center", "nyu": "center",
                    "sintel": "bilinear"}
@@ -204,6 +258,26 @@ def data_schema(dataset: str) -> Dict[str, Any]:
     }
 
 
+def missing_section(inputs: Sequence[str] = (), source: Optional[str] = None) -> SchemaError:
+    """The error for a net without a ``data:`` section, with an example that fits its
+    ``inputs`` (joint upsampling: guide and target; segmentation: an image blob)."""
+    names = set(inputs)
+    if {"guide", "target"} <= names:
+        example = ("data: {dataset: synthetic_depth, factor: 8} (built in; nyu and sintel read the "
+                   "real data sets)")
+    elif names:
+        image = "data" if "data" in names else sorted(names)[0]
+        rename = "" if image == "data" else f", blobs: {{data: {image}}}"
+        example = (f"data: {{dataset: voc, root: data/VOCdevkit/VOC2012{rename}}}, or to try it "
+                   f"without downloading: data: {{dataset: synthetic_seg, num_classes: 21, "
+                   f"crop_size: 64{rename}}}")
+    else:
+        example = "data: {dataset: NAME, ...}"
+    return _schema.error(["data"], "missing: this command needs a data section naming a data set",
+                         hint=f"add e.g. {example}; 'pacnet datasets' lists the data sets",
+                         source=source)
+
+
 def parse_data(raw: Optional[Mapping[str, Any]], phase: str, *, root: Sequence[Any] = ("data",),
                locate: Optional[_schema.Locate] = None, source: Optional[str] = None) -> Dict[str, Any]:
     """Validate a ``data:`` section and return the resolved options of ``phase``
@@ -213,11 +287,20 @@ def parse_data(raw: Optional[Mapping[str, Any]], phase: str, *, root: Sequence[A
     if phase not in PHASES:
         raise DataError(f"unknown phase {phase!r}; use one of {', '.join(PHASES)}")
     if raw is None:
-        raise _schema.error(list(root), "missing: this command needs a data section",
-                            hint="add e.g. 'data: {dataset: synthetic_depth, factor: 8}'",
+        raise missing_section(source=source)
+    if isinstance(raw, list) and raw and all(isinstance(r, Mapping) and {"type", "tops"} <= set(r)
+                                             for r in raw):
+        kinds = ", ".join(sorted({f"{r['type']} '{r.get('name')}'" for r in raw}))
+        raise _schema.error(list(root), f"this section lists the Caffe data layers of a converted "
+                            f"prototxt ({kinds}); pacnet reads data through a data set, which it "
+                            "does not name",
+                            hint="replace it with a data set section, e.g. data: {dataset: voc, "
+                                 "root: VOC2012, list: train.txt, crop_size: 321, mean_value: "
+                                 "[104.008, 116.669, 122.675], mirror: true} ('pacnet datasets' "
+                                 "lists them and their fields)",
                             locate=locate, source=source)
     if not isinstance(raw, Mapping):
-        raise _schema.error(list(root), f"expected a mapping, got {type(raw).__name__}",
+        raise _schema.error(list(root), f"expected a mapping, got {_schema.kind_of(raw)}",
                             locate=locate, source=source)
     head = {"type": "object", "required": ["dataset"],
             "properties": {"dataset": data_schema("voc")["properties"]["dataset"]}}

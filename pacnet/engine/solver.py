@@ -57,7 +57,8 @@ from pacnet.errors import PacnetValueError, SchemaError, did_you_mean
 __all__ = [
     "SOLVER_SCHEMA", "LR_POLICIES", "SOLVER_TYPES", "SolverConfig", "parse_solver",
     "LearningRate", "ParamGroupSpec", "param_groups", "CaffeSGD", "make_optimizer",
-    "clip_gradients", "StepInfo", "Solver",
+    "clip_gradients", "StepInfo", "Solver", "IGNORED_FIELDS", "is_solver_prototxt",
+    "read_solver_file",
 ]
 
 LR_POLICIES = ("fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid")
@@ -182,6 +183,11 @@ SOLVER_SCHEMA: Dict[str, Any] = {
     },
 }
 
+#: Caffe SolverParameter fields pacnet accepts and ignores (net files, devices, snapshot naming).
+IGNORED_FIELDS = tuple(k for k, v in SOLVER_SCHEMA["properties"].items()
+                       if str(v.get("description", "")).startswith(_IGNORED)
+                       or k == "snapshot_prefix")
+
 _NUMBER_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
@@ -270,7 +276,7 @@ def parse_solver(raw: Optional[Mapping[str, Any]], *, root: Sequence[Any] = ("so
                             hint="add e.g. 'solver: {base_lr: 0.01, max_iter: 1000}'",
                             locate=locate, source=source)
     if not isinstance(raw, Mapping):
-        raise _schema.error(list(root), f"expected a mapping, got {type(raw).__name__}",
+        raise _schema.error(list(root), f"expected a mapping, got {_schema.kind_of(raw)}",
                             locate=locate, source=source)
     raw = _coerce_numbers(raw)
     if isinstance(raw.get("type"), str):  # Caffe spells them 'Adam', users write 'adam'
@@ -743,3 +749,61 @@ class Solver:
             group.update(own)
         self.iter = int(state["iter"])
         self._losses = deque((float(x) for x in state.get("losses", [])), maxlen=self.config.average_loss)
+
+
+# --------------------------------------------------------------------------- solver files
+
+
+def is_solver_prototxt(root: Any) -> bool:
+    """Whether a parsed prototxt (:class:`pacnet.prototxt.Message`) is a Caffe
+    ``SolverParameter`` rather than a net: only solver fields, and at least one of the
+    fields every solver has."""
+    names = set(root.names())
+    known = set(SOLVER_SCHEMA["properties"])
+    every = {"base_lr", "lr_policy", "max_iter", "net", "train_net", "type", "solver_type"}
+    return bool(names) and names <= known and bool(names & every)
+
+
+def read_solver_file(path: str, vars: Optional[Mapping[str, Any]] = None, *,
+                     keep_unset: bool = False) -> Dict[str, Any]:
+    """The ``solver:`` section of ``path``: a Caffe ``solver.prototxt``, or a YAML file
+    holding a ``solver:`` mapping (and maybe ``vars:``) or only the mapping.  Validated,
+    with errors located in that file; ``${VAR}`` templates are filled from ``vars`` (and the
+    file's ``vars:``).  ``keep_unset``: variables without a value stay ``${NAME}`` (their
+    fields are left out of the validation) instead of being an error."""
+    import os
+
+    from pacnet.errors import LoadError, Location
+
+    path = os.fspath(path)
+    marks: Dict[Tuple[Any, ...], Location] = {}
+    if path.lower().endswith((".prototxt", ".pt.txt", ".txt")):
+        from pacnet.prototxt import parse, read_text
+
+        root = parse(read_text(path), vars, file=path, keep_unset={})
+        if not is_solver_prototxt(root):
+            raise LoadError(f"{path} is not a Caffe solver (SolverParameter)",
+                            location=Location(path),
+                            hint="a solver file has fields such as base_lr, lr_policy and max_iter")
+        section = root.to_dict()
+        marks = {("solver", f.name): Location(path, f.line, f.col) for f in root}
+    else:
+        from pacnet.load import read_yaml, substitute
+
+        tree = read_yaml(path)
+        section = tree.get("solver", tree) if isinstance(tree, Mapping) else tree
+        own = (tree.get("vars") or {}) if isinstance(tree, Mapping) else {}
+        env = {k: v for k, v in own.items() if v is not None}
+        env.update(vars or {})
+        section = substitute(section, env, {})
+    checked = section
+    if keep_unset and isinstance(section, Mapping):  # check the rest; 1 stands in for a number
+        checked = {}
+        for key, value in section.items():
+            if _schema._unset_template(value, ()) is None:
+                checked[key] = value
+            elif SOLVER_SCHEMA["properties"].get(key, {}).get("type") in ("number", "integer"):
+                checked[key] = 1
+    parse_solver(checked, source=path,
+                 locate=(lambda key_path: marks.get(tuple(key_path[:2]))) if marks else None)
+    return dict(section)

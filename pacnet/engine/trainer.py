@@ -42,14 +42,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pacnet.engine.checkpoint import Checkpoint, CheckpointManager, seed_everything
-from pacnet.engine.data import make_dataset, make_loader, parse_data
+from pacnet.engine.checkpoint import (Checkpoint, CheckpointManager, capture_rng_state,
+                                     seed_everything)
+from pacnet.engine.data import make_dataset, make_loader, missing_section, parse_data
 from pacnet.engine.datasets import BlobDataset
 from pacnet.engine.metrics import EPE, RMSE, Average, ConfusionMatrix, all_reduce_
 from pacnet.engine.solver import Solver, parse_solver
 from pacnet.engine.transforms import denormalize
 from pacnet.engine.workdir import WorkDir
-from pacnet.errors import DataError, PacnetError, ShapeError
+from pacnet.errors import (DamagedFileError, DataError, Location, OutputError, PacnetError,
+                           ShapeError)
 from pacnet.weights import load_weights
 
 # F.interpolate mode by tensor rank: images (N x C x H x W) and clips (N x C x T x H x W).
@@ -197,8 +199,10 @@ class Evaluator:
     de-normalised like the prediction (pac.md §3 "Bilinear"); for clips, trilinearly to the
     ground truth's T x H x W, which is every frame bilinearly when T is kept."""
 
-    def __init__(self, options: Mapping[str, Any], outputs: Sequence[str], losses: Iterable[str] = ()) -> None:
+    def __init__(self, options: Mapping[str, Any], outputs: Sequence[str],
+                 losses: Iterable[str] = (), source: Optional[str] = None) -> None:
         self.options = dict(options)
+        self.source = source  # the net file, for messages
         self.kind = options.get("metric", "none")
         rename = dict(options.get("blobs") or {})
         self.key = lambda k: rename.get(k, k)
@@ -280,6 +284,17 @@ class Evaluator:
             return None
         pred, truth = self.prediction(outputs, batch), self.truth(batch)
         if self.kind == "miou":
+            k = self.options["num_classes"]
+            if pred.dim() == 4 and pred.shape[1] > 1 and pred.shape[1] != k:
+                n = pred.shape[1]
+                raise ShapeError(f"the test net's prediction '{self.predict}' scores {n} classes "
+                                 f"but the data set ({self.options['dataset']}) has "
+                                 f"data.num_classes = {k}",
+                                 location=Location(self.source) if self.source else None,
+                                 hint=f"make them agree: set data.num_classes to {n} (--set "
+                                      f"data.num_classes={n}), or give the net's last layer "
+                                      f"num_output {k} (e.g. --var NUM_LABELS={k} where the net "
+                                      "has it)")
             if pred.shape[-2:] != truth.shape[-2:]:
                 raise ShapeError(f"prediction '{self.predict}' is {tuple(pred.shape[-2:])} but the labels are "
                                  f"{tuple(truth.shape[-2:])}", hint="resize the scores to the label size in "
@@ -470,32 +485,38 @@ def _interrupts_held():
 def train(source: Any, work_dir: str, *, vars: Optional[Mapping[str, Any]] = None,
           overrides: Optional[Mapping[str, Any]] = None, device: Any = None, resume: Any = True,
           weights: Sequence[str] = (), on_event: OnEvent = None, tensorboard: Optional[bool] = None,
-          argv: Optional[Sequence[str]] = None, fuse: bool = True, amp: bool = False) -> Dict[str, Any]:
+          argv: Optional[Sequence[str]] = None, fuse: bool = True, amp: bool = False,
+          solver: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """Train the net of ``source`` into ``work_dir`` (see the module docstring).
 
-    ``resume``: True = continue from the work dir's latest checkpoint if any; False =
-    start fresh (the work dir's checkpoints are kept until overwritten, its metrics are
-    cleared); a path = resume from that checkpoint.  ``weights``: files to initialise from
-    when not resuming (added to the solver's ``weights``; as :func:`_weights_files`, mapped
-    by :mod:`pacnet.weights`).  ``amp``: run
+    ``resume``: True = continue from the work dir's latest checkpoint if any (refused when
+    it is damaged); ``"auto"`` = from the newest intact one; False = start fresh (the work
+    dir's checkpoints are kept until overwritten, its metrics are cleared); a path = resume
+    from that checkpoint.  ``solver``: a ``solver:`` section replacing the net's (e.g.
+    :func:`pacnet.engine.solver.read_solver_file`; ``overrides`` still apply).
+    ``weights``: files to initialise from when not resuming (added to the solver's
+    ``weights``; as :func:`_weights_files`, mapped by :mod:`pacnet.weights`).  ``amp``: run
     the training forward passes under bfloat16 autocast (:func:`_autocast`; the backward,
     the update and the test passes stay float32).  Returns a summary dict.
     """
     from pacnet.api import build
-    from pacnet.load import load
+    from pacnet.load import apply_overrides, load
 
     src = None if isinstance(source, Mapping) else os.fspath(source)
-    tree = load(source, vars=vars, overrides=overrides)
+    tree = load(source, vars=vars)
+    if solver is not None:
+        tree["solver"] = dict(solver)
+    if overrides:
+        apply_overrides(tree, overrides)
     config = parse_solver(tree.get("solver"), source=src)
-    data = tree.get("data")
+    data = _data_section(tree, src)
     info = init_distributed()
     dev = pick_device(device, info)
     autocast = _autocast(dev, amp)
     train_opts = parse_data(data, "train", source=src)
     train_set = make_dataset(data, "train", source=src)
     names = _input_names(tree, "train", src)
-    if config.random_seed >= 0:
-        seed_everything(config.random_seed)
+    _seed_rank(config.random_seed, info)
     kw = dict(vars=vars, overrides=overrides, fuse=fuse)
     net = build(source, phase="train", inputs=batch_shapes(train_set, names, train_opts["batch_size"]), **kw).to(dev)
     names = list(net.inputs)
@@ -512,21 +533,26 @@ def train(source: Any, work_dir: str, *, vars: Optional[Mapping[str, Any]] = Non
                          **kw).to(dev)
         test_nets = ShapedNets(test_net, lambda shapes, device: build(
             source, phase="test", inputs=shapes, device=device, **kw))
-        evaluator = Evaluator(test_opts, _outputs(test_net), test_net.loss_weights)
+        evaluator = Evaluator(test_opts, _outputs(test_net), test_net.loss_weights, source=src)
         test_loader = make_loader(test_set, batch_size=test_opts["batch_size"], train=False, rank=info.rank,
                                   world_size=info.world_size, num_workers=test_opts["num_workers"])
     test_batches = config.test_iter[0] if config.test_iter and config.test_iter[0] > 0 else None
 
     wd = WorkDir(work_dir, tensorboard=tensorboard if info.main else False)
     manager = wd.checkpoints(keep_last=config.snapshot_keep)
-    if info.main:
-        wd.write_config(tree)
-        wd.write_environment(argv, dev, {"world_size": info.world_size})
+    shape = {"world_size": info.world_size, "batch_size": train_opts["batch_size"],
+             "iter_size": config.iter_size}
     position = 0
-    checkpoint = _resume_point(manager, resume)
+    checkpoint, state = _load_resume_point(manager, resume, net, solver, info, on_event)
+    if info.main:
+        previous = wd.write_config(tree, keep_previous=checkpoint is not None)
+        if previous is not None:
+            _warn(on_event, "the config differs from the one the run was trained with so far "
+                            f"({_changes(previous[1], tree)}); the previous one is kept as "
+                            f"{previous[0]}")
+        wd.write_environment(argv, dev, {"world_size": info.world_size})
     if checkpoint is not None:
-        state = manager.load(checkpoint, net, solver=solver)
-        position = int(state.get("extra", {}).get("data_position", 0))
+        position = _resumed_position(state, shape, config.random_seed, info, on_event)
         if info.main:
             wd.truncate_metrics(solver.iter - 1)  # records from iteration `iter` on came after it
         _emit(on_event, {"event": "resume", "step": solver.iter, "path": checkpoint.weights})
@@ -555,7 +581,12 @@ def train(source: Any, work_dir: str, *, vars: Optional[Mapping[str, Any]] = Non
                      "work_dir": wd.path, "params": sum(p.numel() for p in solver.params),
                      "frozen": len(solver.frozen), "world_size": info.world_size})
     last_test: Dict[str, Any] = {}
-    last_checkpoint: Optional[Checkpoint] = None
+    last_checkpoint: Optional[Checkpoint] = checkpoint  # the newest one of this run so far
+    finished = checkpoint is not None and solver.done
+    if finished:
+        _warn(on_event, f"the run already finished: iteration {solver.iter} of solver.max_iter "
+                        f"{config.max_iter}; nothing to train",
+              hint="raise solver.max_iter (--max-iter) to train on; 'pacnet test' evaluates it")
 
     def run_test() -> None:
         nonlocal last_test
@@ -569,12 +600,16 @@ def train(source: Any, work_dir: str, *, vars: Optional[Mapping[str, Any]] = Non
             wd.log(solver.iter, results, phase="test")
         _emit(on_event, {"event": "test", "step": solver.iter, **results})
 
-    def snapshot(barrier: bool = True) -> None:
+    def snapshot(collective: bool = True) -> None:
+        """Save a checkpoint (rank 0).  ``collective``: every rank is here, so their RNG
+        states are gathered into it; off on an interrupt, where other ranks may be anywhere."""
         nonlocal last_checkpoint
+        ranks = _gather_rng_states(info) if info.distributed and collective else None
         if info.main:
-            last_checkpoint = manager.save(solver.iter, net, solver=solver, extra={"data_position": position})
+            last_checkpoint = manager.save(solver.iter, net, solver=solver, rng_ranks=ranks,
+                                           extra={"data_position": position, **shape})
             _emit(on_event, {"event": "snapshot", "step": solver.iter, "path": last_checkpoint.weights})
-        if info.distributed and barrier:
+        if info.distributed and collective:
             torch.distributed.barrier()
 
     tick, since = time.perf_counter(), solver.iter
@@ -619,22 +654,23 @@ def train(source: Any, work_dir: str, *, vars: Optional[Mapping[str, Any]] = Non
                 _emit(on_event, {"event": "train", "step": step.iter, **record})
             if solver.should_snapshot():
                 snapshot()
-        if solver.snapshot_at_end():
+        if solver.snapshot_at_end() and not finished:
             snapshot()
-        if testing and solver.test_at_end():
+        if testing and solver.test_at_end() and not finished:
             run_test()
     except KeyboardInterrupt:
         # Save the last completed iteration: the unfinished one never happened (its RNG
         # draws are undone; its gradients are not in the weights; `position` excludes it).
         if unfinished is not None:
             _set_torch_rng(unfinished)
-        snapshot(barrier=False)  # other ranks may be stopped anywhere
+        snapshot(collective=False)  # other ranks may be stopped anywhere
         _emit(on_event, {"event": "interrupted", "step": solver.iter,
                          "path": last_checkpoint.weights if info.main and last_checkpoint else None})
         raise
     finally:
         wd.close()
     summary = {"event": "done", "step": solver.iter, "work_dir": wd.path,
+               "finished_before": finished,
                "checkpoint": last_checkpoint.weights if last_checkpoint else None, "test": last_test,
                "smoothed_loss": solver.smoothed_loss}
     _emit(on_event, summary)
@@ -651,17 +687,130 @@ def _outputs(net: torch.nn.Module) -> List[str]:
     return []
 
 
-def _resume_point(manager: CheckpointManager, resume: Any) -> Optional[Checkpoint]:
-    if resume is True:
-        return manager.latest()
+def _seed_rank(seed: int, info: DistInfo) -> None:
+    """Seed every generator of this process for ``solver.random_seed``: ``seed + rank``, so
+    each DDP rank draws its own dropout masks (DDP gives every rank rank 0's initial
+    weights).  Unseeded DDP ranks get fresh random seeds: torch's default seed is the same
+    in every process."""
+    if seed >= 0:
+        seed_everything(seed + info.rank)
+    elif info.distributed:
+        seed_everything(int.from_bytes(os.urandom(8), "little") >> 1)
+
+
+def _gather_rng_states(info: DistInfo) -> Optional[List[Dict[str, Any]]]:
+    """Every rank's RNG state, in rank order, on rank 0 (None elsewhere).  A collective."""
+    import torch.distributed as dist
+
+    states: Optional[List[Any]] = [None] * info.world_size if info.main else None
+    dist.gather_object(capture_rng_state(), states, dst=0)
+    return states
+
+
+def _load_resume_point(manager: CheckpointManager, resume: Any, net: torch.nn.Module,
+                       solver: Solver, info: DistInfo,
+                       on_event: OnEvent) -> Tuple[Optional[Checkpoint], Dict[str, Any]]:
+    """Load the checkpoint ``resume`` names into ``net`` and ``solver``: (checkpoint, its
+    training state), or (None, {}) for a new run.  ``True``: the latest checkpoint, refused
+    when damaged; ``"auto"``: the newest intact one, skipping damaged ones with a warning;
+    a path: that checkpoint; ``False``/``None``: none."""
     if resume in (False, None):
-        return None
-    path = os.fspath(resume)
-    ck = manager._resolve(path)
-    if not os.path.isfile(ck.state) or not os.path.isfile(ck.weights):
-        raise DataError(f"checkpoint not found: {path}", hint="give a .safetensors or .state.pt of a checkpoint "
-                        "with both files present")
-    return ck
+        return None, {}
+    if resume is True or resume == "auto":
+        candidates = list(reversed(manager.list()))
+    else:
+        path = os.fspath(resume)
+        ck = manager.resolve(path)
+        if not os.path.isfile(ck.state) or not os.path.isfile(ck.weights):
+            raise DataError(f"checkpoint not found: {path}", hint="give a .safetensors or "
+                            ".state.pt of a checkpoint with both files present")
+        candidates = [ck]
+    for ck in candidates:
+        try:
+            state = manager.load(ck, net, solver=solver, rank=info.rank, world_size=info.world_size)
+        except DamagedFileError as err:
+            if resume != "auto":
+                raise _damaged(err, manager, named=resume is not True) from None
+            _warn(on_event, f"skipping a damaged checkpoint: {err.message}")
+            continue
+        return ck, state
+    if candidates:
+        raise DataError(f"no intact checkpoint in {manager.folder}: all {len(candidates)} are "
+                        "damaged", hint="start a new run in another --work-dir")
+    return None, {}
+
+
+def _damaged(err: DamagedFileError, manager: CheckpointManager, named: bool) -> DamagedFileError:
+    """``err`` with a hint on how to go on: the newest intact checkpoint, if any."""
+    if named:
+        return DamagedFileError(err.message, hint="resume from another checkpoint, or with "
+                                "--resume auto from the newest intact one")
+    intact, _ = manager.latest_intact()
+    if intact is None:
+        return DamagedFileError(err.message, hint="no checkpoint is intact: start a new run in "
+                                "another --work-dir")
+    return DamagedFileError(err.message, hint="--resume auto continues from the newest intact "
+                            f"checkpoint ({os.path.basename(intact.weights)}); or move the "
+                            "damaged files away")
+
+
+def _warn(on_event: OnEvent, message: str, hint: Optional[str] = None) -> None:
+    _emit(on_event, {"event": "warning", "message": message, **({"hint": hint} if hint else {})})
+
+
+def _data_section(tree: Mapping[str, Any], source: Optional[str]) -> Mapping[str, Any]:
+    """The net's ``data:`` section; its absence is an error whose example fits the net."""
+    if tree.get("data") is None:
+        raise missing_section(list(tree.get("inputs") or {}), source=source)
+    return tree["data"]
+
+
+def _resumed_position(state: Mapping[str, Any], shape: Mapping[str, int], seed: int,
+                      info: DistInfo, on_event: OnEvent) -> int:
+    """This rank's position in the training stream after resuming, with warnings when the
+    run goes on with another world size or global batch than it was saved with."""
+    extra = state.get("extra") or {}
+    position = int(extra.get("data_position", 0))
+    saved_world = int(extra.get("world_size", info.world_size))
+    if saved_world != info.world_size:  # the samples consumed so far, over the new ranks
+        position = position * saved_world // info.world_size
+    before = {k: int(extra.get(k, shape[k])) for k in shape}
+    if before != dict(shape):
+        def batch(d):
+            return d["world_size"] * d["batch_size"] * d["iter_size"]
+
+        _warn(on_event, f"resuming with world size {shape['world_size']}, batch_size "
+                        f"{shape['batch_size']}, iter_size {shape['iter_size']} (global batch "
+                        f"{batch(shape)}); the checkpoint was saved with {before['world_size']}, "
+                        f"{before['batch_size']}, {before['iter_size']} (global batch "
+                        f"{batch(before)}): the run goes on from the same sample but will not "
+                        "match an uninterrupted one")
+    if info.distributed and len(state.get("rng_ranks") or ()) != info.world_size:
+        _warn(on_event, "the checkpoint holds no random state for every rank (it was saved on an "
+                        "interrupt, or by another number of ranks): ranks other than 0 start new "
+                        "random streams, so random layers will not repeat an uninterrupted run")
+        if info.rank > 0:
+            entropy = [max(seed, 0), info.rank, int(state.get("iteration", 0))]
+            seed_everything(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
+    return position
+
+
+def _changes(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 4) -> str:
+    """The dotted keys whose values differ between two config trees, e.g. 'solver.base_lr'."""
+    from pacnet.engine.workdir import plain
+
+    found: List[str] = []
+
+    def walk(a: Any, b: Any, path: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in list(a) + [k for k in b if k not in a]:
+                walk(a.get(key), b.get(key), f"{path}.{key}" if path else str(key))
+        elif a != b:
+            found.append(path or "the whole config")
+
+    walk(plain(old), plain(new), "")
+    more = f" and {len(found) - limit} more" if len(found) > limit else ""
+    return "changed: " + (", ".join(found[:limit]) + more or "formatting only")
 
 
 # --------------------------------------------------------------------------- test
@@ -708,7 +857,7 @@ def test(source: Any, weights: Optional[str], *, vars: Optional[Mapping[str, Any
 
     src = None if isinstance(source, Mapping) else os.fspath(source)
     tree = load(source, vars=vars, overrides=overrides)
-    data = tree.get("data")
+    data = _data_section(tree, src)
     info = init_distributed()
     dev = pick_device(device, info)
     opts = parse_data(data, split, source=src)
@@ -722,7 +871,7 @@ def test(source: Any, weights: Optional[str], *, vars: Optional[Mapping[str, Any
         # every blob of the test net from the files; entries it lacks (train-only blobs) are skipped
         load_weights(net, files, strict=True, allow_unused=True)
         loaded = ", ".join(files)
-    evaluator = Evaluator(opts, _outputs(net), net.loss_weights)
+    evaluator = Evaluator(opts, _outputs(net), net.loss_weights, source=src)
     order = list(range(info.rank, len(dataset), info.world_size))
     loader = make_loader(dataset, batch_size=opts["batch_size"], train=False, rank=info.rank,
                          world_size=info.world_size, num_workers=opts["num_workers"])
@@ -748,7 +897,14 @@ class _PredictionWriter:
     def __init__(self, folder: str, dataset: BlobDataset, order: List[int], batch_size: int, ev: Evaluator) -> None:
         self.folder, self.dataset, self.order, self.batch_size, self.ev = folder, dataset, order, batch_size, ev
         self.count = 0
-        os.makedirs(folder, exist_ok=True)
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise OutputError(f"cannot write predictions into {folder}: it is a file, not a folder",
+                              hint="give a folder (it is created if missing)")
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as err:
+            raise OutputError(f"cannot create the predictions folder {folder}: "
+                              f"{err.strerror or err}") from None
 
     def __call__(self, pred: torch.Tensor, batch: Mapping[str, torch.Tensor], i: int) -> None:
         from pacnet.engine import formats

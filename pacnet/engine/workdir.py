@@ -4,6 +4,7 @@
 
     <work_dir>/
       config.yaml        the resolved net config (after _base_, ${VARS}, --set), as run
+      config.<time>.yaml an earlier config.yaml, kept when a resumed run changed it
       environment.json   versions, device, command line, start time
       metrics.jsonl      one JSON object per line: {"step", "phase", "time", <metric>: value, ...}
       tensorboard/       the same scalars as TensorBoard events (when tensorboard is installed)
@@ -22,7 +23,7 @@ import platform
 import sys
 import time
 from types import MappingProxyType
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from pacnet.atomic import atomic_write
 from pacnet.engine.checkpoint import CheckpointManager
@@ -60,6 +61,19 @@ def _version(dist: str) -> Optional[str]:
         return None
 
 
+_THREADING_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER",
+                  "GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "OMP_DYNAMIC", "MKL_DYNAMIC", "MKL_CBWR")
+
+
+def _numba_threads() -> Optional[int]:
+    try:
+        import numba
+
+        return int(numba.get_num_threads())
+    except Exception:  # noqa: BLE001 - numba absent or its threading layer unavailable
+        return None
+
+
 def environment(argv: Optional[Sequence[str]] = None, device: Any = None,
                 extra: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """Versions and devices of this run (a plain dict)."""
@@ -82,6 +96,9 @@ def environment(argv: Optional[Sequence[str]] = None, device: Any = None,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "device": str(device) if device is not None else None,
         "threads": torch.get_num_threads(),
+        # what decides the order of parallel reductions, for comparing runs bit for bit
+        "numba_threads": _numba_threads(),
+        "threading_env": {k: os.environ[k] for k in _THREADING_ENV if k in os.environ},
     }
     if torch.cuda.is_available():
         env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
@@ -130,13 +147,30 @@ class WorkDir:
 
     # -- files --------------------------------------------------------------------------
 
-    def write_config(self, config: Mapping[str, Any]) -> str:
-        """Write the resolved config as YAML (atomically); return its path."""
+    def write_config(self, config: Mapping[str, Any], *, keep_previous: bool = False
+                     ) -> Optional[Tuple[str, Dict[str, Any]]]:
+        """Write the resolved config as YAML (atomically).  With ``keep_previous`` (a resumed
+        run), a config.yaml that differs is first renamed to ``config.<its time>.yaml``;
+        returns (that path, the previous config) when it was, else None."""
         import yaml
 
+        text = yaml.safe_dump(plain(config), sort_keys=False, default_flow_style=None)
+        kept = None
+        if keep_previous and os.path.isfile(self.config_path):
+            old = self.read_config()
+            if old != yaml.safe_load(text):
+                written = _dt.datetime.fromtimestamp(os.stat(self.config_path).st_mtime)
+                stamp = written.strftime("%Y%m%d-%H%M%S")
+                target = os.path.join(self.path, f"config.{stamp}.yaml")
+                n = 1
+                while os.path.exists(target):
+                    n += 1
+                    target = os.path.join(self.path, f"config.{stamp}-{n}.yaml")
+                os.replace(self.config_path, target)
+                kept = (target, old)
         with atomic_write(self.config_path) as f:
-            yaml.safe_dump(plain(config), f, sort_keys=False, default_flow_style=None)
-        return self.config_path
+            f.write(text)
+        return kept
 
     def read_config(self) -> Dict[str, Any]:
         import yaml
