@@ -336,6 +336,7 @@ def im2dist(emb: torch.Tensor, kernel_size: IntOrPair, pad: IntOrPair = 0, strid
     kernel, pad, stride, dilation, _ = geometry(emb.shape, kernel_size, pad, stride, dilation,
                                                 what="emb")
     code = norm_code(norm)
+    backend_for(emb)  # a bad PACNET_BACKEND fails here, before any kernel
     return torch.ops.pacnet.im2dist(emb, list(kernel), list(pad), list(stride), list(dilation),
                                     code, bool(remove_center), bool(remove_bounds))
 
@@ -364,6 +365,7 @@ def im2parity(labels: torch.Tensor, kernel_size: IntOrPair, pad: IntOrPair = 0,
             hint="Im2parity compares one label map; the fork silently used the last channel")
     if ignore_label is not None and (isinstance(ignore_label, bool) or not isinstance(ignore_label, int)):
         raise PacnetValueError(f"ignore_label must be an int or None, got {ignore_label!r}")
+    backend_for(labels)
     return torch.ops.pacnet.im2parity(labels, list(kernel), list(pad), list(stride),
                                       list(dilation), ignore_label is not None,
                                       int(ignore_label or 0))
@@ -390,5 +392,6 @@ def local_weighted_sum(x: torch.Tensor, weights: torch.Tensor, kernel_size: IntO
         raise PacnetValueError(
             f"x and weights must share dtype and device, got {x.dtype}/{x.device} and "
             f"{weights.dtype}/{weights.device}")
+    backend_for(x)
     return torch.ops.pacnet.local_weighted_sum(x, weights, list(kernel), list(pad), list(stride),
                                                list(dilation))
