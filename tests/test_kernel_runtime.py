@@ -307,3 +307,32 @@ def test_numba_parallel_regions_use_torchs_openmp_pool():
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == ["True", "omp", "2"]
+
+
+@pytest.mark.parametrize("backend", ["aot_eager",
+                                     pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compiled_joint_upsampling_net_trains(backend):
+    """The main job's net (x8 joint upsampling: PacConvTranspose2d layers) compiled with
+    torch.compile trains: its first step's gradients equal eager's and Adam lowers the loss.
+    (inductor compiles the whole net for about 3 minutes on 2 busy cores: ``-m slow``.)"""
+    import pacnet
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    shapes = {"target": (2, 1, 4, 4), "guide": (2, 3, 32, 32), "gt": (2, 1, 32, 32)}
+    net = pacnet.build("jointupsample/pac_joint_upsample_x8", inputs=shapes, phase="train")
+    data = {k: torch.rand(v) for k, v in shapes.items()}
+    eager_grads = torch.autograd.grad(net.total_loss(net(**data)), list(net.parameters()))
+    compiled = torch.compile(net, backend=backend)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    losses = []
+    for step in range(4):
+        opt.zero_grad()
+        loss = net.total_loss(compiled(**data))
+        loss.backward()
+        if step == 0:
+            for got, (name, p) in zip(eager_grads, net.named_parameters()):
+                torch.testing.assert_close(p.grad, got, rtol=1e-4, atol=1e-5, msg=name)
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
