@@ -6,8 +6,9 @@ Run as a script (``tests/test_pac_kernels_cuda.py`` does, in a subprocess):
   reference under the CUDA simulator.  ``NUMBA_ENABLE_CUDASIM`` must be set before numba is
   first imported, which is why this is not an ordinary test module.  Shapes are tiny because
   the simulator runs one Python thread per CUDA thread.  Exits 1 if anything differs.
-* ``python tests/cudasim_pac.py --ptx``: compile every kernel to PTX for sm_80 and sm_90
-  (float32, float64, and the float16/bfloat16 variants of the GEMM path) with the real NVVM
+* ``python tests/cudasim_pac.py --gpu``: the same checks on a real GPU (CUDA tensors).
+* ``python tests/cudasim_pac.py --ptx``: compile every kernel to PTX for sm_90 (float32,
+  float64, and the float16/bfloat16 variants of the GEMM path) and sm_80 with the real NVVM
   compiler, which catches device-typing errors the simulator cannot see.  Exits 3 when no
   NVVM/CUDA toolkit is installed (``pip install 'numba-cuda[cu12]'`` brings one).
 """
@@ -16,8 +17,10 @@ import os
 import sys
 
 PTX = "--ptx" in sys.argv
-if not PTX:
+GPU = "--gpu" in sys.argv  # the same checks on a real GPU (benchmarks/gpu.py runs them)
+if not PTX and not GPU:
     os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+DEVICE = "cuda" if GPU else "cpu"
 
 import torch  # noqa: E402
 
@@ -84,8 +87,11 @@ def compile_all_ptx():
     kernels = {k for k, v in vars(K_cuda).items()
                if hasattr(v, "py_func") and not v.targetoptions.get("device")}
     assert kernels == {name for name, _ in sigs}, f"PTX signatures miss kernels: {kernels}"
-    for cc in ((8, 0), (9, 0)):
-        for name, sig in sigs:
+    # every signature for sm_90 (H100/H200); every kernel, in its first signature, for sm_80
+    seen = set()
+    first = [(n, sig) for n, sig in sigs if n not in seen and not seen.add(n)]
+    for cc, todo in (((9, 0), sigs), ((8, 0), first)):
+        for name, sig in todo:
             try:
                 ptx, _ = compile_ptx(getattr(K_cuda, name).py_func, sig, cc=cc)
             except Exception as exc:  # noqa: BLE001 - report any compiler failure
@@ -104,14 +110,14 @@ def compile_all_ptx():
 def main():
     if PTX:
         return compile_all_ptx()
-    assert K_cuda._SIM, "the simulator is not active"
+    assert K_cuda._SIM or GPU, "the simulator is not active"
     gen = torch.Generator().manual_seed(0)
     dt = torch.float64
 
     def rnd(*shape, pos=False):
         t = torch.rand(shape, generator=gen, dtype=dt) if pos else torch.randn(shape, generator=gen,
                                                                               dtype=dt)
-        return t
+        return t.to(DEVICE)
 
     # (H, W, kernel, stride, padding, dilation)
     geoms = [
