@@ -46,8 +46,6 @@ kernels without a GPU.
 
 from __future__ import annotations
 
-import warnings
-
 import numba
 import numpy as np
 import torch
@@ -65,9 +63,11 @@ _BY = 2 if _SIM else 8
 _MAX_GRID_YZ = 65535
 
 if not _SIM and getattr(cuda, "implementation", None) != "NVIDIA":  # pragma: no cover
-    warnings.warn("numba.cuda is numba's deprecated built-in CUDA target; install the NVIDIA "
-                  "'numba-cuda' package (pip install 'numba-cuda[cu12]') for the PAC kernels",
-                  RuntimeWarning, stacklevel=2)
+    # Without numba-cuda's import hook (e.g. ``python -S``) numba falls back to its
+    # deprecated built-in CUDA target without a word; refuse instead.
+    raise ImportError("pacnet's CUDA kernels need the 'numba-cuda' package "
+                      "(pip install 'numba-cuda[cu12]'); numba.cuda is the deprecated "
+                      "built-in target")
 
 
 # ----------------------------------------------------------------------------- bfloat16 bits
@@ -117,6 +117,16 @@ def _st(v, bf):
 
 
 # ----------------------------------------------------------------------------- pac_conv2d
+
+@cuda.jit(device=True, inline=True)
+def _tap(t, ks):
+    """Tap ``t`` of a ``ks = (kd, kh, kw)`` window as ``(tz, ty, tx)``."""
+    khw = ks[1] * ks[2]
+    tz = t // khw
+    ty = (t - tz * khw) // ks[2]
+    return tz, ty, t - tz * khw - ty * ks[2]
+
+
 # Geometry tuples ks, ss, ps, ds are (depth, height, width); oh is the output height (rows
 # are z*oh + y).  x [B, C, D, H, W]; K [B, 1, k3, rows, ow]; cols/G [nb, R=C*k3, nrows, ow]
 # for the tile of images i0 .. i0+nb-1 and output rows row0 .. row0+nrows-1.
@@ -125,13 +135,10 @@ def _st(v, bf):
 def _cols(x, K, i0, row0, ks, ss, ps, ds, oh, bf, kbf, zero, cols):
     """grid (R, rows/_BY, images), block (32, _BY): the modulated columns of one tile."""
     r = cuda.blockIdx.x
-    khw = ks[1] * ks[2]
-    k3 = ks[0] * khw
+    k3 = ks[0] * ks[1] * ks[2]
     c = r // k3
     t = r - c * k3
-    tz = t // khw
-    ty = (t - tz * khw) // ks[2]
-    tx = t - tz * khw - ty * ks[2]
+    tz, ty, tx = _tap(t, ks)
     D, H, W = x.shape[2], x.shape[3], x.shape[4]
     nrows, ow = cols.shape[2], cols.shape[3]
     ib = cuda.blockIdx.z
@@ -213,8 +220,7 @@ def _grad_k(G, x, i0, row0, ks, ss, ps, ds, oh, bf, kbf, zero, gK):
     ``gK[b, 0, t, q] = sum_c G[i, c*k3 + t, q] * x[b, c, pos(q, t)]``."""
     C, D, H, W = x.shape[1], x.shape[2], x.shape[3], x.shape[4]
     nrows, ow = G.shape[2], G.shape[3]
-    khw = ks[1] * ks[2]
-    k3 = ks[0] * khw
+    k3 = ks[0] * ks[1] * ks[2]
     xo = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
     if xo >= ow:
         return
@@ -223,9 +229,7 @@ def _grad_k(G, x, i0, row0, ks, ss, ps, ds, oh, bf, kbf, zero, gK):
         ib = it // k3
         t = it - ib * k3
         b = i0 + ib
-        tz = t // khw
-        ty = (t - tz * khw) // ks[2]
-        tx = t - tz * khw - ty * ks[2]
+        tz, ty, tx = _tap(t, ks)
         ix = xo * ss[2] - ps[2] + tx * ds[2]
         rr = cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y
         while rr < nrows:
