@@ -192,25 +192,25 @@ def main():
             check(f"{sub} {name}", got, ref)
     del os.environ["PACNET_WORKSPACE_MB"]
 
-    # half precision: float16/bfloat16 columns and GEMMs, K in float32 or in the data's dtype;
-    # results and gradients in the inputs' dtypes, close to the float64 reference
-    for half in (torch.float16, torch.bfloat16):
-        for kdt in (torch.float32, half):
-            sub = f"conv {str(half)[6:]} K {str(kdt)[6:]}"
-            tol = dict(rtol=2e-2, atol=3e-2) if half == torch.float16 else dict(rtol=5e-2,
-                                                                              atol=8e-2)
-            out = K_cuda.pac_conv2d_fwd(x.to(half), Kk.to(kdt), w.to(half), None, s, p, d,
-                                        False)
-            gh = K_cuda.pac_conv2d_bwd(g.to(half), x.to(half), Kk.to(kdt), w.to(half), s, p, d,
-                                       False)
-            ok = out.dtype == half and [t.dtype for t in gh] == [half, kdt, half]
-            for got, ref in zip((out,) + tuple(gh), (want,) + tuple(grads)):
-                ok = ok and torch.allclose(got.double(), ref, **tol)
-            err = max((got.double() - ref).abs().max().item()
-                      for got, ref in zip((out,) + tuple(gh), (want,) + tuple(grads)))
-            print(f"{'ok  ' if ok else 'FAIL'} {sub} fwd and grads: max err {err:.2e}")
-            if not ok:
-                failures.append(sub)
+    # half precision: float16/bfloat16 columns and GEMMs (float16 data with a float32 K,
+    # bfloat16 data with a bfloat16 K: both flags of the kernels); results and gradients in
+    # the inputs' dtypes, close to the float64 reference
+    for half, kdt in ((torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16)):
+        sub = f"conv {str(half)[6:]} K {str(kdt)[6:]}"
+        tol = dict(rtol=2e-2, atol=3e-2) if half == torch.float16 else dict(rtol=5e-2,
+                                                                          atol=8e-2)
+        out = K_cuda.pac_conv2d_fwd(x.to(half), Kk.to(kdt), w.to(half), None, s, p, d,
+                                    False)
+        gh = K_cuda.pac_conv2d_bwd(g.to(half), x.to(half), Kk.to(kdt), w.to(half), s, p, d,
+                                   False)
+        ok = out.dtype == half and [t.dtype for t in gh] == [half, kdt, half]
+        for got, ref in zip((out,) + tuple(gh), (want,) + tuple(grads)):
+            ok = ok and torch.allclose(got.double(), ref, **tol)
+        err = max((got.double() - ref).abs().max().item()
+                  for got, ref in zip((out,) + tuple(gh), (want,) + tuple(grads)))
+        print(f"{'ok  ' if ok else 'FAIL'} {sub} fwd and grads: max err {err:.2e}")
+        if not ok:
+            failures.append(sub)
 
     print(f"{len(failures)} failure(s)")
     return 1 if failures else 0
