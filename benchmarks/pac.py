@@ -14,6 +14,16 @@ between forward and backward.  Ratios are reference / fused, measured in the sam
 
     python benchmarks/pac.py                  # 128 and 256, 5 timed iterations per case
     python benchmarks/pac.py --sizes 64 128 --repeats 3 --procs 2
+    python benchmarks/pac.py --user-code      # the user-code row only (below)
+
+The user-code row measures the layers as a user's script runs them: ``PacConv2d(32, 32, 5,
+padding=2)`` (8-channel guide) and an ``nn.Conv2d(32, 32, 5, padding=2)`` of the same shape,
+forward+backward at 256^2, batch 2, interleaved in one process started with the default
+environment (no thread settings), while one busy process (a pure-Python loop, like a
+DataLoader worker) shares the cores.  Ratio = PAC time / conv time (target <= 2.0).  It runs
+twice, alternating processes: with the kernel runtime's default (Numba's parallel regions on
+torch's OpenMP pool) and with ``PACNET_SHARED_OPENMP=0`` (two OpenMP pools, the old
+behaviour), ``--user-procs`` processes each.
 
 Measured (``--procs 2 --repeats 4``; Xeon @ 2.8 GHz, 2 cores, otherwise idle (load average
 0.2); torch 2.13 CPU, numba 0.68; ``pac_conv2d`` as block GEMMs):
@@ -122,6 +132,82 @@ def worker(size: int, repeats: int, threads: int) -> dict:
             "saved_mib": sum(saved.values()) / 2**20, "peak_reset": reset}
 
 
+def user_worker(repeats: int) -> dict:
+    """PacConv2d and nn.Conv2d of one shape, fwd+bwd, interleaved (default threads)."""
+    import torch
+
+    from pacnet.pac import PacConv2d
+
+    torch.manual_seed(0)
+    size = 256
+    pac = PacConv2d(C_IN, C_OUT, K, padding=PAD)
+    conv = torch.nn.Conv2d(C_IN, C_OUT, K, padding=PAD)
+    x = torch.randn(BATCH, C_IN, size, size, requires_grad=True)
+    guide = torch.randn(BATCH, GUIDE, size, size)
+    g = torch.randn(BATCH, C_OUT, size, size)
+
+    def timed(fn):
+        t0 = time.perf_counter()
+        fn().backward(g)
+        return time.perf_counter() - t0
+
+    def run_pac():
+        return pac(x, guide)
+
+    def run_conv():
+        return conv(x)
+
+    for _ in range(2):  # compile/load the kernels, warm the allocator and caches
+        timed(run_pac)
+        timed(run_conv)
+    t_pac, t_conv = [], []
+    for _ in range(repeats):
+        t_pac.append(timed(run_pac))
+        t_conv.append(timed(run_conv))
+    return {"pac": t_pac, "conv": t_conv, "threads": torch.get_num_threads()}
+
+
+def _busy() -> None:
+    """A busy process beside the measured one (what a DataLoader worker is to the cores)."""
+    x = 0
+    while True:
+        for i in range(100000):
+            x += i
+
+
+def run_user_code(procs: int, repeats: int) -> None:
+    import multiprocessing as mp
+
+    busy = mp.get_context("spawn").Process(target=_busy, daemon=True)
+    busy.start()
+    try:
+        rows = {"shared": [], "separate": []}
+        for _ in range(procs):
+            for mode in rows:
+                env = {k: v for k, v in os.environ.items()
+                       if not k.startswith(("OMP_", "GOMP_", "NUMBA_NUM_THREADS", "MKL_"))}
+                if mode == "separate":
+                    env["PACNET_SHARED_OPENMP"] = "0"
+                cmd = [sys.executable, __file__, "--user-worker", "--repeats", str(repeats)]
+                out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+                if out.returncode != 0:
+                    raise SystemExit(f"user-code worker failed:\n{out.stderr}")
+                rows[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    finally:
+        busy.terminate()
+        busy.join()
+    print(f"user-code row: PacConv2d({C_IN}, {C_OUT}, {K}) vs nn.Conv2d, 256^2, batch "
+          f"{BATCH}, fwd+bwd interleaved, one busy process beside, default threads "
+          f"({rows['shared'][0]['threads']}); medians over {procs} process(es) x {repeats}")
+    for mode, label in (("shared", "runtime default (one OpenMP pool)"),
+                        ("separate", "PACNET_SHARED_OPENMP=0 (two pools)")):
+        pac = statistics.median(t for r in rows[mode] for t in r["pac"])
+        conv = statistics.median(t for r in rows[mode] for t in r["conv"])
+        print(f"  {label:<38} PAC {pac * 1e3:7.0f} ms  conv {conv * 1e3:7.0f} ms  "
+              f"ratio {pac / conv:.2f}")
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+
+
 def run_case(backend: str, size: int, repeats: int, threads: int) -> dict:
     env = dict(os.environ, PACNET_BACKEND=backend, NUMBA_NUM_THREADS=str(threads),
                OMP_NUM_THREADS=str(threads))
@@ -139,10 +225,20 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--procs", type=int, default=1, help="fresh processes per case")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--user-code", action="store_true", help="only the user-code row")
+    ap.add_argument("--user-procs", type=int, default=3,
+                    help="processes per mode in the user-code row")
     ap.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--user-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker is not None:
         print(json.dumps(worker(args.worker, args.repeats, args.threads)))
+        return
+    if args.user_worker:
+        print(json.dumps(user_worker(args.repeats)))
+        return
+    if args.user_code:
+        run_user_code(args.user_procs, args.repeats)
         return
 
     print(f"PacConv2d({C_IN}, {C_OUT}, {K}, padding={PAD}), guide {GUIDE} ch, batch {BATCH}, "
@@ -175,6 +271,7 @@ def main(argv=None) -> None:
         print(f"{size:>4}^2 {'ratio':>9} {fspeed:>9.1f}x {speed:>21.1f}x {mem:>14.1f}x "
               f"{ref['saved'] / max(fused['saved'], 1e-9):>9.1f}x   (reference / numba)")
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
+    run_user_code(args.user_procs, args.repeats)
 
 
 if __name__ == "__main__":

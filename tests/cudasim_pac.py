@@ -6,17 +6,21 @@ Run as a script (``tests/test_pac_kernels_cuda.py`` does, in a subprocess):
   reference under the CUDA simulator.  ``NUMBA_ENABLE_CUDASIM`` must be set before numba is
   first imported, which is why this is not an ordinary test module.  Shapes are tiny because
   the simulator runs one Python thread per CUDA thread.  Exits 1 if anything differs.
-* ``python tests/cudasim_pac.py --ptx``: compile every kernel to PTX (sm_90, float32 and
-  float64) with the real NVVM compiler, which catches device-typing errors the simulator
-  cannot see.  Exits 3 when no NVVM/CUDA toolkit is installed.
+* ``python tests/cudasim_pac.py --gpu``: the same checks on a real GPU (CUDA tensors).
+* ``python tests/cudasim_pac.py --ptx``: compile every kernel to PTX for sm_90 (float32,
+  float64, and the float16/bfloat16 variants of the GEMM path) and sm_80 with the real NVVM
+  compiler, which catches device-typing errors the simulator cannot see.  Exits 3 when no
+  NVVM/CUDA toolkit is installed (``pip install 'numba-cuda[cu12]'`` brings one).
 """
 
 import os
 import sys
 
 PTX = "--ptx" in sys.argv
-if not PTX:
+GPU = "--gpu" in sys.argv  # the same checks on a real GPU (benchmarks/gpu.py runs them)
+if not PTX and not GPU:
     os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+DEVICE = "cuda" if GPU else "cpu"
 
 import torch  # noqa: E402
 
@@ -42,42 +46,63 @@ def ref_grads(fn, inputs, grad):
     return out.detach(), [t.grad if t is not None else None for t in leaves]
 
 
-def compile_all_ptx():
+def _ptx_signatures():
+    """Every kernel of the module with the argument types it is launched with: float32 and
+    float64 data; float16 and bfloat16 (int16 bits) data for the GEMM path, with K in the
+    data's dtype or float32."""
     from numba import types
-    from numba.cuda import compile_ptx
 
     i8, b1 = types.int64, types.boolean
-    geo6 = (i8,) * 6
+    u3 = types.UniTuple(i8, 3)
     geo8 = (i8,) * 8
+
+    def arr(dt, n):
+        return types.Array(dt, n, "C")
+
     for dt in (types.float32, types.float64):
-        a1, a4, a6 = (types.Array(dt, n, "C") for n in (1, 4, 6))
-        sigs = {
+        a1, a4, a6 = arr(dt, 1), arr(dt, 4), arr(dt, 6)
+        yield from {
             "_dist_fwd": (a4, a4, b1) + geo8 + (b1, b1, dt, a6),
             "_dist_bwd_ctr": (a6, a4, a4, b1) + geo8 + (b1, b1, dt, a4),
             "_dist_bwd_guide": (a6, a4, a4, b1) + geo8 + (b1, b1, dt, a4, a4),
-            "_conv_fwd": (a4, a6, a4, a1) + geo6 + (dt, a4),
-            "_conv_bwd_x": (a4, a6, a4) + geo6 + (dt, a4),
-            "_conv_bwd_k": (a4, a4, a4) + geo6 + (dt, a6),
-            "_conv_bwd_w": (a4, a4, a6) + geo6 + (dt, a4),
             "_pool_fwd": (a4, a6, a1, a1) + geo8 + (dt, a4),
             "_pool_bwd_x": (a4, a6, a1) + geo8 + (dt, a4),
             "_pool_bwd_q": (a4, a4) + geo8 + (dt, a6),
-        }
-        kernels = {k for k, v in vars(K_cuda).items()
-                   if hasattr(v, "py_func") and not v.targetoptions.get("device")}
-        assert kernels == set(sigs), f"PTX signatures do not match the kernels: {kernels}"
-        for name, sig in sigs.items():
+        }.items()
+    f16, f32, f64, i16 = types.float16, types.float32, types.float64, types.int16
+    for dt, kdt, acc in ((f32, f32, f32), (f64, f64, f64), (f16, f16, f32), (f16, f32, f32),
+                         (i16, i16, f32), (i16, f32, f32)):
+        geo = (i8, i8, u3, u3, u3, u3, i8, b1, b1, acc)
+        yield from {
+            "_cols": (arr(dt, 5), arr(kdt, 5)) + geo + (arr(dt, 4),),
+            "_grad_x": (arr(dt, 4), arr(kdt, 5)) + geo + (arr(acc, 5),),
+            "_grad_k": (arr(dt, 4), arr(dt, 5)) + geo + (arr(kdt, 5),),
+        }.items()
+
+
+def compile_all_ptx():
+    from numba.cuda import compile_ptx
+
+    sigs = list(_ptx_signatures())
+    kernels = {k for k, v in vars(K_cuda).items()
+               if hasattr(v, "py_func") and not v.targetoptions.get("device")}
+    assert kernels == {name for name, _ in sigs}, f"PTX signatures miss kernels: {kernels}"
+    # every signature for sm_90 (H100/H200); every kernel, in its first signature, for sm_80
+    seen = set()
+    first = [(n, sig) for n, sig in sigs if n not in seen and not seen.add(n)]
+    for cc, todo in (((9, 0), sigs), ((8, 0), first)):
+        for name, sig in todo:
             try:
-                ptx, _ = compile_ptx(getattr(K_cuda, name).py_func, sig, cc=(9, 0))
+                ptx, _ = compile_ptx(getattr(K_cuda, name).py_func, sig, cc=cc)
             except Exception as exc:  # noqa: BLE001 - report any compiler failure
                 if type(exc).__name__ in ("DynamicLibNotFoundError", "NvvmSupportError",
                                           "CudaSupportError", "NvrtcSupportError"):
                     print(f"no CUDA toolkit: {exc}")
                     return 3
-                print(f"FAIL {name} {dt}: {type(exc).__name__}: {exc}")
+                print(f"FAIL {name} sm_{cc[0]}{cc[1]} {sig[0]}: {type(exc).__name__}: {exc}")
                 failures.append(name)
                 continue
-            print(f"ok   {name} {dt}: {len(ptx)} bytes of PTX")
+            print(f"ok   {name} sm_{cc[0]}{cc[1]} {sig[0]} {sig[1]}: {len(ptx)} bytes of PTX")
     print(f"{len(failures)} failure(s)")
     return 1 if failures else 0
 
@@ -85,14 +110,14 @@ def compile_all_ptx():
 def main():
     if PTX:
         return compile_all_ptx()
-    assert K_cuda._SIM, "the simulator is not active"
+    assert K_cuda._SIM or GPU, "the simulator is not active"
     gen = torch.Generator().manual_seed(0)
     dt = torch.float64
 
     def rnd(*shape, pos=False):
         t = torch.rand(shape, generator=gen, dtype=dt) if pos else torch.randn(shape, generator=gen,
                                                                               dtype=dt)
-        return t
+        return t.to(DEVICE)
 
     # (H, W, kernel, stride, padding, dilation)
     geoms = [
@@ -150,20 +175,42 @@ def main():
             check(sub + " grad x", gx, grads[0])
             check(sub + " grad K", gK, grads[1])
 
-    # float32 and float16 inputs (fp32 accumulation, result in the input dtype)
-    H, W, k, s, p, d = geoms[0]
-    x = torch.randn(1, 2, H, W)
-    Kk = torch.rand(1, 1, *k, H, W)
-    w = torch.randn(3, 2, *k)
-    want = R.pac_conv2d(x.double(), Kk.double(), w.double(), None, s, p, d)
-    out32 = K_cuda.pac_conv2d_fwd(x, Kk, w, None, s, p, d, False)
-    out16 = K_cuda.pac_conv2d_fwd(x.half(), Kk.half(), w.half(), None, s, p, d, False)
-    ok = (out32.dtype == torch.float32 and out16.dtype == torch.float16
-          and torch.allclose(out32.double(), want, rtol=1e-5, atol=1e-5)
-          and torch.allclose(out16.double(), want, rtol=2e-2, atol=2e-2))
-    print(f"{'ok  ' if ok else 'FAIL'} conv float32/float16 dtypes")
-    if not ok:
-        failures.append("dtypes")
+    # the GEMM path in tiles: tiny workspaces force bands of one and of two output rows
+    H, W, k, s, p, d = geoms[1]
+    oh, ow = R.out_size((H, W), k, s, p, d)
+    x, w = rnd(b, C, H, W), rnd(O, C, *k)
+    Kk = rnd(b, 1, k[0], k[1], oh, ow, pos=True)
+    g = rnd(b, O, oh, ow)
+    want, grads = ref_grads(lambda x_, K_, w_: R.pac_conv2d(x_, K_, w_, None, s, p, d),
+                            (x, Kk, w), g)
+    for rows in (1, 2):
+        os.environ["PACNET_WORKSPACE_MB"] = str(rows * C * k[0] * k[1] * ow * 8 / 2**20)
+        sub = f"tiles of {rows} row(s)"
+        check(sub + " fwd", K_cuda.pac_conv2d_fwd(x, Kk, w, None, s, p, d, False), want)
+        for name, got, ref in zip(("grad x", "grad K", "grad weight"),
+                                  K_cuda.pac_conv2d_bwd(g, x, Kk, w, s, p, d, False), grads):
+            check(f"{sub} {name}", got, ref)
+    del os.environ["PACNET_WORKSPACE_MB"]
+
+    # half precision: float16/bfloat16 columns and GEMMs (float16 data with a float32 K,
+    # bfloat16 data with a bfloat16 K: both flags of the kernels); results and gradients in
+    # the inputs' dtypes, close to the float64 reference
+    for half, kdt in ((torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16)):
+        sub = f"conv {str(half)[6:]} K {str(kdt)[6:]}"
+        tol = dict(rtol=2e-2, atol=3e-2) if half == torch.float16 else dict(rtol=5e-2,
+                                                                          atol=8e-2)
+        out = K_cuda.pac_conv2d_fwd(x.to(half), Kk.to(kdt), w.to(half), None, s, p, d,
+                                    False)
+        gh = K_cuda.pac_conv2d_bwd(g.to(half), x.to(half), Kk.to(kdt), w.to(half), s, p, d,
+                                   False)
+        ok = out.dtype == half and [t.dtype for t in gh] == [half, kdt, half]
+        for got, ref in zip((out,) + tuple(gh), (want,) + tuple(grads)):
+            ok = ok and torch.allclose(got.double(), ref, **tol)
+        err = max((got.double() - ref).abs().max().item()
+                  for got, ref in zip((out,) + tuple(gh), (want,) + tuple(grads)))
+        print(f"{'ok  ' if ok else 'FAIL'} {sub} fwd and grads: max err {err:.2e}")
+        if not ok:
+            failures.append(sub)
 
     print(f"{len(failures)} failure(s)")
     return 1 if failures else 0

@@ -308,6 +308,36 @@ def test_amp_runs_the_forward_in_bfloat16(net_file, reference, tmp_path):
     assert amp_loss == pytest.approx(fp32_loss, rel=0.05)
 
 
+# TINY with a pixel-adaptive transposed convolution (the joint-upsampling nets' layer): the
+# low-res target's features upsampled x2, guided by the guide's features at that size.
+TINY_PAC = TINY.replace("name: tiny_depth", "name: tiny_pac").replace(
+    "max_iter: 6, snapshot: 3", "max_iter: 24, snapshot: 100").replace(
+    "test_interval: 3", "test_interval: 100").replace("""  - {name: cat, type: Concat, bottom: [up, g1], top: cat}
+""", """  - {name: g4, type: Resize, bottom: g1, top: g4, scale_factor: 0.25, mode: bilinear,
+     align_corners: false}
+  - {name: t1, type: Convolution, bottom: target, top: t1, num_output: 4, kernel_size: 3, pad: 1,
+     weight_filler: {type: msra}}
+  - {name: pac, type: PacConvTranspose, bottom: [t1, g4], top: pac, num_output: 4,
+     kernel_size: 5, stride: 2, pad: 2, output_pad: 1}
+  - {name: pac_up, type: Interp, bottom: [pac, guide], top: pac_up}
+  - {name: cat, type: Concat, bottom: [up, g1, pac_up], top: cat}
+""")
+
+
+def test_amp_training_of_a_pac_net_converges_like_float32(tmp_path):
+    """bfloat16 autocast around a net with PAC layers (which the CPU kernels compute in
+    float32) follows the float32 run's loss curve."""
+    net = tmp_path / "tiny_pac.yaml"
+    net.write_text(TINY_PAC)
+    assert _train(str(net), tmp_path / "fp32") == 0
+    assert _train(str(net), tmp_path / "amp", "--amp") == 0
+    fp32, amp = ([loss for _, loss in _losses(tmp_path / run)] for run in ("fp32", "amp"))
+    assert len(fp32) == len(amp) == 24
+    start, end = sum(fp32[:4]) / 4, sum(fp32[-4:]) / 4
+    assert end < 0.7 * start  # it learns
+    assert sum(amp[-4:]) / 4 == pytest.approx(end, rel=0.15)
+
+
 def test_bilinear_baseline_is_the_upsampled_target_in_metres():
     options = {"metric": "rmse", "eval_border": 0}
     ev = trainer.Evaluator(options, ["pred"])

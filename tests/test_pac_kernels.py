@@ -12,6 +12,7 @@ import torch
 
 import pacnet.kernels.pac as P
 from pacnet.errors import PacnetValueError
+from pacnet.kernels import runtime
 from pacnet.kernels.pac import cpu, ops
 from pacnet.kernels.pac import reference as R
 
@@ -167,8 +168,8 @@ def test_pac_pool2d_matches_reference(hw, k, s, p, d, b):
                                         ((3, 3), (1, 1), (3, 1), 1), ((5, 5), (3, 3), (1, 1), 3)])
 def test_backward_bands_are_race_free(monkeypatch, threads, k, s, d, b):
     """Tall images split into many bands and chunks (thread counts faked) still match."""
-    monkeypatch.setattr(cpu, "_threads", lambda: threads)
-    monkeypatch.setattr(cpu, "PARALLEL_MIN_WORK", 0)  # the parallel drivers even for tiny inputs
+    monkeypatch.setattr(runtime, "threads", lambda: threads)
+    monkeypatch.setattr(runtime, "PARALLEL_MIN_WORK", 0)  # parallel drivers even for tiny inputs
     L, nbands, nchunks = cpu._plan_bands(b, 40, k[0], s[0], d[0])
     assert nchunks >= 1 and (threads == 1 or nbands >= 2 or b >= 4 * threads)
     gen = _gen(4)
@@ -199,7 +200,7 @@ def test_conv_blocks_tile_the_output(monkeypatch, parallel, block_bytes, want, k
     """pac_conv2d's GEMM blocks (image groups or row bands, partial last ones) cover the
     output exactly once, forward and backward."""
     monkeypatch.setattr(cpu, "_BLOCK_BYTES", block_bytes)
-    monkeypatch.setattr(cpu, "PARALLEL_MIN_WORK", 0 if parallel else 1 << 62)
+    monkeypatch.setattr(runtime, "PARALLEL_MIN_WORK", 0 if parallel else 1 << 62)
     gen = _gen(7)
     b, c, o, hw = 3, 4, 5, (23, 12)
     oh, ow = R.out_size(hw, k, s, p, d)
@@ -253,30 +254,30 @@ def test_conv_scratch_is_a_reused_per_thread_workspace():
 
     gen = _gen(10)
     x, K, w = _randn(gen, 1, 3, 8, 8), _rand(gen, 1, 1, 3, 3, 8, 8), _randn(gen, 4, 3, 3, 3)
-    cpu.release_workspace()
+    runtime.release_workspace()
     P.pac_conv2d(x, K, w, None, 1, 1, 1)
-    first = cpu._workspaces.buf
+    first = runtime._cpu_ws.buf
     assert first.numel() == 3 * 9 * 64 * 8  # one image's float64 columns
     P.pac_conv2d(x, K, w, None, 1, 1, 1).sum()
-    assert cpu._workspaces.buf is first
+    assert runtime._cpu_ws.buf is first
     P.pac_conv2d(x.float(), K.float(), w.float(), None, 1, 1, 1)  # smaller: same buffer
-    assert cpu._workspaces.buf is first
+    assert runtime._cpu_ws.buf is first
     big = _randn(gen, 2, 3, 8, 8)
     P.pac_conv2d(big, K.expand(2, -1, -1, -1, -1, -1), w, None, 1, 1, 1)
-    assert cpu._workspaces.buf.numel() == 2 * first.numel()
+    assert runtime._cpu_ws.buf.numel() == 2 * first.numel()
     seen = []
     thread = threading.Thread(target=lambda: (P.pac_conv2d(x, K, w, None, 1, 1, 1),
-                                              seen.append(cpu._workspaces.buf)))
+                                              seen.append(runtime._cpu_ws.buf)))
     thread.start()
     thread.join()
-    assert seen[0] is not None and seen[0] is not cpu._workspaces.buf
-    cpu.release_workspace()
-    assert cpu._workspaces.buf is None
+    assert seen[0] is not None and seen[0] is not runtime._cpu_ws.buf
+    runtime.release_workspace()
+    assert runtime._cpu_ws.buf is None
 
 
 def test_backward_is_deterministic(monkeypatch):
     """Same inputs, same bits (the parallel drivers: no atomics, fixed partial sums)."""
-    monkeypatch.setattr(cpu, "PARALLEL_MIN_WORK", 0)
+    monkeypatch.setattr(runtime, "PARALLEL_MIN_WORK", 0)
     gen = _gen(5)
     x, f = _randn(gen, 2, 4, 30, 17), _randn(gen, 2, 3, 30, 17)
     w = _randn(gen, 6, 4, 3, 3)
@@ -634,7 +635,7 @@ def _calls(monkeypatch):
 def test_backend_default_and_numba_use_the_fused_kernels(monkeypatch):
     seen = _calls(monkeypatch)
     f, x = torch.randn(1, 2, 5, 5), torch.randn(1, 3, 5, 5)
-    for choice in (None, "numba", " NUMBA "):
+    for choice in (None, "numba", " NUMBA ", "auto"):
         if choice is None:
             monkeypatch.delenv("PACNET_BACKEND", raising=False)
         else:
@@ -670,7 +671,7 @@ def test_backend_reference_override(monkeypatch):
 
 def test_backend_bad_value(monkeypatch):
     monkeypatch.setenv("PACNET_BACKEND", "triton")
-    with pytest.raises(PacnetValueError, match="PACNET_BACKEND='triton' is not a PAC backend"):
+    with pytest.raises(PacnetValueError, match="PACNET_BACKEND='triton' is not a kernel backend"):
         P.pac_dist(torch.randn(1, 1, 5, 5), None, 3, 1, 1, 1)
 
 
@@ -679,7 +680,7 @@ def test_devices_without_fused_kernels_use_the_reference(monkeypatch):
     assert P.backend_for(f.device) == "reference"
     assert P.pac_dist(f, None, 3, 1, 1, 1).shape == (1, 1, 3, 3, 5, 5)
     monkeypatch.setenv("PACNET_BACKEND", "numba")
-    with pytest.raises(PacnetValueError, match="no fused PAC kernels for device 'meta'"):
+    with pytest.raises(PacnetValueError, match="no fused kernels for device 'meta'"):
         P.pac_dist(f, None, 3, 1, 1, 1)
 
 
@@ -703,14 +704,14 @@ def test_forked_child_after_parallel_kernels():
     code = """
 import os, numba, torch
 import pacnet.kernels.pac as P
-from pacnet.kernels.pac import cpu
+from pacnet.kernels import runtime
 x, K, w = torch.randn(2, 8, 48, 48), torch.rand(2, 1, 3, 3, 48, 48), torch.randn(8, 8, 3, 3)
-assert cpu._parallel(2 * 8 * 8 * 9 * 48 * 48) or numba.get_num_threads() == 1
+assert runtime.parallel(2 * 8 * 8 * 9 * 48 * 48) or numba.get_num_threads() == 1
 want = P.pac_conv2d(x, K, w, None, 1, 1, 1)
 pid = os.fork()
 if pid == 0:
     torch.set_num_threads(1)  # as DataLoader workers do
-    ok = not cpu._parallel(10**9) and torch.equal(P.pac_conv2d(x, K, w, None, 1, 1, 1), want)
+    ok = not runtime.parallel(10**9) and torch.equal(P.pac_conv2d(x, K, w, None, 1, 1, 1), want)
     os._exit(0 if ok else 1)
 _, status = os.waitpid(pid, 0)
 print("child", status)

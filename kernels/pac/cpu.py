@@ -11,7 +11,7 @@ without ``fastmath``).
 it runs as GEMMs (``torch.mm``/``bmm``, i.e. MKL or OpenBLAS) over *blocks* of the output --
 a few whole images, or a band of rows of one -- whose K-modulated columns are built by a
 Numba kernel into one block-sized scratch buffer (``_BLOCK_BYTES``), a per-thread workspace
-kept between calls (:func:`release_workspace` frees it).  See the section
+kept between calls (:func:`pacnet.kernels.runtime.release_workspace` frees it).  See the section
 ``pac_conv2d`` below for the exact formulas.
 
 Backward passes scatter into the input gradient.  In ``pac_dist`` and ``pac_pool2d``, to do
@@ -21,27 +21,27 @@ so even bands run in parallel, then odd bands.  Within a band, rows run in order
 chunk of bands has a fixed partial sum, so results are deterministic for a given thread count.
 
 Every parallel driver (``prange`` over rows or chunks, calling a serial per-item function) has
-a serial twin, used for small inputs (below ``PARALLEL_MIN_WORK`` multiply-adds, where waking
-the thread pool costs more than it saves) and in forked child processes (see ``_PID``).
+a serial twin, used for small inputs (below ``runtime.PARALLEL_MIN_WORK`` multiply-adds,
+where waking the thread pool costs more than it saves) and in forked child processes; the
+parallel drivers run on torch's OpenMP pool (:func:`pacnet.kernels.runtime.parallel`).
 
 The Python functions at the bottom take and return torch tensors (CPU).  float16/bfloat16
-inputs are computed in float32 and the results cast back.  Arguments are assumed valid: the
+inputs (and a float32 ``K`` beside them) are computed in float32 and the results cast back
+to the inputs' dtypes.  Arguments are assumed valid: the
 public wrappers in :mod:`pacnet.kernels.pac.ops` check them.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import threading
 from typing import Tuple
 
-import numba
 import numpy as np
 import torch
 from numba import njit, prange
 
-from .tensors import COMPUTE_DTYPES, prep
+from pacnet.kernels import runtime
+from pacnet.kernels.runtime import CPU_DTYPES, prep
 
 _OPTS = dict(parallel=True, cache=True, fastmath=False, nogil=True)
 
@@ -572,32 +572,13 @@ def _pool_bwd_chunk(ch, phase, gout, x, K, tw, kh, kw, sh, sw, ph, pw, dh, dw, L
 
 
 # ----------------------------------------------------------------------------- torch wrappers
-
-# Below this many multiply-adds a call runs on one thread: waking the thread pool costs more
-# than it saves (and much more on a busy machine).  Tests set it to 0 to exercise the
-# parallel drivers on small inputs.
-PARALLEL_MIN_WORK = 1 << 17
-
-
-def _threads() -> int:
-    return max(1, int(numba.get_num_threads()))
-
-
-# With the GNU OpenMP threading layer, a process forked after the parent ran a parallel
-# kernel aborts ("fork() called from a process already using GNU OpenMP") as soon as it enters
-# a parallel region; fork-based DataLoader workers do exactly that.  In a forked child the
-# serial drivers are used instead.
-_PID = os.getpid()
-
-
-def _parallel(work: int) -> bool:
-    return work >= PARALLEL_MIN_WORK and _threads() > 1 and os.getpid() == _PID
-
+# Threading, the small-work and forked-child policies, prep and workspaces come from
+# pacnet.kernels.runtime (shared with the segaware kernels).
 
 def _plan_bands(B: int, oh: int, kh: int, sh: int, dh: int,
                 parallel: bool = True) -> Tuple[int, int, int]:
     """Band length, band count and chunk count for a race-free backward scatter."""
-    n = _threads() if parallel else 1
+    n = runtime.threads() if parallel else 1
     lmin = (kh - 1) * dh // sh + 1
     per_image = math.ceil(4 * n / max(B, 1))  # aim at >= 4 work items per thread in all
     if per_image <= 1 or oh <= lmin:
@@ -626,7 +607,7 @@ def pac_dist_fwd(guide, center, kernel_size, stride, padding, dilation, asym, ch
     oh = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     ow = (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     D = torch.empty((B, Cg if channel_wise else 1, kh, kw, oh, ow), dtype=f.dtype)
-    run = _dist_fwd if _parallel(B * Cg * kh * kw * oh * ow) else _dist_fwd_serial
+    run = _dist_fwd if runtime.parallel(B * Cg * kh * kw * oh * ow) else _dist_fwd_serial
     run(_np(f), _np(ctr) if ctr is not None else _dummy(f, 4), ctr is not None,
         kh, kw, sh, sw, ph, pw, dh, dw, bool(asym), bool(channel_wise), _np(D))
     return D.to(dtype)
@@ -646,7 +627,7 @@ def pac_dist_bwd(grad, guide, center, kernel_size, stride, padding, dilation, as
     oh, ow = gD.shape[4], gD.shape[5]
     gf = torch.zeros_like(f)
     gc = torch.empty((B, Cg, oh, ow), dtype=f.dtype)
-    par = _parallel(B * Cg * kh * kw * oh * ow)
+    par = runtime.parallel(B * Cg * kh * kw * oh * ow)
     L, nbands, nchunks = _plan_bands(B, oh, kh, sh, dh, par)
     run = _dist_bwd if par else _dist_bwd_serial
     run(_np(gD), _np(f), _np(ctr) if ctr is not None else _dummy(f, 4), ctr is not None,
@@ -672,7 +653,7 @@ def pac_conv2d_fwd(x, K, weight, bias, stride, padding, dilation, shared_filters
 def pac_conv2d_add_(out, x, K, weight, stride, padding, dilation, shared_filters, alpha):
     """``out += alpha * pac_conv2d(x, K, weight)`` in place, through the block GEMMs (no
     output-sized temporary); shared filters and half-precision ``out`` add a computed product."""
-    if shared_filters or out.dtype not in COMPUTE_DTYPES:
+    if shared_filters or out.dtype not in CPU_DTYPES:
         out.add_(pac_conv2d_fwd(x, K, weight, None, stride, padding, dilation, shared_filters),
                  alpha=alpha)
         return
@@ -714,36 +695,7 @@ _BLOCK_BYTES = 16 << 20  # one block's column scratch (large blocks keep the GEM
 def _blocks(B: int, R: int, oh: int, ow: int, itemsize: int):
     """Blocks ``(b0, nb, y0, ny)`` whose ``[nb, R, ny*ow]`` column scratch fits
     ``_BLOCK_BYTES``: several whole images, or bands of rows of one; and the scratch size."""
-    image = R * oh * ow * itemsize
-    if image <= _BLOCK_BYTES:
-        nb = max(1, min(B, _BLOCK_BYTES // max(1, image)))
-        return [(b0, min(nb, B - b0), 0, oh) for b0 in range(0, B, nb)], nb * R * oh * ow
-    rows = max(1, min(oh, _BLOCK_BYTES // max(1, R * ow * itemsize)))
-    return ([(b, 1, y0, min(rows, oh - y0)) for b in range(B) for y0 in range(0, oh, rows)],
-            R * rows * ow)
-
-
-# The column scratch is a per-thread workspace kept between calls (like cuDNN's): a CRF or
-# a net calls pac_conv2d many times in a row, and allocating and freeing a buffer of this
-# size every time leaves glibc's heap fragmented (its dynamic mmap threshold serves such
-# sizes from the heap once one has been freed), which showed as 100 MiB of extra peak RSS.
-_workspaces = threading.local()
-
-
-def _workspace(numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """A ``numel``-element scratch of this thread's workspace (grown when needed; one call
-    at a time per thread uses it)."""
-    nbytes = numel * dtype.itemsize
-    buf = getattr(_workspaces, "buf", None)
-    if buf is None or buf.numel() < nbytes:
-        _workspaces.buf = None  # free the old one before allocating the larger one
-        buf = _workspaces.buf = torch.empty(nbytes, dtype=torch.uint8)
-    return buf[:nbytes].view(dtype)
-
-
-def release_workspace() -> None:
-    """Free the calling thread's ``pac_conv2d`` scratch (it is reallocated on the next call)."""
-    _workspaces.buf = None
+    return runtime.row_blocks(B, R, oh, ow, itemsize, _BLOCK_BYTES)
 
 
 def _conv_fwd_gemm(xc, Kc, W2, bc, geo, out, alpha=None):
@@ -752,8 +704,8 @@ def _conv_fwd_gemm(xc, Kc, W2, bc, geo, out, alpha=None):
     B, O, oh, ow = out.shape
     R = W2.shape[1]
     blocks, size = _blocks(B, R, oh, ow, xc.element_size())
-    scratch = _workspace(size, xc.dtype)
-    fill = _cols if _parallel(size) else _cols_serial
+    scratch = runtime.workspace(size, xc.dtype, xc.device)
+    fill = _cols if runtime.parallel(size) else _cols_serial
     xn, Kn = _np(xc), _np(Kc)
     flat = out.view(B, O, oh * ow)
     for b0, nb, y0, ny in blocks:
@@ -775,11 +727,11 @@ def _conv_bwd_gemm(g, xc, Kc, W2, geo, gx, gK, gW2):
     B, O, oh, ow = g.shape
     R = W2.shape[1]
     blocks, size = _blocks(B, R, oh, ow, xc.element_size())
-    par = _parallel(size)
+    par = runtime.parallel(size)
     xn, Kn = _np(xc), _np(Kc)
     flat = g.reshape(B, O, oh * ow)
     need_x, need_k = gx is not None, gK is not None
-    scratch = _workspace(size, xc.dtype)
+    scratch = runtime.workspace(size, xc.dtype, xc.device)
     gxn = _np(gx) if need_x else _dummy(xc, 4)
     gKn = _np(gK) if need_k else _dummy(xc, 6)
     for b0, nb, y0, ny in blocks:
@@ -806,7 +758,7 @@ def pac_pool2d_fwd(x, K, kernel_size, stride, padding, dilation, weight=None, bi
     out = torch.empty((B, C, oh, ow), dtype=xc.dtype)
     if bc is None:
         bc = torch.zeros(C, dtype=xc.dtype)
-    run = _pool_fwd if _parallel(B * C * kh * kw * oh * ow) else _pool_fwd_serial
+    run = _pool_fwd if runtime.parallel(B * C * kh * kw * oh * ow) else _pool_fwd_serial
     run(_np(xc), _np(Kc), _np(tw), _np(bc), kh, kw, sh, sw, ph, pw, dh, dw, _np(out))
     return out.to(dtype)
 
@@ -822,7 +774,7 @@ def pac_pool2d_bwd(grad, x, K, kernel_size, stride, padding, dilation,
     B = xc.shape[0]
     oh = g.shape[2]
     tw = w.reshape(kh * kw) if w is not None else torch.ones(kh * kw, dtype=xc.dtype)
-    par = _parallel(B * xc.shape[1] * kh * kw * oh * g.shape[3])
+    par = runtime.parallel(B * xc.shape[1] * kh * kw * oh * g.shape[3])
     L, nbands, nchunks = _plan_bands(B, oh, kh, sh, dh, par)
     gx = torch.zeros_like(xc) if need_x else torch.zeros((1, 1, 1, 1), dtype=xc.dtype)
     gK = torch.empty_like(Kc) if need_k else torch.zeros((1,) * 6, dtype=xc.dtype)

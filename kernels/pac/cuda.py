@@ -1,54 +1,251 @@
-"""PAC kernels for CUDA, written with ``numba.cuda`` (the NVIDIA ``numba-cuda`` package).
+"""PAC kernels for CUDA: ``pac_conv2d`` as block GEMMs on cuBLAS, gathers in ``numba.cuda``.
 
-Importing this module imports ``numba.cuda``; :mod:`pacnet.kernels.pac.ops` does so only when
-a CUDA tensor reaches a PAC op.  Every kernel is a gather (no atomics, deterministic):
+Importing this module imports ``numba.cuda`` (the NVIDIA ``numba-cuda`` package);
+:mod:`pacnet.kernels.pac.ops` does so only when a CUDA tensor reaches a PAC op.
 
-* ``pac_dist``: one thread per output pixel computes all its ``kh*kw`` distances, centre
-  features read once per tap and channel; the backward is one thread per output pixel for the
-  centre gradient, then one thread per input pixel gathering the taps that read it.
-* ``pac_conv2d``: one thread per output pixel and group of ``_OB`` output channels, so each
-  ``K * x`` product is loaded once and used ``_OB`` times.  Backward: input gradient one thread
-  per input pixel (gather over taps and output channels), K gradient one thread per (tap,
-  output pixel), weight gradient one block per weight element reducing over batch and pixels
-  (per-thread partial sums, then a tree in shared memory).
-* ``pac_pool2d`` (and the shared-filter, depthwise ``pac_conv2d``): one thread per output
-  element; backward gathers like the convolution.
+``pac_conv2d`` mirrors the CPU design (:mod:`.cpu`).  The output is taken in tiles -- groups
+of whole images, or bands of output rows of one image -- whose K-modulated columns
+``cols[i, c*k3 + t, q] = K[b, t, q] * x[b, c, pos(q, t)]`` (0 outside the image) a Numba
+kernel writes into a workspace from torch's caching allocator, bounded by
+:func:`pacnet.kernels.runtime.workspace_limit` (256 MiB by default; if it cannot be had, the
+tiles shrink before the call fails).  cuBLAS contracts (``torch.matmul``/``baddbmm``/
+``addmm``; TF32 where torch allows it):
 
-These are the straightforward "one thread per output element" kernels: memory stays
-input/output sized, but they do not use shared-memory tiles or tensor cores (see
-``shared/specs/kernels.md`` §C.3/C.5 for what a faster version needs).
+    forward    out[i, :, tile]  = W2 @ cols[i] (+ bias)          W2 = weight as [O, C*k3]
+    add_       out[i, :, tile] += alpha * W2 @ cols[i]            (in place, no temporary)
+    backward   gW              += g[i, :, tile] @ cols[i]^T
+               G[i]             = W2^T @ g[i, :, tile]            [C*k3, tile], once per tile
+               gx[b, c, p]     += sum over the taps t and outputs q that read p of
+                                  G[i, c*k3 + t, q] * K[b, t, q]  (a gather: one thread per
+                                  input element, no atomics, deterministic)
+               gK[b, t, q]      = sum_c G[i, c*k3 + t, q] * x[b, c, pos(q, t)]
 
-Launches go on torch's current stream for the tensors' device; outputs are allocated with
-``torch.empty`` (torch's caching allocator).  Tensors are handed over with
-``cuda.as_cuda_array(t, sync=False)``.  Under the simulator (``NUMBA_ENABLE_CUDASIM=1``, set
-before numba is imported) the functions take CPU tensors and pass ``.numpy()`` views, which is
-how the test suite checks these kernels without a GPU.  float16/bfloat16 inputs are computed
-in float32 and cast back; accumulators have the compute dtype (float32 or float64).
+``G`` is computed once per tile and shared by both gathers (it reuses the column
+workspace).  Float16/bfloat16 inputs keep half precision in the columns, ``G`` and the GEMMs
+(tensor cores, float32 accumulation inside cuBLAS and in the gathers; the weight gradient
+and the input gradient accumulate in float32 across tiles); ``K`` may be float32 beside
+half data.  bfloat16 arrays reach Numba as their int16 bits (Numba has no bfloat16 arrays)
+and are converted in registers.
+
+The geometry is that of a 3-D convolution -- ``(depth, height, width)`` kernel sizes,
+strides, paddings, dilations; a 2-D call has depth 1 -- so these kernels already serve any
+spatial rank up to 3: ``x`` is viewed as ``[B, C, D, H, W]`` and ``K`` as
+``[B, 1, kd*kh*kw, od*oh, ow]`` (output "rows" are the flattened ``(z, y)`` pairs).
+Launch grids are 3-D (``x`` over output/input columns, ``y`` over rows, ``z`` over channels
+or images, with grid-stride loops), so no thread decomposes a flat index by division.
+
+``pac_dist`` and ``pac_pool2d`` (also the shared-filter, depthwise ``pac_conv2d``) are
+memory-bound gathers without a contraction: one thread per output element (backward: per
+input element), computed in float32/float64.
+
+Launches go on torch's current stream with the tensors' device current
+(:mod:`pacnet.kernels.runtime`).  Under the simulator (``NUMBA_ENABLE_CUDASIM=1``, set before
+numba is imported) the functions take CPU tensors, which is how the test suite checks these
+kernels without a GPU.
 """
 
 from __future__ import annotations
-
-import functools
-import warnings
-from typing import Dict
 
 import numba
 import numpy as np
 import torch
 from numba import cuda
 
-from .tensors import prep
+from pacnet.kernels import runtime
+from pacnet.kernels.runtime import as_array, on_device, prep
 
 _SIM = bool(numba.config.ENABLE_CUDASIM)
-# Threads per block (a power of two: also the size of the weight-gradient reduction tree).
-# The simulator runs one Python thread per CUDA thread, so it gets small blocks.
+# Threads per block of the one-thread-per-element kernels.  The simulator runs one Python
+# thread per CUDA thread, so it gets small blocks.
 _TPB = 32 if _SIM else 128
-_OB = 4  # output channels per thread in the convolution forward
+# 2-D blocks of the column and gather kernels: 32 columns (a warp: coalesced rows) x _BY rows.
+_BY = 2 if _SIM else 8
+_MAX_GRID_YZ = 65535
 
 if not _SIM and getattr(cuda, "implementation", None) != "NVIDIA":  # pragma: no cover
-    warnings.warn("numba.cuda is numba's deprecated built-in CUDA target; install the NVIDIA "
-                  "'numba-cuda' package (pip install 'numba-cuda[cu12]') for the PAC kernels",
-                  RuntimeWarning, stacklevel=2)
+    # Without numba-cuda's import hook (e.g. ``python -S``) numba falls back to its
+    # deprecated built-in CUDA target without a word; refuse instead.
+    raise ImportError("pacnet's CUDA kernels need the 'numba-cuda' package "
+                      "(pip install 'numba-cuda[cu12]'); numba.cuda is the deprecated "
+                      "built-in target")
+
+
+# ----------------------------------------------------------------------------- bfloat16 bits
+# A bfloat16 is the top half of a float32: widen by shifting its 16 bits up; narrow with
+# round-to-nearest-even on the dropped half (NaN kept a quiet NaN).
+
+if _SIM:
+    def _bf16_to_f32(bits):
+        return np.array([(int(bits) & 0xFFFF) << 16], np.uint32).view(np.float32)[0]
+
+    def _f32_to_bf16(v):
+        u = int(np.array([v], np.float32).view(np.uint32)[0])
+        if (u & 0x7FFFFFFF) > 0x7F800000:
+            return np.int16(np.uint16(0x7FC0).astype(np.int16))
+        u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+        return np.uint16(u & 0xFFFF).astype(np.int16)
+else:
+    from numba.cuda import libdevice
+
+    @cuda.jit(device=True, inline=True)
+    def _bf16_to_f32(bits):
+        return libdevice.int_as_float(numba.int32((numba.int32(bits) & 0xFFFF) << 16))
+
+    @cuda.jit(device=True, inline=True)
+    def _f32_to_bf16(v):
+        u = numba.int64(libdevice.float_as_int(numba.float32(v))) & 0xFFFFFFFF
+        if (u & 0x7FFFFFFF) > 0x7F800000:
+            return numba.int16(0x7FC0)
+        u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+        return numba.int16(u & 0xFFFF)
+
+
+@cuda.jit(device=True, inline=True)
+def _ld(v, bf, zero):
+    """An array element as the accumulation type (``zero``'s): bfloat16 bits widened."""
+    if bf:
+        return zero + _bf16_to_f32(v)
+    return zero + v
+
+
+@cuda.jit(device=True, inline=True)
+def _st(v, bf):
+    """A value in the storage type of an array holding bfloat16 bits (``bf``) or floats."""
+    if bf:
+        return _f32_to_bf16(v)
+    return v
+
+
+# ----------------------------------------------------------------------------- pac_conv2d
+
+@cuda.jit(device=True, inline=True)
+def _tap(t, ks):
+    """Tap ``t`` of a ``ks = (kd, kh, kw)`` window as ``(tz, ty, tx)``."""
+    khw = ks[1] * ks[2]
+    tz = t // khw
+    ty = (t - tz * khw) // ks[2]
+    return tz, ty, t - tz * khw - ty * ks[2]
+
+
+# Geometry tuples ks, ss, ps, ds are (depth, height, width); oh is the output height (rows
+# are z*oh + y).  x [B, C, D, H, W]; K [B, 1, k3, rows, ow]; cols/G [nb, R=C*k3, nrows, ow]
+# for the tile of images i0 .. i0+nb-1 and output rows row0 .. row0+nrows-1.
+
+@cuda.jit(cache=True)
+def _cols(x, K, i0, row0, ks, ss, ps, ds, oh, bf, kbf, zero, cols):
+    """grid (R, rows/_BY, images), block (32, _BY): the modulated columns of one tile."""
+    r = cuda.blockIdx.x
+    k3 = ks[0] * ks[1] * ks[2]
+    c = r // k3
+    t = r - c * k3
+    tz, ty, tx = _tap(t, ks)
+    D, H, W = x.shape[2], x.shape[3], x.shape[4]
+    nrows, ow = cols.shape[2], cols.shape[3]
+    ib = cuda.blockIdx.z
+    while ib < cols.shape[0]:
+        b = i0 + ib
+        rr = cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y
+        while rr < nrows:
+            row = row0 + rr
+            z = row // oh
+            y = row - z * oh
+            iz = z * ss[0] - ps[0] + tz * ds[0]
+            iy = y * ss[1] - ps[1] + ty * ds[1]
+            inside = iz >= 0 and iz < D and iy >= 0 and iy < H
+            xo = cuda.threadIdx.x
+            while xo < ow:
+                ix = xo * ss[2] - ps[2] + tx * ds[2]
+                v = zero
+                if inside and ix >= 0 and ix < W:
+                    v = _ld(K[b, 0, t, row, xo], kbf, zero) * _ld(x[b, c, iz, iy, ix], bf, zero)
+                cols[ib, r, rr, xo] = _st(v, bf)
+                xo += cuda.blockDim.x
+            rr += cuda.gridDim.y * cuda.blockDim.y
+        ib += cuda.gridDim.z
+
+
+@cuda.jit(cache=True)
+def _grad_x(G, K, i0, row0, ks, ss, ps, ds, oh, bf, kbf, zero, gx):
+    """grid (W/32, D*H/_BY, images*C), block (32, _BY): ``gx[b, c, p] +=`` the tile's taps
+    that read input element ``p``, gathered (each thread owns its element)."""
+    C, D, H, W = gx.shape[1], gx.shape[2], gx.shape[3], gx.shape[4]
+    nrows, ow = G.shape[2], G.shape[3]
+    od = K.shape[3] // oh
+    k3 = ks[0] * ks[1] * ks[2]
+    ix = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    if ix >= W:
+        return
+    ic = cuda.blockIdx.z
+    while ic < G.shape[0] * C:
+        ib = ic // C
+        c = ic - ib * C
+        b = i0 + ib
+        q = cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y
+        while q < D * H:
+            iz = q // H
+            iy = q - iz * H
+            acc = zero
+            for tz in range(ks[0]):
+                oz = iz + ps[0] - tz * ds[0]
+                if oz < 0 or oz % ss[0] != 0 or oz // ss[0] >= od:
+                    continue
+                oz //= ss[0]
+                for ty in range(ks[1]):
+                    oy = iy + ps[1] - ty * ds[1]
+                    if oy < 0 or oy % ss[1] != 0 or oy // ss[1] >= oh:
+                        continue
+                    rr = oz * oh + oy // ss[1] - row0
+                    if rr < 0 or rr >= nrows:
+                        continue
+                    t0 = (tz * ks[1] + ty) * ks[2]
+                    for tx in range(ks[2]):
+                        ox = ix + ps[2] - tx * ds[2]
+                        if ox < 0:
+                            break  # ox only decreases with tx
+                        if ss[2] != 1:
+                            if ox % ss[2] != 0:
+                                continue
+                            ox //= ss[2]
+                        if ox < ow:
+                            acc += (_ld(G[ib, c * k3 + t0 + tx, rr, ox], bf, zero)
+                                    * _ld(K[b, 0, t0 + tx, rr + row0, ox], kbf, zero))
+            gx[b, c, iz, iy, ix] += acc
+            q += cuda.gridDim.y * cuda.blockDim.y
+        ic += cuda.gridDim.z
+
+
+@cuda.jit(cache=True)
+def _grad_k(G, x, i0, row0, ks, ss, ps, ds, oh, bf, kbf, zero, gK):
+    """grid (ow/32, rows/_BY, images*k3), block (32, _BY):
+    ``gK[b, 0, t, q] = sum_c G[i, c*k3 + t, q] * x[b, c, pos(q, t)]``."""
+    C, D, H, W = x.shape[1], x.shape[2], x.shape[3], x.shape[4]
+    nrows, ow = G.shape[2], G.shape[3]
+    k3 = ks[0] * ks[1] * ks[2]
+    xo = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    if xo >= ow:
+        return
+    it = cuda.blockIdx.z
+    while it < G.shape[0] * k3:
+        ib = it // k3
+        t = it - ib * k3
+        b = i0 + ib
+        tz, ty, tx = _tap(t, ks)
+        ix = xo * ss[2] - ps[2] + tx * ds[2]
+        rr = cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y
+        while rr < nrows:
+            row = row0 + rr
+            z = row // oh
+            y = row - z * oh
+            iz = z * ss[0] - ps[0] + tz * ds[0]
+            iy = y * ss[1] - ps[1] + ty * ds[1]
+            acc = zero
+            if iz >= 0 and iz < D and iy >= 0 and iy < H and ix >= 0 and ix < W:
+                for c in range(C):
+                    acc += (_ld(G[ib, c * k3 + t, rr, xo], bf, zero)
+                            * _ld(x[b, c, iz, iy, ix], bf, zero))
+            gK[b, 0, t, row, xo] = _st(acc, kbf)
+            rr += cuda.gridDim.y * cuda.blockDim.y
+        it += cuda.gridDim.z
 
 
 # ----------------------------------------------------------------------------- device helpers
@@ -196,155 +393,6 @@ def _dist_bwd_guide(gD, f, ctr, has_ctr, kh, kw, sh, sw, ph, pw, dh, dw, asym, c
     gf[b, cg, iy, ix] = acc
 
 
-# ----------------------------------------------------------------------------- pac_conv2d
-
-@cuda.jit(cache=True)
-def _conv_fwd(x, K, Wt, bias, sh, sw, ph, pw, dh, dw, zero, out):
-    B, C, H, W = x.shape
-    O = Wt.shape[0]
-    kh = Wt.shape[2]
-    kw = Wt.shape[3]
-    oh = out.shape[2]
-    ow = out.shape[3]
-    ng = (O + _OB - 1) // _OB
-    i = cuda.grid(1)
-    if i >= B * ng * oh * ow:
-        return
-    xo = i % ow
-    y = (i // ow) % oh
-    g = (i // (ow * oh)) % ng
-    b = i // (ow * oh * ng)
-    o0 = g * _OB
-    # clamp the weight rows read by a partial last group; only valid outputs are written
-    o1 = min(o0 + 1, O - 1)
-    o2 = min(o0 + 2, O - 1)
-    o3 = min(o0 + 3, O - 1)
-    a0 = zero
-    a1 = zero
-    a2 = zero
-    a3 = zero
-    for ty in range(kh):
-        iy = _src(y, ty, sh, ph, dh, H)
-        if iy < 0:
-            continue
-        for tx in range(kw):
-            ix = _src(xo, tx, sw, pw, dw, W)
-            if ix < 0:
-                continue
-            k = K[b, 0, ty, tx, y, xo]
-            for c in range(C):
-                v = k * x[b, c, iy, ix]
-                a0 += Wt[o0, c, ty, tx] * v
-                a1 += Wt[o1, c, ty, tx] * v
-                a2 += Wt[o2, c, ty, tx] * v
-                a3 += Wt[o3, c, ty, tx] * v
-    out[b, o0, y, xo] = a0 + bias[o0]
-    if o0 + 1 < O:
-        out[b, o0 + 1, y, xo] = a1 + bias[o1]
-    if o0 + 2 < O:
-        out[b, o0 + 2, y, xo] = a2 + bias[o2]
-    if o0 + 3 < O:
-        out[b, o0 + 3, y, xo] = a3 + bias[o3]
-
-
-@cuda.jit(cache=True)
-def _conv_bwd_x(gout, K, Wt, sh, sw, ph, pw, dh, dw, zero, gx):
-    B, C, H, W = gx.shape
-    O = Wt.shape[0]
-    kh = Wt.shape[2]
-    kw = Wt.shape[3]
-    oh = gout.shape[2]
-    ow = gout.shape[3]
-    i = cuda.grid(1)
-    if i >= B * C * H * W:
-        return
-    ix = i % W
-    iy = (i // W) % H
-    c = (i // (W * H)) % C
-    b = i // (W * H * C)
-    acc = zero
-    for ty in range(kh):
-        y = _dst(iy, ty, sh, ph, dh, oh)
-        if y < 0:
-            continue
-        for tx in range(kw):
-            xo = _dst(ix, tx, sw, pw, dw, ow)
-            if xo < 0:
-                continue
-            s = zero
-            for o in range(O):
-                s += Wt[o, c, ty, tx] * gout[b, o, y, xo]
-            acc += K[b, 0, ty, tx, y, xo] * s
-    gx[b, c, iy, ix] = acc
-
-
-@cuda.jit(cache=True)
-def _conv_bwd_k(gout, x, Wt, sh, sw, ph, pw, dh, dw, zero, gK):
-    B, C, H, W = x.shape
-    O = Wt.shape[0]
-    kh = Wt.shape[2]
-    kw = Wt.shape[3]
-    oh = gout.shape[2]
-    ow = gout.shape[3]
-    i = cuda.grid(1)
-    if i >= B * kh * kw * oh * ow:
-        return
-    xo = i % ow
-    y = (i // ow) % oh
-    t = (i // (ow * oh)) % (kh * kw)
-    b = i // (ow * oh * kh * kw)
-    ty = t // kw
-    tx = t % kw
-    iy = _src(y, ty, sh, ph, dh, H)
-    ix = _src(xo, tx, sw, pw, dw, W)
-    acc = zero
-    if iy >= 0 and ix >= 0:
-        for c in range(C):
-            s = zero
-            for o in range(O):
-                s += Wt[o, c, ty, tx] * gout[b, o, y, xo]
-            acc += x[b, c, iy, ix] * s
-    gK[b, 0, ty, tx, y, xo] = acc
-
-
-@cuda.jit(cache=True)
-def _conv_bwd_w(gout, x, K, sh, sw, ph, pw, dh, dw, zero, gW):
-    """One block per weight element: sum over batch and output pixels of g * K * x(pos)."""
-    O, C, kh, kw = gW.shape
-    B, _, H, W = x.shape
-    oh = gout.shape[2]
-    ow = gout.shape[3]
-    e = cuda.blockIdx.x
-    tx = e % kw
-    ty = (e // kw) % kh
-    c = (e // (kw * kh)) % C
-    o = e // (kw * kh * C)
-    tid = cuda.threadIdx.x
-    n = B * oh * ow
-    acc = zero
-    j = tid
-    while j < n:
-        xo = j % ow
-        y = (j // ow) % oh
-        b = j // (ow * oh)
-        iy = _src(y, ty, sh, ph, dh, H)
-        ix = _src(xo, tx, sw, pw, dw, W)
-        if iy >= 0 and ix >= 0:
-            acc += gout[b, o, y, xo] * K[b, 0, ty, tx, y, xo] * x[b, c, iy, ix]
-        j += _TPB
-    part = cuda.shared.array(_TPB, numba.float64)
-    part[tid] = acc
-    cuda.syncthreads()
-    step = _TPB // 2
-    while step > 0:
-        if tid < step:
-            part[tid] += part[tid + step]
-        cuda.syncthreads()
-        step //= 2
-    if tid == 0:
-        gW[o, c, ty, tx] = part[0]
-
-
 # ----------------------------------------------------------------------------- pac_pool2d
 # (also the depthwise shared-filter convolution: tap weights tw [kh*kw] and a bias [C])
 
@@ -433,46 +481,14 @@ def _pool_bwd_q(gout, x, kh, kw, sh, sw, ph, pw, dh, dw, zero, gq):
 
 # ----------------------------------------------------------------------------- torch wrappers
 
-_streams: Dict[int, object] = {}
+def _launch(kernel, n_threads: int, device: torch.device, *args) -> None:
+    """A one-thread-per-element kernel over ``n_threads`` threads."""
+    runtime.launch(kernel, (n_threads + _TPB - 1) // _TPB, _TPB, device, *args)
 
 
-def _arr(t: torch.Tensor):
-    if _SIM:
-        return t.numpy()
-    return cuda.as_cuda_array(t, sync=False)
-
-
-def _zero(t: torch.Tensor):
-    return np.float64(0) if t.dtype == torch.float64 else np.float32(0)
-
-
-def _launch(kernel, n_threads: int, device: torch.device, *args, blocks=None):
-    """Launch ``kernel`` over ``n_threads`` threads (or ``blocks`` blocks) on torch's stream."""
-    if blocks is None:
-        blocks = (n_threads + _TPB - 1) // _TPB
-    if blocks == 0:
-        return
-    if _SIM:
-        kernel[blocks, _TPB](*args)
-        return
-    ptr = torch.cuda.current_stream(device).cuda_stream
-    stream = _streams.get(ptr)
-    if stream is None:
-        stream = _streams[ptr] = cuda.external_stream(ptr)
-    kernel[blocks, _TPB, stream](*args)
-
-
-def _on_device(fn):
-    """Run a wrapper with the first tensor argument's GPU current, so that numba wraps the
-    tensors and launches in that device's (primary) context, also from autograd's threads."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        if _SIM:
-            return fn(*args, **kwargs)
-        dev = next(a.device for a in args if isinstance(a, torch.Tensor))
-        with torch.cuda.device(dev):
-            return fn(*args, **kwargs)
-    return wrapper
+def _zero(dtype: torch.dtype):
+    """The accumulation type's zero: float64 for float64 data, float32 for everything else."""
+    return np.float64(0) if dtype == torch.float64 else np.float32(0)
 
 
 def _new(shape, like: torch.Tensor, zero: bool = False) -> torch.Tensor:
@@ -480,7 +496,165 @@ def _new(shape, like: torch.Tensor, zero: bool = False) -> torch.Tensor:
     return fn(shape, dtype=like.dtype, device=like.device)
 
 
-@_on_device
+def _gemm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the GEMM path keeps data in: half types stay half (tensor cores)."""
+    return dtype if dtype in runtime.HALF_DTYPES + runtime.CPU_DTYPES else torch.float32
+
+
+def _geo3(kernel_size, stride, padding, dilation):
+    """2-D geometry pairs as the kernels' 3-D (depth 1) tuples."""
+    return ((1,) + tuple(kernel_size), (1,) + tuple(stride), (0,) + tuple(padding),
+            (1,) + tuple(dilation))
+
+
+def _grid(n: int, per: int) -> int:
+    return max(1, min(_MAX_GRID_YZ, (n + per - 1) // per))
+
+
+class _Conv:
+    """One ``pac_conv2d`` call's prepared tensors and geometry, as the GEMM kernels see them:
+    ``x5 [B, C, 1, H, W]``, ``K5 [B, 1, k3, oh, ow]``, ``W2 [O, C*k3]`` in the compute dtype
+    (``K`` in float32 beside half data if given so)."""
+
+    def __init__(self, x, K, weight, stride, padding, dilation):
+        dt = _gemm_dtype(x.dtype)
+        kdt = torch.float32 if dt in runtime.HALF_DTYPES and K.dtype == torch.float32 else dt
+        xc, w = prep(x, weight, dtype=dt)
+        (Kc,) = prep(K, dtype=kdt)
+        O, C, kh, kw = w.shape
+        B, _, H, W = xc.shape
+        self.oh, self.ow = Kc.shape[-2], Kc.shape[-1]
+        self.dtype, self.device = dt, xc.device
+        self.x5 = xc.view(B, C, 1, H, W)
+        self.K5 = Kc.view(B, 1, kh * kw, self.oh, self.ow)
+        self.W2 = w.reshape(O, C * kh * kw)
+        self.geo = _geo3((kh, kw), stride, padding, dilation)
+        self.flags = (dt == torch.bfloat16, kdt == torch.bfloat16, _zero(dt))
+
+    def tiles(self):
+        """The output tiles and a workspace for one tile's columns; the tiles shrink (down to
+        one output row) when the workspace cannot be allocated."""
+        B, R = self.x5.shape[0], self.W2.shape[1]
+        rows, ow = self.K5.shape[3], self.ow
+        limit = runtime.workspace_limit()
+        while True:
+            tiles, numel = runtime.row_blocks(B, R, rows, ow, self.dtype.itemsize, limit)
+            try:
+                return tiles, runtime.workspace(numel, self.dtype, self.device)
+            except torch.cuda.OutOfMemoryError:
+                if numel <= R * ow:
+                    raise
+                limit = numel * self.dtype.itemsize // 2
+
+    def args(self, b0, r0):
+        return (b0, r0) + self.geo + (self.oh,) + self.flags
+
+    def columns(self, ws, b0, nb, r0, nr):
+        """Build the tile's modulated columns into ``ws``; returns them ``[nb, R, nr*ow]``."""
+        R, ow = self.W2.shape[1], self.ow
+        cols = ws[:nb * R * nr * ow].view(nb, R, nr, ow)
+        runtime.launch(_cols, (R, _grid(nr, _BY), min(nb, _MAX_GRID_YZ)), (32, _BY),
+                       self.device, as_array(self.x5), as_array(self.K5), *self.args(b0, r0),
+                       as_array(cols))
+        return cols.view(nb, R, nr * ow)
+
+
+def _tile(flat: torch.Tensor, b0: int, nb: int, r0: int, nr: int, ow: int) -> torch.Tensor:
+    return flat[b0:b0 + nb, :, r0 * ow:(r0 + nr) * ow]
+
+
+def _forward_into(cv: _Conv, flat, bias=None, alpha=None) -> None:
+    """``flat [B, O, rows*ow] = W2 @ cols (+ bias)`` tile by tile; with ``alpha``,
+    ``flat += alpha * W2 @ cols`` in place."""
+    tiles, ws = cv.tiles()
+    for b0, nb, r0, nr in tiles:
+        cols = cv.columns(ws, b0, nb, r0, nr)
+        dst = _tile(flat, b0, nb, r0, nr, cv.ow)
+        w = cv.W2.expand(nb, -1, -1)
+        if alpha is not None:
+            dst.baddbmm_(w, cols, alpha=alpha)
+        elif bias is None:
+            torch.matmul(cv.W2, cols, out=dst)
+        else:
+            torch.baddbmm(bias.view(1, -1, 1), w, cols, out=dst)
+
+
+@on_device
+def pac_conv2d_fwd(x, K, weight, bias, stride, padding, dilation, shared_filters):
+    """CUDA ``pac_conv2d``: ``[b, C, H, W] -> [b, O, oh, ow]`` (see the module docstring)."""
+    if shared_filters:
+        return pac_pool2d_fwd(x, K, tuple(weight.shape[-2:]), stride, padding, dilation,
+                              weight=weight, bias=bias)
+    cv = _Conv(x, K, weight, stride, padding, dilation)
+    (bc,) = prep(bias, dtype=cv.dtype)
+    B, O = x.shape[0], weight.shape[0]
+    out = torch.empty((B, O, cv.oh * cv.ow), dtype=cv.dtype, device=cv.device)
+    _forward_into(cv, out, bias=bc)
+    return out.view(B, O, cv.oh, cv.ow).to(x.dtype)
+
+
+@on_device
+def pac_conv2d_add_(out, x, K, weight, stride, padding, dilation, shared_filters, alpha):
+    """``out += alpha * pac_conv2d(x, K, weight)`` in place: the GEMMs accumulate straight
+    into ``out`` (contiguous, of ``x``'s dtype); shared filters add a computed product."""
+    if shared_filters or out.dtype != _gemm_dtype(x.dtype):
+        out.add_(pac_conv2d_fwd(x, K, weight, None, stride, padding, dilation, shared_filters),
+                 alpha=alpha)
+        return
+    cv = _Conv(x, K, weight, stride, padding, dilation)
+    _forward_into(cv, out.view(out.shape[0], out.shape[1], -1), alpha=alpha)
+
+
+@on_device
+def pac_conv2d_bwd(grad, x, K, weight, stride, padding, dilation, shared_filters,
+                   needs=(True, True, True)):
+    """Gradients of ``pac_conv2d`` w.r.t. ``(x, K, weight)``; ``None`` where not needed.
+    ``G = W2^T g`` is formed once per tile and shared by the ``x`` and ``K`` gathers."""
+    if shared_filters:
+        return pac_pool2d_bwd(grad, x, K, tuple(weight.shape[-2:]), stride, padding, dilation,
+                              needs=needs, weight=weight)
+    need_x, need_k, need_w = (bool(v) for v in needs)
+    cv = _Conv(x, K, weight, stride, padding, dilation)
+    (g,) = prep(grad, dtype=cv.dtype)
+    B, O = g.shape[:2]
+    acc = torch.float32 if cv.dtype in runtime.HALF_DTYPES else cv.dtype
+    flat = g.view(B, O, -1)
+    gx = torch.zeros(cv.x5.shape, dtype=acc, device=cv.device) if need_x else None
+    gK = torch.empty(cv.K5.shape, dtype=cv.K5.dtype, device=cv.device) if need_k else None
+    gW2 = torch.zeros(cv.W2.shape, dtype=acc, device=cv.device) if need_w else None
+    R, ow = cv.W2.shape[1], cv.ow
+    tiles, ws = cv.tiles()
+    for b0, nb, r0, nr in tiles:
+        gb = _tile(flat, b0, nb, r0, nr, ow)
+        if need_w:
+            cols = cv.columns(ws, b0, nb, r0, nr)
+            for i in range(nb):
+                if acc == cv.dtype:
+                    gW2.addmm_(gb[i], cols[i].t())
+                else:  # half GEMM (float32 accumulation inside), summed over tiles in float32
+                    gW2 += torch.mm(gb[i], cols[i].t())
+        if need_x or need_k:
+            G = ws[:nb * R * nr * ow].view(nb, R, nr * ow)
+            torch.matmul(cv.W2.t(), gb, out=G)
+            Ga = as_array(G.view(nb, R, nr, ow))
+            if need_x:
+                C, H, W = cv.x5.shape[1], cv.x5.shape[3], cv.x5.shape[4]
+                runtime.launch(_grad_x, (_grid(W, 32), _grid(H, _BY),
+                                         min(nb * C, _MAX_GRID_YZ)),
+                               (32, _BY), cv.device, Ga, as_array(cv.K5), *cv.args(b0, r0),
+                               as_array(gx))
+            if need_k:
+                k3 = R // cv.x5.shape[1]
+                runtime.launch(_grad_k, (_grid(ow, 32), _grid(nr, _BY),
+                                         min(nb * k3, _MAX_GRID_YZ)),
+                               (32, _BY), cv.device, Ga, as_array(cv.x5), *cv.args(b0, r0),
+                               as_array(gK))
+    return (gx.view(x.shape).to(x.dtype) if need_x else None,
+            gK.view(K.shape).to(K.dtype) if need_k else None,
+            gW2.view(weight.shape).to(weight.dtype) if need_w else None)
+
+
+@on_device
 def pac_dist_fwd(guide, center, kernel_size, stride, padding, dilation, asym, channel_wise):
     """CUDA ``pac_dist``: ``[b, Cg, H, W] -> [b, 1|Cg, kh, kw, oh, ow]``."""
     dtype = guide.dtype
@@ -490,13 +664,14 @@ def pac_dist_fwd(guide, center, kernel_size, stride, padding, dilation, asym, ch
     oh = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     ow = (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     D = _new((B, Cg if channel_wise else 1, kh, kw, oh, ow), f)
-    ctr_a = _arr(ctr if ctr is not None else _new((1, 1, 1, 1), f))
-    _launch(_dist_fwd, B * oh * ow, f.device, _arr(f), ctr_a, ctr is not None, kh, kw, sh, sw,
-            ph, pw, dh, dw, bool(asym), bool(channel_wise), _zero(f), _arr(D))
+    ctr_a = as_array(ctr if ctr is not None else _new((1, 1, 1, 1), f))
+    _launch(_dist_fwd, B * oh * ow, f.device, as_array(f), ctr_a, ctr is not None, kh, kw,
+            sh, sw, ph, pw, dh, dw, bool(asym), bool(channel_wise), _zero(f.dtype),
+            as_array(D))
     return D.to(dtype)
 
 
-@_on_device
+@on_device
 def pac_dist_bwd(grad, guide, center, kernel_size, stride, padding, dilation, asym,
                  channel_wise):
     """Gradients of ``pac_dist``: ``(grad_guide [b,Cg,H,W], grad_center [b,Cg,oh,ow])``."""
@@ -507,79 +682,19 @@ def pac_dist_bwd(grad, guide, center, kernel_size, stride, padding, dilation, as
     oh, ow = gD.shape[4], gD.shape[5]
     gc = _new((B, Cg, oh, ow), f)
     gf = _new((B, Cg, H, W), f)
-    args = (_arr(gD), _arr(f), _arr(ctr if ctr is not None else _new((1, 1, 1, 1), f)),
+    args = (as_array(gD), as_array(f),
+            as_array(ctr if ctr is not None else _new((1, 1, 1, 1), f)),
             ctr is not None, kh, kw, sh, sw, ph, pw, dh, dw, bool(asym), bool(channel_wise),
-            _zero(f), _arr(gc))
+            _zero(f.dtype), as_array(gc))
     _launch(_dist_bwd_ctr, B * Cg * oh * ow, f.device, *args)
-    _launch(_dist_bwd_guide, B * Cg * H * W, f.device, *args, _arr(gf))
+    _launch(_dist_bwd_guide, B * Cg * H * W, f.device, *args, as_array(gf))
     return gf.to(dtype), gc.to(dtype)
 
 
-@_on_device
-def pac_conv2d_fwd(x, K, weight, bias, stride, padding, dilation, shared_filters):
-    """CUDA ``pac_conv2d``: ``[b, C, H, W] -> [b, O, oh, ow]``."""
-    if shared_filters:
-        return pac_pool2d_fwd(x, K, tuple(weight.shape[-2:]), stride, padding, dilation,
-                              weight=weight, bias=bias)
-    dtype = x.dtype
-    xc, Kc, w, bc = prep(x, K, weight, bias)
-    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
-    O = w.shape[0]
-    B = xc.shape[0]
-    oh, ow = Kc.shape[4], Kc.shape[5]
-    if bc is None:
-        bc = _new((O,), xc, zero=True)
-    out = _new((B, O, oh, ow), xc)
-    ng = (O + _OB - 1) // _OB
-    _launch(_conv_fwd, B * ng * oh * ow, xc.device, _arr(xc), _arr(Kc), _arr(w), _arr(bc),
-            sh, sw, ph, pw, dh, dw, _zero(xc), _arr(out))
-    return out.to(dtype)
-
-
-def pac_conv2d_add_(out, x, K, weight, stride, padding, dilation, shared_filters, alpha):
-    """``out += alpha * pac_conv2d(x, K, weight)``: the product is computed by
-    :func:`pac_conv2d_fwd`, then added (no accumulating CUDA kernel yet)."""
-    out.add_(pac_conv2d_fwd(x, K, weight, None, stride, padding, dilation, shared_filters),
-             alpha=alpha)
-
-
-@_on_device
-def pac_conv2d_bwd(grad, x, K, weight, stride, padding, dilation, shared_filters,
-                   needs=(True, True, True)):
-    """Gradients of ``pac_conv2d`` w.r.t. ``(x, K, weight)``; ``None`` where not needed."""
-    if shared_filters:
-        return pac_pool2d_bwd(grad, x, K, tuple(weight.shape[-2:]), stride, padding, dilation,
-                              needs=needs, weight=weight)
-    need_x, need_k, need_w = (bool(v) for v in needs)
-    dtypes = (x.dtype, K.dtype, weight.dtype)
-    g, xc, Kc, w = prep(grad, x, K, weight)
-    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
-    O, C, kh, kw = w.shape
-    B, _, H, W = xc.shape
-    oh, ow = g.shape[2], g.shape[3]
-    z = _zero(xc)
-    gx = gK = gW = None
-    if need_x:
-        gx = _new(xc.shape, xc)
-        _launch(_conv_bwd_x, B * C * H * W, xc.device, _arr(g), _arr(Kc), _arr(w),
-                sh, sw, ph, pw, dh, dw, z, _arr(gx))
-        gx = gx.to(dtypes[0])
-    if need_k:
-        gK = _new(Kc.shape, xc)
-        _launch(_conv_bwd_k, B * kh * kw * oh * ow, xc.device, _arr(g), _arr(xc), _arr(w),
-                sh, sw, ph, pw, dh, dw, z, _arr(gK))
-        gK = gK.to(dtypes[1])
-    if need_w:
-        gW = _new(w.shape, xc)
-        _launch(_conv_bwd_w, 0, xc.device, _arr(g), _arr(xc), _arr(Kc), sh, sw, ph, pw, dh, dw,
-                z, _arr(gW), blocks=O * C * kh * kw)
-        gW = gW.to(dtypes[2])
-    return gx, gK, gW
-
-
-@_on_device
+@on_device
 def pac_pool2d_fwd(x, K, kernel_size, stride, padding, dilation, weight=None, bias=None):
-    """CUDA ``pac_pool2d`` (and, with ``weight`` [1,1,kh,kw], shared-filter ``pac_conv2d``)."""
+    """CUDA ``pac_pool2d`` (and, with ``weight`` [1,1,kh,kw], shared-filter ``pac_conv2d``);
+    computed in float32 (float64 for float64 data), results in ``x``'s dtype."""
     dtype = x.dtype
     xc, Kc, w, bc = prep(x, K, weight, bias)
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
@@ -590,12 +705,12 @@ def pac_pool2d_fwd(x, K, kernel_size, stride, padding, dilation, weight=None, bi
     if bc is None:
         bc = _new((C,), xc, zero=True)
     out = _new((B, C, oh, ow), xc)
-    _launch(_pool_fwd, B * C * oh * ow, xc.device, _arr(xc), _arr(Kc), _arr(tw), _arr(bc),
-            kh, kw, sh, sw, ph, pw, dh, dw, _zero(xc), _arr(out))
+    _launch(_pool_fwd, B * C * oh * ow, xc.device, as_array(xc), as_array(Kc), as_array(tw),
+            as_array(bc), kh, kw, sh, sw, ph, pw, dh, dw, _zero(xc.dtype), as_array(out))
     return out.to(dtype)
 
 
-@_on_device
+@on_device
 def pac_pool2d_bwd(grad, x, K, kernel_size, stride, padding, dilation,
                    needs=(True, True, False), weight=None):
     """Gradients of ``pac_pool2d`` w.r.t. ``(x, K[, tap weight])``; ``None`` where not needed."""
@@ -609,18 +724,18 @@ def pac_pool2d_bwd(grad, x, K, kernel_size, stride, padding, dilation,
     kc = Kc.shape[1]
     tw = w.reshape(kh * kw) if w is not None else torch.ones(kh * kw, dtype=xc.dtype,
                                                              device=xc.device)
-    z = _zero(xc)
+    z = _zero(xc.dtype)
     gx = gK = gW = None
     if need_x:
         gx = _new(xc.shape, xc)
-        _launch(_pool_bwd_x, B * C * H * W, xc.device, _arr(g), _arr(Kc), _arr(tw),
-                kh, kw, sh, sw, ph, pw, dh, dw, z, _arr(gx))
+        _launch(_pool_bwd_x, B * C * H * W, xc.device, as_array(g), as_array(Kc),
+                as_array(tw), kh, kw, sh, sw, ph, pw, dh, dw, z, as_array(gx))
         gx = gx.to(dtypes[0])
     if need_k or need_w:
         # gq = dL/d(tw*K); K-sized, like K itself
         gq = _new(Kc.shape, xc)
-        _launch(_pool_bwd_q, B * kc * kh * kw * oh * ow, xc.device, _arr(g), _arr(xc),
-                kh, kw, sh, sw, ph, pw, dh, dw, z, _arr(gq))
+        _launch(_pool_bwd_q, B * kc * kh * kw * oh * ow, xc.device, as_array(g), as_array(xc),
+                kh, kw, sh, sw, ph, pw, dh, dw, z, as_array(gq))
         if need_k:
             gK = (gq * tw.view(1, 1, kh, kw, 1, 1)).to(dtypes[1])
         if need_w:

@@ -15,33 +15,40 @@ position ``pos(o, t) = o*s - p + t*d``; positions outside the image read 0 (zero
 ``kernel_size``/``stride``/``padding``/``dilation`` are ``(h, w)`` pairs (a single int means
 both); kernel sizes must be odd, any padding >= 0 is accepted.
 
-Backends: CPU tensors run the fused Numba kernels (:mod:`.cpu`), CUDA tensors the Numba CUDA
-kernels (:mod:`.cuda`, imported on first use).  ``PACNET_BACKEND=reference`` makes the public
-functions use the plain-torch oracle (:mod:`.reference`, autograd backward) instead;
-``PACNET_BACKEND=numba`` (or unset) uses the fused kernels.  Devices without fused kernels
-use the reference unless ``numba`` is forced, which is an error there.
+Backends (chosen by :mod:`pacnet.kernels.runtime`, as for every fused op): CPU tensors run
+the fused Numba kernels (:mod:`.cpu`), CUDA tensors the block-GEMM CUDA kernels (:mod:`.cuda`,
+imported on first use).  ``PACNET_BACKEND=reference`` makes the public functions use the
+plain-torch oracle (:mod:`.reference`, autograd backward) instead; ``auto`` (or unset) and
+``numba`` use the fused kernels.  Devices without fused kernels use the reference unless
+``numba`` is forced, which is an error there.
 
 Custom ops (``torch.ops.pacnet.*``): ``pac_dist``, ``pac_conv2d``, ``pac_pool2d`` and their
 backward ops ``pac_dist_backward``, ``pac_conv2d_backward``, ``pac_pool2d_backward``; each
 has a fake (shape) implementation, so they work with ``torch.compile``/``torch.export``, and
 the forward ops have autograd formulas that call the backward ops (no double backward).
 Between forward and backward only the inputs are saved (guide[, centre]; x, K, weight).
-``pac_conv2d_add_`` mutates its ``out`` argument and has no autograd formula.
+``pac_conv2d_add_`` mutates its ``out`` argument and has no autograd formula.  Every op
+returns contiguous tensors, and so do the fakes.
 
-dtypes: float32 and float64; float16/bfloat16 are accepted and computed in float32 (results
-cast back).  Under autocast (CPU or CUDA) the ops run in float32.
+dtypes: float32 and float64, and float16/bfloat16: ``x``, ``weight`` and ``bias`` share one
+dtype; an adaptive kernel ``K`` has that dtype or, with half data, float32.  On CUDA,
+``pac_conv2d`` and ``pac_pool2d`` keep half data in half precision (columns and GEMMs on
+tensor cores, float32 accumulation); the CPU kernels compute half data in float32 (Numba has
+no bfloat16) and cast the results back.  Results and gradients have their inputs' dtypes.
+Under autocast, ``pac_conv2d``/``pac_pool2d`` run in the autocast dtype on CUDA with ``K`` in
+float32, and in float32 on the CPU; ``pac_dist`` always runs in float32.
 """
 
 from __future__ import annotations
 
 import numbers
-import os
 from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from pacnet.errors import PacnetValueError
+from pacnet.kernels import runtime
 
 from . import reference as _reference
 
@@ -49,37 +56,16 @@ __all__ = ["pac_dist", "pac_conv2d", "pac_conv2d_add_", "pac_pool2d", "out_size"
            "backend_for"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_BACKEND_ENV = "PACNET_BACKEND"
-_BACKENDS = ("numba", "reference")
-_FUSED_DEVICES = ("cpu", "cuda")
 
 out_size = _reference.out_size
-
-# CUDA-graph capture of the Numba launches is unverified, so keep these ops out of
-# torch.compile's cudagraph trees ("reduce-overhead") until it has been checked on a GPU.
-_TAGS = (torch.Tag.cudagraph_unsafe,)
 
 
 # ----------------------------------------------------------------------------- dispatch
 
 def backend_for(device: torch.device) -> str:
-    """The backend the public functions use on ``device``: ``'numba'`` or ``'reference'``.
-
-    Reads ``PACNET_BACKEND`` at every call (``reference`` | ``numba``; unset = by device).
-    """
-    choice = os.environ.get(_BACKEND_ENV, "").strip().lower()
-    if choice not in ("",) + _BACKENDS:
-        raise PacnetValueError(f"{_BACKEND_ENV}={os.environ.get(_BACKEND_ENV)!r} is not a PAC "
-                               f"backend", hint="use 'numba' or 'reference', or unset it")
-    if choice == "reference":
-        return "reference"
-    if device.type in _FUSED_DEVICES:
-        return "numba"
-    if choice == "numba":
-        raise PacnetValueError(f"no fused PAC kernels for device '{device.type}'",
-                               hint=f"move the tensors to CPU or CUDA, or set "
-                                    f"{_BACKEND_ENV}=reference")
-    return "reference"
+    """The backend the public functions use on ``device``: ``'numba'`` or ``'reference'``
+    (:func:`pacnet.kernels.runtime.backend`: ``PACNET_BACKEND=auto|numba|reference``)."""
+    return runtime.backend(device)
 
 
 def _kernels(device: torch.device):
@@ -88,54 +74,61 @@ def _kernels(device: torch.device):
         from . import cpu
         return cpu
     if device.type == "cuda":
-        try:
-            from . import cuda
-        except ImportError as exc:
-            raise PacnetValueError(
-                f"the CUDA PAC kernels need numba-cuda, which cannot be imported ({exc})",
-                hint=f"pip install 'numba-cuda[cu12]' (or [cu13], matching your driver), or "
-                     f"set {_BACKEND_ENV}=reference") from exc
-        return cuda
+        return runtime.cuda_module("pac")
     raise PacnetValueError(f"no fused PAC kernels for device '{device.type}'",
-                           hint=f"set {_BACKEND_ENV}=reference")
+                           hint=f"set {runtime.BACKEND_ENV}=reference")
 
 
 def _empty(like: Tensor) -> Tensor:
     return like.new_empty((0,))
 
 
+def _none_or_empty(spec_or_none, like: Tensor):
+    """A fake output: ``spec`` when wanted, else the 0-element placeholder of ``like``."""
+    return spec_or_none if spec_or_none is not None else ((0,), like.dtype, like)
+
+
+# Autocast (and half inputs): the CUDA GEMM kernels keep x, weight and bias in the autocast
+# dtype (float16/bfloat16 columns and tensor-core GEMMs, float32 accumulation) with the
+# adaptive kernel K in float32; distances are always float32.  The CPU kernels compute in
+# float32 (see pacnet.kernels.runtime).
+_CONV_POLICY = ("compute", "float32", "compute", "compute")
+_POOL_POLICY = ("compute", "float32")
+_DIST_POLICY = ("float32", "float32")
+
+
 # ----------------------------------------------------------------------------- pac_dist ops
 
-@torch.library.custom_op("pacnet::pac_dist", mutates_args=(), tags=_TAGS)
-def _pac_dist_op(guide: Tensor, center: Optional[Tensor], kernel_size: Sequence[int],
-                 stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
-                 asym: bool, channel_wise: bool) -> Tensor:
+def _pac_dist_impl(guide: Tensor, center: Optional[Tensor], kernel_size: Sequence[int],
+                   stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                   asym: bool, channel_wise: bool) -> Tensor:
     return _kernels(guide.device).pac_dist_fwd(guide, center, tuple(kernel_size), tuple(stride),
                                                tuple(padding), tuple(dilation), asym,
                                                channel_wise)
 
 
-@_pac_dist_op.register_fake
-def _(guide, center, kernel_size, stride, padding, dilation, asym, channel_wise):
+def _pac_dist_fake(guide, center, kernel_size, stride, padding, dilation, asym, channel_wise):
     b, cg = guide.shape[:2]
     oh, ow = out_size(guide.shape[-2:], kernel_size, stride, padding, dilation)
-    return guide.new_empty((b, cg if channel_wise else 1, kernel_size[0], kernel_size[1], oh, ow))
+    return ((b, cg if channel_wise else 1, kernel_size[0], kernel_size[1], oh, ow),
+            guide.dtype, guide)
 
 
-@torch.library.custom_op("pacnet::pac_dist_backward", mutates_args=(), tags=_TAGS)
-def _pac_dist_backward_op(grad: Tensor, guide: Tensor, center: Optional[Tensor],
-                          kernel_size: Sequence[int], stride: Sequence[int],
-                          padding: Sequence[int], dilation: Sequence[int], asym: bool,
-                          channel_wise: bool) -> Tuple[Tensor, Tensor]:
-    return _kernels(guide.device).pac_dist_bwd(grad, guide, center, tuple(kernel_size),
-                                               tuple(stride), tuple(padding), tuple(dilation),
-                                               asym, channel_wise)
+def _pac_dist_backward_impl(grad: Tensor, guide: Tensor, center: Optional[Tensor],
+                            kernel_size: Sequence[int], stride: Sequence[int],
+                            padding: Sequence[int], dilation: Sequence[int], asym: bool,
+                            channel_wise: bool) -> Tuple[Tensor, Tensor]:
+    gf, gc = _kernels(guide.device).pac_dist_bwd(grad, guide, center, tuple(kernel_size),
+                                                 tuple(stride), tuple(padding),
+                                                 tuple(dilation), asym, channel_wise)
+    return gf, gc
 
 
-@_pac_dist_backward_op.register_fake
-def _(grad, guide, center, kernel_size, stride, padding, dilation, asym, channel_wise):
+def _pac_dist_backward_fake(grad, guide, center, kernel_size, stride, padding, dilation, asym,
+                            channel_wise):
     b, cg = guide.shape[:2]
-    return torch.empty_like(guide), guide.new_empty((b, cg, grad.shape[-2], grad.shape[-1]))
+    return [(guide.shape, guide.dtype, guide),
+            ((b, cg, grad.shape[-2], grad.shape[-1]), guide.dtype, guide)]
 
 
 def _pac_dist_setup(ctx, inputs, output):
@@ -147,33 +140,34 @@ def _pac_dist_setup(ctx, inputs, output):
 def _pac_dist_backward(ctx, grad):
     guide, center = ctx.saved_tensors
     gf, gc = torch.ops.pacnet.pac_dist_backward(grad, guide, center, *ctx.args)
+    if center is not None:
+        gc = gc.to(center.dtype)
     return gf, (gc if center is not None else None), None, None, None, None, None, None
 
 
-_pac_dist_op.register_autograd(_pac_dist_backward, setup_context=_pac_dist_setup)
+runtime.custom_op("pac_dist_backward", _pac_dist_backward_impl, fake=_pac_dist_backward_fake)
+runtime.custom_op("pac_dist", _pac_dist_impl, fake=_pac_dist_fake,
+                  autograd=(_pac_dist_backward, _pac_dist_setup), autocast=_DIST_POLICY)
 
 
 # ----------------------------------------------------------------------------- pac_conv2d ops
 
-@torch.library.custom_op("pacnet::pac_conv2d", mutates_args=(), tags=_TAGS)
-def _pac_conv2d_op(x: Tensor, K: Tensor, weight: Tensor, bias: Optional[Tensor],
-                   stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
-                   shared_filters: bool) -> Tensor:
+def _pac_conv2d_impl(x: Tensor, K: Tensor, weight: Tensor, bias: Optional[Tensor],
+                     stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                     shared_filters: bool) -> Tensor:
     return _kernels(x.device).pac_conv2d_fwd(x, K, weight, bias, tuple(stride), tuple(padding),
                                              tuple(dilation), shared_filters)
 
 
-@_pac_conv2d_op.register_fake
-def _(x, K, weight, bias, stride, padding, dilation, shared_filters):
+def _pac_conv2d_fake(x, K, weight, bias, stride, padding, dilation, shared_filters):
     o = x.shape[1] if shared_filters else weight.shape[0]
-    return x.new_empty((x.shape[0], o, K.shape[-2], K.shape[-1]))
+    return (x.shape[0], o, K.shape[-2], K.shape[-1]), x.dtype, x
 
 
-@torch.library.custom_op("pacnet::pac_conv2d_backward", mutates_args=(), tags=_TAGS)
-def _pac_conv2d_backward_op(grad: Tensor, x: Tensor, K: Tensor, weight: Tensor,
-                            stride: Sequence[int], padding: Sequence[int],
-                            dilation: Sequence[int], shared_filters: bool, need_x: bool,
-                            need_k: bool, need_weight: bool) -> Tuple[Tensor, Tensor, Tensor]:
+def _pac_conv2d_backward_impl(grad: Tensor, x: Tensor, K: Tensor, weight: Tensor,
+                              stride: Sequence[int], padding: Sequence[int],
+                              dilation: Sequence[int], shared_filters: bool, need_x: bool,
+                              need_k: bool, need_weight: bool) -> Tuple[Tensor, Tensor, Tensor]:
     gx, gK, gW = _kernels(x.device).pac_conv2d_bwd(grad, x, K, weight, tuple(stride),
                                                    tuple(padding), tuple(dilation),
                                                    shared_filters, (need_x, need_k, need_weight))
@@ -181,19 +175,19 @@ def _pac_conv2d_backward_op(grad: Tensor, x: Tensor, K: Tensor, weight: Tensor,
             gW if need_weight else _empty(weight))
 
 
-@_pac_conv2d_backward_op.register_fake
-def _(grad, x, K, weight, stride, padding, dilation, shared_filters, need_x, need_k,
-      need_weight):
-    return (torch.empty_like(x) if need_x else _empty(x),
-            torch.empty_like(K) if need_k else _empty(K),
-            torch.empty_like(weight) if need_weight else _empty(weight))
+def _pac_conv2d_backward_fake(grad, x, K, weight, stride, padding, dilation, shared_filters,
+                              need_x, need_k, need_weight):
+    return [_none_or_empty((x.shape, x.dtype, x) if need_x else None, x),
+            _none_or_empty((K.shape, K.dtype, K) if need_k else None, K),
+            _none_or_empty((weight.shape, weight.dtype, weight) if need_weight else None,
+                           weight)]
 
 
 def _pac_conv2d_setup(ctx, inputs, output):
     x, K, weight, bias, stride, padding, dilation, shared_filters = inputs
     ctx.save_for_backward(x, K, weight)
     ctx.args = (stride, padding, dilation, shared_filters)
-    ctx.has_bias = bias is not None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
 def _pac_conv2d_backward(ctx, grad):
@@ -203,57 +197,57 @@ def _pac_conv2d_backward(ctx, grad):
     if nx or nk or nw:
         gx, gK, gW = torch.ops.pacnet.pac_conv2d_backward(grad, x, K, weight, *ctx.args,
                                                           nx, nk, nw)
-    if ctx.has_bias and ctx.needs_input_grad[3]:
-        gb = grad.sum(dim=(0, 2, 3))
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
+        acc = torch.float32 if grad.dtype in runtime.HALF_DTYPES else grad.dtype
+        gb = grad.sum(dim=(0, 2, 3), dtype=acc).to(ctx.bias_dtype)
     return (gx if nx else None, gK if nk else None, gW if nw else None, gb,
             None, None, None, None)
 
 
-_pac_conv2d_op.register_autograd(_pac_conv2d_backward, setup_context=_pac_conv2d_setup)
+runtime.custom_op("pac_conv2d_backward", _pac_conv2d_backward_impl,
+                  fake=_pac_conv2d_backward_fake)
+runtime.custom_op("pac_conv2d", _pac_conv2d_impl, fake=_pac_conv2d_fake,
+                  autograd=(_pac_conv2d_backward, _pac_conv2d_setup), autocast=_CONV_POLICY,
+                  half_ok=True)
 
 
-@torch.library.custom_op("pacnet::pac_conv2d_add_", mutates_args=("out",), tags=_TAGS)
-def _pac_conv2d_add_op(out: Tensor, x: Tensor, K: Tensor, weight: Tensor,
-                       stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
-                       shared_filters: bool, alpha: float) -> None:
+def _pac_conv2d_add_impl(out: Tensor, x: Tensor, K: Tensor, weight: Tensor,
+                         stride: Sequence[int], padding: Sequence[int],
+                         dilation: Sequence[int], shared_filters: bool, alpha: float) -> None:
     _kernels(x.device).pac_conv2d_add_(out, x, K, weight, tuple(stride), tuple(padding),
                                        tuple(dilation), shared_filters, alpha)
 
 
-@_pac_conv2d_add_op.register_fake
-def _(out, x, K, weight, stride, padding, dilation, shared_filters, alpha):
-    return None
+runtime.custom_op("pac_conv2d_add_", _pac_conv2d_add_impl, mutates_args=("out",),
+                  fake=lambda *args: None)
 
 
 # ----------------------------------------------------------------------------- pac_pool2d ops
 
-@torch.library.custom_op("pacnet::pac_pool2d", mutates_args=(), tags=_TAGS)
-def _pac_pool2d_op(x: Tensor, K: Tensor, kernel_size: Sequence[int], stride: Sequence[int],
-                   padding: Sequence[int], dilation: Sequence[int]) -> Tensor:
+def _pac_pool2d_impl(x: Tensor, K: Tensor, kernel_size: Sequence[int], stride: Sequence[int],
+                     padding: Sequence[int], dilation: Sequence[int]) -> Tensor:
     return _kernels(x.device).pac_pool2d_fwd(x, K, tuple(kernel_size), tuple(stride),
                                              tuple(padding), tuple(dilation))
 
 
-@_pac_pool2d_op.register_fake
-def _(x, K, kernel_size, stride, padding, dilation):
-    return x.new_empty((x.shape[0], x.shape[1], K.shape[-2], K.shape[-1]))
+def _pac_pool2d_fake(x, K, kernel_size, stride, padding, dilation):
+    return (x.shape[0], x.shape[1], K.shape[-2], K.shape[-1]), x.dtype, x
 
 
-@torch.library.custom_op("pacnet::pac_pool2d_backward", mutates_args=(), tags=_TAGS)
-def _pac_pool2d_backward_op(grad: Tensor, x: Tensor, K: Tensor, kernel_size: Sequence[int],
-                            stride: Sequence[int], padding: Sequence[int],
-                            dilation: Sequence[int], need_x: bool,
-                            need_k: bool) -> Tuple[Tensor, Tensor]:
+def _pac_pool2d_backward_impl(grad: Tensor, x: Tensor, K: Tensor, kernel_size: Sequence[int],
+                              stride: Sequence[int], padding: Sequence[int],
+                              dilation: Sequence[int], need_x: bool,
+                              need_k: bool) -> Tuple[Tensor, Tensor]:
     gx, gK, _ = _kernels(x.device).pac_pool2d_bwd(grad, x, K, tuple(kernel_size), tuple(stride),
                                                   tuple(padding), tuple(dilation),
                                                   (need_x, need_k, False))
     return gx if need_x else _empty(x), gK if need_k else _empty(K)
 
 
-@_pac_pool2d_backward_op.register_fake
-def _(grad, x, K, kernel_size, stride, padding, dilation, need_x, need_k):
-    return (torch.empty_like(x) if need_x else _empty(x),
-            torch.empty_like(K) if need_k else _empty(K))
+def _pac_pool2d_backward_fake(grad, x, K, kernel_size, stride, padding, dilation, need_x,
+                              need_k):
+    return [_none_or_empty((x.shape, x.dtype, x) if need_x else None, x),
+            _none_or_empty((K.shape, K.dtype, K) if need_k else None, K)]
 
 
 def _pac_pool2d_setup(ctx, inputs, output):
@@ -271,14 +265,11 @@ def _pac_pool2d_backward(ctx, grad):
     return gx if nx else None, gK if nk else None, None, None, None, None
 
 
-_pac_pool2d_op.register_autograd(_pac_pool2d_backward, setup_context=_pac_pool2d_setup)
-
-
-# Autocast: run in float32 (a distance and an exp-weighted sum; the kernels accumulate in
-# float32 anyway), so inputs coming from float16/bfloat16 layers mix safely with float32 ones.
-for _name in ("pac_dist", "pac_conv2d", "pac_pool2d"):
-    for _dev in ("cpu", "cuda"):
-        torch.library.register_autocast(f"pacnet::{_name}", _dev, torch.float32)
+runtime.custom_op("pac_pool2d_backward", _pac_pool2d_backward_impl,
+                  fake=_pac_pool2d_backward_fake)
+runtime.custom_op("pac_pool2d", _pac_pool2d_impl, fake=_pac_pool2d_fake,
+                  autograd=(_pac_pool2d_backward, _pac_pool2d_setup), autocast=_POOL_POLICY,
+                  half_ok=True)
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -320,26 +311,32 @@ def _tensor(t: Any, name: str, ndim: int, layout: str, batched: bool = True) -> 
     return t
 
 
-def _same(named: Sequence[Tuple[str, Optional[Tensor]]]) -> None:
+def _same(named: Sequence[Tuple[str, Optional[Tensor]]],
+          kernel: Optional[Tuple[str, Tensor]] = None) -> None:
+    """The named tensors share one device and dtype; ``kernel`` (an adaptive kernel, when
+    given) shares the device and has that dtype, or float32 with float16/bfloat16 data."""
     present = [(n, t) for n, t in named if t is not None]
     n0, t0 = present[0]
-    for n, t in present[1:]:
+    for n, t in present[1:] + ([kernel] if kernel is not None else []):
         if t.device != t0.device:
             raise PacnetValueError(f"{n} is on {t.device} but {n0} is on {t0.device}",
                                    hint="move all tensors to the same device")
+    for n, t in present[1:]:
         if t.dtype != t0.dtype:
             raise PacnetValueError(f"{n} has dtype {t.dtype} but {n0} has {t0.dtype}",
                                    hint="convert them to one dtype (or run under autocast)")
+    if kernel is not None and kernel[1].dtype != t0.dtype and not (
+            t0.dtype in runtime.HALF_DTYPES and kernel[1].dtype == torch.float32):
+        raise PacnetValueError(f"{kernel[0]} has dtype {kernel[1].dtype} but {n0} has "
+                               f"{t0.dtype}",
+                               hint=f"give {kernel[0]} {n0}'s dtype (or float32 with "
+                                    f"float16/bfloat16 data)")
 
 
-def _autocast(*ts: Optional[Tensor]) -> List[Optional[Tensor]]:
-    """Under autocast the ops run in float32: cast here so mixed-precision inputs pass the
-    dtype check and both backends see the same inputs (the registered autocast rule does the
-    same for direct ``torch.ops.pacnet`` calls)."""
-    dev = next(t for t in ts if t is not None).device.type
-    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
-        return [t.float() if t is not None else None for t in ts]
-    return list(ts)
+def _autocast(policy, *ts: Optional[Tensor]) -> List[Optional[Tensor]]:
+    """Under autocast, cast as the op's registered autocast rule will (so the checks see the
+    dtypes the kernels compute in, and both backends get the same inputs)."""
+    return runtime.autocast_public(policy, ts, half_ok=True)
 
 
 def _geometry(hw, kernel_size, stride, padding, dilation, what: str):
@@ -396,7 +393,7 @@ def pac_dist(guide: Tensor, center: Optional[Tensor], kernel_size, stride, paddi
                                      "pac_dist")
     if center is not None:
         _tensor(center, "center", 4, "[b, Cg, oh, ow]")
-    guide, center = _autocast(guide, center)
+    guide, center = _autocast(_DIST_POLICY, guide, center)
     if center is not None:
         _same([("guide", guide), ("center", center)])
         want = (guide.shape[0], guide.shape[1], oh, ow)
@@ -432,7 +429,8 @@ def pac_conv2d(x: Tensor, K: Tensor, weight: Tensor, bias: Optional[Tensor], str
     x, K, weight, bias, s, p, d, _ = _conv_args(x, K, weight, bias, stride, padding, dilation,
                                                 shared_filters, "pac_conv2d")
     if backend_for(x.device) == "reference":
-        return _reference.pac_conv2d(x, K, weight, bias, s, p, d, bool(shared_filters))
+        return _reference.pac_conv2d(x, K.to(x.dtype), weight, bias, s, p, d,
+                                     bool(shared_filters))
     return torch.ops.pacnet.pac_conv2d(x, K, weight, bias, s, p, d, bool(shared_filters))
 
 
@@ -474,8 +472,8 @@ def pac_conv2d_add_(out: Tensor, x: Tensor, K: Tensor, weight: Tensor, stride, p
     if not isinstance(alpha, numbers.Real) or isinstance(alpha, bool):
         raise PacnetValueError(f"alpha must be a number, got {alpha!r}")
     if backend_for(x.device) == "reference":
-        return out.add_(_reference.pac_conv2d(x, K, weight, None, s, p, d, bool(shared_filters)),
-                        alpha=float(alpha))
+        return out.add_(_reference.pac_conv2d(x, K.to(x.dtype), weight, None, s, p, d,
+                                              bool(shared_filters)), alpha=float(alpha))
     torch.ops.pacnet.pac_conv2d_add_(out, x, K, weight, s, p, d, bool(shared_filters),
                                      float(alpha))
     return out
@@ -490,8 +488,8 @@ def _conv_args(x, K, weight, bias, stride, padding, dilation, shared_filters, wh
             batched=False)
     if bias is not None:
         _tensor(bias, "bias", 1, "[O]", batched=False)
-    x, K, weight, bias = _autocast(x, K, weight, bias)
-    _same([("x", x), ("K", K), ("weight", weight), ("bias", bias)])
+    x, K, weight, bias = _autocast(_CONV_POLICY, x, K, weight, bias)
+    _same([("x", x), ("weight", weight), ("bias", bias)], ("K", K))
     c = x.shape[1]
     if shared_filters:
         if tuple(weight.shape[:2]) != (1, 1):
@@ -528,11 +526,11 @@ def pac_pool2d(x: Tensor, K: Tensor, kernel_size, stride, padding, dilation) -> 
     """
     _tensor(x, "x", 4, "[b, C, H, W]")
     _tensor(K, "K", 6, "[b, 1|C, kh, kw, oh, ow]")
-    x, K = _autocast(x, K)
-    _same([("x", x), ("K", K)])
+    x, K = _autocast(_POOL_POLICY, x, K)
+    _same([("x", x)], ("K", K))
     k, s, p, d, out_hw = _geometry(x.shape[-2:], kernel_size, stride, padding, dilation,
                                    "pac_pool2d")
     _check_K(K, x.shape[0], k, out_hw, (1, x.shape[1]), "pac_pool2d")
     if backend_for(x.device) == "reference":
-        return _reference.pac_pool2d(x, K, k, s, p, d)
+        return _reference.pac_pool2d(x, K.to(x.dtype), k, s, p, d)
     return torch.ops.pacnet.pac_pool2d(x, K, k, s, p, d)

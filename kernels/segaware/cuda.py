@@ -1,12 +1,12 @@
 """Numba-CUDA kernels of the segaware primitives.
 
 Import this module only when a CUDA tensor arrives (``numba.cuda`` is heavy and may be
-absent); :mod:`.ops` does so.  Kernels run one thread per output element (forward) or per
-input element (backward gathers, no atomics, deterministic), launched on torch's
-current stream; outputs are allocated with ``torch.empty`` (torch's caching allocator).
-
-Under ``NUMBA_ENABLE_CUDASIM=1`` (tests) the simulator has no ``as_cuda_array`` and
-cannot take torch tensors, so the launchers pass NumPy views of CPU tensors instead.
+absent); :mod:`.ops` does so through :func:`pacnet.kernels.runtime.cuda_module`.  These
+primitives have no contraction (they are memory-bound gathers), so they run one thread per
+output element (forward) or per input element (backward gathers, no atomics, deterministic),
+launched on torch's current stream with the tensors' device current; outputs come from
+torch's caching allocator.  Under ``NUMBA_ENABLE_CUDASIM=1`` (tests) the launchers take CPU
+tensors and pass NumPy views (the simulator cannot take torch tensors).
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ import numpy as np
 import torch
 from numba import config as _numba_config
 from numba import cuda
+
+from pacnet.kernels import runtime
+from pacnet.kernels.runtime import as_array, on_device
 
 SIMULATOR = bool(_numba_config.ENABLE_CUDASIM)
 
@@ -244,12 +247,8 @@ def _lws_bwd_x(G, Wt, gX, kh, kw, ph, pw, sh, sw, dh, dw, zero):
 
 
 # ----------------------------------------------------------------------------- launchers
-
-def _view(t: torch.Tensor):
-    if SIMULATOR:
-        return t.detach().numpy()
-    return cuda.as_cuda_array(t.detach(), sync=False)
-
+# Each launcher takes contiguous tensors in the compute dtype (:mod:`.ops` prepares them) and
+# runs with their device current, on torch's current stream (pacnet.kernels.runtime).
 
 def _scalars(dtype: torch.dtype, *values: float):
     np_type = np.float32 if dtype == torch.float32 else np.float64
@@ -257,67 +256,45 @@ def _scalars(dtype: torch.dtype, *values: float):
 
 
 def _launch(kernel, total: int, device: torch.device, *args) -> None:
-    if total == 0:
-        return
-    blocks = math.ceil(total / THREADS)
-    if SIMULATOR:
-        kernel[blocks, THREADS](*args)
-        return
-    with torch.cuda.device(device):
-        stream = cuda.external_stream(torch.cuda.current_stream(device).cuda_stream)
-        kernel[blocks, THREADS, stream](*args)
+    runtime.launch(kernel, math.ceil(total / THREADS), THREADS, device, *args)
 
 
-def im2dist_forward(emb, out_hw, kernel, pad, stride, dilation, norm, remove_center,
+@on_device
+def im2dist_forward(emb, out, kernel, pad, stride, dilation, norm, remove_center,
                     remove_bounds, big):
-    N = emb.shape[0]
-    K = kernel[0] * kernel[1]
-    out = torch.empty((N, K, *out_hw), dtype=emb.dtype, device=emb.device)
     zero, half, big = _scalars(emb.dtype, 0.0, 0.5, big)
-    _launch(_im2dist_fwd, out.numel(), emb.device, _view(emb), _view(out), *kernel, *pad,
-            *stride, *dilation, int(norm), bool(remove_center), bool(remove_bounds), zero,
+    _launch(_im2dist_fwd, out.numel(), emb.device, as_array(emb), as_array(out), *kernel,
+            *pad, *stride, *dilation, int(norm), bool(remove_center), bool(remove_bounds), zero,
             half, big)
-    return out
 
 
-def im2dist_backward(grad, emb, kernel, pad, stride, dilation, norm):
-    gE = torch.empty_like(emb)
+@on_device
+def im2dist_backward(grad, emb, gE, kernel, pad, stride, dilation, norm):
     zero, one = _scalars(emb.dtype, 0.0, 1.0)
-    _launch(_im2dist_bwd, gE.numel(), emb.device, _view(grad), _view(emb), _view(gE), *kernel,
-            *pad, *stride, *dilation, int(norm), zero, one)
-    return gE
+    _launch(_im2dist_bwd, gE.numel(), emb.device, as_array(grad), as_array(emb), as_array(gE),
+            *kernel, *pad, *stride, *dilation, int(norm), zero, one)
 
 
-def im2parity_forward(labels_i32, out_dtype, out_hw, kernel, pad, stride, dilation,
-                      has_ignore, ignore_label, outside):
-    N = labels_i32.shape[0]
-    K = kernel[0] * kernel[1]
-    out = torch.empty((N, K, *out_hw), dtype=out_dtype, device=labels_i32.device)
-    outside, one, zero = _scalars(out_dtype, outside, 1.0, 0.0)
-    _launch(_im2parity_fwd, out.numel(), out.device, _view(labels_i32), _view(out), *kernel,
-            *pad, *stride, *dilation, bool(has_ignore), int(ignore_label), outside, one, zero)
-    return out
+@on_device
+def im2parity_forward(labels_i32, out, kernel, pad, stride, dilation, has_ignore,
+                      ignore_label, outside):
+    outside, one, zero = _scalars(out.dtype, outside, 1.0, 0.0)
+    _launch(_im2parity_fwd, out.numel(), out.device, as_array(labels_i32), as_array(out),
+            *kernel, *pad, *stride, *dilation, bool(has_ignore), int(ignore_label), outside, one,
+            zero)
 
 
-def local_weighted_sum_forward(x, weights, kernel, pad, stride, dilation):
-    N, C = x.shape[:2]
-    out = torch.empty((N, C, *weights.shape[2:]), dtype=x.dtype, device=x.device)
+@on_device
+def local_weighted_sum_forward(x, weights, out, kernel, pad, stride, dilation):
     (zero,) = _scalars(x.dtype, 0.0)
-    _launch(_lws_fwd, out.numel(), x.device, _view(x), _view(weights), _view(out), *kernel,
-            *pad, *stride, *dilation, zero)
-    return out
+    _launch(_lws_fwd, out.numel(), x.device, as_array(x), as_array(weights), as_array(out),
+            *kernel, *pad, *stride, *dilation, zero)
 
 
-def local_weighted_sum_backward(grad, x, weights, kernel, pad, stride, dilation, need_x,
-                                need_w):
+@on_device
+def local_weighted_sum_backward(grad, x, weights, gx, gw, kernel, pad, stride, dilation):
     (zero,) = _scalars(x.dtype, 0.0)
-    gx = gw = None
-    if need_x:
-        gx = torch.empty_like(x)
-        _launch(_lws_bwd_x, gx.numel(), x.device, _view(grad), _view(weights), _view(gx),
-                *kernel, *pad, *stride, *dilation, zero)
-    if need_w:
-        gw = torch.empty_like(weights)
-        _launch(_lws_bwd_w, gw.numel(), x.device, _view(grad), _view(x), _view(gw), *kernel,
-                *pad, *stride, *dilation, zero)
-    return gx, gw
+    _launch(_lws_bwd_x, gx.numel(), x.device, as_array(grad), as_array(weights), as_array(gx),
+            *kernel, *pad, *stride, *dilation, zero)
+    _launch(_lws_bwd_w, gw.numel(), x.device, as_array(grad), as_array(x), as_array(gw),
+            *kernel, *pad, *stride, *dilation, zero)

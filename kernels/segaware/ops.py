@@ -12,91 +12,54 @@ Ops (``torch.ops.pacnet.*``): ``im2dist``, ``im2dist_backward``, ``im2parity``,
 ``local_weighted_sum``, ``local_weighted_sum_backward``; each has a fake (meta)
 implementation, and the forward ops have autograd formulas that call the backward ops.
 
-Backend choice, per call: CPU tensors run the Numba CPU kernels, CUDA tensors the
-Numba-CUDA kernels, anything else (and float16/bfloat16) the plain-torch reference.
-``PACNET_BACKEND=reference`` forces the reference; ``PACNET_BACKEND=numba`` forces Numba
-(an error where it cannot run).  Numba kernels take float32/float64.
+Backend choice, dtype policy, device guard, threads and fork safety are those of every fused
+op (:mod:`pacnet.kernels.runtime`): CPU tensors run the Numba CPU kernels, CUDA tensors the
+Numba-CUDA kernels, other devices the plain-torch reference; ``PACNET_BACKEND=reference``
+forces the reference, ``numba`` the fused kernels (an error where there are none), ``auto``
+(or unset) chooses by device.  The kernels compute in float32/float64; float16/bfloat16
+inputs are computed in float32 and the results cast back (under autocast: float32).  Every
+op returns contiguous tensors, and its fake does too.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
 from pacnet.errors import PacnetValueError
+from pacnet.kernels import runtime
 from pacnet.kernels.segaware import reference as ref
 
 IntOrPair = Union[int, Sequence[int]]
 Pair = Tuple[int, int]
 
 BIG = ref.BIG
-_NUMBA_DTYPES = (torch.float32, torch.float64)
-# Numba launches have not been checked under CUDA-graph capture on a real GPU yet.
-_TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
 _NORMS = {"L1": ref.L1, "L2": ref.L2, 1: ref.L1, 2: ref.L2}
 
 
-# ----------------------------------------------------------------------------- backend choice
+# ----------------------------------------------------------------------------- dispatch
+# Backend, dtype policy (float16/bfloat16 computed in float32 and cast back), device guard,
+# threads and fork safety come from pacnet.kernels.runtime, as for the PAC ops.
 
-def backend_for(t: torch.Tensor, dtype: Optional[torch.dtype] = None) -> str:
+def backend_for(t: torch.Tensor) -> str:
     """``"reference"``, ``"cpu"`` or ``"cuda"``: which implementation runs a call on ``t``
-    (whose compute dtype is ``dtype``, default ``t.dtype``)."""
-    dtype = t.dtype if dtype is None else dtype
-    forced = os.environ.get("PACNET_BACKEND", "").strip().lower()
-    if forced not in ("", "auto", "reference", "numba"):
-        raise PacnetValueError(f"PACNET_BACKEND={forced!r} is not a backend",
-                               hint="use PACNET_BACKEND=reference or PACNET_BACKEND=numba, or unset it")
-    if forced == "reference":
-        return "reference"
-    numba_ok = t.device.type in ("cpu", "cuda") and dtype in _NUMBA_DTYPES
-    if forced == "numba" and not numba_ok:
-        raise PacnetValueError(
-            f"PACNET_BACKEND=numba cannot run a {dtype} tensor on {t.device.type}",
-            hint="the Numba kernels take float32/float64 tensors on CPU or CUDA; "
-                 "unset PACNET_BACKEND to fall back to the reference")
-    if not numba_ok:
+    (:func:`pacnet.kernels.runtime.backend`: ``PACNET_BACKEND=auto|numba|reference``)."""
+    if runtime.backend(t.device) == "reference":
         return "reference"
     return t.device.type
 
 
-def _cpu():
-    from pacnet.kernels.segaware import cpu
-    return cpu
-
-
 def _cuda():
-    from pacnet.kernels.segaware import cuda
-    return cuda
+    return runtime.cuda_module("segaware")
 
 
-#: Below this many inner-loop steps a Numba call runs on one thread: forking a parallel
-#: region costs more than it saves on tiny inputs (and much more on a loaded machine).
-SMALL_WORK = 1 << 16
-
-
-@contextlib.contextmanager
-def _threads_for(work: int):
-    if work >= SMALL_WORK:
-        yield
-        return
-    import numba
-
-    previous = numba.get_num_threads()
-    if previous == 1:
-        yield
-        return
-    numba.set_num_threads(1)
-    try:
-        yield
-    finally:
-        numba.set_num_threads(previous)
-
-
-def _np(t: torch.Tensor):
-    return t.detach().numpy()
+def _cpu_run(name: str, work: int, *args) -> None:
+    """Run CPU kernel ``name`` (its parallel driver, or its serial twin for small work and in
+    forked children) on NumPy views of ``args``' tensors."""
+    from pacnet.kernels.segaware import cpu
+    fn = runtime.pick(work, getattr(cpu, name), getattr(cpu, name + "_serial"))
+    fn(*(runtime.as_array(a) if isinstance(a, torch.Tensor) else a for a in args))
 
 
 def _scalar(dtype: torch.dtype, value: float):
@@ -111,61 +74,58 @@ def _hw(x: torch.Tensor, kernel, pad, stride, dilation) -> Pair:
 
 # ----------------------------------------------------------------------------- im2dist op
 
-@torch.library.custom_op("pacnet::im2dist", mutates_args=(), tags=_TAGS)
-def _im2dist_op(emb: torch.Tensor, kernel: Sequence[int], pad: Sequence[int],
-                stride: Sequence[int], dilation: Sequence[int], norm: int,
-                remove_center: bool, remove_bounds: bool) -> torch.Tensor:
+def _im2dist_impl(emb: torch.Tensor, kernel: Sequence[int], pad: Sequence[int],
+                  stride: Sequence[int], dilation: Sequence[int], norm: int,
+                  remove_center: bool, remove_bounds: bool) -> torch.Tensor:
     norm_code(norm)
     backend = backend_for(emb)
     if backend == "reference":
         with torch.no_grad():
             return ref.im2dist(emb, kernel, pad, stride, dilation, norm, remove_center,
                                remove_bounds)
-    emb = emb.contiguous()
+    (e,) = runtime.prep(emb)
+    out = e.new_empty((e.shape[0], kernel[0] * kernel[1], *_hw(e, kernel, pad, stride,
+                                                                  dilation)))
     if backend == "cuda":
-        return _cuda().im2dist_forward(emb, _hw(emb, kernel, pad, stride, dilation), kernel, pad,
-                                       stride, dilation, norm, remove_center, remove_bounds, BIG)
-    N = emb.shape[0]
-    out = torch.empty((N, kernel[0] * kernel[1], *_hw(emb, kernel, pad, stride, dilation)),
-                      dtype=emb.dtype)
-    d = emb.dtype
-    with _threads_for(out.numel() * emb.shape[1]):
-        _cpu().im2dist_forward(_np(emb), _np(out), *kernel, *pad, *stride, *dilation, int(norm),
-                               bool(remove_center), bool(remove_bounds), _scalar(d, 0.0),
-                               _scalar(d, 0.5), _scalar(d, BIG))
-    return out
+        _cuda().im2dist_forward(e, out, kernel, pad, stride, dilation, norm, remove_center,
+                                remove_bounds, BIG)
+    else:
+        d = e.dtype
+        _cpu_run("im2dist_forward", out.numel() * e.shape[1], e, out, *kernel, *pad, *stride,
+                 *dilation, int(norm), bool(remove_center), bool(remove_bounds),
+                 _scalar(d, 0.0), _scalar(d, 0.5), _scalar(d, BIG))
+    return out.to(emb.dtype)
 
 
-@_im2dist_op.register_fake
-def _(emb, kernel, pad, stride, dilation, norm, remove_center, remove_bounds):
-    return emb.new_empty((emb.shape[0], kernel[0] * kernel[1],
-                          *_hw(emb, kernel, pad, stride, dilation)))
+def _im2dist_fake(emb, kernel, pad, stride, dilation, norm, remove_center, remove_bounds):
+    return ((emb.shape[0], kernel[0] * kernel[1], *_hw(emb, kernel, pad, stride, dilation)),
+            emb.dtype, emb)
 
 
-@torch.library.custom_op("pacnet::im2dist_backward", mutates_args=(), tags=_TAGS)
-def _im2dist_backward_op(grad: torch.Tensor, emb: torch.Tensor, kernel: Sequence[int],
-                         pad: Sequence[int], stride: Sequence[int], dilation: Sequence[int],
-                         norm: int, remove_center: bool, remove_bounds: bool) -> torch.Tensor:
+def _im2dist_backward_impl(grad: torch.Tensor, emb: torch.Tensor, kernel: Sequence[int],
+                           pad: Sequence[int], stride: Sequence[int], dilation: Sequence[int],
+                           norm: int, remove_center: bool,
+                           remove_bounds: bool) -> torch.Tensor:
     norm_code(norm)
     backend = backend_for(emb)
     if backend == "reference":
         with torch.no_grad():
             return ref.im2dist_backward(grad, emb, kernel, pad, stride, dilation, norm,
                                         remove_center, remove_bounds)
-    grad = grad.contiguous()
-    emb = emb.contiguous()
+    (e,) = runtime.prep(emb)
+    (g,) = runtime.prep(grad, dtype=e.dtype)
+    gE = torch.empty_like(e)
     if backend == "cuda":
-        return _cuda().im2dist_backward(grad, emb, kernel, pad, stride, dilation, norm)
-    gE = torch.empty_like(emb)
-    with _threads_for(2 * grad.numel() * emb.shape[1]):
-        _cpu().im2dist_backward(_np(grad), _np(emb), _np(gE), *kernel, *pad, *stride, *dilation,
-                                int(norm), _scalar(emb.dtype, 0.0))
-    return gE
+        _cuda().im2dist_backward(g, e, gE, kernel, pad, stride, dilation, norm)
+    else:
+        _cpu_run("im2dist_backward", 2 * g.numel() * e.shape[1], g, e, gE, *kernel, *pad,
+                 *stride, *dilation, int(norm), _scalar(e.dtype, 0.0))
+    return gE.to(emb.dtype)
 
 
-@_im2dist_backward_op.register_fake
-def _(grad, emb, kernel, pad, stride, dilation, norm, remove_center, remove_bounds):
-    return torch.empty_like(emb)
+def _im2dist_backward_fake(grad, emb, kernel, pad, stride, dilation, norm, remove_center,
+                           remove_bounds):
+    return emb.shape, emb.dtype, emb
 
 
 def _im2dist_setup(ctx, inputs, output):
@@ -182,39 +142,40 @@ def _im2dist_grad(ctx, grad):
     return g, None, None, None, None, None, None, None
 
 
-_im2dist_op.register_autograd(_im2dist_grad, setup_context=_im2dist_setup)
+runtime.custom_op("im2dist_backward", _im2dist_backward_impl, fake=_im2dist_backward_fake)
+runtime.custom_op("im2dist", _im2dist_impl, fake=_im2dist_fake,
+                  autograd=(_im2dist_grad, _im2dist_setup), autocast=("float32",))
 
 
 # ----------------------------------------------------------------------------- im2parity op
 
-@torch.library.custom_op("pacnet::im2parity", mutates_args=(), tags=_TAGS)
-def _im2parity_op(labels: torch.Tensor, kernel: Sequence[int], pad: Sequence[int],
-                  stride: Sequence[int], dilation: Sequence[int], has_ignore: bool,
-                  ignore_label: int) -> torch.Tensor:
+def _im2parity_impl(labels: torch.Tensor, kernel: Sequence[int], pad: Sequence[int],
+                    stride: Sequence[int], dilation: Sequence[int], has_ignore: bool,
+                    ignore_label: int) -> torch.Tensor:
     ignore = int(ignore_label) if has_ignore else None
     out_dtype = ref.parity_dtype(labels)
-    backend = backend_for(labels, out_dtype)
-    if backend == "reference":
+    if backend_for(labels) == "reference":
         return ref.im2parity(labels, kernel, pad, stride, dilation, ignore)
     lab = labels.detach().to(torch.int32).contiguous()           # C's (int) cast: truncation
     outside = float(ignore) if ignore is not None else ref.NO_PAIR
     hw = _hw(labels, kernel, pad, stride, dilation)
-    if backend == "cuda":
-        return _cuda().im2parity_forward(lab, out_dtype, hw, kernel, pad, stride, dilation,
-                                         has_ignore, int(ignore_label), outside)
-    out = torch.empty((labels.shape[0], kernel[0] * kernel[1], *hw), dtype=out_dtype)
-    with _threads_for(out.numel()):
-        _cpu().im2parity_forward(_np(lab), _np(out), *kernel, *pad, *stride, *dilation,
-                                 bool(has_ignore), int(ignore_label), _scalar(out_dtype, outside),
-                                 _scalar(out_dtype, 1.0), _scalar(out_dtype, 0.0))
-    return out
+    dt = runtime.compute_dtype(labels.device, out_dtype)
+    out = torch.empty((labels.shape[0], kernel[0] * kernel[1], *hw), dtype=dt,
+                      device=labels.device)
+    if labels.device.type == "cuda":
+        _cuda().im2parity_forward(lab, out, kernel, pad, stride, dilation, has_ignore,
+                                  int(ignore_label), outside)
+    else:
+        _cpu_run("im2parity_forward", out.numel(), lab, out, *kernel, *pad, *stride,
+                 *dilation, bool(has_ignore), int(ignore_label), _scalar(dt, outside),
+                 _scalar(dt, 1.0), _scalar(dt, 0.0))
+    return out.to(out_dtype)
 
 
-@_im2parity_op.register_fake
-def _(labels, kernel, pad, stride, dilation, has_ignore, ignore_label):
-    return labels.new_empty((labels.shape[0], kernel[0] * kernel[1],
-                             *_hw(labels, kernel, pad, stride, dilation)),
-                            dtype=ref.parity_dtype(labels))
+def _im2parity_fake(labels, kernel, pad, stride, dilation, has_ignore, ignore_label):
+    return ((labels.shape[0], kernel[0] * kernel[1], *_hw(labels, kernel, pad, stride,
+                                                          dilation)),
+            ref.parity_dtype(labels), labels)
 
 
 def _im2parity_setup(ctx, inputs, output):
@@ -227,63 +188,59 @@ def _im2parity_grad(ctx, grad):
     return None, None, None, None, None, None, None
 
 
-_im2parity_op.register_autograd(_im2parity_grad, setup_context=_im2parity_setup)
+runtime.custom_op("im2parity", _im2parity_impl, fake=_im2parity_fake,
+                  autograd=(_im2parity_grad, _im2parity_setup))
 
 
 # ----------------------------------------------------------------------------- local weighted sum op
 
-@torch.library.custom_op("pacnet::local_weighted_sum", mutates_args=(), tags=_TAGS)
-def _lws_op(x: torch.Tensor, weights: torch.Tensor, kernel: Sequence[int], pad: Sequence[int],
-            stride: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:
+def _lws_impl(x: torch.Tensor, weights: torch.Tensor, kernel: Sequence[int],
+              pad: Sequence[int], stride: Sequence[int],
+              dilation: Sequence[int]) -> torch.Tensor:
     backend = backend_for(x)
     if backend == "reference":
         with torch.no_grad():
             return ref.local_weighted_sum(x, weights, kernel, pad, stride, dilation)
-    x = x.contiguous()
-    weights = weights.contiguous()
+    xc, wc = runtime.prep(x, weights)
+    out = xc.new_empty((xc.shape[0], xc.shape[1], *wc.shape[2:]))
     if backend == "cuda":
-        return _cuda().local_weighted_sum_forward(x, weights, kernel, pad, stride, dilation)
-    out = torch.empty((x.shape[0], x.shape[1], *weights.shape[2:]), dtype=x.dtype)
-    with _threads_for(out.numel() * weights.shape[1]):
-        _cpu().local_weighted_sum_forward(_np(x), _np(weights), _np(out), *kernel, *pad, *stride,
-                                          *dilation, _scalar(x.dtype, 0.0))
-    return out
+        _cuda().local_weighted_sum_forward(xc, wc, out, kernel, pad, stride, dilation)
+    else:
+        _cpu_run("local_weighted_sum_forward", out.numel() * wc.shape[1], xc, wc, out,
+                 *kernel, *pad, *stride, *dilation, _scalar(xc.dtype, 0.0))
+    return out.to(x.dtype)
 
 
-@_lws_op.register_fake
-def _(x, weights, kernel, pad, stride, dilation):
-    return x.new_empty((x.shape[0], x.shape[1], *weights.shape[2:]))
+def _lws_fake(x, weights, kernel, pad, stride, dilation):
+    return (x.shape[0], x.shape[1], *weights.shape[2:]), x.dtype, x
 
 
-@torch.library.custom_op("pacnet::local_weighted_sum_backward", mutates_args=(), tags=_TAGS)
-def _lws_backward_op(grad: torch.Tensor, x: torch.Tensor, weights: torch.Tensor,
-                     kernel: Sequence[int], pad: Sequence[int], stride: Sequence[int],
-                     dilation: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+def _lws_backward_impl(grad: torch.Tensor, x: torch.Tensor, weights: torch.Tensor,
+                       kernel: Sequence[int], pad: Sequence[int], stride: Sequence[int],
+                       dilation: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
     backend = backend_for(x)
     if backend == "reference":
         with torch.no_grad():
             return ref.local_weighted_sum_backward(grad, x, weights, kernel, pad, stride,
                                                    dilation)
-    grad = grad.contiguous()
-    x = x.contiguous()
-    weights = weights.contiguous()
+    xc, wc = runtime.prep(x, weights)
+    (g,) = runtime.prep(grad, dtype=xc.dtype)
+    gx = torch.empty_like(xc)
+    gw = torch.empty_like(wc)
     if backend == "cuda":
-        return _cuda().local_weighted_sum_backward(grad, x, weights, kernel, pad, stride,
-                                                   dilation, True, True)
-    gx = torch.empty_like(x)
-    gw = torch.empty_like(weights)
-    zero = _scalar(x.dtype, 0.0)
-    with _threads_for(grad.numel() * weights.shape[1]):
-        _cpu().local_weighted_sum_backward_input(_np(grad), _np(weights), _np(gx), *kernel, *pad,
-                                                 *stride, *dilation, zero)
-        _cpu().local_weighted_sum_backward_weights(_np(grad), _np(x), _np(gw), *kernel, *pad,
-                                                   *stride, *dilation, zero)
-    return gx, gw
+        _cuda().local_weighted_sum_backward(g, xc, wc, gx, gw, kernel, pad, stride, dilation)
+    else:
+        zero = _scalar(xc.dtype, 0.0)
+        work = g.numel() * wc.shape[1]
+        _cpu_run("local_weighted_sum_backward_input", work, g, wc, gx, *kernel, *pad,
+                 *stride, *dilation, zero)
+        _cpu_run("local_weighted_sum_backward_weights", work, g, xc, gw, *kernel, *pad,
+                 *stride, *dilation, zero)
+    return gx.to(x.dtype), gw.to(weights.dtype)
 
 
-@_lws_backward_op.register_fake
-def _(grad, x, weights, kernel, pad, stride, dilation):
-    return torch.empty_like(x), torch.empty_like(weights)
+def _lws_backward_fake(grad, x, weights, kernel, pad, stride, dilation):
+    return [(x.shape, x.dtype, x), (weights.shape, weights.dtype, weights)]
 
 
 def _lws_setup(ctx, inputs, output):
@@ -298,7 +255,9 @@ def _lws_grad(ctx, grad):
     return gx, gw, None, None, None, None
 
 
-_lws_op.register_autograd(_lws_grad, setup_context=_lws_setup)
+runtime.custom_op("local_weighted_sum_backward", _lws_backward_impl, fake=_lws_backward_fake)
+runtime.custom_op("local_weighted_sum", _lws_impl, fake=_lws_fake,
+                  autograd=(_lws_grad, _lws_setup), autocast=("float32", "float32"))
 
 
 # ----------------------------------------------------------------------------- checked entry points
@@ -377,6 +336,7 @@ def im2dist(emb: torch.Tensor, kernel_size: IntOrPair, pad: IntOrPair = 0, strid
     kernel, pad, stride, dilation, _ = geometry(emb.shape, kernel_size, pad, stride, dilation,
                                                 what="emb")
     code = norm_code(norm)
+    backend_for(emb)  # a bad PACNET_BACKEND fails here, before any kernel
     return torch.ops.pacnet.im2dist(emb, list(kernel), list(pad), list(stride), list(dilation),
                                     code, bool(remove_center), bool(remove_bounds))
 
@@ -405,6 +365,7 @@ def im2parity(labels: torch.Tensor, kernel_size: IntOrPair, pad: IntOrPair = 0,
             hint="Im2parity compares one label map; the fork silently used the last channel")
     if ignore_label is not None and (isinstance(ignore_label, bool) or not isinstance(ignore_label, int)):
         raise PacnetValueError(f"ignore_label must be an int or None, got {ignore_label!r}")
+    backend_for(labels)
     return torch.ops.pacnet.im2parity(labels, list(kernel), list(pad), list(stride),
                                       list(dilation), ignore_label is not None,
                                       int(ignore_label or 0))
@@ -431,5 +392,6 @@ def local_weighted_sum(x: torch.Tensor, weights: torch.Tensor, kernel_size: IntO
         raise PacnetValueError(
             f"x and weights must share dtype and device, got {x.dtype}/{x.device} and "
             f"{weights.dtype}/{weights.device}")
+    backend_for(x)
     return torch.ops.pacnet.local_weighted_sum(x, weights, list(kernel), list(pad), list(stride),
                                                list(dilation))
