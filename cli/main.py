@@ -17,7 +17,7 @@ from pacnet import __version__
 from pacnet.errors import PacnetError
 
 # Verb modules in the order their commands are listed by --help.
-VERBS = ("build", "layers", "convert", "hotswap", "train", "test", "time")
+VERBS = ("build", "layers", "convert", "hotswap", "train", "test", "time", "export")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -11,8 +11,9 @@ Caffe's pooling (``pooling_layer.cpp``, caffe.md §7.2) differs from PyTorch's d
 
 Where PyTorch's ``max_pool2d``/``avg_pool2d(ceil_mode, count_include_pad=True)`` compute
 exactly that (p <= k/2 and the same output size), the module calls them.  Otherwise
-(p > k/2, which PyTorch rejects) it pads explicitly (-inf for MAX, 0 for AVE), pools with
-p = 0, crops to Caffe's size and divides AVE sums by Caffe's divisors.
+(p > k/2, which PyTorch rejects), and whenever torch.export or torch.compile traces it, it
+pads explicitly to Caffe's windows (-inf for MAX, 0 for AVE; a negative pad crops), pools
+with p = 0 and rescales AVE means to Caffe's divisors, all sized from the input at hand.
 
 One Caffe behaviour is refused: with pad 0, CEIL rounding and stride > kernel, Caffe can
 emit a last window that starts past the input (MAX gives -FLT_MAX, AVE divides by zero).
@@ -52,46 +53,52 @@ def _torch_pool_out(size: int, kernel: int, pad: int, stride: int, ceil: bool) -
     return out
 
 
-def ave_divisors(size: int, out: int, kernel: int, pad: int, stride: int) -> List[int]:
-    """Caffe's AVE divisor along one axis for each output index."""
-    divs = []
-    for i in range(out):
-        start = i * stride - pad
-        end = min(start + kernel, size + pad)
-        divs.append(end - start)
-    return divs
-
-
 class CaffePool2d(nn.Module):
     """MAX/AVE pooling with Caffe's sizes and divisors (see the module docstring).
 
-    ``explicit=False`` calls PyTorch's pooling directly (only valid where it agrees with
-    Caffe); ``explicit=True`` pads, pools with p = 0, crops and divides.  With ``mask``
-    (MAX only) it also returns Caffe's argmax top: the flat index h*W + w into the input
-    plane, as a float tensor.
+    ``explicit=False`` calls PyTorch's pooling directly where it agrees with Caffe for the
+    input's size (and pads explicitly where not); ``explicit=True`` always pads, pools with
+    p = 0 and divides.  The explicit path
+    computes its sizes from the input it is given, so it serves every input size and is
+    what ``torch.export``/``torch.compile`` trace (PyTorch's ``ceil_mode`` relies on a clip
+    rule that ONNX's shape inference does not know).  With ``mask`` (MAX only) it also
+    returns Caffe's argmax top: the flat index h*W + w into the input plane, as a float
+    tensor.
     """
 
-    def __init__(self, pool: str, kernel: Pair, stride: Pair, pad: Pair, in_hw: Pair,
-                 out_hw: Pair, ceil: bool, explicit: bool, mask: bool = False) -> None:
+    def __init__(self, pool: str, kernel: Pair, stride: Pair, pad: Pair, ceil: bool,
+                 explicit: bool, mask: bool = False) -> None:
         super().__init__()
         self.pool, self.kernel, self.stride, self.pad = pool, kernel, stride, pad
-        self.in_hw, self.out_hw, self.ceil = in_hw, out_hw, ceil
-        self.explicit, self.mask = explicit, mask
-        # right/bottom padding so that every Caffe window lies inside the padded input
-        self.extra = tuple(max(0, (o - 1) * s + k - p - n) for o, s, k, p, n in
-                           zip(out_hw, stride, kernel, pad, in_hw))
-        if explicit and pool == "AVE":
-            dh = ave_divisors(in_hw[0], out_hw[0], kernel[0], pad[0], stride[0])
-            dw = ave_divisors(in_hw[1], out_hw[1], kernel[1], pad[1], stride[1])
-            div = torch.tensor(dh, dtype=torch.float64)[:, None] * torch.tensor(dw, dtype=torch.float64)
-            self.register_buffer("divisor", div.float(), persistent=False)
+        self.ceil, self.explicit, self.mask = ceil, explicit, mask
+        self.clip = pad != (0, 0)
 
     def extra_repr(self) -> str:
         return (f"{self.pool}, kernel={self.kernel}, stride={self.stride}, pad={self.pad}, "
-                f"out={self.out_hw}, ceil={self.ceil}, explicit={self.explicit}")
+                f"ceil={self.ceil}, explicit={self.explicit}")
+
+    def _sizes(self, hw):
+        """Caffe's output size and the bottom/right padding (negative: a crop) that puts its
+        last window's end at the padded input's end, per axis; ints or symbolic sizes."""
+        outs, extras = [], []
+        for n, k, s, p in zip(hw, self.kernel, self.stride, self.pad):
+            num = n + 2 * p - k
+            out = (num + s - 1) // s + 1 if self.ceil else num // s + 1
+            if self.clip:  # Caffe drops a last window that starts in the padding
+                out = torch.sym_min(out, (n + p - 1) // s + 1)
+            outs.append(out)
+            extras.append((out - 1) * s + k - n - p)
+        return outs, extras
+
+    def _native_fits(self, hw) -> bool:
+        """Whether PyTorch's own pooling computes Caffe's windows for this input size."""
+        outs, _ = self._sizes(hw)
+        return all(p <= k // 2 and _torch_pool_out(n, k, p, s, self.ceil) == o
+                   for n, k, p, s, o in zip(hw, self.kernel, self.pad, self.stride, outs))
 
     def forward(self, x: torch.Tensor):
-        if not self.explicit:
+        if (not self.explicit and not torch.compiler.is_compiling()
+                and self._native_fits(x.shape[-2:])):
             if self.pool == "MAX":
                 if self.mask:
                     y, idx = F.max_pool2d(x, self.kernel, self.stride, self.pad,
@@ -100,20 +107,23 @@ class CaffePool2d(nn.Module):
                 return F.max_pool2d(x, self.kernel, self.stride, self.pad, ceil_mode=self.ceil)
             return F.avg_pool2d(x, self.kernel, self.stride, self.pad, ceil_mode=self.ceil,
                                 count_include_pad=True)
-        (ph, pw), (eh, ew) = self.pad, self.extra
-        ho, wo = self.out_hw
+        (ph, pw), (h, w) = self.pad, x.shape[-2:]
+        (ho, wo), (eh, ew) = self._sizes((h, w))
         if self.pool == "MAX":
             xp = F.pad(x, (pw, ew, ph, eh), value=float("-inf"))
             if self.mask:
                 y, idx = F.max_pool2d(xp, self.kernel, self.stride, return_indices=True)
-                y, idx = y[:, :, :ho, :wo], idx[:, :, :ho, :wo]
                 wp = xp.shape[-1]
-                idx = (idx // wp - ph) * self.in_hw[1] + (idx % wp - pw)
+                idx = (idx // wp - ph) * w + (idx % wp - pw)
                 return y, idx.to(y.dtype)
-            return F.max_pool2d(xp, self.kernel, self.stride)[:, :, :ho, :wo]
-        xp = F.pad(x, (pw, ew, ph, eh))
-        sums = F.avg_pool2d(xp, self.kernel, self.stride, divisor_override=1)[:, :, :ho, :wo]
-        return sums / self.divisor.to(sums.dtype)
+            return F.max_pool2d(xp, self.kernel, self.stride)
+        # AVE: the window mean times k*k / Caffe's divisor, min(k, n + 2p - i*s) per axis
+        mean = F.avg_pool2d(F.pad(x, (pw, ew, ph, eh)), self.kernel, self.stride)
+        counts = [torch.clamp(n + 2 * p - s * torch.arange(o, device=x.device, dtype=x.dtype),
+                              max=k)
+                  for n, o, k, s, p in zip((h, w), (ho, wo), self.kernel, self.stride, self.pad)]
+        area = self.kernel[0] * self.kernel[1]
+        return mean * (area / (counts[0][:, None] * counts[1][None, :]))
 
 
 _POOL_INT = {"type": "integer", "minimum": 1}
@@ -226,7 +236,7 @@ class Pooling(Layer):
             explicit = not native_ok
         elif not explicit and not native_ok:
             raise ValueError("PyTorch's pooling cannot reproduce Caffe here; use explicit=True")
-        return CaffePool2d(spec["pool"], kernel, stride, pad, hw, out, ceil, explicit,
+        return CaffePool2d(spec["pool"], kernel, stride, pad, ceil, explicit,
                            mask=len(spec.tops) > 1)
 
     def flops(self, spec: LayerSpec, shapes: List[Shape], out_shapes: List[Shape]) -> int:

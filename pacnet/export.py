@@ -25,7 +25,7 @@ import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -196,9 +196,9 @@ def _layer_location(model: nn.Module, layer: str):
 
 def _capture(model: nn.Module, tensors: Tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _quiet():
             ep = torch.export.export(model, tensors, strict=False)
-        return ep.run_decompositions({})  # functional, with the ops torch.onnx translates kept
+            return ep.run_decompositions({})  # functional, keeping the ops torch.onnx knows
     except PacnetError:
         raise
     except Exception as err:  # torch.export names the failing line in its message
@@ -372,9 +372,6 @@ def _save_checked(program, path: str) -> None:
 
     path = os.path.abspath(path)
     folder = os.path.dirname(path)
-    if not os.path.isdir(folder):
-        raise ExportError(f"cannot write {path}: the folder {folder} does not exist",
-                          hint="create it first, or give another -o path")
     size = sum(v.const_value.nbytes for v in program.model.graph.initializers.values()
                if v.const_value is not None)
     external = size > EXTERNAL_DATA_BYTES
@@ -395,30 +392,38 @@ def _save_checked(program, path: str) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _check_destination(path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ExportError(f"cannot write {path}: it is a folder", hint="give a file name, "
+                                                                        "e.g. net.onnx")
+    if not os.path.isdir(folder):
+        raise ExportError(f"cannot write {path}: the folder {folder} does not exist",
+                          hint="create it first, or give another -o path")
+    if not os.access(folder, os.W_OK):
+        raise ExportError(f"cannot write {path}: the folder {folder} is not writable")
+
+
 def _io_shapes(values) -> Dict[str, Shape]:
     return {v.name: tuple(d if isinstance(d, int) else str(d) for d in v.shape) for v in values}
 
 
 # ----------------------------------------------------------------------------- verify
 
-def verify_onnx(path: str, model: nn.Module, inputs: Mapping[str, torch.Tensor],
+def verify_onnx(path: str, reference: Callable[..., Any], inputs: Mapping[str, torch.Tensor],
                 output_names: Sequence[str], *, rtol: float = 1e-4,
                 atol: float = 1e-5) -> Tuple[OutputCheck, ...]:
-    """Run the ONNX file in onnxruntime (CPU) and ``model`` in PyTorch on ``inputs`` (name ->
-    tensor, in the model's input order) and compare every output."""
+    """Run the ONNX file in onnxruntime (CPU) and ``reference`` (the module, in the mode it
+    was exported in) in PyTorch on ``inputs`` (name -> tensor, in the model's input order)
+    and compare every output."""
     import numpy as np
     import onnxruntime as ort
 
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     feed = {name: t.detach().cpu().numpy() for name, t in inputs.items()}
     got = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            want = _flatten(model(*inputs.values()))
-    finally:
-        model.train(was_training)
+    with torch.no_grad():
+        want = _flatten(reference(*inputs.values()))
     checks = []
     for name, ref in zip(output_names, want):
         ref = ref.detach().cpu().double().numpy()
@@ -467,6 +472,7 @@ def export_onnx(model: nn.Module, path: str, *, inputs: Any = None,
     _requirements()
     from pacnet.onnx_ops import MIN_OPSET, attach_functions
 
+    _check_destination(path)
     opset = default_opset() if opset is None else int(opset)
     if opset < MIN_OPSET:
         raise ExportError(f"opset {opset} is too old: the pacnet functions need opset "
@@ -482,13 +488,13 @@ def export_onnx(model: nn.Module, path: str, *, inputs: Any = None,
         functionalize(ep, model)
         _check_translations(ep, model)
         program = _to_onnx(ep, model, names, out_names, opset)
+        functions = attach_functions(program.model)
+        _save_checked(program, path)
+        checks = None
+        if verify:
+            checks = verify_onnx(path, model, dict(zip(names, tensors)), out_names, rtol=rtol,
+                                 atol=atol)
     finally:
         model.train(was_training)
-    functions = attach_functions(program.model)
-    _save_checked(program, path)
-    checks = None
-    if verify:
-        checks = verify_onnx(path, model, dict(zip(names, tensors)), out_names, rtol=rtol,
-                             atol=atol)
     return ExportResult(os.path.abspath(path), opset, _io_shapes(program.model.graph.inputs),
                         _io_shapes(program.model.graph.outputs), tuple(functions), (), checks)

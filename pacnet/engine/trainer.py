@@ -601,6 +601,20 @@ def _weights_file(path: str) -> str:
     return path
 
 
+def apply_weights(net: torch.nn.Module, weights: str) -> str:
+    """Copy ``weights`` (a ``.safetensors`` file, a checkpoint or a work dir's latest) into
+    ``net``, which must find every one of its blobs there; returns the file used."""
+    path = _weights_file(weights)
+    tensors, _ = load_weights(path)
+    missing = [k for k in net.state_dict() if k not in tensors]
+    if missing:
+        raise DataError(f"weights file {path} lacks {len(missing)} blob(s) of the net "
+                        f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})",
+                        hint="it belongs to another net")
+    copy_trained_layers(net, [path])
+    return path
+
+
 def test(source: Any, weights: Optional[str], *, vars: Optional[Mapping[str, Any]] = None,
          overrides: Optional[Mapping[str, Any]] = None, device: Any = None, split: str = "test",
          out_dir: Optional[str] = None, max_batches: Optional[int] = None, on_event: OnEvent = None,
@@ -622,18 +636,7 @@ def test(source: Any, weights: Optional[str], *, vars: Optional[Mapping[str, Any
     names = _input_names(tree, "test", src)
     net = build(source, phase="test", inputs=batch_shapes(dataset, names, opts["batch_size"]), vars=vars,
                 overrides=overrides, fuse=fuse).to(dev)
-    loaded = None
-    if weights is not None:
-        path = _weights_file(weights)
-        tensors, _ = load_weights(path)
-        state = net.state_dict()
-        missing = [k for k in state if k not in tensors]
-        if missing:
-            raise DataError(f"weights file {path} lacks {len(missing)} blob(s) of the test net "
-                            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})",
-                            hint="it belongs to another net")
-        copy_trained_layers(net, [path])
-        loaded = path
+    loaded = None if weights is None else apply_weights(net, weights)
     evaluator = Evaluator(opts, _outputs(net), net.loss_weights)
     order = list(range(info.rank, len(dataset), info.world_size))
     loader = make_loader(dataset, batch_size=opts["batch_size"], train=False, rank=info.rank,

@@ -1,0 +1,313 @@
+"""`pacnet export` and pacnet.export_onnx: zoo nets and users' modules to ONNX for stock onnxruntime.
+
+Exported files run in onnxruntime with no custom library and agree with PyTorch (random
+He-scaled weights, so every path matters); pacnet ops are ``pacnet::*`` nodes defined by
+model functions; inputs and outputs keep the blob names; ONNX's own shape inference agrees
+with the shapes in the file; bad input ends in one located error, exit 2 and no file.
+The big backbones run under ``-m slow``.
+"""
+
+import os
+
+import pytest
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import pacnet  # noqa: E402
+from pacnet import onnx_ops  # noqa: E402
+from pacnet.cli.main import main  # noqa: E402
+from pacnet.engine.checkpoint import save_weights  # noqa: E402
+from pacnet.errors import ExportError  # noqa: E402
+from pacnet.export import export_onnx  # noqa: E402
+from pacnet.kernels.pac import ops as pac_ops  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def two_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(2, threads))
+    yield
+    torch.set_num_threads(threads)
+
+
+def randomize(net, seed=0):
+    """Weights that make every path matter: He-scaled kernels, biases and scales near their
+    defaults, positive variances, small scalars."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for key, t in sorted(net.state_dict().items()):
+            if not t.is_floating_point():
+                continue
+            leaf = key.rsplit(".", 1)[-1]
+            if "var" in leaf:
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+            elif leaf == "scale_factor":
+                t.fill_(1.0)
+            elif t.dim() >= 2 and t[0].numel() > 1:
+                t.copy_(torch.randn(t.shape, generator=g) / t[0].numel() ** 0.5)
+            elif t.numel() == 1:
+                t.copy_(torch.rand(t.shape, generator=g) * 0.5 + 0.5)
+            else:
+                base = 1.0 if leaf in ("weight", "slope") else 0.0
+                t.copy_(base + 0.1 * torch.randn(t.shape, generator=g))
+    return net
+
+
+def _pacnet_nodes(path):
+    model = onnx.load(path, load_external_data=False)
+    return model, sorted(n.op_type for n in model.graph.node if n.domain == onnx_ops.DOMAIN)
+
+
+def _assert_consistent_shapes(path):
+    """ONNX's strict shape inference (through the pacnet functions) agrees with the file."""
+    onnx.shape_inference.infer_shapes_path(path, path + ".inferred", strict_mode=True)
+    os.remove(path + ".inferred")
+
+
+# ----------------------------------------------------------------------------- the zoo
+
+def _zoo_inputs(name, small):
+    """Small inputs within each family's alignment rules (see the net files)."""
+    net = pacnet.build(name, device="meta")
+    if name.startswith("jointupsample/"):
+        factor = net.inputs["guide"][-1] // net.inputs["target"][-1]
+        return {"target": (1, 1, small, small), "guide": (1, 3, small * factor, small * factor)}
+    return {k: v[:2] + (small, small) for k, v in net.inputs.items()}
+
+
+ZOO = {  # name: (input size, vars) at the small size; None keeps the file's size
+    "jointupsample/pac_joint_upsample_x8": (4, {}),
+    "jointupsample/pac_joint_upsample_lite_x8": (4, {}),
+    "jointupsample/djif_x8": (4, {}),
+    "segaware/embs": (17, {}),
+}
+SLOW_ZOO = {
+    "jointupsample/pac_joint_upsample_x4": (4, {}),
+    "jointupsample/pac_joint_upsample_x16": (2, {}),
+    "jointupsample/pac_joint_upsample_lite_x4": (4, {}),
+    "jointupsample/pac_joint_upsample_lite_x16": (2, {}),
+    "segaware/vgg": (33, {}),
+    "segaware/res": (33, {"HALF_SIZE": 17}),
+    "fcn/fcn8s": (32, {}),
+    "fcn/fcn8s_altpad": (64, {}),
+    "fcn/fcn8spac": (64, {}),
+    "fcn/fcn8s_crfi5p4d5641p4d5161": (32, {}),
+    "deeplab/deeplab_v1_largefov": (33, {}),
+    "deeplab/deeplab_v2_vgg16_aspp": (33, {}),
+    "deeplab/deeplab_v2_resnet101": (33, {}),
+    "deeplab/aspp_v3_head": (33, {}),
+    "nonlocal/nonlocal_head": (33, {}),
+    "pspnet/pspnet50_ade20k": (None, {}),       # fixed bins: the file's 473 x 473
+    "pspnet/pspnet101_voc2012": (None, {}),
+    "pspnet/pspnet101_cityscapes": (None, {}),
+}
+
+
+def test_the_zoo_lists_are_the_zoo():
+    from pacnet.load import zoo_names
+
+    assert set(ZOO) | set(SLOW_ZOO) == set(zoo_names())
+
+
+def _export_zoo(name, size, variables, tmp_path):
+    inputs = _zoo_inputs(name, size) if size else None
+    net = randomize(pacnet.build(name, inputs=inputs, vars=variables))
+    path = str(tmp_path / (name.replace("/", "_") + ".onnx"))
+    result = export_onnx(net, path, verify=True)
+    for check in result.checks:
+        assert check.ok, check
+    assert list(result.inputs) == list(net.inputs)
+    assert list(result.outputs) == [b.name for b in net.ir.outputs]
+    assert all(result.inputs[k] == tuple(v) for k, v in net.inputs.items())
+    _assert_consistent_shapes(path)
+    return result
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_zoo_net_exports_and_verifies(name, tmp_path):
+    _export_zoo(name, *ZOO[name], tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(SLOW_ZOO))
+def test_big_zoo_net_exports_and_verifies(name, tmp_path):
+    _export_zoo(name, *SLOW_ZOO[name], tmp_path)
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+X8 = ["jointupsample/pac_joint_upsample_x8", "--input", "target=1x1x4x4",
+      "--input", "guide=1x3x32x32"]
+
+
+def test_cli_exports_the_main_job_net_with_pacnet_nodes(tmp_path, capsys):
+    path = tmp_path / "x8.onnx"
+    assert main(["export", *X8, "-o", str(path), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {path}" in out and "inputs:  target 1×1×4×4, guide 1×3×32×32" in out
+    assert "outputs: pred 1×1×32×32" in out and "pred" in out and "ok" in out
+    model, nodes = _pacnet_nodes(str(path))
+    assert nodes == ["PacConv2d"] * 3 + ["PacDist"] * 3  # one node per PAC op (Netron)
+    functions = {f.name for f in model.functions if f.domain == onnx_ops.DOMAIN}
+    assert functions == {"PacConv2d", "PacDist", "Unfold", "SquaredDistance", "CenterTap"}
+    assert {o.domain: o.version for o in model.opset_import}[onnx_ops.DOMAIN] == 1
+    assert [i.name for i in model.graph.input] == ["target", "guide"]
+    assert [o.name for o in model.graph.output] == ["pred"]
+    onnx.checker.check_model(str(path), full_check=True)
+    assert os.listdir(tmp_path) == ["x8.onnx"]  # no temporary left
+
+
+def test_cli_exports_given_weights(tmp_path, capsys):
+    net = randomize(pacnet.build("jointupsample/pac_joint_upsample_x8",
+                                 inputs={"target": (1, 1, 4, 4), "guide": (1, 3, 32, 32)}))
+    weights = str(tmp_path / "w.safetensors")
+    save_weights(weights, net.state_dict())
+    path = tmp_path / "x8.onnx"
+    assert main(["export", *X8, "-o", str(path), "--weights", weights]) == 0
+    assert f"weights: {weights}\n" in capsys.readouterr().out
+    gen = torch.Generator().manual_seed(3)
+    target, guide = torch.rand(1, 1, 4, 4, generator=gen), torch.rand(1, 3, 32, 32, generator=gen)
+    got = ort.InferenceSession(str(path)).run(None, {"target": target.numpy(),
+                                                     "guide": guide.numpy()})[0]
+    with torch.no_grad():
+        want = net.eval()(target, guide)["pred"].numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_cli_opset(tmp_path, capsys):
+    path = tmp_path / "x8.onnx"
+    assert main(["export", *X8, "-o", str(path), "--opset", "17"]) == 2
+    assert "opset 17 is too old" in capsys.readouterr().err
+    assert not path.exists()
+    assert main(["export", *X8, "-o", str(path), "--opset", "18"]) == 0
+    model = onnx.load(str(path))
+    assert {o.domain: o.version for o in model.opset_import}[""] == 18
+    assert all({o.domain: o.version for o in f.opset_import}[""] == 18 for f in model.functions)
+
+
+def test_cli_verify_failure_exits_1(tmp_path, capsys, monkeypatch):
+    import pacnet.export as export
+
+    real = export.verify_onnx
+
+    def off_by_a_bit(path, model, inputs, names, rtol, atol):
+        return real(path, lambda *xs: {k: v + 1.0 for k, v in model(*xs).items()}, inputs,
+                    names, rtol=rtol, atol=atol)
+    monkeypatch.setattr(export, "verify_onnx", off_by_a_bit)
+    assert main(["export", *X8, "-o", str(tmp_path / "x8.onnx"), "--verify"]) == 1
+    captured = capsys.readouterr()
+    assert "beyond tolerance" in captured.out
+    assert "verification failed: pred beyond tolerance" in captured.err
+
+
+def test_cli_refuses_an_op_without_translation_naming_the_layer(tmp_path, capsys, monkeypatch):
+    monkeypatch.delitem(onnx_ops.LOWERINGS, "pacnet::pac_dist")
+    path = tmp_path / "x8.onnx"
+    assert main(["export", *X8, "-o", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "layer 'up_convts/0' (PacConvTranspose)" in err and "pacnet::pac_dist" in err
+    assert "pac_joint_upsample_blocks.yaml" in err  # where the layer is written
+    assert os.listdir(tmp_path) == []
+
+
+def test_cli_refuses_a_missing_folder_before_exporting(tmp_path, capsys):
+    assert main(["export", *X8, "-o", str(tmp_path / "no" / "x8.onnx")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- users' modules
+
+class UsersNet(torch.nn.Module):
+    """A user's model on the Python API: every PAC module, a CRF and the in-place op."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = pacnet.PacConv2d(3, 4, 3, padding=1, kernel_type="inv_0.5_-1",
+                                     smooth_kernel_type="gaussian")
+        self.up = pacnet.PacConvTranspose2d(4, 4, 5, stride=2, padding=2, output_padding=1,
+                                            normalize_kernel=True)
+        self.pool = pacnet.PacPool2d(3, padding=1, kernel_type="inv_1_1_asym", channel_wise=True,
+                                     out_channels=4)
+        self.crf = pacnet.PacCRF(4, 2, pairwise_kernels=[
+            dict(kernel_size=3, dilation=2), dict(kernel_size=5, compat_type="2d", blur=2),
+            dict(kernel_size=3, compat_type="potts", spatial_filter=False)])
+        self.w = torch.nn.Parameter(torch.randn(4, 4, 3, 3) * 0.1)
+
+    def forward(self, x, guide):
+        small = torch.nn.functional.avg_pool2d(guide, 2)
+        y = torch.relu(self.conv(x, small))
+        y = self.up(y, guide[:, :4])
+        y = self.pool(y, guide[:, :4])
+        feats = pacnet.create_YXRGB(guide[:, :3], yx_scale=8.0, rgb_scale=0.5)
+        out = self.crf(y, feats)
+        K = torch.exp(-pac_ops.pac_dist(guide, None, 3, 1, 1, 1))
+        acc = out * 1.0
+        pac_ops.pac_conv2d_add_(acc, out, K, self.w, 1, 1, 1, alpha=-0.25)
+        return {"crf": out, "acc": acc}
+
+
+def test_users_module_with_pac_layers_exports_and_verifies(tmp_path):
+    torch.manual_seed(0)
+    model = UsersNet()
+    gen = torch.Generator().manual_seed(1)
+    inputs = {"image": torch.rand(2, 3, 8, 8, generator=gen),
+              "guide": torch.rand(2, 5, 16, 16, generator=gen)}
+    path = str(tmp_path / "users.onnx")
+    result = export_onnx(model, path, inputs=inputs, verify=True)
+    assert result.verified, result.checks
+    assert list(result.inputs) == ["image", "guide"] and list(result.outputs) == ["crf", "acc"]
+    _, nodes = _pacnet_nodes(path)
+    assert set(nodes) == {"PacDist", "PacDistToCenter", "PacConv2d", "PacPool2d"}
+    assert model.training  # put back in its mode
+    _assert_consistent_shapes(path)
+
+
+def test_module_outputs_that_alias_inputs_or_each_other(tmp_path):
+    class Passes(torch.nn.Module):
+        def forward(self, x, y):
+            z = x * 2
+            return x, z, z, y
+
+    x, y = torch.rand(1, 2, 3, 3), torch.rand(1, 1, 3, 3)
+    path = str(tmp_path / "p.onnx")
+    result = export_onnx(Passes(), path, inputs={"x": x, "y": y},
+                         output_names=["x", "twice", "again", "y_out"], verify=True)
+    assert result.verified and list(result.outputs) == ["x", "twice", "again", "y_out"]
+
+
+def test_a_module_needs_example_inputs(tmp_path):
+    with pytest.raises(ExportError, match="example inputs"):
+        export_onnx(torch.nn.ReLU(), str(tmp_path / "r.onnx"))
+
+
+def test_an_op_torch_onnx_cannot_translate_names_the_module(tmp_path):
+    @torch.library.custom_op("pacnet_test::twice", mutates_args=())
+    def twice(x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+    @twice.register_fake
+    def _(x):
+        return torch.empty_like(x)
+
+    class Inner(torch.nn.Module):
+        def forward(self, x):
+            return twice(x)
+
+    class Outer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = Inner()
+
+        def forward(self, x):
+            return self.body(x) + 1
+
+    path = tmp_path / "o.onnx"
+    with pytest.raises(ExportError) as err:
+        export_onnx(Outer(), str(path), inputs=torch.rand(2, 3))
+    assert "pacnet_test.twice" in str(err.value) and "layer 'body' (Inner)" in str(err.value)
+    assert not path.exists() and os.listdir(tmp_path) == []
