@@ -3,10 +3,12 @@
     pacnet export jointupsample/pac_joint_upsample_x8 -o x8.onnx --verify
     pacnet export NET --weights work_dirs/NAME -o NET.onnx --input data=1x3x513x513
     pacnet export NET -o NET.onnx --dynamic          # batch (and H, W where the net allows)
+    pacnet export NET -o NET.onnx --dynamic N        # exactly these dims (or an error)
 
 pacnet's ops become ``pacnet::*`` nodes defined by ONNX functions of standard ops (Netron
 shows each as one node to expand); inputs and outputs keep the net's blob names.  The file
-is written only once onnxruntime loads it.  ``--verify`` runs it in onnxruntime (CPU) on
+is written only once onnxruntime loads it (and, with ``--dynamic``, agrees with PyTorch at a
+second size).  ``--verify`` runs it in onnxruntime (CPU) on
 random inputs of the net's shapes and prints the largest error of every output against
 PyTorch; the exit code is 1 when one is beyond ``atol + rtol * max|output|``.
 """
@@ -31,6 +33,10 @@ def add_parser(sub) -> None:
                         "(default: the net's own initialisation)")
     p.add_argument("--opset", type=int, metavar="N",
                    help="ONNX opset of the standard ops (default: torch.onnx's, at least 18)")
+    p.add_argument("--dynamic", nargs="?", const="", metavar="DIMS",
+                   help="make the batch and the other input dims dynamic where the net allows "
+                        "(the rest stay fixed, with a note naming the layer that fixes them); "
+                        "or exactly the named dims of the net's inputs, e.g. --dynamic N,H,W")
     p.add_argument("--verify", action="store_true",
                    help="run the file in onnxruntime and compare every output with PyTorch")
     p.add_argument("--rtol", type=float, default=1e-4, metavar="R",
@@ -57,8 +63,11 @@ def run(args: argparse.Namespace) -> int:
     net = build_from_args(args)
     weights = apply_weights(net, args.weights) if args.weights else None
     path = args.output or f"{net.ir.name}.onnx"
-    result = export_onnx(net, path, opset=args.opset, verify=args.verify, rtol=args.rtol,
-                         atol=args.atol)
+    dynamic = None
+    if args.dynamic is not None:
+        dynamic = [d.strip() for d in args.dynamic.split(",") if d.strip()] or True
+    result = export_onnx(net, path, opset=args.opset, dynamic=dynamic, verify=args.verify,
+                         rtol=args.rtol, atol=args.atol)
     size = sum(os.path.getsize(f) for f in (result.path, result.path + ".data")
                if os.path.exists(f))
     print(f"wrote {result.path} ({size / 2**20:.1f} MiB, opset {result.opset})")

@@ -120,6 +120,8 @@ Tensors = Union[torch.Tensor, Sequence[Optional[torch.Tensor]]]
 # ----------------------------------------------------------------------------- argument checks
 
 def _int(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, torch.SymInt):  # a size while torch.export/torch.compile traces
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise PacnetValueError(f"{name} must be an int, got {value!r}")
     if value < minimum:

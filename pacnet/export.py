@@ -194,10 +194,11 @@ def _layer_location(model: nn.Module, layer: str):
 
 # ----------------------------------------------------------------------------- program
 
-def _capture(model: nn.Module, tensors: Tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
+def _capture(model: nn.Module, tensors: Tuple[torch.Tensor, ...],
+             dynamic_shapes: Optional[tuple] = None) -> torch.export.ExportedProgram:
     try:
         with torch.no_grad(), _quiet():
-            ep = torch.export.export(model, tensors, strict=False)
+            ep = torch.export.export(model, tensors, dynamic_shapes=dynamic_shapes, strict=False)
             return ep.run_decompositions({})  # functional, keeping the ops torch.onnx knows
     except PacnetError:
         raise
@@ -301,11 +302,11 @@ def _to_onnx(ep: torch.export.ExportedProgram, model: nn.Module, input_names: Se
                                         dynamo=True, verbose=False)
     except Exception as err:
         text = str(err)
-        found = re.search(r"No ONNX function found for <OpOverload\(op='([\w.]+)'", text) or \
-            re.search(r"target=(torch\.ops\.[\w.]+)", text)
-        what = found.group(1) if found else type(err).__name__
+        found = re.search(r"No ONNX function found for <OpOverload\(op='([\w.]+)'", text)
+        if found is None:
+            raise  # not a missing translation: a bug, keep its traceback
         node = _find_node(ep, re.search(r"translating node %(\w+)", text))
-        raise _located(model, node, f"torch.onnx cannot translate {what}",
+        raise _located(model, node, f"torch.onnx cannot translate {found.group(1)}",
                        hint="this op has no ONNX translation in torch.onnx at opset "
                             f"{opset}; try another --opset, or replace the op") from err
     _name_io(program.model.graph, input_names, output_names)
@@ -365,9 +366,10 @@ def _find_node(ep: torch.export.ExportedProgram, match) -> Optional[torch.fx.Nod
 
 # ----------------------------------------------------------------------------- files
 
-def _save_checked(program, path: str) -> None:
-    """Write the model beside ``path``, load it in onnxruntime, then move it into place
-    (with its ``.data`` file when the weights are large); nothing is left on failure."""
+def _save_checked(program, path: str, check: Optional[Callable[[str], None]] = None) -> None:
+    """Write the model beside ``path``, load it in onnxruntime (and run ``check`` on the
+    written file), then move it into place (with its ``.data`` file when the weights are
+    large); nothing is left on failure."""
     import onnxruntime as ort
 
     path = os.path.abspath(path)
@@ -386,6 +388,8 @@ def _save_checked(program, path: str) -> None:
             raise ExportError(f"onnxruntime cannot load the exported model: "
                               f"{str(err).strip().splitlines()[0]}",
                               hint="nothing was written; please report this") from err
+        if check is not None:
+            check(staged)
         for name in sorted(os.listdir(staging), key=lambda n: n == os.path.basename(path)):
             os.replace(os.path.join(staging, name), os.path.join(folder, name))
     finally:
@@ -444,13 +448,164 @@ def verify_onnx(path: str, reference: Callable[..., Any], inputs: Mapping[str, t
     return tuple(checks)
 
 
+# ----------------------------------------------------------------------------- dynamic shapes
+
+@dataclass(frozen=True)
+class _Dynamic:
+    """A dynamic export: the module and inputs torch.export traces (a batch of at least 2,
+    so that the batch is not taken for a constant), the ``dynamic_shapes`` for it, the name
+    of every dynamic (input, axis), and the dims that stay fixed, with the reason."""
+
+    module: nn.Module
+    tensors: Tuple[torch.Tensor, ...]
+    dynamic_shapes: Tuple[Dict[int, Any], ...]
+    names: Dict[Tuple[int, int], str]
+    fixed: Dict[str, str]
+
+
+def _random_like_shapes(shapes: Mapping[str, Sequence[int]], like: Sequence[torch.Tensor],
+                        seed: int) -> Tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.rand(tuple(s), generator=gen, dtype=t.dtype).to(t.device)
+                 for s, t in zip(shapes.values(), like))
+
+
+def _net_dynamic(net, requested: Any, tensors: Tuple[torch.Tensor, ...], seed: int) -> _Dynamic:
+    """Which of a net's symbolic input dims (``N``, ``H``, ...) can vary, found with pacnet's
+    own shape inference: the batch at N + 1, the other dims together, scaled by the same
+    factor; a dim fixed by a layer gets that layer's located message as its reason."""
+    from math import gcd
+
+    from pacnet.api import reshape
+    from pacnet.shapes import bind_inputs, infer_shapes
+
+    graph = net.ir
+    axes: Dict[str, List[Tuple[int, int]]] = {}   # symbol -> (input index, axis)
+    values: Dict[str, int] = {}
+    for i, (name, declared) in enumerate(graph.inputs.items()):
+        for axis, dim in enumerate(declared):
+            if isinstance(dim, str):
+                axes.setdefault(dim, []).append((i, axis))
+                values[dim] = net.inputs[name][axis]
+    if requested is True:
+        wanted = list(axes)
+    else:
+        wanted = [str(d) for d in requested]
+        unknown = [d for d in wanted if d not in axes]
+        if unknown:
+            raise ExportError(f"the net has no symbolic input dim {unknown[0]!r}",
+                              hint="its inputs' dims are " + (", ".join(axes) or "all fixed")
+                                   + " (see the net's inputs: section)")
+    first = next(iter(graph.inputs.values()), ())
+    batch = [d for d in wanted if first and first[0] == d]
+    spatial = [d for d in wanted if d not in batch]
+
+    def fails(changes: Dict[str, int]) -> Optional[PacnetError]:
+        env = {**values, **changes}
+        shapes = {name: tuple(env[d] if isinstance(d, str) else d for d in declared)
+                  for name, declared in graph.inputs.items()}
+        try:
+            infer_shapes(graph, bind_inputs(graph, shapes))
+        except PacnetError as err:
+            return err
+        return None
+
+    def reason(changes: Dict[str, int], err: PacnetError) -> str:
+        at = ", ".join(f"{d}={v}" for d, v in changes.items())
+        return f"at {at}, {str(err).splitlines()[0]}"
+
+    plan: Dict[str, int] = {}
+    fixed: Dict[str, str] = {}
+    for dim in batch:
+        err = fails({dim: values[dim] + 1}) or fails({dim: values[dim] + 2})
+        if err is None:
+            plan[dim] = values[dim] + 1
+        else:
+            fixed[dim] = reason({dim: values[dim] + 1}, err)
+    if spatial:
+        # Grow the dims together (a net may tie them, e.g. a guide 8x its target) by k and
+        # 2k steps of their common divisor: a dim that fits one other size only is fixed.
+        step = 0
+        for d in spatial:
+            step = gcd(step, values[d])
+        first_error = None
+        for k in range(1, 9):
+            tries = [{d: values[d] + values[d] // step * k * m for d in spatial} for m in (1, 2)]
+            failures = [(t, fails({**plan, **t})) for t in tries]
+            failures = [(t, err) for t, err in failures if err is not None]
+            if not failures:
+                plan.update(tries[0])
+                break
+            first_error = first_error or failures[0]
+        else:
+            for d in spatial:
+                fixed[d] = reason(*first_error)
+    if requested is not True and fixed:
+        dim, why = next(iter(fixed.items()))
+        raise ExportError(f"input dim {dim} cannot be dynamic: {why}",
+                          hint="leave it out of --dynamic (or give --dynamic alone for the dims "
+                               "the net allows)")
+    if not plan:
+        return _Dynamic(net, tensors, (), {}, fixed)
+    second = {name: tuple(plan.get(d, v) if isinstance(d, str) else v
+                          for d, v in zip(declared, net.inputs[name]))
+              for name, declared in graph.inputs.items()}
+    other = reshape(net, second)
+    names = {where: d for d in plan for where in axes[d]}
+    dynamic_shapes = tuple({axis: torch.export.Dim.AUTO for (j, axis) in names if j == i}
+                           for i in range(len(graph.inputs)))
+    return _Dynamic(other, _random_like_shapes(second, tensors, seed + 1), dynamic_shapes,
+                    names, fixed)
+
+
+def _module_dynamic(model: nn.Module, requested: Any, tensors: Tuple[torch.Tensor, ...]
+                    ) -> _Dynamic:
+    """A module's dynamic batch: axis 0 of every input, traced at one more sample."""
+    if requested is not True:
+        raise ExportError("named dynamic dims are a net's (its inputs: section); for a module "
+                          "give dynamic=True (a dynamic batch)")
+    bigger = tuple(torch.cat([t, t[:1]]) for t in tensors)
+    names = {(i, 0): "batch" for i in range(len(tensors))}
+    return _Dynamic(model, bigger, tuple({0: torch.export.Dim.AUTO} for _ in tensors), names, {})
+
+
+def _name_dims(model, dynamic: _Dynamic) -> List[str]:
+    """Rename torch's symbols (``s20``) to the net's dim names in every shape of the ONNX
+    model; returns the names of requested dims that torch.export made static anyway."""
+    import onnx_ir as ir
+
+    rename: Dict[str, str] = {}
+    static = []
+    inputs = list(model.graph.inputs)
+    for (i, axis), name in dynamic.names.items():
+        dim = inputs[i].shape[axis] if inputs[i].shape is not None else None
+        if isinstance(dim, ir.SymbolicDim) and dim.value:
+            rename[dim.value] = name
+        elif name not in static:
+            static.append(name)
+    if not rename:
+        return static
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, rename)) + r")\b")
+
+    def renamed(shape):
+        return ir.Shape([ir.SymbolicDim(pattern.sub(lambda m: rename[m.group(1)], d.value))
+                         if isinstance(d, ir.SymbolicDim) and d.value else d for d in shape])
+
+    values = list(model.graph.inputs) + [v for node in model.graph.all_nodes()
+                                         for v in node.outputs]
+    for value in values:
+        if value.shape is not None:
+            value.shape = renamed(value.shape)
+    return static
+
+
 # ----------------------------------------------------------------------------- export
 
 def export_onnx(model: nn.Module, path: str, *, inputs: Any = None,
                 input_names: Optional[Sequence[str]] = None,
                 output_names: Optional[Sequence[str]] = None, opset: Optional[int] = None,
-                verify: bool = False, rtol: float = 1e-4, atol: float = 1e-5,
-                seed: int = 0) -> ExportResult:
+                dynamic: Any = None, verify: bool = False, rtol: float = 1e-4,
+                atol: float = 1e-5, seed: int = 0) -> ExportResult:
     """Export ``model`` to the ONNX file ``path``; see the module docstring.
 
     Args:
@@ -460,6 +615,12 @@ def export_onnx(model: nn.Module, path: str, *, inputs: Any = None,
         ONNX input names).  Default for a net: uniform random tensors of its input shapes.
       input_names, output_names: override the names.
       opset: the default-domain ONNX opset (default :func:`default_opset`, at least 18).
+      dynamic: ``True``: the batch and every other symbolic input dim of a net (``N``,
+        ``H``, ``W``, ... of its ``inputs:``) that the net allows to vary -- the others stay
+        fixed, with a note naming the layer that fixes them; the batch (axis 0) of a
+        module's inputs.  A list of a net's dim names: exactly those (an error naming the
+        layer if one cannot vary).  A dynamic file is checked in onnxruntime at a second
+        size (one more sample, larger spatial dims) against PyTorch before it is written.
       verify: run the file in onnxruntime on the example inputs and compare every output
         with PyTorch (``result.checks``, ``result.verified``); ``rtol``/``atol`` bound the
         difference as ``atol + rtol * max|torch output|``.
@@ -467,9 +628,11 @@ def export_onnx(model: nn.Module, path: str, *, inputs: Any = None,
 
     Raises:
       ExportError: an op or layer that cannot be exported (naming the layer, its type and
-        the op), or a file that cannot be written.  Nothing is written then.
+        the op), a dim that cannot be dynamic, or a file that cannot be written.  Nothing
+        is written then.
     """
     _requirements()
+    from pacnet.codegen import Net
     from pacnet.onnx_ops import MIN_OPSET, attach_functions
 
     _check_destination(path)
@@ -484,12 +647,34 @@ def export_onnx(model: nn.Module, path: str, *, inputs: Any = None,
         with torch.no_grad():
             outputs = model(*tensors)
         out_names = _output_names(model, outputs, output_names)
-        ep = _capture(model, tensors)
+        plan = None
+        if dynamic is not None and dynamic is not False:
+            plan = (_net_dynamic(model, dynamic, tensors, seed) if isinstance(model, Net)
+                    else _module_dynamic(model, dynamic, tensors))
+        traced = plan if plan is not None and plan.names else None
+        if traced is not None:
+            traced.module.eval()
+            ep = _capture(traced.module, traced.tensors, traced.dynamic_shapes)
+        else:
+            ep = _capture(model, tensors)
         functionalize(ep, model)
         _check_translations(ep, model)
         program = _to_onnx(ep, model, names, out_names, opset)
+        notes = _dynamic_notes(program.model, plan, model) if plan is not None else []
         functions = attach_functions(program.model)
-        _save_checked(program, path)
+        check = None
+        if traced is not None:
+            def check(staged: str) -> None:
+                second = verify_onnx(staged, traced.module, dict(zip(names, traced.tensors)),
+                                     out_names, rtol=rtol, atol=atol)
+                bad = [c for c in second if not c.ok]
+                if bad:
+                    shape = ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(names,
+                                                                              traced.tensors))
+                    raise ExportError(f"the dynamic model disagrees with PyTorch at {shape}: "
+                                      f"{bad[0].name} is off by {bad[0].max_abs:.3g}",
+                                      hint="export without --dynamic; please report this")
+        _save_checked(program, path, check)
         checks = None
         if verify:
             checks = verify_onnx(path, model, dict(zip(names, tensors)), out_names, rtol=rtol,
@@ -497,4 +682,18 @@ def export_onnx(model: nn.Module, path: str, *, inputs: Any = None,
     finally:
         model.train(was_training)
     return ExportResult(os.path.abspath(path), opset, _io_shapes(program.model.graph.inputs),
-                        _io_shapes(program.model.graph.outputs), tuple(functions), (), checks)
+                        _io_shapes(program.model.graph.outputs), tuple(functions), tuple(notes),
+                        checks)
+
+
+def _dynamic_notes(onnx_model, plan: _Dynamic, model: nn.Module) -> List[str]:
+    """Name the dynamic dims in the file; say which requested ones stay fixed and why."""
+    static = _name_dims(onnx_model, plan) if plan.names else []
+    dynamic = [d for d in dict.fromkeys(plan.names.values()) if d not in static]
+    notes = [f"dynamic: {', '.join(dynamic)}"] if dynamic else ["no dim can be dynamic"]
+    for dim, why in plan.fixed.items():
+        notes.append(f"{dim} stays fixed: {why}")
+    for dim in static:
+        notes.append(f"{dim} stays fixed: torch.export found a layer that computes with it "
+                     f"as a constant")
+    return notes

@@ -400,7 +400,9 @@ def translation_table() -> dict:
     table = {}
     for name, lower in LOWERINGS.items():
         namespace, op_name = name.split("::")
-        table[getattr(getattr(torch.ops, namespace), op_name).default] = _translation(lower)
+        packet = getattr(getattr(torch.ops, namespace), op_name, None)
+        if packet is not None:  # an op whose module is not imported cannot be in a graph
+            table[packet.default] = _translation(lower)
     return table
 
 

@@ -311,3 +311,88 @@ def test_an_op_torch_onnx_cannot_translate_names_the_module(tmp_path):
         export_onnx(Outer(), str(path), inputs=torch.rand(2, 3))
     assert "pacnet_test.twice" in str(err.value) and "layer 'body' (Inner)" in str(err.value)
     assert not path.exists() and os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- dynamic shapes
+
+DJIF = ["jointupsample/djif_x8", "--input", "target=1x1x4x4", "--input", "guide=1x3x32x32"]
+
+
+def test_cli_dynamic_makes_every_dim_of_the_inputs_dynamic(tmp_path, capsys):
+    net = randomize(pacnet.build("jointupsample/djif_x8",
+                                 inputs={"target": (1, 1, 4, 4), "guide": (1, 3, 32, 32)}))
+    weights = str(tmp_path / "w.safetensors")
+    save_weights(weights, net.state_dict())
+    path = tmp_path / "djif.onnx"
+    assert main(["export", *DJIF, "-o", str(path), "--weights", weights, "--dynamic",
+                 "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "inputs:  target N×1×h×w, guide N×3×H×W" in out and "outputs: pred N×1×H×W" in out
+    assert "note: dynamic: N, h, w, H, W" in out
+    session = ort.InferenceSession(str(path))
+    for n, h in ((3, 5), (1, 2)):  # sizes it was not exported at
+        gen = torch.Generator().manual_seed(n)
+        target = torch.rand(n, 1, h, h, generator=gen)
+        guide = torch.rand(n, 3, 8 * h, 8 * h, generator=gen)
+        other = pacnet.api.reshape(net, {"target": target.shape, "guide": guide.shape}).eval()
+        with torch.no_grad():
+            want = other(target, guide)["pred"].numpy()
+        got = session.run(None, {"target": target.numpy(), "guide": guide.numpy()})[0]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+DUMMY_XY = """\
+name: fixed_xy
+pacnet_version: 1
+inputs: {data: [N, 3, H, W]}
+dims: {N: 1, H: 8, W: 8}
+layers:
+  - {name: xy, type: DummyData, top: xy, shape: [[1, 2, 8, 8]], data_filler: {type: xy}}
+  - {name: cat, type: Concat, bottom: [data, xy], top: cat}
+  - {name: conv, type: Convolution, bottom: cat, top: out, num_output: 2, kernel_size: 3, pad: 1,
+     weight_filler: {type: msra}}
+"""
+
+
+def test_dims_a_layer_fixes_stay_fixed_with_a_note_naming_it(tmp_path, capsys):
+    net_file = tmp_path / "fixed.yaml"
+    net_file.write_text(DUMMY_XY)
+    path = tmp_path / "fixed.onnx"
+    assert main(["export", str(net_file), "-o", str(path), "--dynamic"]) == 0
+    out = capsys.readouterr().out
+    assert "inputs:  data 1×3×8×8" in out and "note: no dim can be dynamic" in out
+    assert "note: N stays fixed: at N=2, " in out and "layer 'cat' (Concat)" in out
+    assert "note: H stays fixed: at H=9, W=9, " in out
+    assert main(["export", str(net_file), "-o", str(path), "--dynamic", "N,H"]) == 2
+    err = capsys.readouterr().err
+    assert "input dim N cannot be dynamic: at N=2" in err and "layer 'cat' (Concat)" in err
+
+
+def test_a_modules_batch_is_dynamic(tmp_path):
+    model = UsersNet()
+    gen = torch.Generator().manual_seed(4)
+    inputs = {"image": torch.rand(1, 3, 8, 8, generator=gen),
+              "guide": torch.rand(1, 5, 16, 16, generator=gen)}
+    path = str(tmp_path / "users.onnx")
+    result = export_onnx(model, path, inputs=inputs, dynamic=True, verify=True)
+    assert result.verified and result.inputs["image"] == ("batch", 3, 8, 8)
+    assert result.notes == ("dynamic: batch",)
+    with pytest.raises(ExportError, match="named dynamic dims are a net's"):
+        export_onnx(model, path, inputs=inputs, dynamic=["N"])
+
+
+@pytest.mark.slow
+def test_big_nets_dynamic_where_they_allow(tmp_path):
+    res = randomize(pacnet.build("segaware/res", inputs={"data": (1, 3, 33, 33)},
+                                 vars={"HALF_SIZE": 17}))
+    result = export_onnx(res, str(tmp_path / "res.onnx"), dynamic=True, verify=True)
+    assert result.verified and result.inputs["data"] == (1, 3, 33, 33)
+    assert any(n.startswith("N stays fixed") and "layer 'embxy' (Concat)" in n
+               for n in result.notes)
+    psp = randomize(pacnet.build("pspnet/pspnet50_ade20k"))
+    result = export_onnx(psp, str(tmp_path / "psp.onnx"), dynamic=True, verify=True)
+    assert result.verified and result.inputs["data"] == ("N", 3, 473, 473)
+    assert any(n.startswith("H stays fixed: at H=") for n in result.notes)
+    lfov = randomize(pacnet.build("deeplab/deeplab_v1_largefov", inputs={"data": (1, 3, 33, 33)}))
+    result = export_onnx(lfov, str(tmp_path / "lfov.onnx"), dynamic=True, verify=True)
+    assert result.verified and result.inputs["data"] == ("N", 3, "H", "W")
