@@ -523,14 +523,15 @@ def _net_dynamic(net, requested: Any, tensors: Tuple[torch.Tensor, ...], seed: i
         else:
             fixed[dim] = reason({dim: values[dim] + 1}, err)
     if spatial:
-        # Grow the dims together (a net may tie them, e.g. a guide 8x its target) by k and
-        # 2k steps of their common divisor: a dim that fits one other size only is fixed.
-        step = 0
+        # Grow the dims together, in proportion (a net may tie them: a guide 8x its target),
+        # by k and 2k units for k = 1, 2, 4, ... 64 (a net may need multiples of 32): a dim
+        # that fits one other size only is fixed.
+        unit = 0
         for d in spatial:
-            step = gcd(step, values[d])
+            unit = gcd(unit, values[d])
         first_error = None
-        for k in range(1, 9):
-            tries = [{d: values[d] + values[d] // step * k * m for d in spatial} for m in (1, 2)]
+        for k in (1, 2, 4, 8, 16, 32, 64):
+            tries = [{d: values[d] + values[d] // unit * k * m for d in spatial} for m in (1, 2)]
             failures = [(t, fails({**plan, **t})) for t in tries]
             failures = [(t, err) for t, err in failures if err is not None]
             if not failures:

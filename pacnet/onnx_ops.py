@@ -24,7 +24,7 @@ function                  inputs                                       output
 ========================  ===========================================  =======================
 
 The unfold is a convolution of every channel with ``k`` one-hot filters (the fastest of the
-formulations measured in onnxruntime, see ``benchmarks/onnx.py``); it is exact for finite
+formulations measured in onnxruntime, see ``benchmarks/export_onnx.py``); it is exact for finite
 inputs (an infinite input value turns its neighbours' taps into NaN, as ``0 * inf``).
 Flags of the torch ops become int attributes (``asym``, ``channel_wise``, ``norm``, ...);
 the bodies apply them with shape arithmetic and selects, so one function serves every

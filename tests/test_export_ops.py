@@ -3,7 +3,9 @@
 Every registered pacnet op has a lowering, an out-of-place rewrite or is backward-only;
 each lowering, run as a one-node model in onnxruntime, computes what its op computes over
 a grid of shapes, strides, paddings, dilations, kernel sizes and flags (float32, as
-onnxruntime's CPU convolution); the models pass ONNX's checker and shape inference.
+onnxruntime's CPU convolution); the models pass ONNX's checker and shape inference.  The
+default suite pairs every geometry and every flag combination at least once; ``-m slow``
+runs their full product.
 """
 
 import itertools
@@ -86,17 +88,34 @@ GEOMETRIES = [
     ((1, 1), (1, 1), (0, 0), (1, 1), (4, 5)),
     ((3, 3), (3, 2), (1, 0), (1, 2), (10, 9)),
 ]
-GEO_IDS = [f"k{k[0]}x{k[1]}-s{s[0]}x{s[1]}-p{p[0]}x{p[1]}-d{d[0]}x{d[1]}"
-           for k, s, p, d, _ in GEOMETRIES]
+
+
+def _grid(flags, geometries=None):
+    """``(geometry, *flags)`` cases: every geometry and every flag combination at least once
+    (cycled side by side), and under ``slow`` the rest of their product."""
+    geometries = GEOMETRIES if geometries is None else geometries
+    ids = [_geo_id(g) for g in geometries]
+    n = max(len(geometries), len(flags))
+    paired = {(i % len(geometries), j % len(flags)) for i, j in zip(range(n), range(n))}
+    cases = []
+    for gi, fi in itertools.product(range(len(geometries)), range(len(flags))):
+        marks = () if (gi, fi) in paired else (pytest.mark.slow,)
+        cases.append(pytest.param(geometries[gi], *flags[fi], marks=marks,
+                                  id=f"{ids[gi]}-{'-'.join(map(str, flags[fi]))}"))
+    return cases
+
+
+def _geo_id(geometry):
+    k, s, p, d, _ = geometry
+    return f"k{k[0]}x{k[1]}-s{s[0]}x{s[1]}-p{p[0]}x{p[1]}-d{d[0]}x{d[1]}"
 
 
 def _out_hw(hw, k, s, p, d):
     return tuple((hw[i] + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(2))
 
 
-@pytest.mark.parametrize("geometry", GEOMETRIES, ids=GEO_IDS)
-@pytest.mark.parametrize("center,asym,channel_wise", list(itertools.product((False, True),
-                                                                             repeat=3)))
+@pytest.mark.parametrize("geometry,center,asym,channel_wise",
+                         _grid(list(itertools.product((False, True), repeat=3))))
 def test_pac_dist(geometry, center, asym, channel_wise):
     k, s, p, d, hw = geometry
     g = _gen(1)
@@ -106,8 +125,8 @@ def test_pac_dist(geometry, center, asym, channel_wise):
     _check("pacnet::pac_dist", (guide, ctr, k, s, p, d, asym, channel_wise), want)
 
 
-@pytest.mark.parametrize("geometry", GEOMETRIES, ids=GEO_IDS)
-@pytest.mark.parametrize("shared,bias", list(itertools.product((False, True), repeat=2)))
+@pytest.mark.parametrize("geometry,shared,bias",
+                         _grid(list(itertools.product((False, True), repeat=2))))
 def test_pac_conv2d(geometry, shared, bias):
     k, s, p, d, hw = geometry
     g = _gen(2)
@@ -120,8 +139,7 @@ def test_pac_conv2d(geometry, shared, bias):
     _check("pacnet::pac_conv2d", (x, K, weight, b, s, p, d, shared), want)
 
 
-@pytest.mark.parametrize("geometry", GEOMETRIES, ids=GEO_IDS)
-@pytest.mark.parametrize("channel_wise", (False, True))
+@pytest.mark.parametrize("geometry,channel_wise", _grid([(False,), (True,)]))
 def test_pac_pool2d(geometry, channel_wise):
     k, s, p, d, hw = geometry
     g = _gen(3)
@@ -133,10 +151,9 @@ def test_pac_pool2d(geometry, channel_wise):
 # The segaware ops also take even kernels (their centre tap is (k//2, k//2)).
 SEGAWARE_GEOMETRIES = GEOMETRIES + [((2, 2), (1, 1), (1, 1), (1, 1), (5, 6)),
                                     ((4, 3), (2, 1), (1, 1), (2, 1), (9, 5))]
-SEGAWARE_IDS = GEO_IDS + ["k2x2-s1x1-p1x1-d1x1", "k4x3-s2x1-p1x1-d2x1"]
 
 
-@pytest.mark.parametrize("geometry", SEGAWARE_GEOMETRIES, ids=SEGAWARE_IDS)
+@pytest.mark.parametrize("geometry", SEGAWARE_GEOMETRIES, ids=_geo_id)
 def test_local_weighted_sum(geometry):
     k, s, p, d, hw = geometry
     g = _gen(4)
@@ -145,9 +162,9 @@ def test_local_weighted_sum(geometry):
     _check("pacnet::local_weighted_sum", (x, w, k, p, s, d), S.local_weighted_sum(x, w, k, p, s, d))
 
 
-@pytest.mark.parametrize("geometry", SEGAWARE_GEOMETRIES, ids=SEGAWARE_IDS)
-@pytest.mark.parametrize("norm,remove_center,remove_bounds",
-                         list(itertools.product((1, 2), (False, True), (False, True))))
+@pytest.mark.parametrize("geometry,norm,remove_center,remove_bounds",
+                         _grid(list(itertools.product((1, 2), (False, True), (False, True))),
+                               SEGAWARE_GEOMETRIES))
 def test_im2dist(geometry, norm, remove_center, remove_bounds):
     k, s, p, d, hw = geometry
     emb = torch.randn(2, 3, *hw, generator=_gen(5))
@@ -156,8 +173,8 @@ def test_im2dist(geometry, norm, remove_center, remove_bounds):
     _check("pacnet::im2dist", (emb, k, p, s, d, norm, remove_center, remove_bounds), want)
 
 
-@pytest.mark.parametrize("geometry", SEGAWARE_GEOMETRIES, ids=SEGAWARE_IDS)
-@pytest.mark.parametrize("ignore_label", (None, 255, 0))
+@pytest.mark.parametrize("geometry,ignore_label", _grid([(None,), (255,), (0,)],
+                                                        SEGAWARE_GEOMETRIES))
 def test_im2parity(geometry, ignore_label):
     k, s, p, d, hw = geometry
     g = _gen(6)
