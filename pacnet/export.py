@@ -200,12 +200,41 @@ def _capture(model: nn.Module, tensors: Tuple[torch.Tensor, ...],
         with torch.no_grad(), _quiet():
             ep = torch.export.export(model, tensors, dynamic_shapes=dynamic_shapes, strict=False)
             return ep.run_decompositions({})  # functional, keeping the ops torch.onnx knows
-    except PacnetError:
-        raise
-    except Exception as err:  # torch.export names the failing line in its message
+    except PacnetError as err:
+        layer, kind = _layer_in_traceback(err, model)
+        raise err.at(_layer_location(model, layer), layer, kind) from None
+    except Exception as err:
+        layer, kind = _layer_in_traceback(err, model)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ExportError(f"torch.export cannot capture the model: {first}",
-                          hint="run with PACNET_DEBUG=1 for torch's full message") from err
+        raise ExportError(f"torch.export cannot trace the forward: {first}",
+                          location=_layer_location(model, layer), layer=layer, layer_type=kind,
+                          hint="a forward torch.export can trace decides with sizes and "
+                               "parameters, not with tensor values") from err
+
+
+def _layer_in_traceback(err: BaseException, model: nn.Module
+                        ) -> Tuple[Optional[str], Optional[str]]:
+    """The layer (a net's) or submodule (a module's) whose forward raised ``err``: the
+    innermost frame of the traceback whose ``self`` is one of the model's submodules."""
+    from pacnet.codegen import Net, module_name
+
+    paths = {id(m): path for path, m in model.named_modules() if path}
+    found = None
+    tb = err.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if id(owner) in paths:
+            found = (paths[id(owner)], owner)
+        tb = tb.tb_next
+    if found is None:
+        return None, None
+    path, owner = found
+    if isinstance(model, Net):
+        layer = path.split(".")[0]
+        for node in model.ir.nodes:
+            if module_name(node.name) == layer:
+                return node.name, node.type
+    return path, type(owner).__name__
 
 
 def functionalize(ep: torch.export.ExportedProgram, model: nn.Module) -> None:
@@ -277,8 +306,10 @@ def _check_translations(ep: torch.export.ExportedProgram, model: nn.Module) -> N
 
 @contextlib.contextmanager
 def _quiet():
-    """torch.onnx logs progress and optional-package warnings; the CLI reports instead."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript")]
+    """torch.export and torch.onnx log progress, specialisations and optional-package
+    warnings; what matters reaches the user as an error or a note instead."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "torch.export",
+                                              "torch._export", "torch.fx", "torch._dynamo")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)

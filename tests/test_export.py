@@ -146,14 +146,14 @@ def test_big_zoo_net_exports_and_verifies(name, tmp_path):
 X8 = ["jointupsample/pac_joint_upsample_x8", "--input", "target=1x1x4x4",
       "--input", "guide=1x3x32x32"]
 
-# A small net with each kind of pacnet node a PAC net has, a Caffe ceil-mode pooling whose
-# clip rule applies (8 -> 4 here, where ONNX's ceil mode would give 5) and a guide 2x the
-# target, so that the CLI tests run in seconds.
+# A small net with a PAC layer, a transposed PAC layer (guide 2x the target) and a Caffe
+# ceil-mode pooling whose clip rule applies (5 -> 3, where ONNX's ceil mode would give 4),
+# so that the CLI tests run in seconds.
 TINY_PAC = """\
 name: tiny_pac
 pacnet_version: 1
 inputs: {target: [N, 1, h, w], guide: [N, 3, H, W]}
-dims: {N: 1, h: 4, w: 4, H: 8, W: 8}
+dims: {N: 1, h: 5, w: 5, H: 10, W: 10}
 layers:
   - {name: t, type: Convolution, bottom: target, top: t, num_output: 4, kernel_size: 3, pad: 1,
      weight_filler: {type: msra}}
@@ -162,7 +162,7 @@ layers:
   - {name: up, type: PacConvTranspose, bottom: [t, g], top: up, num_output: 4, kernel_size: 5,
      stride: 2, pad: 2, output_pad: 1}
   - {name: pred, type: PacConv, bottom: [up, g], top: pred, num_output: 2, kernel_size: 3, pad: 1}
-  - {name: pool, type: Pooling, bottom: pred, top: pool, pool: AVE, kernel_size: 2, stride: 2,
+  - {name: pool, type: Pooling, bottom: t, top: pool, pool: AVE, kernel_size: 2, stride: 2,
      pad: 1}
 """
 
@@ -206,12 +206,14 @@ def test_cli_exports_given_weights_at_an_opset(tiny, tmp_path, capsys):
     assert {o.domain: o.version for o in model.opset_import}[""] == 18
     assert all({o.domain: o.version for o in f.opset_import}[""] == 18 for f in model.functions)
     gen = torch.Generator().manual_seed(3)
-    target, guide = torch.rand(1, 1, 4, 4, generator=gen), torch.rand(1, 3, 8, 8, generator=gen)
+    target, guide = torch.rand(1, 1, 5, 5, generator=gen), torch.rand(1, 3, 10, 10, generator=gen)
     got = ort.InferenceSession(str(path)).run(None, {"target": target.numpy(),
-                                                     "guide": guide.numpy()})[0]
+                                                     "guide": guide.numpy()})
     with torch.no_grad():
-        want = net.eval()(target, guide)["pool"].numpy()
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+        want = net.eval()(target, guide)
+    assert got[1].shape == (1, 4, 3, 3)  # Caffe's clip rule
+    for g, w in zip(got, want.values()):
+        np.testing.assert_allclose(g, w.numpy(), rtol=1e-4, atol=1e-5)
     _assert_consistent_shapes(str(path))
 
 
@@ -227,7 +229,7 @@ def test_cli_verify_failure_exits_1(tiny, tmp_path, capsys, monkeypatch):
     assert main(["export", tiny, "-o", str(tmp_path / "tiny.onnx"), "--verify"]) == 1
     captured = capsys.readouterr()
     assert "beyond tolerance" in captured.out
-    assert "verification failed: pool beyond tolerance" in captured.err
+    assert "verification failed: pred, pool beyond tolerance" in captured.err
 
 
 def test_cli_refuses_an_op_without_translation_naming_the_layer(tmp_path, capsys, monkeypatch):
@@ -313,6 +315,25 @@ def test_a_module_needs_example_inputs(tmp_path):
         export_onnx(torch.nn.ReLU(), str(tmp_path / "r.onnx"))
 
 
+def test_a_forward_torch_export_cannot_trace_names_the_module(tmp_path):
+    class ValueDependent(torch.nn.Module):
+        def forward(self, x):
+            return x * 2 if x.sum() > 0 else x
+
+    class Outer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.branch = ValueDependent()
+
+        def forward(self, x):
+            return self.branch(x) + 1
+
+    with pytest.raises(ExportError, match=r"layer 'branch' \(ValueDependent\): torch.export "
+                                          r"cannot trace the forward"):
+        export_onnx(Outer(), str(tmp_path / "o.onnx"), inputs=torch.rand(2, 3))
+    assert os.listdir(tmp_path) == []
+
+
 def test_an_op_torch_onnx_cannot_translate_names_the_module(tmp_path):
     @torch.library.custom_op("pacnet_test::twice", mutates_args=())
     def twice(x: torch.Tensor) -> torch.Tensor:
@@ -353,15 +374,16 @@ def test_cli_dynamic_makes_every_dim_of_the_inputs_dynamic(tiny, tmp_path, capsy
     out = capsys.readouterr().out
     assert "inputs:  target N×1×h×w, guide N×3×H×W" in out and "note: dynamic: N, h, w, H, W" in out
     session = ort.InferenceSession(str(path))
-    for n, h in ((3, 5), (1, 2), (2, 8)):  # sizes it was not exported at
+    for n, h in ((3, 6), (1, 2), (2, 9)):  # sizes it was not exported at
         gen = torch.Generator().manual_seed(n)
         target = torch.rand(n, 1, h, h, generator=gen)
         guide = torch.rand(n, 3, 2 * h, 2 * h, generator=gen)
         other = reshape(net, {"target": target.shape, "guide": guide.shape}).eval()
         with torch.no_grad():
-            want = other(target, guide)["pool"].numpy()
-        got = session.run(None, {"target": target.numpy(), "guide": guide.numpy()})[0]
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+            want = other(target, guide)
+        got = session.run(None, {"target": target.numpy(), "guide": guide.numpy()})
+        for g, w in zip(got, want.values()):
+            np.testing.assert_allclose(g, w.numpy(), rtol=1e-4, atol=1e-5 * w.abs().max())
     _assert_consistent_shapes(str(path))
 
 
