@@ -24,7 +24,7 @@ guide 256 x 256, batch 1, float32, eval mode, random weights) exported with
     python benchmarks/export_onnx.py --part unfold --repeats 15
     python benchmarks/export_onnx.py --part net --size 64   # a 64 x 64 target (guide 512 x 512)
 
-Measured: see the README's "Export to ONNX" section (conditions stated there).
+Measured: see the README's "Export to ONNX" section (figures and conditions).
 """
 
 from __future__ import annotations

@@ -466,16 +466,16 @@ def verify_onnx(path: str, reference: Callable[..., Any], inputs: Mapping[str, t
         if out.shape != ref.shape:
             checks.append(OutputCheck(name, tuple(out.shape), float("inf"), float("inf"), False))
             continue
-        scale = float(np.abs(ref).max()) if ref.size else 0.0
-        diff = np.abs(out - ref)
+        # equal values (infinities too) and NaN on both sides agree; NaN on one side does not
+        same = (out == ref) | (np.isnan(out) & np.isnan(ref))
+        with np.errstate(invalid="ignore"):  # inf - inf where both are inf: masked by same
+            diff = np.nan_to_num(np.where(same, 0.0, np.abs(out - ref)), nan=np.inf)
         max_abs = float(diff.max()) if diff.size else 0.0
-        if np.isnan(out).any() or np.isnan(ref).any():
-            same_nan = bool((np.isnan(out) == np.isnan(ref)).all())
-            max_abs = float(np.nanmax(diff)) if same_nan and (~np.isnan(diff)).any() else (
-                0.0 if same_nan else float("inf"))
-        ok = max_abs <= atol + rtol * scale
+        finite = np.abs(ref[np.isfinite(ref)])
+        scale = float(finite.max()) if finite.size else 0.0
         checks.append(OutputCheck(name, tuple(ref.shape), max_abs,
-                                  max_abs / scale if scale > 0 else max_abs, bool(ok)))
+                                  max_abs / scale if scale > 0 else max_abs,
+                                  bool(max_abs <= atol + rtol * scale)))
     return tuple(checks)
 
 

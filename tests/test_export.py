@@ -247,6 +247,31 @@ def test_cli_refuses_a_missing_folder_before_exporting(tiny, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_verify_compares_nan_and_infinity_as_values(tmp_path):
+    from onnx import TensorProto, helper
+
+    from pacnet.export import verify_onnx
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "id",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])])
+    path = str(tmp_path / "id.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)],
+                                ir_version=10), path)
+    x = torch.tensor([1.0, float("nan"), float("inf"), -2.0])
+
+    def check(reference, **tol):
+        (c,) = verify_onnx(path, reference, {"x": x}, ["y"], **tol)
+        return c
+
+    assert check(lambda t: t).max_abs == 0 and check(lambda t: t).ok
+    off = check(lambda t: t + torch.tensor([0.0, 0.0, 0.0, 1e-3]))
+    assert off.max_abs == pytest.approx(1e-3, rel=1e-3) and off.max_rel == pytest.approx(5e-4, rel=1e-3)
+    assert not off.ok and check(lambda t: t + torch.tensor([0, 0, 0, 1e-3]), rtol=1e-3).ok
+    assert not check(lambda t: torch.nan_to_num(t, nan=0.0, posinf=float("inf"))).ok
+    assert not check(lambda t: torch.tensor([1.0, float("nan"), 5.0, -2.0])).ok
+
+
 # ----------------------------------------------------------------------------- users' modules
 
 class UsersNet(torch.nn.Module):
