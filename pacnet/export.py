@@ -502,13 +502,9 @@ def _random_like_shapes(shapes: Mapping[str, Sequence[int]], like: Sequence[torc
 
 
 def _net_dynamic(net, requested: Any, tensors: Tuple[torch.Tensor, ...], seed: int) -> _Dynamic:
-    """Which of a net's symbolic input dims (``N``, ``H``, ...) can vary, found with pacnet's
-    own shape inference: the batch at N + 1, the other dims together, scaled by the same
-    factor; a dim fixed by a layer gets that layer's located message as its reason."""
-    from math import gcd
-
+    """The dynamic export of a net's symbolic input dims (``N``, ``H``, ...): all of them
+    (``requested is True``) where the net lets them vary, or exactly the named ones."""
     from pacnet.api import reshape
-    from pacnet.shapes import bind_inputs, infer_shapes
 
     graph = net.ir
     axes: Dict[str, List[Tuple[int, int]]] = {}   # symbol -> (input index, axis)
@@ -518,60 +514,13 @@ def _net_dynamic(net, requested: Any, tensors: Tuple[torch.Tensor, ...], seed: i
             if isinstance(dim, str):
                 axes.setdefault(dim, []).append((i, axis))
                 values[dim] = net.inputs[name][axis]
-    if requested is True:
-        wanted = list(axes)
-    else:
-        wanted = [str(d) for d in requested]
-        unknown = [d for d in wanted if d not in axes]
-        if unknown:
-            raise ExportError(f"the net has no symbolic input dim {unknown[0]!r}",
-                              hint="its inputs' dims are " + (", ".join(axes) or "all fixed")
-                                   + " (see the net's inputs: section)")
-    first = next(iter(graph.inputs.values()), ())
-    batch = [d for d in wanted if first and first[0] == d]
-    spatial = [d for d in wanted if d not in batch]
-
-    def fails(changes: Dict[str, int]) -> Optional[PacnetError]:
-        env = {**values, **changes}
-        shapes = {name: tuple(env[d] if isinstance(d, str) else d for d in declared)
-                  for name, declared in graph.inputs.items()}
-        try:
-            infer_shapes(graph, bind_inputs(graph, shapes))
-        except PacnetError as err:
-            return err
-        return None
-
-    def reason(changes: Dict[str, int], err: PacnetError) -> str:
-        at = ", ".join(f"{d}={v}" for d, v in changes.items())
-        return f"at {at}, {str(err).splitlines()[0]}"
-
-    plan: Dict[str, int] = {}
-    fixed: Dict[str, str] = {}
-    for dim in batch:
-        err = fails({dim: values[dim] + 1}) or fails({dim: values[dim] + 2})
-        if err is None:
-            plan[dim] = values[dim] + 1
-        else:
-            fixed[dim] = reason({dim: values[dim] + 1}, err)
-    if spatial:
-        # Grow the dims together, in proportion (a net may tie them: a guide 8x its target),
-        # by k and 2k units for k = 1, 2, 4, ... 64 (a net may need multiples of 32): a dim
-        # that fits one other size only is fixed.
-        unit = 0
-        for d in spatial:
-            unit = gcd(unit, values[d])
-        first_error = None
-        for k in (1, 2, 4, 8, 16, 32, 64):
-            tries = [{d: values[d] + values[d] // unit * k * m for d in spatial} for m in (1, 2)]
-            failures = [(t, fails({**plan, **t})) for t in tries]
-            failures = [(t, err) for t, err in failures if err is not None]
-            if not failures:
-                plan.update(tries[0])
-                break
-            first_error = first_error or failures[0]
-        else:
-            for d in spatial:
-                fixed[d] = reason(*first_error)
+    wanted = list(axes) if requested is True else [str(d) for d in requested]
+    unknown = [d for d in wanted if d not in axes]
+    if unknown:
+        raise ExportError(f"the net has no symbolic input dim {unknown[0]!r}",
+                          hint="its inputs' dims are " + (", ".join(axes) or "all fixed")
+                               + " (see the net's inputs: section)")
+    plan, fixed = _varying_dims(graph, values, wanted)
     if requested is not True and fixed:
         dim, why = next(iter(fixed.items()))
         raise ExportError(f"input dim {dim} cannot be dynamic: {why}",
@@ -582,12 +531,67 @@ def _net_dynamic(net, requested: Any, tensors: Tuple[torch.Tensor, ...], seed: i
     second = {name: tuple(plan.get(d, v) if isinstance(d, str) else v
                           for d, v in zip(declared, net.inputs[name]))
               for name, declared in graph.inputs.items()}
-    other = reshape(net, second)
     names = {where: d for d in plan for where in axes[d]}
     dynamic_shapes = tuple({axis: torch.export.Dim.AUTO for (j, axis) in names if j == i}
                            for i in range(len(graph.inputs)))
-    return _Dynamic(other, _random_like_shapes(second, tensors, seed + 1), dynamic_shapes,
-                    names, fixed)
+    return _Dynamic(reshape(net, second), _random_like_shapes(second, tensors, seed + 1),
+                    dynamic_shapes, names, fixed)
+
+
+def _varying_dims(graph, values: Mapping[str, int], wanted: Sequence[str]
+                  ) -> Tuple[Dict[str, int], Dict[str, str]]:
+    """``(plan, fixed)``: another value for every wanted dim the net's shape inference lets
+    vary (the batch, the first input's axis 0, alone at N + 1 and N + 2; the other dims
+    together, in proportion), and for the others the located message of the layer that
+    refuses another value."""
+    from math import gcd
+
+    from pacnet.shapes import bind_inputs, infer_shapes
+
+    def fails(changes: Mapping[str, int]) -> Optional[PacnetError]:
+        env = {**values, **changes}
+        shapes = {name: tuple(env[d] if isinstance(d, str) else d for d in declared)
+                  for name, declared in graph.inputs.items()}
+        try:
+            infer_shapes(graph, bind_inputs(graph, shapes))
+        except PacnetError as err:
+            return err
+        return None
+
+    def reason(changes: Mapping[str, int], err: PacnetError) -> str:
+        at = ", ".join(f"{d}={v}" for d, v in changes.items())
+        return f"at {at}, {str(err).splitlines()[0]}"
+
+    first = next(iter(graph.inputs.values()), ())
+    batch = [d for d in wanted if first and first[0] == d]
+    others = [d for d in wanted if d not in batch]
+    plan: Dict[str, int] = {}
+    fixed: Dict[str, str] = {}
+    for dim in batch:
+        err = fails({dim: values[dim] + 1}) or fails({dim: values[dim] + 2})
+        if err is None:
+            plan[dim] = values[dim] + 1
+        else:
+            fixed[dim] = reason({dim: values[dim] + 1}, err)
+    if not others:
+        return plan, fixed
+    # Grow the dims together, in proportion (a net may tie them: a guide 8x its target), by
+    # k and 2k units for k = 1, 2, 4, ... 64 (a net may need multiples of 32): a dim that
+    # fits one other size only is fixed.
+    unit = 0
+    for d in others:
+        unit = gcd(unit, values[d])
+    first_error = None
+    for k in (1, 2, 4, 8, 16, 32, 64):
+        tries = [{d: values[d] + values[d] // unit * k * m for d in others} for m in (1, 2)]
+        failures = [(t, err) for t in tries for err in [fails({**plan, **t})] if err is not None]
+        if not failures:
+            plan.update(tries[0])
+            return plan, fixed
+        first_error = first_error or failures[0]
+    for d in others:
+        fixed[d] = reason(*first_error)
+    return plan, fixed
 
 
 def _module_dynamic(model: nn.Module, requested: Any, tensors: Tuple[torch.Tensor, ...]
@@ -692,20 +696,11 @@ def export_onnx(model: nn.Module, path: str, *, inputs: Any = None,
         functionalize(ep, model)
         _check_translations(ep, model)
         program = _to_onnx(ep, model, names, out_names, opset)
-        notes = _dynamic_notes(program.model, plan, model) if plan is not None else []
+        notes = _dynamic_notes(program.model, plan) if plan is not None else []
         functions = attach_functions(program.model)
         check = None
         if traced is not None:
-            def check(staged: str) -> None:
-                second = verify_onnx(staged, traced.module, dict(zip(names, traced.tensors)),
-                                     out_names, rtol=rtol, atol=atol)
-                bad = [c for c in second if not c.ok]
-                if bad:
-                    shape = ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(names,
-                                                                              traced.tensors))
-                    raise ExportError(f"the dynamic model disagrees with PyTorch at {shape}: "
-                                      f"{bad[0].name} is off by {bad[0].max_abs:.3g}",
-                                      hint="export without --dynamic; please report this")
+            check = _second_size_check(traced, names, out_names, rtol, atol)
         _save_checked(program, path, check)
         checks = None
         if verify:
@@ -718,7 +713,22 @@ def export_onnx(model: nn.Module, path: str, *, inputs: Any = None,
                         checks)
 
 
-def _dynamic_notes(onnx_model, plan: _Dynamic, model: nn.Module) -> List[str]:
+def _second_size_check(traced: _Dynamic, names: Sequence[str], out_names: Sequence[str],
+                       rtol: float, atol: float) -> Callable[[str], None]:
+    """A check of a dynamic file at the size it was traced at (not the example's)."""
+    def check(staged: str) -> None:
+        inputs = dict(zip(names, traced.tensors))
+        bad = [c for c in verify_onnx(staged, traced.module, inputs, out_names, rtol=rtol,
+                                      atol=atol) if not c.ok]
+        if bad:
+            at = ", ".join(f"{n} {tuple(t.shape)}" for n, t in inputs.items())
+            raise ExportError(f"the dynamic model disagrees with PyTorch at {at}: "
+                              f"{bad[0].name} is off by {bad[0].max_abs:.3g}",
+                              hint="export without --dynamic; please report this")
+    return check
+
+
+def _dynamic_notes(onnx_model, plan: _Dynamic) -> List[str]:
     """Name the dynamic dims in the file; say which requested ones stay fixed and why."""
     static = _name_dims(onnx_model, plan) if plan.names else []
     dynamic = [d for d in dict.fromkeys(plan.names.values()) if d not in static]

@@ -82,18 +82,18 @@ def _zoo_inputs(name, small):
 
 
 ZOO = {  # name: (input size, vars) at the small size; None keeps the file's size
+    "jointupsample/pac_joint_upsample_lite_x8": (4, {}),
+    "jointupsample/djif_x8": (4, {}),
     "segaware/embs": (17, {}),
+    "segaware/vgg": (33, {}),  # VGG-16, but the one net with fused segaware convolutions
     # the main job's net: test_cli_exports_the_main_job_net_with_pacnet_nodes
 }
 SLOW_ZOO = {
     "jointupsample/pac_joint_upsample_x8": (4, {}),
-    "jointupsample/pac_joint_upsample_lite_x8": (4, {}),
-    "jointupsample/djif_x8": (4, {}),
     "jointupsample/pac_joint_upsample_x4": (4, {}),
     "jointupsample/pac_joint_upsample_x16": (2, {}),
     "jointupsample/pac_joint_upsample_lite_x4": (4, {}),
     "jointupsample/pac_joint_upsample_lite_x16": (2, {}),
-    "segaware/vgg": (33, {}),
     "segaware/res": (33, {"HALF_SIZE": 17}),
     "fcn/fcn8s": (32, {}),
     "fcn/fcn8s_altpad": (64, {}),

@@ -16,7 +16,6 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import pacnet.kernels.pac as P  # noqa: E402
