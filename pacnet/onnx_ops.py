@@ -46,10 +46,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import onnxscript
+import torch
 from onnx.defs import OpSchema
 from onnxscript import BOOL, INT64
 from onnxscript import opset18 as op
-from onnxscript.function_libs.torch_lib.tensor_typing import TFloat
+from onnxscript.function_libs.torch_lib.tensor_typing import TFloat, TReal
 
 from pacnet.kernels.segaware.reference import BIG, NO_PAIR
 
@@ -242,26 +243,28 @@ def Im2dist(emb: TFloat, kernel_shape: List[int], strides: List[int], pads: List
 
 
 @onnxscript.script(_pacnet, default_opset=op)
-def Im2parity(labels: TFloat, kernel_shape: List[int], strides: List[int], pads: List[int],
-              dilations: List[int], has_ignore: int = 0, ignore_label: int = 0) -> TFloat:
+def Im2parity(labels: TReal, kernel_shape: List[int], strides: List[int], pads: List[int],
+              dilations: List[int], has_ignore: int = 0, ignore_label: int = 0,
+              dtype: int = 1) -> TFloat:
     """``pacnet::im2parity`` (segaware): 1 where a tap's label equals the centre's, else 0,
-    ``[b, 1, H, W] -> [b, kh*kw, oh, ow]``; labels are truncated to integers, taps outside
-    the image read label 0.  With ``has_ignore``, ``ignore_label`` where either label is
-    it; where the centre lies outside the image, ``ignore_label`` (or :data:`NO_PAIR`)."""
-    whole = op.CastLike(op.Cast(labels, to=INT64.dtype), labels)
+    ``[b, 1, H, W] -> [b, kh*kw, oh, ow]`` of ONNX type ``dtype`` (the labels' float type, or
+    float for integer labels); labels are truncated to integers, taps outside the image
+    read label 0.  With ``has_ignore``, ``ignore_label`` where either label is it; where the
+    centre lies outside the image, ``ignore_label`` (or :data:`NO_PAIR`)."""
+    whole = op.Cast(op.Cast(labels, to=INT64.dtype), to=dtype)
     cols = op.Squeeze(Unfold(whole, kernel_shape=kernel_shape, strides=strides, pads=pads,
                              dilations=dilations), op.Constant(value_ints=[1]))
     ctr = CenterTap(kernel_shape=kernel_shape)
     center = op.Gather(cols, ctr, axis=1)
-    same = op.CastLike(op.Equal(cols, center), labels)
-    ignored = op.CastLike(op.Constant(value_int=ignore_label), labels)
+    same = op.CastLike(op.Equal(cols, center), whole)
+    ignored = op.CastLike(op.Constant(value_int=ignore_label), whole)
     use_ignore = op.Cast(op.Constant(value_int=has_ignore), to=BOOL.dtype)
     hits = op.And(use_ignore, op.Or(op.Equal(cols, ignored), op.Equal(center, ignored)))
     parity = op.Where(hits, ignored, same)
-    inside = InImage(labels, kernel_shape=kernel_shape, strides=strides, pads=pads,
+    inside = InImage(whole, kernel_shape=kernel_shape, strides=strides, pads=pads,
                      dilations=dilations)
     outside = op.Where(use_ignore, ignored,
-                       op.CastLike(op.Constant(value_float=NO_PAIR), labels))
+                       op.CastLike(op.Constant(value_float=NO_PAIR), whole))
     return op.Where(op.Gather(inside, ctr, axis=1), parity, outside)
 
 
@@ -274,22 +277,30 @@ OPERATORS = (PacDist, PacDistToCenter, PacConv2d, PacPool2d, LocalWeightedSum, I
 
 def _schema(fn: onnxscript.OnnxFunction) -> OpSchema:
     """The ONNX schema of a function's node: its tensor inputs (``Optional[...]`` ones
-    optional), one output and its attributes, with the same float type for all tensors."""
+    optional) and output with their type constraints, and its attributes."""
     hints = typing.get_type_hints(fn.function)
-    inputs, attributes = [], []
+    inputs, attributes, constraints = [], [], {}
+
+    def constrained(param) -> str:
+        tc = param.type_constraint
+        constraints[tc.name] = sorted(f"tensor({t.dtype.name.lower()})"
+                                      for t in tc.allowed_types)
+        return tc.name
+
     for param in fn.op_signature.params:
         if hasattr(param, "type_constraint"):
             optional = type(None) in typing.get_args(hints.get(param.name))
             option = (OpSchema.FormalParameterOption.Optional if optional
                       else OpSchema.FormalParameterOption.Single)
-            inputs.append(OpSchema.FormalParameter(param.name, "T", param_option=option))
+            inputs.append(OpSchema.FormalParameter(param.name, constrained(param),
+                                                   param_option=option))
         else:
             kind = OpSchema.AttrType.INTS if param.type.name == "INTS" else OpSchema.AttrType.INT
             attributes.append(OpSchema.Attribute(param.name, kind, required=param.required))
-    floats = ["tensor(float)", "tensor(double)", "tensor(float16)", "tensor(bfloat16)"]
+    (output,) = fn.op_signature.outputs
     return OpSchema(fn.name, DOMAIN, VERSION, fn.function.__doc__ or "", inputs=inputs,
-                    outputs=[OpSchema.FormalParameter("output", "T")],
-                    type_constraints=[("T", floats, "floating-point tensors")],
+                    outputs=[OpSchema.FormalParameter("output", constrained(output))],
+                    type_constraints=[(name, types, "") for name, types in constraints.items()],
                     attributes=attributes)
 
 
@@ -355,10 +366,18 @@ def _im2dist(emb, kernel, pad, stride, dilation, norm, remove_center, remove_bou
                                       remove_bounds=int(remove_bounds)))
 
 
+#: ONNX's codes of the float types (TensorProto.FLOAT, ...), by name.
+_FLOAT_TYPES = {"float32": 1, "float16": 10, "float64": 11, "bfloat16": 16,
+                "FLOAT": 1, "FLOAT16": 10, "DOUBLE": 11, "BFLOAT16": 16}
+
+
 def _im2parity(labels, kernel, pad, stride, dilation, has_ignore, ignore_label):
+    # the labels' float type, else the default float (a torch dtype, or an ONNX value's)
+    kind = str(labels.dtype).rsplit(".", 1)[-1]
+    dtype = _FLOAT_TYPES.get(kind, _FLOAT_TYPES[str(torch.get_default_dtype())[6:]])
     return Call(Im2parity, (labels,), dict(_geometry(kernel, stride, pad, dilation),
                                            has_ignore=int(has_ignore),
-                                           ignore_label=int(ignore_label)))
+                                           ignore_label=int(ignore_label), dtype=dtype))
 
 
 #: Forward op (qualified name) -> its lowering.
@@ -464,8 +483,8 @@ def standalone_model(call: Call, opset: int = MIN_OPSET):
         names.append(name)
     node = helper.make_node(call.function.name, names, ["output"], domain=DOMAIN,
                             **call.attributes)
-    output = helper.make_tensor_value_info("output", inputs[0].type.tensor_type.elem_type, [])
-    output.type.tensor_type.ClearField("shape")
+    output = helper.make_tensor_value_info("output", onnx.TensorProto.UNDEFINED, [])
+    output.type.tensor_type.ClearField("shape")  # type and shape: what ONNX infers
     graph = helper.make_graph([node], call.function.name, inputs, [output])
     functions = []
     for fn in used_functions([call.function.name]):

@@ -186,6 +186,15 @@ def test_im2parity(geometry, ignore_label):
     _check("pacnet::im2parity", args, want)
 
 
+@pytest.mark.parametrize("dtype", (torch.int64, torch.int32))
+def test_im2parity_of_integer_labels_is_float(dtype):
+    labels = torch.randint(0, 3, (1, 1, 6, 5), generator=_gen(7)).to(dtype)
+    labels[0, 0, 0, 0] = 255
+    want = S.im2parity(labels, 3, 1, 1, 1, ignore_label=255)
+    assert want.dtype == torch.get_default_dtype()
+    _check("pacnet::im2parity", (labels, (3, 3), (1, 1), (1, 1), (1, 1), True, 255), want)
+
+
 def test_functions_use_only_standard_ops_and_the_declared_domain():
     for fn in onnx_ops.used_functions([f.name for f in onnx_ops.OPERATORS]):
         proto = fn.to_function_proto()
