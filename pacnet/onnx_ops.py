@@ -101,7 +101,8 @@ def CenterTap(kernel_shape: List[int]) -> INT64:
 @onnxscript.script(_pacnet, default_opset=op)
 def InImage(x: TFloat, kernel_shape: List[int], strides: List[int], pads: List[int],
             dilations: List[int]) -> BOOL:
-    """Which taps lie inside the image: ``[1, kh*kw, oh, ow]`` booleans for an ``x [b, C, H, W]``."""
+    """Which taps lie inside the image: ``[1, kh*kw, oh, ow]`` booleans for an
+    ``x [b, C, H, W]``."""
     ones = op.Expand(op.CastLike(op.Constant(value_float=1.0), x),
                      op.Concat(op.Constant(value_ints=[1, 1]), op.Shape(x, start=2), axis=0))
     taps = Unfold(ones, kernel_shape=kernel_shape, strides=strides, pads=pads,

@@ -1,4 +1,4 @@
-"""`pacnet export` and pacnet.export_onnx: zoo nets and users' modules to ONNX for stock onnxruntime.
+"""`pacnet export` and pacnet.export_onnx: zoo nets and users' modules to ONNX, for onnxruntime.
 
 Exported files run in onnxruntime with no custom library and agree with PyTorch (random
 He-scaled weights, so every path matters); pacnet ops are ``pacnet::*`` nodes defined by
@@ -266,7 +266,8 @@ def test_verify_compares_nan_and_infinity_as_values(tmp_path):
 
     assert check(lambda t: t).max_abs == 0 and check(lambda t: t).ok
     off = check(lambda t: t + torch.tensor([0.0, 0.0, 0.0, 1e-3]))
-    assert off.max_abs == pytest.approx(1e-3, rel=1e-3) and off.max_rel == pytest.approx(5e-4, rel=1e-3)
+    assert off.max_abs == pytest.approx(1e-3, rel=1e-3)
+    assert off.max_rel == pytest.approx(5e-4, rel=1e-3)
     assert not off.ok and check(lambda t: t + torch.tensor([0, 0, 0, 1e-3]), rtol=1e-3).ok
     assert not check(lambda t: torch.nan_to_num(t, nan=0.0, posinf=float("inf"))).ok
     assert not check(lambda t: torch.tensor([1.0, float("nan"), 5.0, -2.0])).ok
@@ -397,7 +398,8 @@ def test_cli_dynamic_makes_every_dim_of_the_inputs_dynamic(tiny, tmp_path, capsy
     assert main(["export", tiny, "-o", str(path), "--weights", weights, "--dynamic",
                  "--verify"]) == 0
     out = capsys.readouterr().out
-    assert "inputs:  target N×1×h×w, guide N×3×H×W" in out and "note: dynamic: N, h, w, H, W" in out
+    assert "inputs:  target N×1×h×w, guide N×3×H×W" in out
+    assert "note: dynamic: N, h, w, H, W" in out
     session = ort.InferenceSession(str(path))
     for n, h in ((3, 6), (1, 2), (2, 9)):  # sizes it was not exported at
         gen = torch.Generator().manual_seed(n)
