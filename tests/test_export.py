@@ -77,7 +77,9 @@ def _zoo_inputs(name, small):
     net = pacnet.build(name, device="meta")
     if name.startswith("jointupsample/"):
         factor = net.inputs["guide"][-1] // net.inputs["target"][-1]
-        return {"target": (1, 1, small, small), "guide": (1, 3, small * factor, small * factor)}
+        big = small * factor
+        return {"target": net.inputs["target"][:2] + (small, small),
+                "guide": net.inputs["guide"][:2] + (big, big)}
     return {k: v[:2] + (small, small) for k, v in net.inputs.items()}
 
 
