@@ -22,7 +22,7 @@ from pacnet import __version__
 from pacnet.errors import PacnetError, UnusedVariableWarning
 
 # Verb modules in the order their commands are listed by --help.
-VERBS = ("build", "layers", "datasets", "convert", "hotswap", "train", "test", "time")
+VERBS = ("build", "layers", "datasets", "convert", "hotswap", "train", "test", "time", "export")
 
 DESCRIPTION = ("pacnet: a Caffe-style graph compiler for PyTorch. Nets are YAML (or Caffe "
                ".prototxt) graphs of primitive layers; pixel-adaptive, segmentation-aware and "

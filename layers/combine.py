@@ -373,7 +373,8 @@ def reshape_shape(dims: Sequence[int], axis: int, num_axes: int, shape: Shape) -
         elif d == -1:
             inferred = start + i
     if inferred is not None:
-        known = math.prod(d for i, d in enumerate(top) if i != inferred)
+        # lists, not generators: torch.compile traces this at every call
+        known = math.prod([d for i, d in enumerate(top) if i != inferred])
         total = math.prod(shape)
         if known == 0 or total % known:
             raise ValueError(f"cannot infer the -1 dim: {total} elements are not divisible by {known}")
@@ -381,7 +382,7 @@ def reshape_shape(dims: Sequence[int], axis: int, num_axes: int, shape: Shape) -
     if math.prod(top) != math.prod(shape):
         raise ValueError(f"{list(shape)} ({math.prod(shape)} elements) cannot become {top} "
                          f"({math.prod(top)} elements)")
-    return tuple(int(d) for d in top)
+    return tuple([int(d) for d in top])
 
 
 def _reshape_dims(spec) -> List[int]:

@@ -15,10 +15,11 @@ the three spatial axes, as in the N-D pooling of the Caffe forks for volumes (on
 ``kernel_size``/``stride``/``pad`` value for every axis or one per axis).
 
 Where PyTorch's ``max_pool2d``/``avg_pool2d`` (``3d``) with ``ceil_mode`` and
-``count_include_pad=True`` compute exactly that (p <= k/2 and the same output size), the
-module calls them.  Otherwise (p > k/2, which PyTorch rejects) it pads explicitly (-inf for
-MAX, 0 for AVE), pools with p = 0, crops to Caffe's size and divides AVE sums by Caffe's
-divisors.
+``count_include_pad=True`` compute exactly that for the input at hand (p <= k/2 and the
+same output size), the module calls them.  Otherwise (p > k/2, which PyTorch rejects), and
+whenever torch.export or torch.compile traces it, it pads explicitly to Caffe's windows
+(-inf for MAX, 0 for AVE; a negative pad crops), pools with p = 0 and rescales AVE means to
+Caffe's divisors.  Every size comes from the input, so one module serves any input size.
 
 One Caffe behaviour is refused: with pad 0, CEIL rounding and stride > kernel, Caffe can
 emit a last window that starts past the input (MAX gives -FLT_MAX, AVE divides by zero).
@@ -63,78 +64,99 @@ def _torch_pool_out(size: int, kernel: int, pad: int, stride: int, ceil: bool) -
     return out
 
 
-def ave_divisors(size: int, out: int, kernel: int, pad: int, stride: int) -> List[int]:
-    """Caffe's AVE divisor along one axis for each output index."""
-    divs = []
-    for i in range(out):
-        start = i * stride - pad
-        end = min(start + kernel, size + pad)
-        divs.append(end - start)
-    return divs
-
-
 class CaffePool(nn.Module):
     """MAX/AVE pooling over 2 or 3 spatial axes with Caffe's sizes and divisors (see the
-    module docstring).
+    module docstring), sized from each input.
 
-    ``explicit=False`` calls PyTorch's pooling directly (only valid where it agrees with
-    Caffe); ``explicit=True`` pads, pools with p = 0, crops and divides.  With ``mask``
-    (MAX only) it also returns Caffe's argmax top: the flat index of each maximum in its
-    input plane or volume (h*W + w, or (d*H + h)*W + w), as a float tensor.
+    ``kernel`` None pools every spatial axis whole (``global_pooling``).  ``explicit``:
+    None calls PyTorch's pooling where it agrees with Caffe for the input's size and pads
+    explicitly elsewhere (and always while torch.export/torch.compile trace it: PyTorch's
+    ``ceil_mode`` relies on a clip rule that ONNX's shape inference does not know); True
+    always pads, pools with p = 0 and divides; False always calls PyTorch's pooling (only
+    valid where it agrees with Caffe).  With ``mask`` (MAX only) it also returns Caffe's
+    argmax top: the flat index of each maximum in its input plane or volume (h*W + w, or
+    (d*H + h)*W + w), as a float tensor.
     """
 
-    def __init__(self, pool: str, kernel: Sizes, stride: Sizes, pad: Sizes, in_size: Sizes,
-                 out_size: Sizes, ceil: bool, explicit: bool, mask: bool = False) -> None:
+    def __init__(self, pool: str, kernel: Optional[Sizes], stride: Sizes, pad: Sizes,
+                 ceil: bool, explicit: Optional[bool] = None, mask: bool = False) -> None:
         super().__init__()
         self.pool, self.kernel, self.stride, self.pad = pool, kernel, stride, pad
-        self.in_size, self.out_size, self.ceil = in_size, out_size, ceil
-        self.explicit, self.mask = explicit, mask
-        # padding at the far end of each axis so that every Caffe window lies inside
-        self.extra = tuple(max(0, (o - 1) * s + k - p - n) for o, s, k, p, n in
-                           zip(out_size, stride, kernel, pad, in_size))
-        if explicit and pool == "AVE":
-            div = torch.ones((), dtype=torch.float64)
-            for axis in range(len(kernel)):
-                d = ave_divisors(in_size[axis], out_size[axis], kernel[axis], pad[axis],
-                                 stride[axis])
-                div = div[..., None] * torch.tensor(d, dtype=torch.float64)
-            self.register_buffer("divisor", div.float(), persistent=False)
+        self.ceil, self.explicit, self.mask = ceil, explicit, mask
+        self.clip = any(pad)
 
     def extra_repr(self) -> str:
-        return (f"{self.pool}, kernel={self.kernel}, stride={self.stride}, pad={self.pad}, "
-                f"out={self.out_size}, ceil={self.ceil}, explicit={self.explicit}")
+        kernel = "global" if self.kernel is None else self.kernel
+        return (f"{self.pool}, kernel={kernel}, stride={self.stride}, pad={self.pad}, "
+                f"ceil={self.ceil}, explicit={self.explicit}")
+
+    def _sizes(self, sizes):
+        """(kernel, Caffe's output size, the far-end padding (negative: a crop) that ends
+        the last window at the padded input's end), per axis; ints or symbolic sizes."""
+        kernel = tuple(sizes) if self.kernel is None else self.kernel
+        outs, extras = [], []
+        for n, k, s, p in zip(sizes, kernel, self.stride, self.pad):
+            num = n + 2 * p - k
+            out = (num + s - 1) // s + 1 if self.ceil else num // s + 1
+            if self.clip:  # Caffe drops a last window that starts in the padding
+                out = torch.sym_min(out, (n + p - 1) // s + 1)
+            outs.append(out)
+            extras.append((out - 1) * s + k - n - p)
+        return kernel, outs, extras
+
+    def _native_fits(self, sizes) -> bool:
+        """Whether PyTorch's own pooling computes Caffe's windows for this input size."""
+        kernel, outs, _ = self._sizes(sizes)
+        fits = all(p <= k // 2 and _torch_pool_out(n, k, p, s, self.ceil) == o
+                   for n, k, p, s, o in zip(sizes, kernel, self.pad, self.stride, outs))
+        if len(sizes) == 3 and self.pool == "AVE":
+            # avg_pool3d refuses an input smaller than the kernel, even when padded
+            fits = fits and all(n >= k for n, k in zip(sizes, kernel))
+        return fits
+
+    def native_path(self, sizes) -> bool:
+        """Whether an input of these spatial sizes goes through PyTorch's own pooling."""
+        if self.explicit is not None:
+            return not self.explicit
+        return not torch.compiler.is_compiling() and self._native_fits(tuple(sizes))
 
     def forward(self, x: torch.Tensor):
-        rank = len(self.kernel)
-        max_pool, avg_pool = _MAX_POOL[rank], _AVG_POOL[rank]
-        if not self.explicit:
+        sizes = tuple(x.shape[2:])
+        max_pool, avg_pool = _MAX_POOL[len(sizes)], _AVG_POOL[len(sizes)]
+        kernel, outs, extras = self._sizes(sizes)
+        if self.native_path(sizes):
             if self.pool == "MAX":
                 if self.mask:
-                    y, idx = max_pool(x, self.kernel, self.stride, self.pad, ceil_mode=self.ceil,
+                    y, idx = max_pool(x, kernel, self.stride, self.pad, ceil_mode=self.ceil,
                                       return_indices=True)
                     return y, idx.to(y.dtype)
-                return max_pool(x, self.kernel, self.stride, self.pad, ceil_mode=self.ceil)
-            return avg_pool(x, self.kernel, self.stride, self.pad, ceil_mode=self.ceil,
+                return max_pool(x, kernel, self.stride, self.pad, ceil_mode=self.ceil)
+            return avg_pool(x, kernel, self.stride, self.pad, ceil_mode=self.ceil,
                             count_include_pad=True)
         # F.pad lists (begin, end) pairs from the last axis backwards
-        padding = [q for p, e in zip(reversed(self.pad), reversed(self.extra)) for q in (p, e)]
-        crop = (slice(None), slice(None)) + tuple(slice(0, o) for o in self.out_size)
+        padding = [q for p, e in zip(reversed(self.pad), reversed(extras)) for q in (p, e)]
         if self.pool == "MAX":
             xp = F.pad(x, padding, value=float("-inf"))
-            if self.mask:
-                y, idx = max_pool(xp, self.kernel, self.stride, return_indices=True)
-                y, idx = y[crop], idx[crop]
-                # the flat index into the padded input -> into the input
-                flat, scale = torch.zeros_like(idx), 1
-                for padded, p, n in reversed(list(zip(xp.shape[2:], self.pad, self.in_size))):
-                    flat += (idx % padded - p) * scale
-                    idx = idx // padded
-                    scale *= n
-                return y, flat.to(y.dtype)
-            return max_pool(xp, self.kernel, self.stride)[crop]
-        xp = F.pad(x, padding)
-        sums = avg_pool(xp, self.kernel, self.stride, divisor_override=1)[crop]
-        return sums / self.divisor.to(sums.dtype)
+            if not self.mask:
+                return max_pool(xp, kernel, self.stride)
+            y, idx = max_pool(xp, kernel, self.stride, return_indices=True)
+            # the flat index into the padded input -> into the input
+            flat, scale = torch.zeros_like(idx), 1
+            for padded, p, n in reversed(list(zip(xp.shape[2:], self.pad, sizes))):
+                flat += (idx % padded - p) * scale
+                idx = idx // padded
+                scale *= n
+            return y, flat.to(y.dtype)
+        # AVE: the window mean times the window volume / Caffe's divisor, which is the
+        # product over the axes of min(k, n + 2p - i*s) (padded zeros count, the overhang not)
+        mean = avg_pool(F.pad(x, padding), kernel, self.stride)
+        divisor, volume = None, 1
+        for n, o, k, s, p in zip(sizes, outs, kernel, self.stride, self.pad):
+            count = torch.clamp(n + 2 * p - s * torch.arange(o, device=x.device, dtype=x.dtype),
+                                max=k)
+            divisor = count if divisor is None else divisor[..., None] * count
+            volume *= k
+        return mean * (volume / divisor)
 
 
 _POOL_INT = {"type": "integer", "minimum": 1}
@@ -259,19 +281,18 @@ class Pooling(Layer):
 
     def build(self, spec: LayerSpec, shapes: List[Shape], explicit: Optional[bool] = None) -> nn.Module:
         """The pooling module; ``explicit`` forces (True) or forbids (False) the padded
-        lowering, default: only where PyTorch's own pooling would differ from Caffe."""
+        lowering, default: only where PyTorch's own pooling would differ from Caffe for the
+        input at hand (:class:`CaffePool`)."""
         sizes, kernel, stride, pad, ceil, out = self._sizes(spec, shapes[0])
         native_ok = all(p <= k // 2 and _torch_pool_out(n, k, p, s, ceil) == o
                         for n, k, p, s, o in zip(sizes, kernel, pad, stride, out))
         if len(sizes) == 3 and spec["pool"] == "AVE":
             # avg_pool3d refuses an input smaller than the kernel, even when padded
             native_ok = native_ok and all(n >= k for n, k in zip(sizes, kernel))
-        if explicit is None:
-            explicit = not native_ok
-        elif not explicit and not native_ok:
+        if explicit is False and not native_ok:
             raise ValueError("PyTorch's pooling cannot reproduce Caffe here; use explicit=True")
-        return CaffePool(spec["pool"], kernel, stride, pad, sizes, out, ceil, explicit,
-                         mask=len(spec.tops) > 1)
+        return CaffePool(spec["pool"], None if spec["global_pooling"] else kernel, stride, pad,
+                         ceil, explicit, mask=len(spec.tops) > 1)
 
     def flops(self, spec: LayerSpec, shapes: List[Shape], out_shapes: List[Shape]) -> int:
         _, kernel, *_ = self._sizes(spec, shapes[0])

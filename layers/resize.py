@@ -14,11 +14,12 @@ PyTorch-era nets (PAC joint upsampling, mmseg heads, video and volume nets) use.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from pacnet.layers.common import (SPATIAL_AXES, blob_kind, check_same_rank, numel, per_axis,
                                   size_str, spatial_rank)
@@ -34,46 +35,60 @@ def _given(spec: LayerSpec, key: str) -> bool:
     return spec.get(key) is not None
 
 
+def interp_factors(spec: LayerSpec) -> Tuple[Optional[int], ...]:
+    """``(shrink_factor, zoom_factor, height, width)`` as written (None where not given)."""
+    return tuple(int(spec[k]) if _given(spec, k) else None
+                 for k in ("shrink_factor", "zoom_factor", "height", "width"))
+
+
+def interp_out(h_eff, w_eff, shrink: Optional[int], zoom: Optional[int], height: Optional[int],
+               width: Optional[int]) -> Optional[Tuple[Any, Any, str]]:
+    """Caffe's Interp output size for an effective (cropped) input of ``h_eff x w_eff``
+    (ints, or symbolic sizes while tracing) and the rule used; None if no rule applies."""
+    if shrink is not None and zoom is None:
+        return (h_eff - 1) // shrink + 1, (w_eff - 1) // shrink + 1, "shrink_factor"
+    if zoom is not None and shrink is None:
+        return h_eff + (h_eff - 1) * (zoom - 1), w_eff + (w_eff - 1) * (zoom - 1), "zoom_factor"
+    if height is not None and width is not None:
+        return height, width, "height"
+    if shrink is not None and zoom is not None:
+        h, w = (h_eff - 1) // shrink + 1, (w_eff - 1) // shrink + 1
+        return h + (h - 1) * (zoom - 1), w + (w - 1) * (zoom - 1), "shrink_factor"
+    return None
+
+
 def interp_size(spec: LayerSpec, h_eff: int, w_eff: int) -> Tuple[int, int, str]:
     """Caffe's Interp output size for an effective (cropped) input, and the rule used."""
-    has_s, has_z = _given(spec, "shrink_factor"), _given(spec, "zoom_factor")
-    if has_s and not has_z:
-        s = int(spec["shrink_factor"])
-        return (h_eff - 1) // s + 1, (w_eff - 1) // s + 1, "shrink_factor"
-    if has_z and not has_s:
-        z = int(spec["zoom_factor"])
-        return h_eff + (h_eff - 1) * (z - 1), w_eff + (w_eff - 1) * (z - 1), "zoom_factor"
-    if _given(spec, "height") and _given(spec, "width"):
-        return int(spec["height"]), int(spec["width"]), "height"
-    if has_s and has_z:
-        s, z = int(spec["shrink_factor"]), int(spec["zoom_factor"])
-        h, w = (h_eff - 1) // s + 1, (w_eff - 1) // s + 1
-        return h + (h - 1) * (z - 1), w + (w - 1) * (z - 1), "shrink_factor"
-    raise spec.error("Interp needs shrink_factor, zoom_factor, or height and width",
-                     key="height" if _given(spec, "height") or _given(spec, "width") else None,
-                     hint="give e.g. 'zoom_factor: 8' or both 'height' and 'width'")
+    out = interp_out(h_eff, w_eff, *interp_factors(spec))
+    if out is None:
+        raise spec.error("Interp needs shrink_factor, zoom_factor, or height and width",
+                         key="height" if _given(spec, "height") or _given(spec, "width") else None,
+                         hint="give e.g. 'zoom_factor: 8' or both 'height' and 'width'")
+    return out
 
 
 class InterpModule(nn.Module):
-    """Crop ``[-pad_beg, -pad_beg + H_eff)`` on both axes, then bilinear align-corners resize
-    to ``size`` (or to the spatial size of a second bottom)."""
+    """Crop ``[-pad_beg, H + pad_end)`` on both axes, then bilinear align-corners resize to
+    Caffe's size for the cropped input (``factors``: see :func:`interp_out`), or to the
+    spatial size of a second bottom."""
 
-    def __init__(self, offset: int, eff_hw: Tuple[int, int], size: Optional[Tuple[int, int]]) -> None:
+    def __init__(self, pad_beg: int, pad_end: int, factors: Tuple[Optional[int], ...]) -> None:
         super().__init__()
-        self.offset, self.eff_hw, self.size = offset, eff_hw, size
+        self.pad_beg, self.pad_end, self.factors = pad_beg, pad_end, factors
 
     def forward(self, x: torch.Tensor, like: Optional[torch.Tensor] = None) -> torch.Tensor:
-        o, (he, we) = self.offset, self.eff_hw
         if not x.is_floating_point():  # Caffe blobs are floats; labels pass through as floats
             x = x.to(torch.get_default_dtype())
-        x = x[:, :, o:o + he, o:o + we]
-        size = self.size if like is None else tuple(like.shape[2:4])
-        if tuple(size) == (he, we):  # Caffe copies when the sizes are equal
-            return x
+        crop = self.pad_beg + self.pad_end
+        he, we = x.shape[2] + crop, x.shape[3] + crop
+        x = x[:, :, -self.pad_beg:he - self.pad_beg, -self.pad_beg:we - self.pad_beg]
+        size = tuple(like.shape[2:4]) if like is not None else interp_out(he, we, *self.factors)[:2]
+        if statically_known_true(size[0] == he) and statically_known_true(size[1] == we):
+            return x  # Caffe copies when the sizes are equal
         return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
 
     def extra_repr(self) -> str:
-        return f"crop_offset={self.offset}, eff={self.eff_hw}, size={self.size}"
+        return f"pad_beg={self.pad_beg}, pad_end={self.pad_end}, factors={self.factors}"
 
 
 @register("Interp")
@@ -150,9 +165,8 @@ class Interp(Layer):
         return [(shape[0], shape[1], ho, wo)]
 
     def build(self, spec: LayerSpec, shapes: List[Shape]) -> nn.Module:
-        out = self.infer(spec, shapes)[0]
-        size = None if len(shapes) > 1 else (out[2], out[3])
-        return InterpModule(-int(spec["pad_beg"]), self._eff(spec, shapes[0]), size)
+        self.infer(spec, shapes)
+        return InterpModule(int(spec["pad_beg"]), int(spec["pad_end"]), interp_factors(spec))
 
     def flops(self, spec: LayerSpec, shapes: List[Shape], out_shapes: List[Shape]) -> int:
         return 8 * numel(out_shapes[0])  # 4 multiply-adds per output value
@@ -332,18 +346,19 @@ class Resize(Layer):
 
 
 class CropModule(nn.Module):
-    """``a[..., o_i : o_i + size_i, ...]`` on the axes from ``axis`` on; ``b`` gives the sizes."""
+    """``a[..., o_i : o_i + size_i, ...]`` on the axes from ``axis`` on, ``size_i`` = ``b``'s."""
 
-    def __init__(self, axis: int, offsets: Tuple[int, ...], sizes: Tuple[int, ...]) -> None:
+    def __init__(self, axis: int, offsets: Tuple[int, ...]) -> None:
         super().__init__()
-        self.axis, self.offsets, self.sizes = axis, offsets, sizes
+        self.axis, self.offsets = axis, offsets
 
-    def forward(self, a: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
-        index = [slice(None)] * self.axis + [slice(o, o + s) for o, s in zip(self.offsets, self.sizes)]
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        sizes = b.shape[self.axis:]
+        index = [slice(None)] * self.axis + [slice(o, o + s) for o, s in zip(self.offsets, sizes)]
         return a[tuple(index)]
 
     def extra_repr(self) -> str:
-        return f"axis={self.axis}, offsets={self.offsets}, sizes={self.sizes}"
+        return f"axis={self.axis}, offsets={self.offsets}"
 
 
 @register("Crop")
@@ -406,7 +421,8 @@ class Crop(Layer):
         return [tuple(shapes[0][:axis]) + sizes]
 
     def build(self, spec: LayerSpec, shapes: List[Shape]) -> nn.Module:
-        return CropModule(*self._plan(spec, shapes))
+        axis, offsets, _ = self._plan(spec, shapes)
+        return CropModule(axis, offsets)
 
     def flops(self, spec: LayerSpec, shapes: List[Shape], out_shapes: List[Shape]) -> int:
         return 0

@@ -70,7 +70,7 @@ class SegawareConvolution(Layer):
     def infer(self, spec, shapes):
         spatial_rank(spec, shapes[0], "x bottom", ranks=(2,))
         geo = ConvGeometry.of(spec, 2)
-        (n, c, h, w), mask = shapes[0], shapes[1]
+        (n, _, h, w), mask = shapes[0], shapes[1]
         oh, ow = geo.out_size((h, w))
         expected = (n, numel(geo.kernel), oh, ow)
         if tuple(mask) != expected:

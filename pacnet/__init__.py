@@ -32,6 +32,7 @@ _LAZY = {
     "PacCRFLoose": ("pacnet.crf", "PacCRFLoose"),
     "create_YXRGB": ("pacnet.crf", "create_YXRGB"),
     "create_position_feats": ("pacnet.crf", "create_position_feats"),
+    "export_onnx": ("pacnet.export", "export_onnx"),
 }
 
 __all__ = ["PacnetError", "PacnetValueError", "__version__", *_LAZY]

@@ -60,13 +60,29 @@ def build(source: Source, *, inputs: Optional[Mapping[str, Sequence[int]]] = Non
     if fuse:
         for name, fn in passes():
             graph = fn(graph, input_shapes)
-    shapes = infer_shapes(graph, input_shapes)
-    net = compile_graph(graph, input_shapes, shapes, device=device)
+    net = _compile(graph, input_shapes, device)
     if debug_level() >= 1:
         log.warning("pacnet: %s", describe(net))
     if debug_level() >= 2:
         log.warning("pacnet: generated code:\n%s", net.code)
     return net
+
+
+def _compile(graph: Graph, input_shapes: Mapping[str, Sequence[int]], device: Any) -> Net:
+    shapes = infer_shapes(graph, input_shapes)
+    return compile_graph(graph, input_shapes, shapes, device=device)
+
+
+def reshape(net: Net, inputs: Mapping[str, Sequence[int]]) -> Net:
+    """The same net (graph, weights, mode) compiled for other input shapes, e.g.
+    ``{"data": (2, 3, 65, 65)}`` (unnamed inputs keep theirs; symbolic dims bind as in
+    :func:`build`).  A located ShapeError if a layer does not fit the new shapes."""
+    given = {name: tuple(shape) for name, shape in net.inputs.items()}
+    given.update({name: tuple(shape) for name, shape in inputs.items()})
+    device = next((t.device for t in net.state_dict().values()), None)
+    other = _compile(net.ir, bind_inputs(net.ir, given), device)
+    other.load_state_dict(net.state_dict())
+    return other.train(net.training)
 
 
 @dataclass(frozen=True)

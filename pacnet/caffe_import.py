@@ -49,7 +49,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from pacnet import registry
 from pacnet.errors import LoadError, Location, did_you_mean
-from pacnet.prototxt import Field, Ident, Message, parse, read_text
+from pacnet.prototxt import Field, Message, parse, read_text
 
 __all__ = [
     "load_prototxt", "convert", "convert_text", "convert_to_yaml_text", "unknown_types",
@@ -538,7 +538,7 @@ class _Converter:
                     for g in f.value:
                         if g.name == "name":
                             if g.kind != "string":
-                                raise self.err(f"param name must be a quoted string", g, layer=who)
+                                raise self.err("param name must be a quoted string", g, layer=who)
                             spec["name"] = g.value
                         elif g.name in ("lr_mult", "decay_mult"):
                             if g.kind not in ("int", "float"):

@@ -23,6 +23,7 @@ from pacnet.errors import GraphError, PacnetError
 from pacnet.frozen import FrozenDict
 from pacnet.graph import BlobRef, Graph, Node
 from pacnet.schema import ParamSpec
+from pacnet.shape_guard import check_input_shapes, guard_hook
 from pacnet.shapes import Shape, latest_shapes
 
 
@@ -217,6 +218,11 @@ class Net(fx.GraphModule):
     ``blob_shapes`` (every version), ``config`` (the resolved net file, including
     ``solver:``/``data:``), and ``code`` (the generated Python source of ``forward``).
 
+    Called at input shapes other than the build's, a Net first checks that every layer
+    computes at those shapes what the file says (:meth:`check_input_shapes`): a net of
+    convolutions runs at any valid size, one whose layers depend on the build's sizes is
+    refused with an error naming the layer.
+
     A Net deep-copies, pickles and ``torch.save``s like any module: the copy is a Net with
     the same layers, weights, buffers and mode (forward hooks are not copied).
     """
@@ -231,6 +237,13 @@ class Net(fx.GraphModule):
             term = outputs[name].sum() * weight
             total = term if total is None else total + term
         return total
+
+    def check_input_shapes(self, shapes: Mapping[str, Shape]) -> None:
+        """Raise a :class:`~pacnet.errors.PacnetError` unless the net, as built, computes
+        what its file says at these input shapes (input blob -> shape; see
+        :mod:`pacnet.shape_guard`).  Every call of the net runs this check for input shapes
+        other than the build's (once per distinct shapes)."""
+        check_input_shapes(self, shapes)
 
     def __reduce__(self):
         facts = {name: getattr(self, name) for name in NET_FACTS}
@@ -250,6 +263,7 @@ def _assemble(modules: Mapping[str, nn.Module], facts: Mapping[str, Any], traini
     net = Net(root, build_fx_graph(graph), class_name=_identifier(graph.name))
     for name in NET_FACTS:
         setattr(net, name, facts[name])
+    net.register_forward_pre_hook(guard_hook, with_kwargs=True)
     return net.train(training)
 
 

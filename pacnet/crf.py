@@ -34,7 +34,8 @@ built; what autograd keeps per step and kernel is the (blurred) ``Q`` and ``K``.
 autograd (``torch.no_grad()``), a step refills the previous step's logQ buffer and the
 messages of kernels without compat conv or blur are added to it in place by
 ``pac_conv2d_add_`` (no message-sized temporary; the messenger module itself, and so any
-hook on it, is bypassed there).
+hook on it, is bypassed there); under ``torch.compile``/``torch.export`` the out-of-place
+steps are traced instead.
 
 ``forward(..., reference=True)`` runs the same mean-field loop with the plain-torch
 oracles of :mod:`pacnet.kernels.pac.reference` instead (the unfolded ``Q`` times ``K``,
@@ -118,6 +119,8 @@ Tensors = Union[torch.Tensor, Sequence[Optional[torch.Tensor]]]
 # ----------------------------------------------------------------------------- argument checks
 
 def _int(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, torch.SymInt):  # a size while torch.export/torch.compile traces
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise PacnetValueError(f"{name} must be an int, got {value!r}")
     if value < minimum:
@@ -497,8 +500,10 @@ class PacCRF(nn.Module):
         # Without autograd, the Q and logQ buffers of the first step are refilled by the next
         # steps (never the caller's unary or logQ), and plain PAC messages are accumulated
         # into logQ by pac_conv2d_add_ without a message-sized temporary: the loop then
-        # allocates nothing large after its first step.
-        inference = not torch.is_grad_enabled()
+        # allocates nothing large after its first step.  Not while torch.compile/torch.export
+        # traces: the in-place path reads the pairwise weights as Python floats, which a
+        # traced graph cannot do (the out-of-place path computes the same).
+        inference = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
         owned = False
         Q = None
         for _ in range(self.num_steps):

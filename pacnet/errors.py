@@ -129,6 +129,11 @@ class OutputError(PacnetError):
     full disk."""
 
 
+class ExportError(PacnetError):
+    """A net or module cannot be exported (an op or layer with no ONNX translation, a shape
+    that cannot be dynamic, a file that cannot be written)."""
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> Optional[str]:
     """Return a "did you mean ...?" hint for ``word`` among ``choices``, or None."""
     close = difflib.get_close_matches(str(word), list(choices), n=3, cutoff=0.6)

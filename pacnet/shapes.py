@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import operator
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from pacnet import registry
 from pacnet.errors import PacnetError, PacnetValueError, SchemaError, ShapeError, did_you_mean

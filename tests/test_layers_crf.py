@@ -131,7 +131,7 @@ def test_net_from_yaml_has_the_original_names_under_the_layer(tmp_path):
     assert out.shape == (1, 3, 9, 10)
     torch.testing.assert_close(out.sum(1), torch.ones(1, 9, 10, dtype=D64))
     # features of the wrong size at run time: a PacnetError naming the layer
-    with pytest.raises(PacnetError, match=r"layer 'crf' \(PacCRF\).*edge_feat"):
+    with pytest.raises(PacnetError, match=r"layer 'crf' \(PacCRF\).*edge features"):
         net(rand(1, 3, 9, 10), rand(1, 3, 9, 11))
 
 

@@ -56,7 +56,8 @@ def checked(code):
 
 
 @pytest.mark.parametrize("index", range(len(blocks("python"))))
-def test_python_blocks_run_and_print_what_they_say(index):
+def test_python_blocks_run_and_print_what_they_say(index, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where the blocks write their files
     code = blocks("python")[index]
     assert all(_PRINT.match(line) for line in code.splitlines() if line.startswith("print("))
     exec(compile(checked(code), f"README.md python block {index}", "exec"), {})

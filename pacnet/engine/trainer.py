@@ -843,6 +843,15 @@ def _weights_files(weights: Any) -> List[str]:
     return out
 
 
+def apply_weights(net: torch.nn.Module, weights: str) -> str:
+    """Copy ``weights`` (files as for :func:`_weights_files`, mapped by :mod:`pacnet.weights`)
+    into ``net``, which must find every one of its blobs there (entries it lacks, such as
+    train-only blobs, are skipped); returns the files used."""
+    files = _weights_files(weights)
+    load_weights(net, files, strict=True, allow_unused=True)
+    return ", ".join(files)
+
+
 def test(source: Any, weights: Optional[str], *, vars: Optional[Mapping[str, Any]] = None,
          overrides: Optional[Mapping[str, Any]] = None, device: Any = None, split: str = "test",
          out_dir: Optional[str] = None, max_batches: Optional[int] = None, on_event: OnEvent = None,
@@ -865,12 +874,7 @@ def test(source: Any, weights: Optional[str], *, vars: Optional[Mapping[str, Any
     names = _input_names(tree, "test", src)
     kw = dict(phase="test", vars=vars, overrides=overrides, fuse=fuse)
     net = build(source, inputs=batch_shapes(dataset, names, opts["batch_size"]), **kw).to(dev)
-    loaded = None
-    if weights is not None:
-        files = _weights_files(weights)
-        # every blob of the test net from the files; entries it lacks (train-only blobs) are skipped
-        load_weights(net, files, strict=True, allow_unused=True)
-        loaded = ", ".join(files)
+    loaded = None if weights is None else apply_weights(net, weights)
     evaluator = Evaluator(opts, _outputs(net), net.loss_weights, source=src)
     order = list(range(info.rank, len(dataset), info.world_size))
     loader = make_loader(dataset, batch_size=opts["batch_size"], train=False, rank=info.rank,
