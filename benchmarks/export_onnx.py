@@ -3,7 +3,7 @@
 Two parts, each timed in one process with both sides warmed up and interleaved, medians of
 ``--repeats`` runs, 2 threads for torch, Numba and onnxruntime:
 
-``unfold``: which formulation of a PAC convolution (``pac_conv2d``: unfold the input,
+``unfold``: which formulation of a PAC convolution (``pac_conv``: unfold the input,
 scale the taps by K, contract with the weight) runs fastest in onnxruntime.  Every
 formulation is a plain ONNX graph of the same op, checked against a NumPy reference:
 
@@ -48,7 +48,7 @@ def _graph(nodes, x_shape, k_shape, y_shape, inits):
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
-        nodes, "pac_conv2d",
+        nodes, "pac_conv",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape)),
          helper.make_tensor_value_info("K", TensorProto.FLOAT, list(k_shape))],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(y_shape))], initializer=inits)
@@ -181,7 +181,7 @@ def bench_unfold(repeats: int) -> None:
         (1, 32, 32, 68, 5, 0), (1, 32, 32, 132, 5, 0), (1, 32, 32, 260, 5, 0),
         (1, 21, 21, 128, 5, 2)]
     rng = np.random.default_rng(0)
-    print(f"pac_conv2d formulations in onnxruntime {_ort_version()}, {THREADS} threads, "
+    print(f"pac_conv formulations in onnxruntime {_ort_version()}, {THREADS} threads, "
           f"median of {repeats} (ms):")
     names = list(FORMULATIONS)
     print(f"{'case':30s}" + "".join(f"{n:>10s}" for n in names) + "   fastest")

@@ -1,27 +1,30 @@
-"""Pixel-adaptive layers: ``PacConv``, ``PacConvTranspose``, ``PacPool`` and ``PacKernel``.
+"""Pixel-adaptive layers: ``PacConv``, ``PacConvTranspose``, ``PacPool`` and ``PacKernel``,
+on 4-D (N x C x H x W) and 5-D (N x C x D x H x W: volumes, video clips) bottoms.
 
 The built modules *are* :class:`pacnet.pac.PacConv2d` / ``PacConvTranspose2d`` /
-``PacPool2d`` (subclassed only to take the bottoms positionally), so a layer's
-``state_dict`` keys are ``<layer>.weight``, ``<layer>.bias``, ``<layer>.inv_alpha``,
-``<layer>.inv_lambda``, ``<layer>.smooth_kernel`` with the original NVlabs/pacnet names
-and shapes: an original module's weights load into a layer unchanged.
+``PacPool2d`` (their ``...3d`` twins for 5-D bottoms; subclassed only to take the bottoms
+positionally), so a layer's ``state_dict`` keys are ``<layer>.weight``, ``<layer>.bias``,
+``<layer>.inv_alpha``, ``<layer>.inv_lambda``, ``<layer>.smooth_kernel`` with the original
+NVlabs/pacnet names and shapes: an original module's weights load into a layer unchanged.
 
-Bottoms of the PAC layers: ``input`` (N x C x H x W) then either
+The number of spatial axes r (2 or 3) comes from the input (bottom 1), as for Caffe's N-D
+Convolution.  Bottoms of the PAC layers: ``input`` (N x C x *sizes) then either
 
-* a **guide** (4-D, N x Cg x H x W; for ``PacConvTranspose`` at the *output* size), from
-  which the layer computes its adaptive kernel, optionally followed by a **mask**
-  (N x 1 x H x W at the input size, 1 = valid; then a second top may return the output
-  mask N x 1 x H' x W'), or
-* a precomputed **kernel** K (6-D, N x 1 x kh x kw x H' x W', e.g. the top of a
-  ``PacKernel`` layer, so one K can feed several PAC layers).
+* a **guide** of the input's rank (N x Cg x *sizes; for ``PacConvTranspose`` at the
+  *output* size), from which the layer computes its adaptive kernel, optionally followed by
+  a **mask** (N x 1 x *sizes at the input size, 1 = valid; then a second top may return
+  the output mask N x 1 x *out), or
+* a precomputed **kernel** K ((2+2r)-D: N x 1 x *k x *out, e.g. the top of a ``PacKernel``
+  layer, so one K can feed several PAC layers).
 
-Which one is decided by the rank of the second bottom: 4-D is a guide, 6-D a kernel
-(the two cannot be confused, so no parameter is needed).
+Which one is decided by the rank of the second bottom: (2+r)-D is a guide, (2+2r)-D a
+kernel (the two cannot be confused, so no parameter is needed).
 
-Parameter names follow Caffe where it has them: ``num_output``, ``kernel_size`` /
-``kernel_h`` + ``kernel_w``, ``pad`` / ``pad_h`` + ``pad_w``, ``stride`` / ``stride_h`` +
-``stride_w``, ``dilation``, ``bias_term``, ``weight_filler``, ``bias_filler``; the
-transposed layer's extra rows/columns are ``output_pad`` (PyTorch's ``output_padding``).
+Parameter names follow Caffe where it has them: ``num_output``, ``kernel_size``, ``pad``,
+``stride``, ``dilation`` (one value for every spatial axis, or one per axis: ``[h, w]``,
+``[d, h, w]``; 2-D also ``kernel_h`` + ``kernel_w``, ``pad_h`` + ``pad_w``, ``stride_h`` +
+``stride_w``), ``bias_term``, ``weight_filler``, ``bias_filler``; the transposed layer's
+extra rows/columns (planes) are ``output_pad`` (PyTorch's ``output_padding``).
 The PAC-specific ones keep the original's names: ``kernel_type``, ``smooth_kernel_type``,
 ``normalize_kernel``, ``shared_filters``, ``channel_wise``, and ``filler`` (the original's
 named initialisations: uniform, linear, crf, crf_perturbed, pool, crf_pool).  A Caffe
@@ -39,8 +42,9 @@ from torch import nn
 
 from pacnet import pac
 from pacnet.errors import PacnetValueError
-from pacnet.layers.common import (POSITIVE_INT, conv_out, fill_, filler, filler_problem,
-                                  int_or_pair, numel, spatial_pair)
+from pacnet.layers.common import (POSITIVE_INT, ConvGeometry, blob_kind, fill_, filler,
+                                  filler_problem, int_or_list, numel, per_axis, size_str,
+                                  spatial_rank, written_rank)
 from pacnet.registry import Layer, LayerSpec, Shape, register
 
 # ----------------------------------------------------------------------------- schema
@@ -51,19 +55,22 @@ def _int(description: str, minimum: int) -> dict:
 
 
 GEOMETRY = {
-    "kernel_size": int_or_pair("filter size (odd), one value or [h, w] (or kernel_h/kernel_w)",
+    "kernel_size": int_or_list("filter size (odd): one value for every spatial axis, or one "
+                               "per axis ([h, w] or [d, h, w]); 2-D also kernel_h/kernel_w",
                                minimum=1),
-    "kernel_h": _int("filter height (with kernel_w, instead of kernel_size)", 1),
-    "kernel_w": _int("filter width (with kernel_h, instead of kernel_size)", 1),
-    "pad": int_or_pair("zero padding on both sides, one value or [h, w] (default 0); at most "
-                       "dilation*(kernel_size-1)/2 except for transposed layers"),
-    "pad_h": _int("padding of the height (with pad_w, instead of pad)", 0),
-    "pad_w": _int("padding of the width (with pad_h, instead of pad)", 0),
-    "stride": int_or_pair("stride, one value or [h, w] (default 1)", minimum=1),
-    "stride_h": _int("vertical stride (with stride_w, instead of stride)", 1),
-    "stride_w": _int("horizontal stride (with stride_h, instead of stride)", 1),
-    "dilation": int_or_pair("spacing of the filter taps, one value or [h, w] (default 1)",
-                            minimum=1),
+    "kernel_h": _int("filter height (2-D, with kernel_w, instead of kernel_size)", 1),
+    "kernel_w": _int("filter width (2-D, with kernel_h, instead of kernel_size)", 1),
+    "pad": int_or_list("zero padding on both sides: one value for every axis or one per axis "
+                       "(default 0); at most dilation*(kernel_size-1)/2 except for transposed "
+                       "layers"),
+    "pad_h": _int("padding of the height (2-D, with pad_w, instead of pad)", 0),
+    "pad_w": _int("padding of the width (2-D, with pad_h, instead of pad)", 0),
+    "stride": int_or_list("stride: one value for every axis or one per axis (default 1)",
+                          minimum=1),
+    "stride_h": _int("vertical stride (2-D, with stride_w, instead of stride)", 1),
+    "stride_w": _int("horizontal stride (2-D, with stride_h, instead of stride)", 1),
+    "dilation": int_or_list("spacing of the filter taps: one value for every axis or one per "
+                            "axis (default 1)", minimum=1),
 }
 
 KERNEL_PARAMS = {
@@ -75,17 +82,18 @@ KERNEL_PARAMS = {
                                    "count) and '_fixed' (alpha, lambda constant)"},
     "smooth_kernel_type": {"type": "string", "default": "none",
                            "description": "centre feature: 'none' (the centre tap), "
-                                          "'gaussian' (fixed 3x3 binomial), 'average_{w}' "
-                                          "(fixed w x w box) or 'full_{w}' (learnable w x w) "
-                                          "smoothing of the guide; w odd"},
+                                          "'gaussian' (fixed binomial 1/4, 1/2, 1/4 on every "
+                                          "axis), 'average_{w}' (fixed box of width w) or "
+                                          "'full_{w}' (learnable, width w) smoothing of the "
+                                          "guide; w odd"},
     "normalize_kernel": {"type": "boolean", "default": False,
-                         "description": "divide the kernel by its sum over the in-image taps "
+                         "description": "divide the kernel by its sum over the in-input taps "
                                         "(a weighted average instead of a weighted sum)"},
 }
 
-OUTPUT_PAD = int_or_pair("extra rows/columns at the bottom/right of a transposed output "
-                         "(PyTorch's output_padding), smaller than stride or dilation",
-                         default=0)
+OUTPUT_PAD = int_or_list("extra rows/columns (planes) at the end of each axis of a transposed "
+                         "output (PyTorch's output_padding): one value for every axis or one "
+                         "per axis, smaller than stride or dilation", default=0)
 
 CONV_PARAMS = {
     "num_output": {**POSITIVE_INT, "description": "number of output channels O"},
@@ -94,13 +102,14 @@ CONV_PARAMS = {
                   "description": "add a learned bias per output channel"},
     **KERNEL_PARAMS,
     "shared_filters": {"type": "boolean", "default": False,
-                       "description": "one k x k filter applied depthwise (needs num_output = "
-                                      "input channels); weight blob 1 x 1 x kh x kw"},
+                       "description": "one filter applied depthwise (needs num_output = input "
+                                      "channels); weight blob 1 x 1 x *kernel"},
     "filler": {"enum": list(pac._FILLERS), "default": "uniform",
-               "description": "the original's initialisation: uniform U(+-1/sqrt(C*kh*kw)) "
-                              "(times C when shared), linear (bilinear upsampling, transposed "
-                              "only), crf / crf_perturbed (PacCRF), pool / crf_pool (fixed "
-                              "ones, without the centre for crf_pool; needs shared_filters)"},
+               "description": "the original's initialisation: uniform U(+-1/sqrt(C*prod(k))) "
+                              "(times C when shared), linear (bilinear/trilinear upsampling, "
+                              "transposed only), crf / crf_perturbed (PacCRF; square/cubic "
+                              "kernels), pool / crf_pool (fixed ones, without the centre for "
+                              "crf_pool; needs shared_filters)"},
     # No default: absent means "use the PAC filler".
     "weight_filler": {k: v for k, v in filler("Caffe filler of the weight blob; replaces "
                                               "'filler' when written").items() if k != "default"},
@@ -111,36 +120,68 @@ CONV_PARAMS = {
 
 # ----------------------------------------------------------------------------- helpers
 
+_FORMS = ConvGeometry.FORMS + (("output_pad", None, None),)
+
 
 class _Geometry:
-    def __init__(self, spec: LayerSpec, transposed: bool = False) -> None:
-        self.kernel = spatial_pair(spec, "kernel_size", "kernel_h", "kernel_w", None)
-        self.pad = spatial_pair(spec, "pad", "pad_h", "pad_w", 0)
-        self.stride = spatial_pair(spec, "stride", "stride_h", "stride_w", 1)
-        self.dilation = spatial_pair(spec, "dilation", "dilation_h", "dilation_w", 1)
+    """A PAC layer's window for ``rank`` spatial axes: Caffe's geometry
+    (:class:`~pacnet.layers.common.ConvGeometry`) and the transposed layer's ``output_pad``."""
+
+    def __init__(self, spec: LayerSpec, rank: int, transposed: bool = False) -> None:
+        geo = ConvGeometry.of(spec, rank)
+        self.rank, self.transposed = rank, transposed
+        self.kernel, self.pad, self.stride, self.dilation = (geo.kernel, geo.pad, geo.stride,
+                                                             geo.dilation)
         op = spec.get("output_pad", 0) if transposed else 0
-        if isinstance(op, int):
-            self.output_pad = (op, op)
-        else:
-            self.output_pad = (int(op[0]), int(op[-1]))
-        self.transposed = transposed
+        self.output_pad = per_axis(spec, "output_pad", op if isinstance(op, list) else [op],
+                                   rank)
+        self._conv = geo
 
-    def out_size(self, hw) -> Tuple[int, int]:
+    @classmethod
+    def as_written(cls, spec: LayerSpec, transposed: bool) -> "_Geometry":
+        """The geometry before any bottom is known (for ``check()``): lists give the rank;
+        single values stand for every axis (checked as one axis)."""
+        return cls(spec, written_rank(spec, _FORMS if transposed else ConvGeometry.FORMS) or 1,
+                   transposed)
+
+    def out_size(self, sizes) -> Tuple[int, ...]:
         if self.transposed:
-            return tuple((hw[i] - 1) * self.stride[i] - 2 * self.pad[i]
-                         + self.dilation[i] * (self.kernel[i] - 1) + 1 + self.output_pad[i]
-                         for i in range(2))
-        return tuple(conv_out(hw[i], self.kernel[i], self.pad[i], self.stride[i], self.dilation[i])
-                     for i in range(2))
+            return self._conv.transposed_out_size(sizes, self.output_pad)
+        return self._conv.out_size(sizes)
 
-    def nonempty_out_size(self, spec: LayerSpec, hw, what: str = "input") -> Tuple[int, int]:
+    def nonempty_out_size(self, spec: LayerSpec, sizes, what: str = "input") -> Tuple[int, ...]:
         """:meth:`out_size`, refused with the layer's shape error when it would be empty."""
-        out_hw = self.out_size(hw)
-        if min(out_hw) < 1:
-            raise spec.shape_error(f"output would be empty ({out_hw[0]}x{out_hw[1]}) for {what} "
-                                   f"{hw[0]}x{hw[1]}", hint=f"use a larger {what} or a smaller "
-                                                            f"kernel, dilation or pad")
-        return out_hw
+        out = self.out_size(sizes)
+        if min(out) < 1:
+            raise spec.shape_error(f"output would be empty ({size_str(out)}) for {what} "
+                                   f"{size_str(sizes)}", hint=f"use a larger {what} or a smaller "
+                                                              f"kernel, dilation or pad")
+        return out
+
+    def in_size(self, spec: LayerSpec, guide_sizes) -> Tuple[int, ...]:
+        """The input size of a transposed layer whose output (guide) size is ``guide_sizes``
+        (the guide's own size when not transposed)."""
+        if not self.transposed:
+            return tuple(guide_sizes)
+        low = []
+        for i, n in enumerate(guide_sizes):
+            span = n - self.output_pad[i] - 1 - (self.kernel[i] - 1) * self.dilation[i] \
+                + 2 * self.pad[i]
+            if span < 0 or span % self.stride[i]:
+                raise spec.shape_error(
+                    f"a guide of size {size_str(guide_sizes)} is not the output size of a "
+                    f"transposed convolution with kernel_size {list(self.kernel)}, stride "
+                    f"{list(self.stride)}, pad {list(self.pad)}, output_pad "
+                    f"{list(self.output_pad)}, dilation {list(self.dilation)}",
+                    hint="give the guide at the PacConvTranspose layer's output size")
+            low.append(span // self.stride[i] + 1)
+        return tuple(low)
+
+    def module_kwargs(self) -> dict:
+        kwargs = dict(stride=self.stride, padding=self.pad, dilation=self.dilation)
+        if self.transposed:
+            kwargs["output_padding"] = self.output_pad
+        return kwargs
 
 
 def _as_spec_error(spec: LayerSpec, key: Optional[str], fn: Callable[[], Any]) -> Any:
@@ -151,9 +192,10 @@ def _as_spec_error(spec: LayerSpec, key: Optional[str], fn: Callable[[], Any]) -
         raise spec.error(err.message, key=key, hint=err.hint) from None
 
 
-def _check_common(spec: LayerSpec, transposed: bool) -> _Geometry:
-    geo = _Geometry(spec, transposed)
-    _as_spec_error(spec, "kernel_size", lambda: pac._odd_kernel(geo.kernel))
+def _check_common(spec: LayerSpec, transposed: bool) -> None:
+    """The checks that need no bottom: odd kernel, padding limit (or output_pad), types."""
+    geo = _Geometry.as_written(spec, transposed)
+    _as_spec_error(spec, "kernel_size", lambda: pac._odd_kernel(geo.kernel, rank=geo.rank))
     if transposed:
         _as_spec_error(spec, "output_pad", lambda: pac._check_output_padding(
             geo.output_pad, geo.stride, geo.dilation))
@@ -163,7 +205,6 @@ def _check_common(spec: LayerSpec, transposed: bool) -> _Geometry:
     _as_spec_error(spec, "kernel_type", lambda: pac._parse_kernel_type(spec["kernel_type"]))
     _as_spec_error(spec, "smooth_kernel_type",
                    lambda: pac._parse_smooth_kernel_type(spec["smooth_kernel_type"]))
-    return geo
 
 
 def _check_mask_tops(spec: LayerSpec, n_data_bottoms: int) -> None:
@@ -173,24 +214,22 @@ def _check_mask_tops(spec: LayerSpec, n_data_bottoms: int) -> None:
                               "second top")
 
 
-def _check_4d(spec: LayerSpec, shape: Shape, what: str) -> None:
-    if len(shape) != 4:
-        raise spec.shape_error(f"{what} must be 4-D (N x C x H x W), got shape {list(shape)}")
+def _dims(values) -> str:
+    return ", ".join(str(v) for v in values)
 
 
-def _check_guide_or_kernel(spec: LayerSpec, shapes: List[Shape], guide_hw, out_hw,
-                           kernel_channels: Tuple[int, ...], guide_what: str,
-                           mask_hw) -> bool:
+def _check_guide_or_kernel(spec: LayerSpec, shapes: List[Shape], geo: _Geometry, guide_sizes,
+                           out, kernel_channels: Tuple[int, ...], guide_what: str,
+                           mask_sizes) -> bool:
     """Check bottoms 1 (guide or K) and 2 (mask); True when bottom 1 is a kernel."""
-    n = shapes[0][0]
-    kh, kw = _Geometry(spec).kernel
+    n, r = shapes[0][0], geo.rank
     second = shapes[1]
-    if len(second) == 6:
-        expect = (n, kernel_channels[0], kh, kw) + tuple(out_hw)
-        if second[0] != n or second[1] not in kernel_channels or tuple(second[2:]) != expect[2:]:
+    if len(second) == 2 + 2 * r:
+        expect = (n,) + tuple(geo.kernel) + tuple(out)
+        if second[1] not in kernel_channels or (second[0],) + tuple(second[2:]) != expect:
             chans = "|".join(str(c) for c in kernel_channels)
             raise spec.shape_error(
-                f"the kernel bottom must be [{n}, {chans}, {kh}, {kw}, {out_hw[0]}, {out_hw[1]}], "
+                f"the kernel bottom must be [{n}, {chans}, {_dims(geo.kernel)}, {_dims(out)}], "
                 f"got {list(second)}",
                 hint="compute it with a PacKernel layer with the same kernel_size, stride, pad "
                      "and dilation")
@@ -198,29 +237,29 @@ def _check_guide_or_kernel(spec: LayerSpec, shapes: List[Shape], guide_hw, out_h
             raise spec.error("a mask bottom cannot be used with a precomputed kernel bottom",
                              hint="give the mask to the PacKernel layer instead")
         return True
-    if len(second) != 4:
-        raise spec.shape_error(f"bottom 2 must be a 4-D guide or a 6-D kernel, got shape "
-                               f"{list(second)}")
-    if second[0] != n or tuple(second[2:]) != tuple(guide_hw):
-        raise spec.shape_error(f"the guide must be [{n}, Cg, {guide_hw[0]}, {guide_hw[1]}] "
+    if len(second) != 2 + r:
+        other = {4: 2, 6: 2, 5: 3, 8: 3}.get(len(second))
+        raise spec.shape_error(
+            f"bottom 2 must be a {2 + r}-D guide or {'an' if r == 3 else 'a'} {2 + 2 * r}-D "
+            f"kernel for the {blob_kind(r)} input, got shape {list(second)}",
+            hint=(f"a {len(second)}-D bottom is for a {blob_kind(other)} input; guide and "
+                  "input need the same number of axes" if other and other != r else None))
+    if second[0] != n or tuple(second[2:]) != tuple(guide_sizes):
+        raise spec.shape_error(f"the guide must be [{n}, Cg, {_dims(guide_sizes)}] "
                                f"({guide_what}), got {list(second)}",
                                hint="resize the guide to that size")
     if len(shapes) > 2:
         mask = shapes[2]
-        if tuple(mask) != (n, 1) + tuple(mask_hw):
-            raise spec.shape_error(f"the mask must be [{n}, 1, {mask_hw[0]}, {mask_hw[1]}], got "
+        if tuple(mask) != (n, 1) + tuple(mask_sizes):
+            raise spec.shape_error(f"the mask must be [{n}, 1, {_dims(mask_sizes)}], got "
                                    f"{list(mask)}")
     return False
 
 
-def _kernel_flops(spec: LayerSpec, n: int, cg: int, geo: _Geometry, out_hw) -> int:
+def _kernel_flops(spec: LayerSpec, n: int, cg: int, geo: _Geometry, out) -> int:
     """Distances (3 per guide channel and tap) plus the kernel function, per K element."""
-    taps = geo.kernel[0] * geo.kernel[1] * out_hw[0] * out_hw[1] * n
+    taps = numel(geo.kernel) * numel(out) * n
     return taps * (3 * cg + 2) + (taps * 2 if spec["normalize_kernel"] else 0)
-
-
-def _mask_to_4d(m: torch.Tensor) -> torch.Tensor:
-    return m.reshape(m.shape[0], 1, m.shape[-2], m.shape[-1])
 
 
 class _LayerForward:
@@ -236,28 +275,45 @@ class _LayerForward:
         out = super().forward(input, second, mask=mask)
         if isinstance(out, tuple):
             out, out_mask = out
-            return (out, _mask_to_4d(out_mask)) if self._mask_top else out
+            return (out, _mask_blob(out_mask, self.rank)) if self._mask_top else out
         return out
+
+
+def _mask_blob(m: torch.Tensor, rank: int) -> torch.Tensor:
+    """An output mask ``N x 1 x 1... x *out`` as the blob ``N x 1 x *out``."""
+    return m.reshape(m.shape[0], 1, *m.shape[m.dim() - rank:])
 
 
 class PacConv2dLayer(_LayerForward, pac.PacConv2d):
     """:class:`~pacnet.pac.PacConv2d` taking its bottoms positionally (same state_dict)."""
 
 
+class PacConv3dLayer(_LayerForward, pac.PacConv3d):
+    """:class:`~pacnet.pac.PacConv3d` taking its bottoms positionally (same state_dict)."""
+
+
 class PacConvTranspose2dLayer(_LayerForward, pac.PacConvTranspose2d):
     """:class:`~pacnet.pac.PacConvTranspose2d` taking its bottoms positionally (same state_dict)."""
+
+
+class PacConvTranspose3dLayer(_LayerForward, pac.PacConvTranspose3d):
+    """:class:`~pacnet.pac.PacConvTranspose3d` taking its bottoms positionally (same state_dict)."""
 
 
 class PacPool2dLayer(_LayerForward, pac.PacPool2d):
     """:class:`~pacnet.pac.PacPool2d` taking its bottoms positionally (same state_dict)."""
 
 
-class PacKernel2d(pac._PacConvNd):
+class PacPool3dLayer(_LayerForward, pac.PacPool3d):
+    """:class:`~pacnet.pac.PacPool3d` taking its bottoms positionally (same state_dict)."""
+
+
+class _PacKernelModule(pac._PacConvNd):
     """The adaptive kernel of a guide as a module: ``forward(guide[, mask]) -> K[, mask]``.
 
     Holds ``inv_alpha``/``inv_lambda`` (vectors of length Cg for a channel-wise learnable
     inv kernel) and ``smooth_kernel`` like the PAC modules; the output mask is
-    ``N x 1 x H' x W'``.
+    ``N x 1 x *out``.
     """
 
     def __init__(self, kernel_size, stride=1, padding=0, output_padding=0, dilation=1,
@@ -271,8 +327,20 @@ class PacKernel2d(pac._PacConvNd):
     def forward(self, guide: torch.Tensor, mask: Optional[torch.Tensor] = None):
         kernel, out_mask = self.compute_kernel(guide, mask)
         if out_mask is not None and self._mask_top:
-            return kernel, _mask_to_4d(out_mask)
+            return kernel, _mask_blob(out_mask, self.rank)
         return kernel
+
+
+class PacKernel2d(_PacKernelModule):
+    """:class:`_PacKernelModule` for 4-D guides (:func:`pacnet.pac.packernel2d`)."""
+
+    rank = 2
+
+
+class PacKernel3d(_PacKernelModule):
+    """:class:`_PacKernelModule` for 5-D guides (:func:`pacnet.pac.packernel3d`)."""
+
+    rank = 3
 
 
 def _fill_caffe(module: nn.Module, spec: LayerSpec) -> None:
@@ -282,12 +350,18 @@ def _fill_caffe(module: nn.Module, spec: LayerSpec) -> None:
         fill_(module.bias.data, spec["bias_filler"])
 
 
+def _built(spec: LayerSpec, module: nn.Module, shapes: List[Shape], rank: int) -> nn.Module:
+    module._kernel_input = len(shapes[1]) == 2 + 2 * rank
+    module._mask_top = len(spec.tops) == 2
+    return module
+
+
 # ----------------------------------------------------------------------------- PacConv
 
 
 class _PacConvBase(Layer):
     transposed = False
-    module_cls: type = PacConv2dLayer
+    modules = {2: PacConv2dLayer, 3: PacConv3dLayer}
     bottoms = (2, 3)
     tops = (1, 2)
     blobs = ("weight", "bias", "inv_alpha", "inv_lambda", "smooth_kernel")
@@ -300,89 +374,89 @@ class _PacConvBase(Layer):
             raise spec.error(f"weight_filler cannot be used with filler {spec['filler']!r} "
                              "(the weight is a fixed buffer of ones)", key="weight_filler")
 
-    def _weight_shape(self, spec: LayerSpec, c: int) -> Shape:
-        geo = _Geometry(spec)
+    def _geometry(self, spec: LayerSpec, shapes: List[Shape]) -> _Geometry:
+        return _Geometry(spec, spatial_rank(spec, shapes[0], "input (bottom 1)"),
+                         self.transposed)
+
+    def _weight_shape(self, spec: LayerSpec, c: int, geo: _Geometry) -> Shape:
         o = int(spec["num_output"])
         if spec["shared_filters"]:
             return (1, 1) + geo.kernel
         return ((c, o) if self.transposed else (o, c)) + geo.kernel
 
-    def _module(self, spec: LayerSpec, c: int) -> nn.Module:
-        geo = _Geometry(spec, self.transposed)
-        kwargs = dict(stride=geo.stride, padding=geo.pad, dilation=geo.dilation,
-                      bias=bool(spec["bias_term"]), kernel_type=spec["kernel_type"],
+    def _module(self, spec: LayerSpec, c: int, geo: _Geometry) -> nn.Module:
+        kwargs = dict(geo.module_kwargs(), bias=bool(spec["bias_term"]),
+                      kernel_type=spec["kernel_type"],
                       smooth_kernel_type=spec["smooth_kernel_type"],
                       normalize_kernel=bool(spec["normalize_kernel"]),
                       shared_filters=bool(spec["shared_filters"]), filler=spec["filler"])
-        if self.transposed:
-            kwargs["output_padding"] = geo.output_pad
         key = "filler" if spec["filler"] != "uniform" else "num_output"
-        return _as_spec_error(spec, key, lambda: self.module_cls(
+        return _as_spec_error(spec, key, lambda: self.modules[geo.rank](
             c, int(spec["num_output"]), geo.kernel, **kwargs))
 
     def infer(self, spec: LayerSpec, shapes: List[Shape]) -> List[Shape]:
-        _check_4d(spec, shapes[0], "the input (bottom 1)")
-        geo = _Geometry(spec, self.transposed)
-        n, c, h, w = shapes[0]
-        out_hw = geo.nonempty_out_size(spec, (h, w))
-        guide_hw = out_hw if self.transposed else (h, w)
+        geo = self._geometry(spec, shapes)
+        n, c = shapes[0][:2]
+        sizes = tuple(shapes[0][2:])
+        out = geo.nonempty_out_size(spec, sizes)
+        guide_sizes = out if self.transposed else sizes
         what = "the output size" if self.transposed else "the input size"
-        _check_guide_or_kernel(spec, shapes, guide_hw, out_hw, (1,), what, (h, w))
+        _check_guide_or_kernel(spec, shapes, geo, guide_sizes, out, (1,), what, sizes)
         if spec["shared_filters"] and int(spec["num_output"]) != c:
             raise spec.error(f"shared_filters needs num_output == input channels ({c}), got "
                              f"{spec['num_output']}", key="shared_filters",
                              hint="a shared filter is applied depthwise")
         for key in ("weight_filler", "bias_filler"):
             if spec.get(key) is not None:
-                shape = self._weight_shape(spec, c) if key == "weight_filler" else \
+                shape = self._weight_shape(spec, c, geo) if key == "weight_filler" else \
                     (int(spec["num_output"]),)
                 problem = filler_problem(spec[key], shape)
                 if problem:
                     raise spec.error(f"{key}: {problem}", key=key)
         # The constructor's remaining checks (filler preconditions) on a bodiless module.
         with torch.device("meta"):
-            self._module(spec, c)
-        tops = [(n, int(spec["num_output"])) + tuple(out_hw)]
+            self._module(spec, c, geo)
+        tops = [(n, int(spec["num_output"])) + out]
         if len(spec.tops) == 2:
-            tops.append((n, 1) + tuple(out_hw))
+            tops.append((n, 1) + out)
         return tops
 
     def build(self, spec: LayerSpec, shapes: List[Shape]) -> nn.Module:
         self.infer(spec, shapes)
-        module = self._module(spec, shapes[0][1])
+        geo = self._geometry(spec, shapes)
+        module = self._module(spec, shapes[0][1], geo)
         _fill_caffe(module, spec)
-        module._kernel_input = len(shapes[1]) == 6
-        module._mask_top = len(spec.tops) == 2
-        return module
+        return _built(spec, module, shapes, geo.rank)
 
     def flops(self, spec: LayerSpec, shapes: List[Shape], out_shapes: List[Shape]) -> int:
-        geo = _Geometry(spec, self.transposed)
+        geo = self._geometry(spec, shapes)
         n, c = shapes[0][:2]
-        out_hw = out_shapes[0][2:]
-        taps = geo.kernel[0] * geo.kernel[1]
+        out = out_shapes[0][2:]
         o = int(spec["num_output"])
         # K * x per input channel and tap, then the multiply-adds with the weight
-        per_pixel = c * taps * (3 if spec["shared_filters"] else 2 * o + 1)
-        total = n * out_hw[0] * out_hw[1] * per_pixel
+        per_position = c * numel(geo.kernel) * (3 if spec["shared_filters"] else 2 * o + 1)
+        total = n * numel(out) * per_position
         if spec["bias_term"]:
             total += numel(out_shapes[0])
-        if len(shapes[1]) == 4:
-            total += _kernel_flops(spec, n, shapes[1][1], geo, out_hw)
+        if len(shapes[1]) == 2 + geo.rank:
+            total += _kernel_flops(spec, n, shapes[1][1], geo, out)
         return total
 
 
 @register("PacConv")
 class PacConv(_PacConvBase):
-    """Pixel-adaptive convolution (:class:`pacnet.pac.PacConv2d`).
+    """Pixel-adaptive convolution (:class:`pacnet.pac.PacConv2d`, :class:`~pacnet.pac.PacConv3d`
+    for 5-D bottoms).
 
-    Bottoms: input N x C x H x W, then a guide N x Cg x H x W (optionally followed by a
-    mask N x 1 x H x W) or a precomputed kernel N x 1 x kh x kw x H' x W'.
-    Tops: N x num_output x H' x W' with H' = floor((H + 2 pad - dilation (k - 1) - 1) /
-    stride) + 1 (as Convolution); with a mask, an optional second top, the output mask
-    N x 1 x H' x W'.  pad must be at most dilation*(kernel_size-1)/2.
-    Blobs: ``weight`` [num_output, C, kh, kw] ([1, 1, kh, kw] shared), ``bias``
-    [num_output], then, when the kernel type has them, ``inv_alpha``, ``inv_lambda``
-    (0-dim) and a ``full_{w}`` ``smooth_kernel`` [1, 1, w, w].
+    Bottoms: input N x C x *sizes (H x W or D x H x W), then a guide N x Cg x *sizes
+    (optionally followed by a mask N x 1 x *sizes) or a precomputed kernel
+    N x 1 x *kernel x *out.  Tops: N x num_output x *out with, per axis,
+    out = floor((in + 2 pad - dilation (k - 1) - 1) / stride) + 1 (as Convolution); with a
+    mask, an optional second top, the output mask N x 1 x *out.  pad must be at most
+    dilation*(kernel_size-1)/2.  Blobs: ``weight`` [num_output, C, *kernel]
+    ([1, 1, *kernel] shared), ``bias`` [num_output], then, when the kernel type has them,
+    ``inv_alpha``, ``inv_lambda`` (0-dim) and a ``full_{w}`` ``smooth_kernel``
+    [1, 1, w, w(, w)].
     """
 
     params = CONV_PARAMS
@@ -390,21 +464,22 @@ class PacConv(_PacConvBase):
 
 @register("PacConvTranspose")
 class PacConvTranspose(_PacConvBase):
-    """Pixel-adaptive transposed convolution (:class:`pacnet.pac.PacConvTranspose2d`).
+    """Pixel-adaptive transposed convolution (:class:`pacnet.pac.PacConvTranspose2d`,
+    :class:`~pacnet.pac.PacConvTranspose3d` for 5-D bottoms).
 
-    Bottoms: input N x C x H x W, then a guide N x Cg x H' x W' at the **output** size
-    (optionally followed by a mask N x 1 x H x W at the input size) or a precomputed kernel
-    N x 1 x kh x kw x H' x W' (``PacKernel`` with ``transposed: true``).
-    Tops: N x num_output x H' x W', H' = (H - 1) stride - 2 pad + dilation (k - 1) + 1 +
-    output_pad (as nn.ConvTranspose2d); optional output mask N x 1 x H' x W'.
-    Blobs: ``weight`` [C, num_output, kh, kw] (not flipped: with K = 1 this is
+    Bottoms: input N x C x *sizes, then a guide N x Cg x *out at the **output** size
+    (optionally followed by a mask N x 1 x *sizes at the input size) or a precomputed kernel
+    N x 1 x *kernel x *out (``PacKernel`` with ``transposed: true``).
+    Tops: N x num_output x *out, per axis out = (in - 1) stride - 2 pad + dilation (k - 1) +
+    1 + output_pad (as nn.ConvTranspose2d/3d); optional output mask N x 1 x *out.
+    Blobs: ``weight`` [C, num_output, *kernel] (not flipped: with K = 1 this is
     Deconvolution with the weight flipped), ``bias``, then ``inv_alpha``, ``inv_lambda``,
     ``smooth_kernel`` when present.  Any pad is allowed (it crops the output).
     """
 
     params = {**CONV_PARAMS, "output_pad": OUTPUT_PAD}
     transposed = True
-    module_cls = PacConvTranspose2dLayer
+    modules = {2: PacConvTranspose2dLayer, 3: PacConvTranspose3dLayer}
 
 
 # ----------------------------------------------------------------------------- PacPool
@@ -412,14 +487,15 @@ class PacConvTranspose(_PacConvBase):
 
 @register("PacPool")
 class PacPool(Layer):
-    """Pixel-adaptive pooling (:class:`pacnet.pac.PacPool2d`): a kernel-weighted **sum**.
+    """Pixel-adaptive pooling (:class:`pacnet.pac.PacPool2d`, :class:`~pacnet.pac.PacPool3d`
+    for 5-D bottoms): a kernel-weighted **sum**.
 
-    Bottoms: input N x C x H x W, then a guide N x Cg x H x W (Cg = C with channel_wise;
-    optionally followed by a mask N x 1 x H x W) or a precomputed kernel
-    N x (1|C) x kh x kw x H' x W' (C only with channel_wise).
-    Tops: N x C x H' x W' (the Convolution size rule; stride defaults to 1); optional
-    output mask N x 1 x H' x W'.  With normalize_kernel the sum becomes a weighted average
-    over in-image taps.  Blobs: ``inv_alpha``, ``inv_lambda`` (length C for a channel-wise
+    Bottoms: input N x C x *sizes, then a guide N x Cg x *sizes (Cg = C with channel_wise;
+    optionally followed by a mask N x 1 x *sizes) or a precomputed kernel
+    N x (1|C) x *kernel x *out (C only with channel_wise).
+    Tops: N x C x *out (the Convolution size rule; stride defaults to 1); optional
+    output mask N x 1 x *out.  With normalize_kernel the sum becomes a weighted average
+    over in-input taps.  Blobs: ``inv_alpha``, ``inv_lambda`` (length C for a channel-wise
     learnable inv kernel), ``smooth_kernel``, when the kernel type has them.
     """
 
@@ -434,47 +510,48 @@ class PacPool(Layer):
     bottoms = (2, 3)
     tops = (1, 2)
     blobs = ("inv_alpha", "inv_lambda", "smooth_kernel")
+    modules = {2: PacPool2dLayer, 3: PacPool3dLayer}
 
     def check(self, spec: LayerSpec) -> None:
         _check_common(spec, False)
         _check_mask_tops(spec, 2)
 
+    def _geometry(self, spec: LayerSpec, shapes: List[Shape]) -> _Geometry:
+        return _Geometry(spec, spatial_rank(spec, shapes[0], "input (bottom 1)"))
+
     def infer(self, spec: LayerSpec, shapes: List[Shape]) -> List[Shape]:
-        _check_4d(spec, shapes[0], "the input (bottom 1)")
-        geo = _Geometry(spec)
-        n, c, h, w = shapes[0]
-        out_hw = geo.nonempty_out_size(spec, (h, w))
+        geo = self._geometry(spec, shapes)
+        n, c = shapes[0][:2]
+        sizes = tuple(shapes[0][2:])
+        out = geo.nonempty_out_size(spec, sizes)
         cw = bool(spec["channel_wise"])
-        is_kernel = _check_guide_or_kernel(spec, shapes, (h, w), out_hw, (1, c) if cw else (1,),
-                                           "the input size", (h, w))
+        is_kernel = _check_guide_or_kernel(spec, shapes, geo, sizes, out, (1, c) if cw else (1,),
+                                           "the input size", sizes)
         if cw and not is_kernel and shapes[1][1] != c:
             raise spec.shape_error(f"channel_wise needs a guide with the input's {c} channels, "
                                    f"got {shapes[1][1]}")
-        tops = [(n, c) + tuple(out_hw)]
+        tops = [(n, c) + out]
         if len(spec.tops) == 2:
-            tops.append((n, 1) + tuple(out_hw))
+            tops.append((n, 1) + out)
         return tops
 
     def build(self, spec: LayerSpec, shapes: List[Shape]) -> nn.Module:
         self.infer(spec, shapes)
-        geo = _Geometry(spec)
+        geo = self._geometry(spec, shapes)
         c = shapes[0][1]
-        module = _as_spec_error(spec, None, lambda: PacPool2dLayer(
-            geo.kernel, stride=geo.stride, padding=geo.pad, dilation=geo.dilation,
-            kernel_type=spec["kernel_type"], smooth_kernel_type=spec["smooth_kernel_type"],
+        module = _as_spec_error(spec, None, lambda: self.modules[geo.rank](
+            geo.kernel, **geo.module_kwargs(), kernel_type=spec["kernel_type"],
+            smooth_kernel_type=spec["smooth_kernel_type"],
             channel_wise=bool(spec["channel_wise"]),
             normalize_kernel=bool(spec["normalize_kernel"]),
             out_channels=c if spec["channel_wise"] else -1))
-        module._kernel_input = len(shapes[1]) == 6
-        module._mask_top = len(spec.tops) == 2
-        return module
+        return _built(spec, module, shapes, geo.rank)
 
     def flops(self, spec: LayerSpec, shapes: List[Shape], out_shapes: List[Shape]) -> int:
-        geo = _Geometry(spec)
-        n = shapes[0][0]
-        total = 2 * numel(out_shapes[0]) * geo.kernel[0] * geo.kernel[1]
-        if len(shapes[1]) == 4:
-            total += _kernel_flops(spec, n, shapes[1][1], geo, out_shapes[0][2:])
+        geo = self._geometry(spec, shapes)
+        total = 2 * numel(out_shapes[0]) * numel(geo.kernel)
+        if len(shapes[1]) == 2 + geo.rank:
+            total += _kernel_flops(spec, shapes[0][0], shapes[1][1], geo, out_shapes[0][2:])
         return total
 
 
@@ -483,16 +560,18 @@ class PacPool(Layer):
 
 @register("PacKernel")
 class PacKernel(Layer):
-    """The adaptive kernel of a guide (:func:`pacnet.pac.packernel2d`), to feed PAC layers.
+    """The adaptive kernel of a guide (:func:`pacnet.pac.packernel2d`,
+    :func:`~pacnet.pac.packernel3d` for 5-D guides), to feed PAC layers.
 
-    Bottoms: guide N x Cg x H x W, optionally a mask N x 1 x Hm x Wm (the size of the PAC
-    layer's *input*: H x W, or the low-resolution input when ``transposed``).
-    Tops: K N x (1|Cg) x kh x kw x H' x W' (Cg with channel_wise) with H' the Convolution
-    size rule, or H' = H when ``transposed`` (the guide is then at the transposed layer's
-    output size and K is computed at stride 1 with "same" padding; stride, pad and
-    output_pad describe that transposed layer).  With a mask, an optional second top: the
-    output mask N x 1 x H' x W'.  Blobs: ``inv_alpha``, ``inv_lambda`` (length Cg for a
-    channel-wise learnable inv kernel), ``smooth_kernel``, when the kernel type has them.
+    Bottoms: guide N x Cg x *sizes (H x W or D x H x W), optionally a mask N x 1 x *m (the
+    size of the PAC layer's *input*: the guide's, or the low-resolution input when
+    ``transposed``).  Tops: K N x (1|Cg) x *kernel x *out (Cg with channel_wise) with out
+    the Convolution size rule, or the guide's size when ``transposed`` (the guide is then at
+    the transposed layer's output size and K is computed at stride 1 with "same" padding;
+    stride, pad and output_pad describe that transposed layer).  With a mask, an optional
+    second top: the output mask N x 1 x *out.  Blobs: ``inv_alpha``, ``inv_lambda`` (length
+    Cg for a channel-wise learnable inv kernel), ``smooth_kernel``, when the kernel type has
+    them.
     """
 
     params = {
@@ -508,6 +587,7 @@ class PacKernel(Layer):
     bottoms = (1, 2)
     tops = (1, 2)
     blobs = ("inv_alpha", "inv_lambda", "smooth_kernel")
+    modules = {2: PacKernel2d, 3: PacKernel3d}
 
     def check(self, spec: LayerSpec) -> None:
         _check_common(spec, bool(spec["transposed"]))
@@ -515,40 +595,28 @@ class PacKernel(Layer):
         if not spec["transposed"] and spec.has("output_pad"):
             raise spec.error("output_pad only applies with transposed: true", key="output_pad")
 
-    def _input_hw(self, spec: LayerSpec, geo: _Geometry, guide_hw) -> Tuple[int, int]:
-        if not geo.transposed:
-            return tuple(guide_hw)
-        low = []
-        for i in range(2):
-            span = (guide_hw[i] - geo.output_pad[i] - 1 - (geo.kernel[i] - 1) * geo.dilation[i]
-                    + 2 * geo.pad[i])
-            if span < 0 or span % geo.stride[i]:
-                raise spec.shape_error(
-                    f"a guide of size {tuple(guide_hw)} is not the output size of a transposed "
-                    f"convolution with kernel_size {geo.kernel}, stride {geo.stride}, pad "
-                    f"{geo.pad}, output_pad {geo.output_pad}, dilation {geo.dilation}",
-                    hint="give the guide at the PacConvTranspose layer's output size")
-            low.append(span // geo.stride[i] + 1)
-        return tuple(low)
+    def _geometry(self, spec: LayerSpec, shapes: List[Shape]) -> _Geometry:
+        return _Geometry(spec, spatial_rank(spec, shapes[0], "guide (bottom 1)"),
+                         bool(spec["transposed"]))
 
     def infer(self, spec: LayerSpec, shapes: List[Shape]) -> List[Shape]:
-        _check_4d(spec, shapes[0], "the guide (bottom 1)")
-        geo = _Geometry(spec, bool(spec["transposed"]))
-        n, cg, h, w = shapes[0]
-        in_hw = self._input_hw(spec, geo, (h, w))
-        out_hw = (h, w) if geo.transposed else geo.nonempty_out_size(spec, (h, w), "guide")
-        if len(shapes) > 1 and tuple(shapes[1]) != (n, 1) + tuple(in_hw):
-            raise spec.shape_error(f"the mask must be [{n}, 1, {in_hw[0]}, {in_hw[1]}] (the PAC "
+        geo = self._geometry(spec, shapes)
+        n, cg = shapes[0][:2]
+        sizes = tuple(shapes[0][2:])
+        in_sizes = geo.in_size(spec, sizes)
+        out = sizes if geo.transposed else geo.nonempty_out_size(spec, sizes, "guide")
+        if len(shapes) > 1 and tuple(shapes[1]) != (n, 1) + in_sizes:
+            raise spec.shape_error(f"the mask must be [{n}, 1, {_dims(in_sizes)}] (the PAC "
                                    f"layer's input size), got {list(shapes[1])}")
-        tops = [(n, cg if spec["channel_wise"] else 1) + geo.kernel + tuple(out_hw)]
+        tops = [(n, cg if spec["channel_wise"] else 1) + geo.kernel + out]
         if len(spec.tops) == 2:
-            tops.append((n, 1) + tuple(out_hw))
+            tops.append((n, 1) + out)
         return tops
 
     def build(self, spec: LayerSpec, shapes: List[Shape]) -> nn.Module:
         self.infer(spec, shapes)
-        geo = _Geometry(spec, bool(spec["transposed"]))
-        return _as_spec_error(spec, None, lambda: PacKernel2d(
+        geo = self._geometry(spec, shapes)
+        return _as_spec_error(spec, None, lambda: self.modules[geo.rank](
             geo.kernel, geo.stride, geo.pad, geo.output_pad, geo.dilation,
             kernel_type=spec["kernel_type"], smooth_kernel_type=spec["smooth_kernel_type"],
             channel_wise=bool(spec["channel_wise"]),
@@ -556,5 +624,6 @@ class PacKernel(Layer):
             channels=shapes[0][1], mask_top=len(spec.tops) == 2))
 
     def flops(self, spec: LayerSpec, shapes: List[Shape], out_shapes: List[Shape]) -> int:
-        geo = _Geometry(spec, bool(spec["transposed"]))
-        return _kernel_flops(spec, shapes[0][0], shapes[0][1], geo, out_shapes[0][-2:])
+        geo = self._geometry(spec, shapes)
+        return _kernel_flops(spec, shapes[0][0], shapes[0][1], geo,
+                             out_shapes[0][2 + geo.rank:])

@@ -3,7 +3,7 @@
 Networks are YAML graphs of primitive layers (``name``, ``type``, ``bottom``, ``top``,
 params); :func:`build` validates them, builds the graph, infers every blob's shape and
 compiles them into a ``torch.nn.Module`` (:class:`Net`).  The PAC and dense-CRF layers are
-also importable directly (``from pacnet import PacConv2d``).
+also importable directly (``from pacnet import PacConv2d``, ``PacConv3d``).
 """
 
 __version__ = "0.1.0"
@@ -21,6 +21,13 @@ _LAZY = {
     "pacconv_transpose2d": ("pacnet.pac", "pacconv_transpose2d"),
     "pacpool2d": ("pacnet.pac", "pacpool2d"),
     "packernel2d": ("pacnet.pac", "packernel2d"),
+    "PacConv3d": ("pacnet.pac", "PacConv3d"),
+    "PacConvTranspose3d": ("pacnet.pac", "PacConvTranspose3d"),
+    "PacPool3d": ("pacnet.pac", "PacPool3d"),
+    "pacconv3d": ("pacnet.pac", "pacconv3d"),
+    "pacconv_transpose3d": ("pacnet.pac", "pacconv_transpose3d"),
+    "pacpool3d": ("pacnet.pac", "pacpool3d"),
+    "packernel3d": ("pacnet.pac", "packernel3d"),
     "PacCRF": ("pacnet.crf", "PacCRF"),
     "PacCRFLoose": ("pacnet.crf", "PacCRFLoose"),
     "create_YXRGB": ("pacnet.crf", "create_YXRGB"),

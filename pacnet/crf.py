@@ -38,7 +38,7 @@ hook on it, is bypassed there); under ``torch.compile``/``torch.export`` the out
 steps are traced instead.
 
 ``forward(..., reference=True)`` runs the same mean-field loop with the plain-torch
-oracles of :mod:`pacnet.kernels.pac.reference` instead (``F.unfold`` of ``Q`` times ``K``,
+oracles of :mod:`pacnet.kernels.pac.reference` instead (the unfolded ``Q`` times ``K``,
 then a contraction with the filter: ConvCRF-style message passing, which builds
 ``N x C*k*k x H*W`` columns).  It exists to check the fused path and to benchmark against
 (``benchmarks/crf.py``); do not train with it.
@@ -478,8 +478,8 @@ class PacCRF(nn.Module):
         if K is None:  # 'na': a plain convolution
             msg = m(Qb)
         elif reference:
-            msg = _ref.pac_conv2d(Qb, K, m.weight, None, m.stride, m.padding, m.dilation,
-                                  shared_filters=m.shared_filters)
+            msg = _ref.pac_conv(Qb, K, m.weight, None, m.stride, m.padding, m.dilation,
+                                shared_filters=m.shared_filters)
         else:
             msg = m(Qb, None, K)
         if self.compat[i] is not None:

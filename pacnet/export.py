@@ -239,8 +239,8 @@ def _layer_in_traceback(err: BaseException, model: nn.Module
 
 def functionalize(ep: torch.export.ExportedProgram, model: nn.Module) -> None:
     """Rewrite the in-place pacnet ops (``auto_functionalized`` after ``run_decompositions``)
-    into out-of-place ops, in place: ``pac_conv2d_add_(out, x, K, w, ..., alpha)`` becomes
-    ``out + alpha * pac_conv2d(x, K, w, None, ...)``."""
+    into out-of-place ops, in place: ``pac_conv_add_(out, x, K, w, ..., alpha)`` becomes
+    ``out + alpha * pac_conv(x, K, w, None, ...)``."""
     graph = ep.graph_module.graph
     wrappers = {getattr(torch.ops.higher_order, name, None)
                 for name in ("auto_functionalized", "auto_functionalized_v2")} - {None}
@@ -250,7 +250,7 @@ def functionalize(ep: torch.export.ExportedProgram, model: nn.Module) -> None:
         name = getattr(getattr(node.args[0], "_schema", None), "name", "")
         if not name.startswith("pacnet::"):
             continue
-        if name != "pacnet::pac_conv2d_add_":
+        if name != "pacnet::pac_conv_add_":
             raise _located(model, node, f"op {name} cannot be exported to ONNX: it works in "
                                         f"place and has no out-of-place form",
                            hint="add one to pacnet.onnx_ops.FUNCTIONALIZED and "
@@ -258,7 +258,7 @@ def functionalize(ep: torch.export.ExportedProgram, model: nn.Module) -> None:
         kw = dict(node.kwargs)
         if "_all_bases" in kw:                       # auto_functionalized_v2
             if any(k.startswith("_out_") and k != "_out_base_index" for k in kw):
-                raise _located(model, node, "pac_conv2d_add_ into a view of a tensor cannot be "
+                raise _located(model, node, "pac_conv_add_ into a view of a tensor cannot be "
                                             "exported", hint="accumulate into a whole tensor")
             base = kw["_all_bases"][kw["_out_base_index"]]
             result_index = 1 + kw["_out_base_index"]
@@ -267,13 +267,13 @@ def functionalize(ep: torch.export.ExportedProgram, model: nn.Module) -> None:
         args = (kw["x"], kw["K"], kw["weight"], None, kw["stride"], kw["padding"],
                 kw["dilation"], kw["shared_filters"])
         with graph.inserting_before(node):
-            conv = graph.call_function(torch.ops.pacnet.pac_conv2d.default, args)
+            conv = graph.call_function(torch.ops.pacnet.pac_conv.default, args)
             scaled = graph.call_function(torch.ops.aten.mul.Tensor, (conv, kw["alpha"]))
             total = graph.call_function(torch.ops.aten.add.Tensor, (base, scaled))
         values = [a.meta["val"] if isinstance(a, torch.fx.Node) else a for a in args]
         fake = values[0].fake_mode
         with fake:
-            conv.meta["val"] = torch.ops.pacnet.pac_conv2d.default(*values)
+            conv.meta["val"] = torch.ops.pacnet.pac_conv.default(*values)
             scaled.meta["val"] = conv.meta["val"] * kw["alpha"]
             total.meta["val"] = base.meta["val"] + scaled.meta["val"]
         for new in (conv, scaled, total):

@@ -3,12 +3,13 @@
 :func:`hotswap` takes a loaded net (the expanded tree of :func:`pacnet.load.load`) and turns
 chosen ``Convolution`` layers into ``PacConv`` layers that keep their names, blob shapes,
 ``param`` entries and fillers, so weights trained for the plain net load unchanged.  Each
-swapped layer is guided by one blob of the net (``guide``): resized bilinearly (half-pixel,
-``Resize`` with the layer's input as the size-giving second bottom) when its size differs
-from the layer's input, and multiplied by ``guide_scale`` (a ``Power`` layer) when that is
-not 1.  With a small scale (the original uses 1e-4) the adaptive kernel starts near 1 and
-the swapped net computes what the plain one did; with a constant guide it computes exactly
-that (zero padding makes the border taps 0 whatever the kernel).
+swapped layer is guided by one blob of the net (``guide``): resized bilinearly (trilinearly
+for the 3-D convolutions of 5-D nets; half-pixel, ``Resize`` with the layer's input as the
+size-giving second bottom) when its size differs from the layer's input, and multiplied by
+``guide_scale`` (a ``Power`` layer) when that is not 1.  With a small scale (the original
+uses 1e-4) the adaptive kernel starts near 1 and the swapped net computes what the plain one
+did; with a constant guide it computes exactly that (zero padding makes the border taps 0
+whatever the kernel).
 
 :func:`to_yaml` writes the result as a readable net file (one flow mapping per layer).
 The result has no ``blocks`` or ``vars``: they were expanded and substituted on loading.
@@ -23,6 +24,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import yaml
 
 from pacnet.errors import Location, SchemaError, did_you_mean
+from pacnet.layers.common import SPATIAL_AXES
 from pacnet.load import where
 
 __all__ = ["HotswapError", "hotswap", "to_yaml"]
@@ -55,29 +57,21 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _pair(value: Any) -> Tuple[int, int]:
-    if isinstance(value, list):
-        return (int(value[0]), int(value[0])) if len(value) == 1 else (int(value[0]), int(value[1]))
-    return int(value), int(value)
-
-
-def _kernel(layer: Mapping[str, Any]) -> Optional[Tuple[int, int]]:
-    if layer.get("kernel_h") is not None or layer.get("kernel_w") is not None:
-        return int(layer.get("kernel_h") or 0), int(layer.get("kernel_w") or 0)
-    if layer.get("kernel_size") is None:
-        return None
-    return _pair(layer["kernel_size"])
-
-
-def _spatial(layer: Mapping[str, Any], key: str, default: int) -> Tuple[int, int]:
+def _axes(layer: Mapping[str, Any], key: str, default: int, rank: int) -> Tuple[int, ...]:
+    """Caffe's spatial field ``key`` of a Convolution (one value for every axis, one per
+    axis, or in 2-D the ``_h``/``_w`` keys) as ``rank`` values.  The net has been built, so
+    the form fits the layer's bottom."""
     h, w = layer.get(f"{key}_h"), layer.get(f"{key}_w")
     if h is not None or w is not None:
         return int(h if h is not None else default), int(w if w is not None else default)
-    return _pair(layer[key]) if layer.get(key) is not None else (default, default)
+    value = layer.get(key, default)
+    values = [int(v) for v in (value if isinstance(value, list) else [value])]
+    return tuple(values * rank) if len(values) == 1 else tuple(values)
 
 
 def _check_layer(layer: Mapping[str, Any], loc: Optional[Location]) -> None:
-    """Refuse a Convolution that PacConv cannot reproduce, at the layer's line."""
+    """Refuse a layer that is not a Convolution PacConv can stand for, at the layer's line
+    (the geometry is checked by :func:`_check_geometry` once the bottom's rank is known)."""
     name, ltype = layer.get("name"), layer.get("type")
 
     def fail(message: str, key: Optional[str] = None, hint: Optional[str] = None) -> HotswapError:
@@ -87,23 +81,35 @@ def _check_layer(layer: Mapping[str, Any], loc: Optional[Location]) -> None:
     if ltype != "Convolution":
         raise fail(f"only Convolution layers can be hot-swapped, this is a {ltype}",
                    hint="choose Convolution layers (PacConv replaces a Convolution)")
-    k = _kernel(layer)
-    if k is None:
+    if layer.get("kernel_size") is None and layer.get("kernel_h") is None:
         raise fail("has no kernel_size", hint="give the convolution a kernel_size")
-    if k[0] % 2 == 0 or k[1] % 2 == 0:
-        key = "kernel_size" if layer.get("kernel_size") is not None else "kernel_h"
-        raise fail(f"kernel {k[0]}x{k[1]} is even; a PAC kernel needs a centre tap (odd sizes)", key=key,
-                   hint="hot-swap only convolutions with odd kernels (1, 3, 5, ...)")
     for key, default in _CONV_ONLY_DEFAULTS.items():
         if layer.get(key, default) != default:
             raise fail(f"{key}: {layer[key]!r} has no PacConv equivalent", key=key,
                        hint=f"only convolutions with {key} {default} can be hot-swapped")
-    pad, dil = _spatial(layer, "pad", 0), _spatial(layer, "dilation", 1)
+
+
+def _check_geometry(layer: Mapping[str, Any], loc: Optional[Location], rank: int) -> None:
+    """Refuse a Convolution over ``rank`` spatial axes whose window PacConv cannot have:
+    an even kernel, or a padding beyond dilation * (kernel_size - 1) / 2."""
+    name = layer.get("name")
+    k = _axes(layer, "kernel", 0, rank) if layer.get("kernel_h") is not None else \
+        _axes(layer, "kernel_size", 0, rank)
+    pad, dil = _axes(layer, "pad", 0, rank), _axes(layer, "dilation", 1, rank)
+
+    def fail(message: str, key: str, hint: str) -> HotswapError:
+        return HotswapError(message, location=where(layer, key) or loc, layer=name,
+                            layer_type="Convolution", hint=hint)
+
+    if any(kk % 2 == 0 for kk in k):
+        key = "kernel_size" if layer.get("kernel_size") is not None else "kernel_h"
+        raise fail(f"kernel {'x'.join(map(str, k))} is even; a PAC kernel needs a centre tap "
+                   "(odd sizes)", key, "hot-swap only convolutions with odd kernels (1, 3, 5, ...)")
     for p, d, kk in zip(pad, dil, k):
         if 2 * p > d * (kk - 1):
-            raise fail(f"pad {p} is more than dilation * (kernel_size - 1) / 2 = {d * (kk - 1) // 2}, "
-                       f"which PacConv does not allow", key="pad",
-                       hint="hot-swap convolutions that keep or shrink the size")
+            raise fail(f"pad {p} is more than dilation * (kernel_size - 1) / 2 = "
+                       f"{d * (kk - 1) // 2}, which PacConv does not allow", "pad",
+                       "hot-swap convolutions that keep or shrink the size")
 
 
 def _blob_names(tree: Mapping[str, Any]) -> List[str]:
@@ -156,7 +162,8 @@ def hotswap(tree: Mapping[str, Any], layers: Sequence[str], guide: str, *, guide
     in errors.  Raises :class:`HotswapError` (a :class:`~pacnet.errors.PacnetError`) for an
     unknown layer or guide (with did-you-mean), a layer that is not a Convolution, an even
     kernel, a grouped convolution, padding PacConv refuses, a guide produced after a layer
-    it should guide, or a guide that is not N x C x H x W with the layer's N.
+    it should guide, or a guide of another rank or batch than the layer's input (N x C x H x W,
+    or N x C x D x H x W for a 3-D convolution).
     """
     file_loc = Location(source) if source else where(tree)
     if not layers:
@@ -207,18 +214,23 @@ def hotswap(tree: Mapping[str, Any], layers: Sequence[str], guide: str, *, guide
                                location=where(net_layers, i), layer_type="Convolution",
                                hint="check the include/exclude rules of the guide's producer")
         in_shape, g_shape = found
-        if len(g_shape) != 4 or len(in_shape) != 4 or g_shape[0] != in_shape[0]:
-            raise HotswapError(f"the guide {guide!r} has shape {list(g_shape)}; it must be N x C x H x W with "
-                               f"the input's N (input {list(in_shape)})", layer=name,
-                               location=where(net_layers, i), layer_type="Convolution")
+        rank = len(in_shape) - 2
+        _check_geometry(layer, where(net_layers, i), rank)
+        if len(g_shape) != len(in_shape) or g_shape[0] != in_shape[0]:
+            layout = " x ".join(("N", "C") + SPATIAL_AXES.get(rank, ("...",)))
+            raise HotswapError(f"the guide {guide!r} has shape {list(g_shape)}; it must be "
+                               f"{layout} like the layer's input, with its N (input "
+                               f"{list(in_shape)})",
+                               layer=name, location=where(net_layers, i), layer_type="Convolution")
         bottom = _as_list(layer.get("bottom"))[0]
         # the guide's layers run where the swapped layer runs (its phase/stage rules)
         rules = {k: copy.deepcopy(layer[k]) for k in ("include", "exclude") if k in layer}
         g_blob = guide
         if tuple(g_shape[2:]) != tuple(in_shape[2:]):
             resized = _fresh(f"{name}_guide", taken)
+            mode = "trilinear" if rank == 3 else "bilinear"
             out_layers.append({"name": resized, "type": "Resize", "bottom": [guide, bottom], "top": resized,
-                               **rules, "mode": "bilinear", "align_corners": False})
+                               **rules, "mode": mode, "align_corners": False})
             g_blob = resized
         if guide_scale != 1:
             scaled = g_blob if g_blob != guide else _fresh(f"{name}_guide", taken)

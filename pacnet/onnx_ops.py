@@ -2,22 +2,24 @@
 
 Every forward ``torch.ops.pacnet.*`` op has a lowering here (:data:`LOWERINGS`, keyed
 by the op's qualified name).  Its translation emits one node of the ``pacnet`` domain
-(``pacnet::PacConv2d``, ...) whose definition, an ONNX function built only from standard
+(``pacnet::PacConv``, ...) whose definition, an ONNX function built only from standard
 ops (opset >= 18), :func:`attach_functions` adds to the model.  Stock onnxruntime runs such
 a model with no custom library, and Netron shows each PAC op as one node that expands into
 its body.
 
-Shapes (``b`` batch, ``k = kh*kw`` taps, ``oh, ow`` the output size of a convolution with
-the node's ``kernel_shape``, ``strides``, ``pads`` and ``dilations``; zero padding):
+Shapes (``b`` batch; ``*sizes`` 1 to 3 spatial axes (``W``, ``H, W`` or ``D, H, W``) for the
+PAC functions, ``H, W`` for the segaware ones; ``*ks`` the node's ``kernel_shape``, ``k`` its
+product, the taps; ``*out`` the output size of a convolution with the node's
+``kernel_shape``, ``strides``, ``pads`` and ``dilations``; zero padding):
 
 ========================  ===========================================  =======================
 function                  inputs                                       output
 ========================  ===========================================  =======================
-``Unfold``                x ``[b, C, H, W]``                           ``[b, C, k, oh, ow]``
-``PacDist``               guide ``[b, Cg, H, W]``                      ``[b, 1|Cg, kh, kw, oh, ow]``
-``PacDistToCenter``       guide, center ``[b, Cg, oh, ow]``            ``[b, 1|Cg, kh, kw, oh, ow]``
-``PacConv2d``             x, K ``[b, 1, kh, kw, oh, ow]``, weight, bias?  ``[b, O, oh, ow]``
-``PacPool2d``             x, K ``[b, 1|C, kh, kw, oh, ow]``            ``[b, C, oh, ow]``
+``Unfold``                x ``[b, C, *sizes]``                         ``[b, C, k, *out]``
+``PacDist``               guide ``[b, Cg, *sizes]``                    ``[b, 1|Cg, *ks, *out]``
+``PacDistToCenter``       guide, center ``[b, Cg, *out]``              ``[b, 1|Cg, *ks, *out]``
+``PacConv``               x, K ``[b, 1, *ks, *out]``, weight, bias?    ``[b, O, *out]``
+``PacPool``               x, K ``[b, 1|C, *ks, *out]``                 ``[b, C, *out]``
 ``LocalWeightedSum``      x, weights ``[b, k, oh, ow]``                ``[b, C, oh, ow]``
 ``Im2dist``               emb ``[b, C, H, W]``                         ``[b, k, oh, ow]``
 ``Im2parity``             labels ``[b, 1, H, W]`` (float)              ``[b, k, oh, ow]``
@@ -33,7 +35,7 @@ the bodies apply them with shape arithmetic and selects, so one function serves 
 variant.  onnxruntime's CPU convolution is float32 only: models with these nodes run in
 float32 there.
 
-Ops that mutate an argument (``pac_conv2d_add_``) have no node of their own: the exporter
+Ops that mutate an argument (``pac_conv_add_``) have no node of their own: the exporter
 rewrites them into the out-of-place ops first (:data:`FUNCTIONALIZED`).  Backward ops are
 never exported (:data:`BACKWARD_ONLY`).  ``tests/test_export_ops.py`` checks that every
 registered ``pacnet`` op is in exactly one of these tables.
@@ -72,10 +74,12 @@ _NEG_INF = float("-inf")
 @onnxscript.script(_pacnet, default_opset=op)
 def Unfold(x: TFloat, kernel_shape: List[int], strides: List[int], pads: List[int],
            dilations: List[int]) -> TFloat:
-    """The taps of every window: ``x [b, C, H, W] -> cols [b, C, kh*kw, oh, ow]`` (zero padding).
+    """The taps of every window: ``x [b, C, *sizes] -> cols [b, C, k, *out]`` (zero padding),
+    for 1 to 3 spatial axes.
 
-    Each channel is convolved with ``kh*kw`` one-hot ``kh x kw`` filters, tap ``t = i*kw + j``
-    being the filter with a 1 at ``(i, j)``."""
+    Each channel is convolved with ``k`` one-hot filters of shape ``kernel_shape``, tap ``t``
+    being the filter with a 1 at the ``t``-th position in row-major order (``t = i*kw + j``
+    in 2-D)."""
     ks = op.Constant(value_ints=kernel_shape)
     taps = op.ReduceProd(ks, keepdims=1)
     one_hot = op.EyeLike(op.ConstantOfShape(op.Concat(taps, taps, axis=0)))
@@ -90,7 +94,8 @@ def Unfold(x: TFloat, kernel_shape: List[int], strides: List[int], pads: List[in
 
 @onnxscript.script(_pacnet, default_opset=op)
 def CenterTap(kernel_shape: List[int]) -> INT64:
-    """The tap index ``(kh // 2) * kw + kw // 2`` of the window centre, as a 1-element tensor."""
+    """The tap index ``(kh // 2) * kw + kw // 2`` of a 2-D window's centre (the segaware ops'
+    rule, for even sizes too), as a 1-element tensor."""
     ks = op.Constant(value_ints=kernel_shape)
     two = op.Constant(value_ints=[2])
     kh = op.Slice(ks, op.Constant(value_ints=[0]), op.Constant(value_ints=[1]))
@@ -101,8 +106,7 @@ def CenterTap(kernel_shape: List[int]) -> INT64:
 @onnxscript.script(_pacnet, default_opset=op)
 def InImage(x: TFloat, kernel_shape: List[int], strides: List[int], pads: List[int],
             dilations: List[int]) -> BOOL:
-    """Which taps lie inside the image: ``[1, kh*kw, oh, ow]`` booleans for an
-    ``x [b, C, H, W]``."""
+    """Which taps lie inside the input: ``[1, k, *out]`` booleans for an ``x [b, C, *sizes]``."""
     ones = op.Expand(op.CastLike(op.Constant(value_float=1.0), x),
                      op.Concat(op.Constant(value_ints=[1, 1]), op.Shape(x, start=2), axis=0))
     taps = Unfold(ones, kernel_shape=kernel_shape, strides=strides, pads=pads,
@@ -115,8 +119,8 @@ def InImage(x: TFloat, kernel_shape: List[int], strides: List[int], pads: List[i
 def SquaredDistance(cols: TFloat, center: TFloat, kernel_shape: List[int], asym: int,
                     channel_wise: int) -> TFloat:
     """``sum_c d_c^2`` over the guide channels (each channel alone if ``channel_wise``) with
-    ``d = cols - center`` (``relu(d)`` if ``asym``): ``[b, Cg, k, oh, ow] -> [b, 1|Cg, kh, kw,
-    oh, ow]``."""
+    ``d = cols - center`` (``relu(d)`` if ``asym``): ``[b, Cg, k, *out] -> [b, 1|Cg, *ks,
+    *out]``."""
     diff = op.Sub(cols, center)
     # relu(d)^2 = d * max(d, 0); with a lower bound of -inf this is d^2
     lower = op.Where(op.Cast(op.Constant(value_int=asym), to=BOOL.dtype),
@@ -139,10 +143,13 @@ def SquaredDistance(cols: TFloat, center: TFloat, kernel_shape: List[int], asym:
 def PacDist(guide: TFloat, kernel_shape: List[int], strides: List[int], pads: List[int],
             dilations: List[int], asym: int = 0, channel_wise: int = 0) -> TFloat:
     """``pacnet::pac_dist`` without a centre: squared guide differences to each window's
-    centre tap, ``[b, Cg, H, W] -> [b, 1|Cg, kh, kw, oh, ow]``."""
+    centre tap, ``[b, Cg, *sizes] -> [b, 1|Cg, *ks, *out]``.  The kernel sizes are odd (as
+    ``pac_dist`` requires), so the centre is the middle tap, ``(k - 1) / 2``."""
     cols = Unfold(guide, kernel_shape=kernel_shape, strides=strides, pads=pads,
                   dilations=dilations)
-    center = op.Gather(cols, CenterTap(kernel_shape=kernel_shape), axis=2)
+    taps = op.ReduceProd(op.Constant(value_ints=kernel_shape), keepdims=1)
+    middle = op.Div(op.Sub(taps, op.Constant(value_ints=[1])), op.Constant(value_ints=[2]))
+    center = op.Gather(cols, middle, axis=2)
     return SquaredDistance(cols, center, kernel_shape=kernel_shape, asym=asym,
                            channel_wise=channel_wise)
 
@@ -151,8 +158,8 @@ def PacDist(guide: TFloat, kernel_shape: List[int], strides: List[int], pads: Li
 def PacDistToCenter(guide: TFloat, center: TFloat, kernel_shape: List[int], strides: List[int],
                     pads: List[int], dilations: List[int], asym: int = 0,
                     channel_wise: int = 0) -> TFloat:
-    """``pacnet::pac_dist`` with given centre features ``[b, Cg, oh, ow]`` (e.g. a smoothed
-    guide): ``[b, Cg, H, W] -> [b, 1|Cg, kh, kw, oh, ow]``."""
+    """``pacnet::pac_dist`` with given centre features ``[b, Cg, *out]`` (e.g. a smoothed
+    guide): ``[b, Cg, *sizes] -> [b, 1|Cg, *ks, *out]``."""
     cols = Unfold(guide, kernel_shape=kernel_shape, strides=strides, pads=pads,
                   dilations=dilations)
     return SquaredDistance(cols, op.Unsqueeze(center, op.Constant(value_ints=[2])),
@@ -160,51 +167,60 @@ def PacDistToCenter(guide: TFloat, center: TFloat, kernel_shape: List[int], stri
 
 
 @onnxscript.script(_pacnet, default_opset=op)
-def PacConv2d(x: TFloat, K: TFloat, weight: TFloat, bias: Optional[TFloat],
-              kernel_shape: List[int], strides: List[int], pads: List[int], dilations: List[int],
-              group: int = 1) -> TFloat:
-    """``pacnet::pac_conv2d``: ``out[o] = bias[o] + sum_{c,t} weight[o, c, t] K[t] x[c, pos(t)]``.
+def TapsOf(K: TFloat, cols: TFloat) -> TFloat:
+    """``K [b, 1|C, *ks, *out]`` with its kernel axes flattened into one, ``[b, 1|C, k, *out]``,
+    to scale the ``cols [b, C, k, *out]`` of :func:`Unfold`."""
+    return op.Reshape(K, op.Concat(op.Shape(K, start=0, end=2), op.Constant(value_ints=[-1]),
+                                   op.Shape(cols, start=3), axis=0))
 
-    ``weight`` is ``[O, C, kh, kw]`` with ``group = 1``, or one shared ``[1, 1, kh, kw]``
-    filter applied to every channel with ``group = C`` (``shared_filters``); ``bias`` is
-    optional.  The taps scaled by ``K`` are contracted by a 1x1 convolution."""
+
+@onnxscript.script(_pacnet, default_opset=op)
+def PacConv(x: TFloat, K: TFloat, weight: TFloat, bias: Optional[TFloat],
+            kernel_shape: List[int], strides: List[int], pads: List[int], dilations: List[int],
+            group: int = 1) -> TFloat:
+    """``pacnet::pac_conv``: ``out[o] = bias[o] + sum_{c,t} weight[o, c, t] K[t] x[c, pos(t)]``,
+    ``[b, C, *sizes] -> [b, O, *out]``.
+
+    ``weight`` is ``[O, C, *ks]`` with ``group = 1``, or one shared ``[1, 1, *ks]`` filter
+    applied to every channel with ``group = C`` (``shared_filters``); ``bias`` is optional.
+    The taps scaled by ``K`` are contracted by a 1x1 (x1) convolution."""
     cols = Unfold(x, kernel_shape=kernel_shape, strides=strides, pads=pads, dilations=dilations)
-    minus_one = op.Constant(value_ints=[-1])
-    k5 = op.Reshape(K, op.Concat(op.Shape(K, start=0, end=2), minus_one, op.Shape(K, start=4),
-                                 axis=0))
-    scaled = op.Mul(cols, k5)
-    flat = op.Reshape(scaled, op.Concat(op.Shape(scaled, start=0, end=1), minus_one,
-                                        op.Shape(scaled, start=3), axis=0))
+    scaled = op.Mul(cols, TapsOf(K, cols))
+    flat = op.Reshape(scaled, op.Concat(op.Shape(scaled, start=0, end=1),
+                                        op.Constant(value_ints=[-1]), op.Shape(scaled, start=3),
+                                        axis=0))
+    ks = op.Constant(value_ints=kernel_shape)
+    # a 1 per spatial axis, the 1x1 filters' sizes (Sub and Add: ONNX's shape inference
+    # propagates their values, so the output shape is inferred)
+    ones = op.Add(op.Sub(ks, ks), op.Constant(value_ints=[1]))
     rows = op.Shape(weight, start=0, end=1)
-    filters = op.Reshape(weight, op.Concat(rows, op.Constant(value_ints=[-1, 1, 1]), axis=0))
+    filters = op.Reshape(weight, op.Concat(rows, op.Constant(value_ints=[-1]), ones, axis=0))
     # a shared filter becomes one copy per group (channel)
     copies = op.Max(rows, op.Constant(value_int=group))
-    filters = op.Expand(filters, op.Concat(copies, op.Constant(value_ints=[1, 1, 1]), axis=0))
+    filters = op.Expand(filters, op.Concat(copies, op.Constant(value_ints=[1]), ones, axis=0))
     return op.Conv(flat, filters, bias, group=group)
 
 
 @onnxscript.script(_pacnet, default_opset=op)
-def PacPool2d(x: TFloat, K: TFloat, kernel_shape: List[int], strides: List[int],
-              pads: List[int], dilations: List[int]) -> TFloat:
-    """``pacnet::pac_pool2d``: the ``K``-weighted sum over each window,
-    ``out[c] = sum_t K[0|c, t] x[c, pos(t)]``, ``[b, C, H, W] -> [b, C, oh, ow]``."""
+def PacPool(x: TFloat, K: TFloat, kernel_shape: List[int], strides: List[int],
+            pads: List[int], dilations: List[int]) -> TFloat:
+    """``pacnet::pac_pool``: the ``K``-weighted sum over each window,
+    ``out[c] = sum_t K[0|c, t] x[c, pos(t)]``, ``[b, C, *sizes] -> [b, C, *out]``."""
     cols = Unfold(x, kernel_shape=kernel_shape, strides=strides, pads=pads, dilations=dilations)
-    k5 = op.Reshape(K, op.Concat(op.Shape(K, start=0, end=2), op.Constant(value_ints=[-1]),
-                                 op.Shape(K, start=4), axis=0))
-    return op.ReduceSum(op.Mul(cols, k5), op.Constant(value_ints=[2]), keepdims=0)
+    return op.ReduceSum(op.Mul(cols, TapsOf(K, cols)), op.Constant(value_ints=[2]), keepdims=0)
 
 
 @onnxscript.script(_pacnet, default_opset=op)
 def LocalWeightedSum(x: TFloat, weights: TFloat, kernel_shape: List[int], strides: List[int],
                      pads: List[int], dilations: List[int]) -> TFloat:
     """``pacnet::local_weighted_sum`` (segaware NormConv messages): ``out[c] = sum_t
-    weights[t] x[c, pos(t)]``, a :func:`PacPool2d` whose ``[b, kh*kw, oh, ow]`` weights are
+    weights[t] x[c, pos(t)]``, a 2-D :func:`PacPool` whose ``[b, kh*kw, oh, ow]`` weights are
     shared by the channels."""
     k6 = op.Reshape(weights, op.Concat(op.Shape(weights, start=0, end=1),
                                        op.Constant(value_ints=[1]),
                                        op.Constant(value_ints=kernel_shape),
                                        op.Shape(weights, start=2), axis=0))
-    return PacPool2d(x, k6, kernel_shape=kernel_shape, strides=strides, pads=pads,
+    return PacPool(x, k6, kernel_shape=kernel_shape, strides=strides, pads=pads,
                      dilations=dilations)
 
 
@@ -270,7 +286,7 @@ def Im2parity(labels: TReal, kernel_shape: List[int], strides: List[int], pads: 
 
 
 #: The functions the translations emit (their bodies call the others).
-OPERATORS = (PacDist, PacDistToCenter, PacConv2d, PacPool2d, LocalWeightedSum, Im2dist,
+OPERATORS = (PacDist, PacDistToCenter, PacConv, PacPool, LocalWeightedSum, Im2dist,
              Im2parity)
 
 
@@ -331,7 +347,8 @@ class Call:
 
 def _geometry(kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
               dilation: Sequence[int]) -> Dict[str, List[int]]:
-    """ONNX convolution attributes of a torch ``(h, w)`` geometry (symmetric padding)."""
+    """ONNX convolution attributes of a torch geometry (one value per spatial axis;
+    symmetric padding)."""
     return dict(kernel_shape=[int(k) for k in kernel_size], strides=[int(s) for s in stride],
                 pads=[int(p) for p in padding] * 2, dilations=[int(d) for d in dilation])
 
@@ -347,14 +364,14 @@ def _pac_dist(guide, center, kernel_size, stride, padding, dilation, asym, chann
     return Call(PacDistToCenter, (guide, center), attrs)
 
 
-def _pac_conv2d(x, K, weight, bias, stride, padding, dilation, shared_filters):
+def _pac_conv(x, K, weight, bias, stride, padding, dilation, shared_filters):
     group = int(x.shape[1]) if shared_filters else 1
-    return Call(PacConv2d, (x, K, weight, bias),
-                dict(_geometry(weight.shape[-2:], stride, padding, dilation), group=group))
+    return Call(PacConv, (x, K, weight, bias),
+                dict(_geometry(weight.shape[2:], stride, padding, dilation), group=group))
 
 
-def _pac_pool2d(x, K, kernel_size, stride, padding, dilation):
-    return Call(PacPool2d, (x, K), _geometry(kernel_size, stride, padding, dilation))
+def _pac_pool(x, K, kernel_size, stride, padding, dilation):
+    return Call(PacPool, (x, K), _geometry(kernel_size, stride, padding, dilation))
 
 
 def _local_weighted_sum(x, weights, kernel, pad, stride, dilation):
@@ -384,8 +401,8 @@ def _im2parity(labels, kernel, pad, stride, dilation, has_ignore, ignore_label):
 #: Forward op (qualified name) -> its lowering.
 LOWERINGS: Dict[str, Callable[..., Call]] = {
     "pacnet::pac_dist": _pac_dist,
-    "pacnet::pac_conv2d": _pac_conv2d,
-    "pacnet::pac_pool2d": _pac_pool2d,
+    "pacnet::pac_conv": _pac_conv,
+    "pacnet::pac_pool": _pac_pool,
     "pacnet::local_weighted_sum": _local_weighted_sum,
     "pacnet::im2dist": _im2dist,
     "pacnet::im2parity": _im2parity,
@@ -405,12 +422,12 @@ def _translation(lower: Callable[..., Call]) -> Callable:
 #: In-place op -> the out-of-place ops it is rewritten to before translation (see
 #: ``pacnet.export.functionalize``).
 FUNCTIONALIZED: Dict[str, str] = {
-    "pacnet::pac_conv2d_add_": "out + alpha * pacnet::pac_conv2d(x, K, weight, None, ...)",
+    "pacnet::pac_conv_add_": "out + alpha * pacnet::pac_conv(x, K, weight, None, ...)",
 }
 
 #: Ops only autograd calls; an exported (inference) graph never holds them.
 BACKWARD_ONLY = frozenset({
-    "pacnet::pac_dist_backward", "pacnet::pac_conv2d_backward", "pacnet::pac_pool2d_backward",
+    "pacnet::pac_dist_backward", "pacnet::pac_conv_backward", "pacnet::pac_pool_backward",
     "pacnet::im2dist_backward", "pacnet::local_weighted_sum_backward",
 })
 

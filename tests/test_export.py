@@ -198,9 +198,9 @@ def test_cli_exports_the_main_job_net_with_pacnet_nodes(tmp_path, capsys):
     assert f"wrote {path}" in out and "inputs:  target 1×1×4×4, guide 1×3×32×32" in out
     assert "outputs: pred 1×1×32×32" in out and "pred" in out and "ok" in out
     model, nodes = _pacnet_nodes(str(path))
-    assert nodes == ["PacConv2d"] * 3 + ["PacDist"] * 3  # one node per PAC op (Netron)
+    assert nodes == ["PacConv"] * 3 + ["PacDist"] * 3  # one node per PAC op (Netron)
     functions = {f.name for f in model.functions if f.domain == onnx_ops.DOMAIN}
-    assert functions == {"PacConv2d", "PacDist", "Unfold", "SquaredDistance", "CenterTap"}
+    assert functions == {"PacConv", "PacDist", "Unfold", "SquaredDistance", "TapsOf"}
     assert {o.domain: o.version for o in model.opset_import}[onnx_ops.DOMAIN] == 1
     assert [i.name for i in model.graph.input] == ["target", "guide"]
     assert [o.name for o in model.graph.output] == ["pred"]
@@ -333,11 +333,41 @@ def test_users_module_with_pac_layers_exports_and_verifies(tmp_path):
     assert list(result.inputs) == ["image", "guide"] and list(result.outputs) == ["crf", "acc"]
     assert result.inputs["image"] == ("batch", 3, 8, 8) and result.notes == ("dynamic: batch",)
     _, nodes = _pacnet_nodes(path)
-    assert set(nodes) == {"PacDist", "PacDistToCenter", "PacConv2d", "PacPool2d"}
+    assert set(nodes) == {"PacDist", "PacDistToCenter", "PacConv", "PacPool"}
     assert model.training  # put back in its mode
     _assert_consistent_shapes(path)
     with pytest.raises(ExportError, match="named dynamic dims are a net's"):
         export_onnx(model, path, inputs=inputs, dynamic=["N"])
+
+
+class UsersVideoNet(torch.nn.Module):
+    """The 3-D PAC modules on clips ``[N, C, T, H, W]``, anisotropic geometry included."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = pacnet.PacConv3d(2, 4, (1, 3, 3), padding=(0, 1, 1),
+                                     kernel_type="inv_0.5_-1", smooth_kernel_type="gaussian")
+        self.up = pacnet.PacConvTranspose3d(4, 3, (3, 5, 5), stride=(1, 2, 2), padding=(1, 2, 2),
+                                            output_padding=(0, 1, 1), normalize_kernel=True)
+        self.pool = pacnet.PacPool3d(3, padding=1, channel_wise=True)
+
+    def forward(self, clip, guide):
+        small = torch.nn.functional.avg_pool3d(guide, (1, 2, 2))
+        y = torch.relu(self.conv(clip, small))
+        return self.pool(self.up(y, guide), guide[:, :3])
+
+
+def test_users_3d_pac_module_exports_and_verifies(tmp_path):
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(2)
+    inputs = {"clip": torch.rand(1, 2, 3, 5, 4, generator=gen),
+              "guide": torch.rand(1, 4, 3, 10, 8, generator=gen)}
+    path = str(tmp_path / "video.onnx")
+    result = export_onnx(UsersVideoNet(), path, inputs=inputs, verify=True)
+    assert result.verified, result.checks
+    _, nodes = _pacnet_nodes(path)
+    assert set(nodes) == {"PacDist", "PacDistToCenter", "PacConv", "PacPool"}
+    _assert_consistent_shapes(path)
 
 
 def test_module_outputs_that_alias_inputs_or_each_other(tmp_path):

@@ -36,7 +36,7 @@ def _registered_pacnet_ops():
 
 def test_every_registered_op_is_translated_functionalized_or_backward_only():
     ops = _registered_pacnet_ops()
-    assert "pacnet::pac_conv2d" in ops and "pacnet::im2dist" in ops
+    assert "pacnet::pac_conv" in ops and "pacnet::im2dist" in ops
     tables = [set(LOWERINGS), set(onnx_ops.FUNCTIONALIZED), set(onnx_ops.BACKWARD_ONLY)]
     for name in ops:
         homes = [i for i, table in enumerate(tables) if name in table]
@@ -88,6 +88,15 @@ GEOMETRIES = [
     ((3, 3), (3, 2), (1, 0), (1, 2), (10, 9)),
 ]
 
+# The PAC ops take 1 to 3 spatial axes: these and the 2-D ones above.
+PAC_GEOMETRIES = GEOMETRIES + [
+    ((3,), (1,), (1,), (1,), (7,)),
+    ((5,), (2,), (4,), (2,), (9,)),
+    ((3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1), (4, 5, 6)),
+    ((3, 5, 3), (1, 2, 2), (1, 2, 1), (1, 1, 2), (5, 7, 6)),
+    ((1, 3, 3), (2, 1, 1), (0, 2, 1), (1, 2, 1), (3, 6, 5)),
+]
+
 
 def _grid(flags, geometries=None):
     """``(geometry, *flags)`` cases: every geometry and every flag combination at least once
@@ -105,16 +114,16 @@ def _grid(flags, geometries=None):
 
 
 def _geo_id(geometry):
-    k, s, p, d, _ = geometry
-    return f"k{k[0]}x{k[1]}-s{s[0]}x{s[1]}-p{p[0]}x{p[1]}-d{d[0]}x{d[1]}"
+    return "-".join(f"{c}{'x'.join(map(str, v))}" for c, v in zip("kspd", geometry))
 
 
 def _out_hw(hw, k, s, p, d):
-    return tuple((hw[i] + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(2))
+    return tuple((hw[i] + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(len(hw)))
 
 
 @pytest.mark.parametrize("geometry,center,asym,channel_wise",
-                         _grid(list(itertools.product((False, True), repeat=3))))
+                         _grid(list(itertools.product((False, True), repeat=3)),
+                               PAC_GEOMETRIES))
 def test_pac_dist(geometry, center, asym, channel_wise):
     k, s, p, d, hw = geometry
     g = _gen(1)
@@ -125,26 +134,26 @@ def test_pac_dist(geometry, center, asym, channel_wise):
 
 
 @pytest.mark.parametrize("geometry,shared,bias",
-                         _grid(list(itertools.product((False, True), repeat=2))))
-def test_pac_conv2d(geometry, shared, bias):
+                         _grid(list(itertools.product((False, True), repeat=2)),
+                               PAC_GEOMETRIES))
+def test_pac_conv(geometry, shared, bias):
     k, s, p, d, hw = geometry
     g = _gen(2)
     x = torch.randn(2, 4, *hw, generator=g)
-    oh, ow = _out_hw(hw, k, s, p, d)
-    K = torch.rand(2, 1, *k, oh, ow, generator=g)
+    K = torch.rand(2, 1, *k, *_out_hw(hw, k, s, p, d), generator=g)
     weight = torch.randn(1 if shared else 5, 1 if shared else 4, *k, generator=g)
     b = torch.randn(4 if shared else 5, generator=g) if bias else None
-    want = P.pac_conv2d(x, K, weight, b, s, p, d, shared_filters=shared)
-    _check("pacnet::pac_conv2d", (x, K, weight, b, s, p, d, shared), want)
+    want = P.pac_conv(x, K, weight, b, s, p, d, shared_filters=shared)
+    _check("pacnet::pac_conv", (x, K, weight, b, s, p, d, shared), want)
 
 
-@pytest.mark.parametrize("geometry,channel_wise", _grid([(False,), (True,)]))
-def test_pac_pool2d(geometry, channel_wise):
+@pytest.mark.parametrize("geometry,channel_wise", _grid([(False,), (True,)], PAC_GEOMETRIES))
+def test_pac_pool(geometry, channel_wise):
     k, s, p, d, hw = geometry
     g = _gen(3)
     x = torch.randn(2, 3, *hw, generator=g)
     K = torch.rand(2, 3 if channel_wise else 1, *k, *_out_hw(hw, k, s, p, d), generator=g)
-    _check("pacnet::pac_pool2d", (x, K, k, s, p, d), P.pac_pool2d(x, K, k, s, p, d))
+    _check("pacnet::pac_pool", (x, K, k, s, p, d), P.pac_pool(x, K, k, s, p, d))
 
 
 # The segaware ops also take even kernels (their centre tap is (k//2, k//2)).

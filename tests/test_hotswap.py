@@ -229,3 +229,51 @@ def test_fcn8s_altpad_hotswap_is_the_zoo_fcn8spac(tmp_path, capsys):
         a, b = swapped(x)["fuse_pool3"], zoo(x)["fuse_pool3"]
     assert a.shape == (1, 21, 8, 8) and b.abs().max() > 1e-2
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+
+
+VIDEO = textwrap.dedent("""\
+    name: video
+    pacnet_version: 1
+    inputs:
+      clip: [N, 3, T, H, W]
+      guide: [N, 2, T, H, W]
+    dims: {N: 1, T: 4, H: 12, W: 12}
+    layers:
+      - {name: conv1, type: Convolution, bottom: clip, top: conv1, num_output: 4,
+         kernel_size: [3, 3, 3], pad: 1, weight_filler: {type: msra}}
+      - {name: conv2, type: Convolution, bottom: conv1, top: conv2, num_output: 2,
+         kernel_size: [1, 5, 5], pad: [0, 2, 2], stride: [1, 2, 2], bias_term: false}
+      - {name: conv3, type: Convolution, bottom: conv2, top: conv3, num_output: 2,
+         kernel_size: 3, pad: 1}
+      - {name: even, type: Convolution, bottom: conv1, top: even, num_output: 2,
+         kernel_size: [3, 2, 2]}
+    """)
+
+
+def test_3d_convolutions_swap_with_trilinear_guides(tmp_path):
+    """A 5-D net: its 3-D convolutions become 5-D PacConv layers, the guide is resized
+    trilinearly where the size differs, weights load, a constant guide gives the plain net."""
+    path = tmp_path / "video.yaml"
+    path.write_text(VIDEO)
+    tree = hotswap(load(str(path)), ["conv1", "conv2", "conv3"], "guide")
+    assert _layer(tree, "conv2")["kernel_size"] == [1, 5, 5]
+    names = [l["name"] for l in tree["layers"]]
+    assert "conv1_guide" not in names and "conv2_guide" not in names  # same size: no resize
+    assert _layer(tree, "conv3_guide")["mode"] == "trilinear"
+    plain, swapped = pacnet.build(str(path)).double(), pacnet.build(tree).double()
+    assert swapped.ir.node("conv2").type == "PacConv"
+    assert swapped.shapes["conv3_guide"] == (1, 2, 4, 6, 6)
+    _randomise(plain)
+    swapped.load_state_dict(plain.state_dict(), strict=True)
+    x = torch.randn(1, 3, 4, 12, 12, dtype=torch.float64)
+    constant = torch.full((1, 2, 4, 12, 12), 0.5, dtype=torch.float64)
+    with torch.no_grad():
+        want, got = plain(x, constant), swapped(x, constant)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-10, atol=1e-10)
+    with pytest.raises(pacnet.PacnetError, match="kernel 3x2x2 is even"):
+        hotswap(load(str(path)), ["even"], "guide")
+    flat = VIDEO.replace("guide: [N, 2, T, H, W]", "guide: [N, 2, H, W]")
+    path.write_text(flat)
+    with pytest.raises(pacnet.PacnetError, match="it must be N x C x D x H x W like the layer"):
+        hotswap(load(str(path)), ["conv1"], "guide")

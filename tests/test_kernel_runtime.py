@@ -24,12 +24,14 @@ LAYOUTS = ("contiguous", "channels_last", "permuted")
 
 
 def _layout(t, layout):
-    """``t`` (values unchanged) in a memory layout: channels_last for 4-D tensors, the two
-    last dimensions swapped in memory for ``permuted``."""
+    """``t`` (values unchanged) in a memory layout: channels_last for 4-D and 5-D tensors,
+    the two last dimensions swapped in memory for ``permuted``."""
     if t is None or layout == "contiguous" or t.dim() < 2:
         return t
     if layout == "channels_last" and t.dim() == 4:
         return t.contiguous(memory_format=torch.channels_last)
+    if layout == "channels_last" and t.dim() == 5:
+        return t.contiguous(memory_format=torch.channels_last_3d)
     if layout == "permuted":
         return t.transpose(-1, -2).contiguous().transpose(-1, -2)
     return t
@@ -57,17 +59,21 @@ def _cases(layout):
                                         .double(), layout)
     gs, wts, g3 = rnd(1, 9, *hw), rnd(1, 9, *hw), rnd(1, 3, *hw)
     xs = rnd(1, 3, 7, 6)
+    # volumes: the ops whose fakes once disagreed with the real strides
+    k3, s3, p3, d3 = (3, 1, 3), (1, 2, 1), (1, 0, 1), (1, 1, 2)
+    x3, out3 = rnd(2, 3, 3, 5, 6), R.out_size((3, 5, 6), k3, s3, p3, d3)
+    K3, w3 = rnd(2, 1, *k3, *out3, pos=True), rnd(4, 3, *k3)
     o = torch.ops.pacnet
     return [
         ("pac_dist", o.pac_dist.default, (rg(f), rg(ctr), k, s, p, d, True, False)),
         ("pac_dist_backward", o.pac_dist_backward.default, (gD, f, None, k, s, p, d, False,
                                                             False)),
-        ("pac_conv2d", o.pac_conv2d.default, (rg(x), rg(K), rg(w), None, s, p, d, False)),
-        ("pac_conv2d_backward", o.pac_conv2d_backward.default,
+        ("pac_conv", o.pac_conv.default, (rg(x), rg(K), rg(w), None, s, p, d, False)),
+        ("pac_conv_backward", o.pac_conv_backward.default,
          (gc, x, K, w, s, p, d, False, True, True, True)),
-        ("pac_conv2d_add_", o.pac_conv2d_add_.default, (out, x, K, w, s, p, d, False, 0.5)),
-        ("pac_pool2d", o.pac_pool2d.default, (rg(x), rg(Kc), k, s, p, d)),
-        ("pac_pool2d_backward", o.pac_pool2d_backward.default, (gp, x, Kc, k, s, p, d, True,
+        ("pac_conv_add_", o.pac_conv_add_.default, (out, x, K, w, s, p, d, False, 0.5)),
+        ("pac_pool", o.pac_pool.default, (rg(x), rg(Kc), k, s, p, d)),
+        ("pac_pool_backward", o.pac_pool_backward.default, (gp, x, Kc, k, s, p, d, True,
                                                                 True)),
         ("im2dist", o.im2dist.default, (rg(emb), *geo, 2, True, False)),
         ("im2dist_backward", o.im2dist_backward.default, (gs, emb, *geo, 1, False, True)),
@@ -75,6 +81,11 @@ def _cases(layout):
         ("local_weighted_sum", o.local_weighted_sum.default, (rg(xs), rg(wts), *geo)),
         ("local_weighted_sum_backward", o.local_weighted_sum_backward.default,
          (g3, xs, wts, *geo)),
+        ("pac_conv_3d", o.pac_conv.default, (rg(x3), rg(K3), rg(w3), None, s3, p3, d3, False)),
+        ("pac_conv_backward_3d", o.pac_conv_backward.default,
+         (rnd(2, 4, *out3), x3, K3, w3, s3, p3, d3, False, True, True, True)),
+        ("pac_dist_backward_3d", o.pac_dist_backward.default,
+         (rnd(2, 1, *k3, *out3), rnd(2, 2, 3, 5, 6), None, k3, s3, p3, d3, False, False)),
     ]
 
 
@@ -203,7 +214,7 @@ def test_cpu_half_inputs_compute_in_float32(half):
     x = torch.randn(2, 3, 8, 7, generator=gen)
     K = torch.rand(2, 1, 3, 3, 8, 7, generator=gen)
     w = torch.randn(4, 3, 3, 3, generator=gen)
-    want = R.pac_conv2d(x.to(half).double(), K.double(), w.to(half).double(), None, (1, 1),
+    want = R.pac_conv(x.to(half).double(), K.double(), w.to(half).double(), None, (1, 1),
                         (1, 1), (1, 1))
     xs, ws, Ks = (t.to(half).requires_grad_() for t in (x, w, K))
     Kf = K.clone().requires_grad_()
@@ -226,7 +237,7 @@ def test_autocast_policy():
     w = torch.randn(2, 3, 3, 3, generator=gen)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = P.pac_conv2d(x, K, w, None, 1, 1, 1)
-        direct = torch.ops.pacnet.pac_conv2d(x, K, w, None, [1, 1], [1, 1], [1, 1], False)
+        direct = torch.ops.pacnet.pac_conv(x, K, w, None, [1, 1], [1, 1], [1, 1], False)
     assert out.dtype == direct.dtype == torch.float32
     torch.testing.assert_close(out, direct)
     args = runtime.autocast_args("cpu", ("compute", "float32", None), (x, K, w))

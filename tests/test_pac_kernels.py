@@ -15,6 +15,7 @@ from pacnet.errors import PacnetValueError
 from pacnet.kernels import runtime
 from pacnet.kernels.pac import cpu, ops
 from pacnet.kernels.pac import reference as R
+from pacnet.kernels.pac.geometry import Geometry
 
 DT = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-10)
@@ -57,60 +58,79 @@ def _assert_same(fused, ref, what):
 
 
 # ----------------------------------------------------------------------------- geometry grid
+# One grid per spatial rank (2-D, 3-D, 1-D): kernel x stride x dilation, each with a size,
+# padding mode and batch that cycle.  Every test below runs over all of them.
 
-_SIZES = [(5, 7), (8, 6), (7, 7), (6, 9), (4, 5), (9, 8)]
-_KERNELS = [(1, 1), (3, 3), (5, 5), (3, 5), (5, 1)]
-_STRIDES = [(1, 1), (2, 2), (3, 3), (1, 2), (3, 1)]
-_DILATIONS = [(1, 1), (2, 2), (1, 2)]
+_GRIDS = {
+    2: dict(sizes=[(5, 7), (8, 6), (7, 7), (6, 9), (4, 5), (9, 8)],
+            kernels=[(1, 1), (3, 3), (5, 5), (3, 5), (5, 1)],
+            strides=[(1, 1), (2, 2), (3, 3), (1, 2), (3, 1)],
+            dilations=[(1, 1), (2, 2), (1, 2)]),
+    3: dict(sizes=[(4, 5, 6), (5, 4, 7), (3, 6, 5), (6, 3, 4), (1, 5, 6)],
+            kernels=[(1, 1, 1), (3, 3, 3), (3, 1, 3), (1, 3, 5), (5, 3, 1)],
+            strides=[(1, 1, 1), (2, 2, 2), (1, 2, 1), (2, 1, 3)],
+            dilations=[(1, 1, 1), (2, 1, 2)]),
+    1: dict(sizes=[(7,), (9,), (8,)], kernels=[(1,), (3,), (5,)], strides=[(1,), (2,), (3,)],
+            dilations=[(1,), (2,)]),
+}
 
 
 def _padding(k, d, mode):
-    half = tuple(d[i] * (k[i] - 1) // 2 for i in range(2))
-    return {"zero": (0, 0), "half": half, "beyond": (half[0] + 1, half[1] + 2),
-            "mixed": (half[0], 0)}[mode]
+    half = tuple(d[i] * (k[i] - 1) // 2 for i in range(len(k)))
+    return {"zero": (0,) * len(k), "half": half,
+            "beyond": tuple(h + 1 + i % 2 for i, h in enumerate(half)),
+            "mixed": half[:1] + (0,) * (len(k) - 1)}[mode]
 
 
-def _geometries():
-    """Kernel x stride x dilation, each with a size, padding mode and batch that cycle."""
+def _geometries(rank):
+    grid = _GRIDS[rank]
     cases = []
     modes = ["zero", "half", "beyond", "mixed"]
-    for i, (k, s, d) in enumerate(itertools.product(_KERNELS, _STRIDES, _DILATIONS)):
+    for i, (k, s, d) in enumerate(itertools.product(grid["kernels"], grid["strides"],
+                                                    grid["dilations"])):
         p = _padding(k, d, modes[i % len(modes)])
-        hw = _SIZES[i % len(_SIZES)]
-        if min(R.out_size(hw, k, s, p, d)) < 1:
+        sizes = grid["sizes"][i % len(grid["sizes"])]
+        if min(R.out_size(sizes, k, s, p, d)) < 1:
             p = _padding(k, d, "beyond")
         b = 1 + i % 2
-        name = f"{hw[0]}x{hw[1]}-k{k[0]}{k[1]}-s{s[0]}{s[1]}-p{p[0]}{p[1]}-d{d[0]}{d[1]}-b{b}"
-        cases.append(pytest.param(hw, k, s, p, d, b, id=name))
+
+        def j(v):
+            return "".join(map(str, v))
+
+        name = f"{'x'.join(map(str, sizes))}-k{j(k)}-s{j(s)}-p{j(p)}-d{j(d)}-b{b}"
+        cases.append(pytest.param(sizes, k, s, p, d, b, id=name))
     return cases
 
 
-GEOMETRIES = _geometries()
+GEOMETRIES = _geometries(2) + _geometries(3) + _geometries(1)
 
 
-def test_grid_covers_every_geometry_parameter():
-    values = [c.values for c in GEOMETRIES]
-    assert len(values) == 75
-    assert {v[1] for v in values} == set(_KERNELS)
-    assert {v[2] for v in values} == set(_STRIDES)
-    assert {v[4] for v in values} == set(_DILATIONS)
-    assert {v[0][0] % 2 for v in values} == {0, 1} and {v[0][1] % 2 for v in values} == {0, 1}
+@pytest.mark.parametrize("rank, count", [(2, 75), (3, 40), (1, 18)])
+def test_grid_covers_every_geometry_parameter(rank, count):
+    values = [c.values for c in GEOMETRIES if len(c.values[0]) == rank]
+    grid = _GRIDS[rank]
+    assert len(values) == count
+    assert {v[1] for v in values} == set(grid["kernels"])
+    assert {v[2] for v in values} == set(grid["strides"])
+    assert {v[4] for v in values} == set(grid["dilations"])
+    for axis in range(rank):  # odd and even sizes on every axis
+        assert {v[0][axis] % 2 for v in values} == {0, 1}
     # padding 0, up to d(k-1)/2 and beyond it
-    assert any(v[3] == (0, 0) for v in values)
+    assert any(v[3] == (0,) * rank for v in values)
     assert any(v[3][0] > v[4][0] * (v[1][0] - 1) // 2 for v in values)
-    assert all(min(R.out_size(v[0], v[1], v[2], v[3], v[4])) >= 1 for v in values)
+    assert all(min(R.out_size(*v[:5])) >= 1 for v in values)
 
 
-@pytest.mark.parametrize("hw, k, s, p, d, b", GEOMETRIES)
-def test_pac_dist_matches_reference(hw, k, s, p, d, b):
+@pytest.mark.parametrize("sizes, k, s, p, d, b", GEOMETRIES)
+def test_pac_dist_matches_reference(sizes, k, s, p, d, b):
     gen = _gen(1)
     cg = 3
-    oh, ow = R.out_size(hw, k, s, p, d)
-    f = _randn(gen, b, cg, *hw)
+    out = R.out_size(sizes, k, s, p, d)
+    f = _randn(gen, b, cg, *sizes)
     for center_given, asym, cw in ((False, False, False), (True, False, False),
                                    (False, True, False), (True, True, True), (False, False, True)):
-        center = _randn(gen, b, cg, oh, ow) if center_given else None
-        grad = _randn(gen, b, cg if cw else 1, k[0], k[1], oh, ow)
+        center = _randn(gen, b, cg, *out) if center_given else None
+        grad = _randn(gen, b, cg if cw else 1, *k, *out)
         inputs = (f, center) if center_given else (f,)
 
         def fused(f_, c_=None):
@@ -123,71 +143,91 @@ def test_pac_dist_matches_reference(hw, k, s, p, d, b):
                      f"pac_dist center={center_given} asym={asym} channel_wise={cw}")
 
 
-@pytest.mark.parametrize("hw, k, s, p, d, b", GEOMETRIES)
-def test_pac_conv2d_matches_reference(hw, k, s, p, d, b):
+@pytest.mark.parametrize("sizes, k, s, p, d, b", GEOMETRIES)
+def test_pac_conv_matches_reference(sizes, k, s, p, d, b):
     gen = _gen(2)
     c = 3
-    oh, ow = R.out_size(hw, k, s, p, d)
-    x = _randn(gen, b, c, *hw)
-    K = _rand(gen, b, 1, k[0], k[1], oh, ow)
+    out = R.out_size(sizes, k, s, p, d)
+    x = _randn(gen, b, c, *sizes)
+    K = _rand(gen, b, 1, *k, *out)
     for o, with_bias, shared in ((5, True, False), (4, False, False), (1, True, False),
                                  (c, True, True), (c, False, True)):
         w = _randn(gen, 1, 1, *k) if shared else _randn(gen, o, c, *k)
         bias = _randn(gen, o) if with_bias else None
-        grad = _randn(gen, b, o, oh, ow)
+        grad = _randn(gen, b, o, *out)
         inputs = (x, K, w) + ((bias,) if with_bias else ())
 
         def fused(x_, K_, w_, b_=None):
-            return P.pac_conv2d(x_, K_, w_, b_, s, p, d, shared_filters=shared)
+            return P.pac_conv(x_, K_, w_, b_, s, p, d, shared_filters=shared)
 
         def ref(x_, K_, w_, b_=None):
-            return R.pac_conv2d(x_, K_, w_, b_, s, p, d, shared)
+            return R.pac_conv(x_, K_, w_, b_, s, p, d, shared)
 
         _assert_same(_run(fused, inputs, grad), _run(ref, inputs, grad),
-                     f"pac_conv2d O={o} bias={with_bias} shared={shared}")
+                     f"pac_conv O={o} bias={with_bias} shared={shared}")
 
 
-@pytest.mark.parametrize("hw, k, s, p, d, b", GEOMETRIES)
-def test_pac_pool2d_matches_reference(hw, k, s, p, d, b):
+@pytest.mark.parametrize("sizes, k, s, p, d, b", GEOMETRIES)
+def test_pac_pool_matches_reference(sizes, k, s, p, d, b):
     gen = _gen(3)
     c = 3
-    oh, ow = R.out_size(hw, k, s, p, d)
-    x = _randn(gen, b, c, *hw)
+    out = R.out_size(sizes, k, s, p, d)
+    x = _randn(gen, b, c, *sizes)
     for kc in (1, c):
-        K = _rand(gen, b, kc, k[0], k[1], oh, ow)
-        grad = _randn(gen, b, c, oh, ow)
-        _assert_same(_run(lambda x_, K_: P.pac_pool2d(x_, K_, k, s, p, d), (x, K), grad),
-                     _run(lambda x_, K_: R.pac_pool2d(x_, K_, k, s, p, d), (x, K), grad),
-                     f"pac_pool2d K channels={kc}")
+        K = _rand(gen, b, kc, *k, *out)
+        grad = _randn(gen, b, c, *out)
+        _assert_same(_run(lambda x_, K_: P.pac_pool(x_, K_, k, s, p, d), (x, K), grad),
+                     _run(lambda x_, K_: R.pac_pool(x_, K_, k, s, p, d), (x, K), grad),
+                     f"pac_pool K channels={kc}")
+
+
+def test_two_d_views_are_the_generic_ops():
+    """pac_conv2d/pac_pool2d/pac_conv2d_add_ run the rank-generic ops on 4-D tensors."""
+    gen = _gen(4)
+    x, K, w = _randn(gen, 1, 2, 6, 5), _rand(gen, 1, 1, 3, 3, 6, 5), _randn(gen, 3, 2, 3, 3)
+    torch.testing.assert_close(P.pac_conv2d(x, K, w, None, 1, 1, 1),
+                               P.pac_conv(x, K, w, None, 1, 1, 1), **TOL)
+    torch.testing.assert_close(P.pac_pool2d(x, K, 3, 1, 1, 1), P.pac_pool(x, K, 3, 1, 1, 1),
+                               **TOL)
+    out = torch.zeros(1, 3, 6, 5, dtype=DT)
+    torch.testing.assert_close(P.pac_conv2d_add_(out, x, K, w, 1, 1, 1),
+                               P.pac_conv(x, K, w, None, 1, 1, 1), **TOL)
 
 
 # ----------------------------------------------------------------------------- band scheduling
 
 @pytest.mark.parametrize("threads", [1, 3, 8])
-@pytest.mark.parametrize("k, s, d, b", [((3, 3), (1, 1), (1, 1), 1), ((5, 3), (2, 1), (1, 2), 2),
-                                        ((3, 3), (1, 1), (3, 1), 1), ((5, 5), (3, 3), (1, 1), 3)])
-def test_backward_bands_are_race_free(monkeypatch, threads, k, s, d, b):
-    """Tall images split into many bands and chunks (thread counts faked) still match."""
+@pytest.mark.parametrize("sizes, k, s, d, b", [
+    ((41, 9), (3, 3), (1, 1), (1, 1), 1), ((41, 9), (5, 3), (2, 1), (1, 2), 2),
+    ((41, 9), (3, 3), (1, 1), (3, 1), 1), ((41, 9), (5, 5), (3, 3), (1, 1), 3),
+    ((21, 6, 5), (3, 3, 3), (1, 1, 1), (1, 1, 1), 1),  # bands of output planes
+    ((21, 6, 5), (5, 3, 3), (2, 1, 1), (1, 2, 1), 2),
+    ((21, 6, 5), (3, 3, 1), (1, 2, 1), (3, 1, 1), 1),
+    ((1, 41, 9), (3, 3, 3), (1, 1, 1), (1, 1, 1), 2)])  # one plane: bands of rows
+def test_backward_bands_are_race_free(monkeypatch, threads, sizes, k, s, d, b):
+    """Tall images (deep volumes) split into many bands of rows (of planes) and chunks
+    (thread counts faked) still match."""
     monkeypatch.setattr(runtime, "threads", lambda: threads)
     monkeypatch.setattr(runtime, "PARALLEL_MIN_WORK", 0)  # parallel drivers even for tiny inputs
-    L, nbands, nchunks = cpu._plan_bands(b, 40, k[0], s[0], d[0])
-    assert nchunks >= 1 and (threads == 1 or nbands >= 2 or b >= 4 * threads)
+    p = tuple(d[i] * (k[i] - 1) // 2 for i in range(len(k)))
+    geo = Geometry.of(sizes, k, s, p, d)
+    L, nbands, nchunks = cpu._plan_bands(b, geo)
+    unit = geo.band_unit()[0]
+    assert nchunks >= 1 and L % unit == 0 and (threads == 1 or nbands >= 2 or b >= 4 * threads)
     gen = _gen(4)
-    hw = (41, 9)
-    p = (d[0] * (k[0] - 1) // 2, d[1] * (k[1] - 1) // 2)
-    oh, ow = R.out_size(hw, k, s, p, d)
-    x, f = _randn(gen, b, 2, *hw), _randn(gen, b, 2, *hw)
-    K = _rand(gen, b, 1, k[0], k[1], oh, ow)
+    out = R.out_size(sizes, k, s, p, d)
+    x, f = _randn(gen, b, 2, *sizes), _randn(gen, b, 2, *sizes)
+    K = _rand(gen, b, 1, *k, *out)
     w = _randn(gen, 3, 2, *k)
-    g3 = _randn(gen, b, 3, oh, ow)
-    _assert_same(_run(lambda *a: P.pac_conv2d(*a, None, s, p, d), (x, K, w), g3),
-                 _run(lambda *a: R.pac_conv2d(*a, None, s, p, d), (x, K, w), g3), "conv")
-    gD = _randn(gen, b, 1, k[0], k[1], oh, ow)
+    g3 = _randn(gen, b, 3, *out)
+    _assert_same(_run(lambda *a: P.pac_conv(*a, None, s, p, d), (x, K, w), g3),
+                 _run(lambda *a: R.pac_conv(*a, None, s, p, d), (x, K, w), g3), "conv")
+    gD = _randn(gen, b, 1, *k, *out)
     _assert_same(_run(lambda f_: P.pac_dist(f_, None, k, s, p, d), (f,), gD),
                  _run(lambda f_: R.pac_dist(f_, None, k, s, p, d), (f,), gD), "dist")
-    g2 = _randn(gen, b, 2, oh, ow)
-    _assert_same(_run(lambda *a: P.pac_pool2d(*a, k, s, p, d), (x, K), g2),
-                 _run(lambda *a: R.pac_pool2d(*a, k, s, p, d), (x, K), g2), "pool")
+    g2 = _randn(gen, b, 2, *out)
+    _assert_same(_run(lambda *a: P.pac_pool(*a, k, s, p, d), (x, K), g2),
+                 _run(lambda *a: R.pac_pool(*a, k, s, p, d), (x, K), g2), "pool")
 
 
 @pytest.mark.parametrize("parallel", [False, True])
@@ -216,7 +256,23 @@ def test_conv_blocks_tile_the_output(monkeypatch, parallel, block_bytes, want, k
     w, bias = _randn(gen, o, c, *k), _randn(gen, o)
     grad = _randn(gen, b, o, oh, ow)
     _assert_same(_run(lambda *a: P.pac_conv2d(*a, s, p, d), (x, K, w, bias), grad),
-                 _run(lambda *a: R.pac_conv2d(*a, s, p, d), (x, K, w, bias), grad), want)
+                 _run(lambda *a: R.pac_conv(*a, s, p, d), (x, K, w, bias), grad), want)
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_conv_blocks_cross_output_planes(monkeypatch, parallel):
+    """3-D: a block of 4 output rows (z, y) starts and ends inside planes of 6 rows."""
+    gen = _gen(8)
+    b, c, o, sizes, k, s, p, d = 2, 2, 3, (4, 6, 7), (3, 3, 3), (1, 1, 2), (1, 1, 1), (1, 1, 1)
+    out = R.out_size(sizes, k, s, p, d)
+    monkeypatch.setattr(cpu, "_BLOCK_BYTES", 4 * c * 27 * out[2] * 8)
+    monkeypatch.setattr(runtime, "PARALLEL_MIN_WORK", 0 if parallel else 1 << 62)
+    blocks, _ = cpu._blocks(b, c * 27, out[0] * out[1], out[2], 8)
+    assert {nr for _, _, _, nr in blocks} == {4} and any(r0 % out[1] for _, _, r0, _ in blocks)
+    x, K = _randn(gen, b, c, *sizes), _rand(gen, b, 1, *k, *out)
+    w, bias, grad = _randn(gen, o, c, *k), _randn(gen, o), _randn(gen, b, o, *out)
+    _assert_same(_run(lambda *a: P.pac_conv(*a, s, p, d), (x, K, w, bias), grad),
+                 _run(lambda *a: R.pac_conv(*a, s, p, d), (x, K, w, bias), grad), "3-D blocks")
 
 
 @pytest.mark.parametrize("backend", ["numba", "reference"])
@@ -233,7 +289,7 @@ def test_conv2d_add_accumulates_in_place(monkeypatch, backend, shared, block_byt
     K = _rand(gen, 2, 1, *k, oh, ow)
     w = _randn(gen, 1, 1, *k) if shared else _randn(gen, 4, 3, *k)
     out = _randn(gen, 2, 3 if shared else 4, oh, ow)
-    want = out + -0.75 * R.pac_conv2d(x, K, w, None, s, p, d, shared)
+    want = out + -0.75 * R.pac_conv(x, K, w, None, s, p, d, shared)
     ptr = out.data_ptr()
     with torch.no_grad():
         got = P.pac_conv2d_add_(out, x, K, w, s, p, d, shared_filters=shared, alpha=-0.75)
@@ -243,7 +299,7 @@ def test_conv2d_add_accumulates_in_place(monkeypatch, backend, shared, block_byt
     out16 = torch.zeros(want.shape, dtype=torch.bfloat16)
     P.pac_conv2d_add_(out16, x.bfloat16(), K.bfloat16(), w.bfloat16(), s, p, d,
                       shared_filters=shared)
-    torch.testing.assert_close(out16.double(), R.pac_conv2d(x, K, w, None, s, p, d, shared),
+    torch.testing.assert_close(out16.double(), R.pac_conv(x, K, w, None, s, p, d, shared),
                                rtol=0.05, atol=0.1)
 
 
@@ -349,6 +405,33 @@ def test_gradcheck_pac_pool2d(kc):
                                     [x.requires_grad_(), K.requires_grad_()])
 
 
+@pytest.mark.parametrize("sizes, k, s, p, d", [((3, 4, 3), (3, 3, 1), (1, 2, 1), (1, 1, 0),
+                                                 (1, 1, 1)),
+                                                ((4, 3, 3), (3, 1, 3), (2, 1, 1), (2, 0, 1),
+                                                 (1, 1, 1)),
+                                                ((9,), (3,), (2,), (2,), (2,))])
+def test_gradcheck_3d_and_1d(sizes, k, s, p, d):
+    """Every op's gradients (also centre given, asym, channel-wise, shared filters) in 3-D and
+    1-D, numerically."""
+    gen = _gen(12)
+    out = R.out_size(sizes, k, s, p, d)
+    f, x = _randn(gen, 1, 2, *sizes), _randn(gen, 1, 2, *sizes)
+    ctr, K = _randn(gen, 1, 2, *out), _rand(gen, 1, 1, *k, *out)
+    Kc, w, bias = _rand(gen, 1, 2, *k, *out), _randn(gen, 2, 2, *k), _randn(gen, 2)
+    rg = [t.requires_grad_() for t in (f, x, ctr, K, Kc, w, bias)]
+    f, x, ctr, K, Kc, w, bias = rg
+    checks = [
+        (lambda f_: P.pac_dist(f_, None, k, s, p, d), [f]),
+        (lambda f_, c_: P.pac_dist(f_, c_, k, s, p, d, asym=True, channel_wise=True), [f, ctr]),
+        (lambda *a: P.pac_conv(*a, s, p, d), [x, K, w, bias]),
+        (lambda x_, K_, w_: P.pac_conv(x_, K_, w_, None, s, p, d, shared_filters=True),
+         [x, K, w[:1, :1].detach().clone().requires_grad_()]),
+        (lambda *a: P.pac_pool(*a, k, s, p, d), [x, Kc]),
+    ]
+    for fn, inputs in checks:
+        assert torch.autograd.gradcheck(fn, inputs)
+
+
 def _opcheck_cases():
     gen, f, x = _small(7)
     k, s, p, d = [3, 3], [2, 1], [1, 1], [1, 2]
@@ -363,16 +446,43 @@ def _opcheck_cases():
     return [
         ("dist", ops_.pac_dist.default, (rg(f), None, k, s, p, d, False, False)),
         ("dist_center", ops_.pac_dist.default, (rg(f), rg(ctr), k, s, p, d, True, True)),
-        ("conv", ops_.pac_conv2d.default, (rg(x), rg(K), rg(w), rg(w[:, 0, 0, 0]), s, p, d, False)),
-        ("conv_shared", ops_.pac_conv2d.default,
+        ("conv", ops_.pac_conv.default, (rg(x), rg(K), rg(w), rg(w[:, 0, 0, 0]), s, p, d, False)),
+        ("conv_shared", ops_.pac_conv.default,
          (rg(x), rg(K), rg(w[:1, :1]), None, s, p, d, True)),
-        ("pool", ops_.pac_pool2d.default, (rg(x), rg(Kc), k, s, p, d)),
-        ("conv_add", ops_.pac_conv2d_add_.default, (g_conv.clone(), x, K, w, s, p, d, False, -0.5)),
+        ("pool", ops_.pac_pool.default, (rg(x), rg(Kc), k, s, p, d)),
+        ("conv_add", ops_.pac_conv_add_.default, (g_conv.clone(), x, K, w, s, p, d, False, -0.5)),
         ("dist_backward", ops_.pac_dist_backward.default,
          (_randn(gen, 2, 1, 3, 3, oh, ow), f, None, k, s, p, d, True, False)),
-        ("conv_backward", ops_.pac_conv2d_backward.default,
+        ("conv_backward", ops_.pac_conv_backward.default,
          (g_conv, x, K, w, s, p, d, False, True, False, True)),
-        ("pool_backward", ops_.pac_pool2d_backward.default, (g_pool, x, K, k, s, p, d, True, True)),
+        ("pool_backward", ops_.pac_pool_backward.default, (g_pool, x, K, k, s, p, d, True, True)),
+    ] + _opcheck_cases_nd(gen, rg, [3, 3, 1], [2, 1, 1], [1, 1, 0], [1, 2, 1], (3, 5, 4)) \
+      + _opcheck_cases_nd(gen, rg, [3], [2], [1], [2], (7,))
+
+
+def _opcheck_cases_nd(gen, rg, k, s, p, d, sizes):
+    """The forward, backward and in-place ops on inputs of ``len(sizes)`` spatial axes."""
+    out = list(R.out_size(sizes, k, s, p, d))
+    f, x = _randn(gen, 2, 2, *sizes), _randn(gen, 2, 3, *sizes)
+    K, Kc, w = _rand(gen, 2, 1, *k, *out), _rand(gen, 2, 3, *k, *out), _randn(gen, 4, 3, *k)
+    g_conv, g_pool = _randn(gen, 2, 4, *out), _randn(gen, 2, 3, *out)
+    ops_, tag = torch.ops.pacnet, f"{len(sizes)}d_"
+    return [
+        (tag + "dist", ops_.pac_dist.default, (rg(f), rg(_randn(gen, 2, 2, *out)), k, s, p, d,
+                                               True, False)),
+        (tag + "conv", ops_.pac_conv.default, (rg(x), rg(K), rg(w), rg(w.reshape(4, -1)[:, 0]),
+                                               s, p, d, False)),
+        (tag + "conv_shared", ops_.pac_conv.default,
+         (rg(x), rg(K), rg(w[:1, :1]), None, s, p, d, True)),
+        (tag + "pool", ops_.pac_pool.default, (rg(x), rg(Kc), k, s, p, d)),
+        (tag + "conv_add", ops_.pac_conv_add_.default,
+         (g_conv.clone(), x, K, w, s, p, d, False, 0.5)),
+        (tag + "dist_backward", ops_.pac_dist_backward.default,
+         (_randn(gen, 2, 2, *k, *out), f, None, k, s, p, d, False, True)),
+        (tag + "conv_backward", ops_.pac_conv_backward.default,
+         (g_conv, x, K, w, s, p, d, False, True, True, True)),
+        (tag + "pool_backward", ops_.pac_pool_backward.default,
+         (g_pool, x, Kc, k, s, p, d, True, True)),
     ]
 
 
@@ -404,24 +514,26 @@ def test_saves_only_the_inputs_for_backward():
 # ----------------------------------------------------------------------------- torch.compile
 
 class _TinyPac(torch.nn.Module):
-    def __init__(self):
+    """pac_dist -> exp -> pac_conv -> relu -> pac_pool over ``rank`` spatial axes."""
+
+    def __init__(self, rank=2):
         super().__init__()
         gen = _gen(9)
-        self.weight = torch.nn.Parameter(_randn(gen, 4, 3, 3, 3, dtype=torch.float32))
+        self.weight = torch.nn.Parameter(_randn(gen, 4, 3, *(3,) * rank, dtype=torch.float32))
         self.bias = torch.nn.Parameter(_randn(gen, 4, dtype=torch.float32))
 
     def forward(self, x, guide):
         K = torch.exp(-0.5 * P.pac_dist(guide, None, 3, 1, 1, 1))
-        y = torch.relu(P.pac_conv2d(x, K, self.weight, self.bias, 1, 1, 1))
-        return P.pac_pool2d(y, K, 3, 1, 1, 1)
+        y = torch.relu(P.pac_conv(x, K, self.weight, self.bias, 1, 1, 1))
+        return P.pac_pool(y, K, 3, 1, 1, 1)
 
 
-def _compiled_matches_eager(backend):
+def _compiled_matches_eager(backend, sizes=(9, 8)):
     torch._dynamo.reset()
     gen = _gen(10)
-    x = _randn(gen, 2, 3, 9, 8, dtype=torch.float32).requires_grad_()
-    g = _randn(gen, 2, 2, 9, 8, dtype=torch.float32).requires_grad_()
-    model = _TinyPac()
+    x = _randn(gen, 2, 3, *sizes, dtype=torch.float32).requires_grad_()
+    g = _randn(gen, 2, 2, *sizes, dtype=torch.float32).requires_grad_()
+    model = _TinyPac(len(sizes))
     eager = model(x, g)
     grads_e = torch.autograd.grad(eager.sum(), [x, g, model.weight, model.bias])
     compiled = torch.compile(model, backend=backend, fullgraph=True)
@@ -436,8 +548,9 @@ def test_torch_compile_aot_eager():
     _compiled_matches_eager("aot_eager")
 
 
-def test_torch_compile_inductor():
-    _compiled_matches_eager("inductor")
+@pytest.mark.parametrize("sizes", [(9, 8), (4, 6, 5)], ids=["2d", "3d"])
+def test_torch_compile_inductor(sizes):
+    _compiled_matches_eager("inductor", sizes)
 
 
 def test_torch_compile_in_place_add():
@@ -453,7 +566,7 @@ def test_torch_compile_in_place_add():
 
     with torch.no_grad():
         got = torch.compile(step, backend="aot_eager", fullgraph=True)(start.clone())
-    want = 2 * (start - 0.5 * R.pac_conv2d(x, K, w, None, (1, 1), (1, 1), (1, 1)))
+    want = 2 * (start - 0.5 * R.pac_conv(x, K, w, None, (1, 1), (1, 1), (1, 1)))
     torch.testing.assert_close(got, want, **TOL)
 
 
@@ -464,7 +577,7 @@ def test_float32_close_to_float64_reference():
     x, f = _randn(gen, 2, 5, 16, 13), _randn(gen, 2, 3, 16, 13)
     w = _randn(gen, 7, 5, 5, 5) * 0.1
     K64 = torch.exp(-0.5 * R.pac_dist(f, None, (5, 5), (1, 1), (2, 2), (1, 1)))
-    want = R.pac_conv2d(x, K64, w, None, (1, 1), (2, 2), (1, 1))
+    want = R.pac_conv(x, K64, w, None, (1, 1), (2, 2), (1, 1))
     K32 = torch.exp(-0.5 * P.pac_dist(f.float(), None, 5, 1, 2, 1))
     got = P.pac_conv2d(x.float(), K32, w.float(), None, 1, 2, 1)
     assert got.dtype == torch.float32
@@ -479,7 +592,7 @@ def test_half_inputs_compute_in_float32(dtype):
     w = _randn(gen, 3, 2, 3, 3).to(dtype).requires_grad_()
     out = P.pac_conv2d(x, K, w, None, 1, 1, 1)
     assert out.dtype == dtype
-    want = R.pac_conv2d(x.double(), K.double(), w.double(), None, (1, 1), (1, 1), (1, 1))
+    want = R.pac_conv(x.double(), K.double(), w.double(), None, (1, 1), (1, 1), (1, 1))
     torch.testing.assert_close(out.double(), want, rtol=3e-2, atol=3e-2)
     out.float().sum().backward()
     assert x.grad.dtype == K.grad.dtype == w.grad.dtype == dtype
@@ -506,12 +619,12 @@ def test_non_contiguous_inputs():
     torch.testing.assert_close(P.pac_dist(f, None, 3, 1, 1, 1),
                                R.pac_dist(f, None, (3, 3), (1, 1), (1, 1), (1, 1)), **TOL)
     torch.testing.assert_close(P.pac_conv2d(x, K, w, None, 1, 1, 1),
-                               R.pac_conv2d(x, K, w, None, (1, 1), (1, 1), (1, 1)), **TOL)
+                               R.pac_conv(x, K, w, None, (1, 1), (1, 1), (1, 1)), **TOL)
     torch.testing.assert_close(P.pac_pool2d(x, K, 3, 1, 1, 1),
-                               R.pac_pool2d(x, K, (3, 3), (1, 1), (1, 1), (1, 1)), **TOL)
+                               R.pac_pool(x, K, (3, 3), (1, 1), (1, 1), (1, 1)), **TOL)
     g = _randn(gen, 2, 4, 6, 7)
     _assert_same(_run(lambda *a: P.pac_conv2d(*a, None, 1, 1, 1), (x, K, w), g),
-                 _run(lambda *a: R.pac_conv2d(*a, None, (1, 1), (1, 1), (1, 1)), (x, K, w), g),
+                 _run(lambda *a: R.pac_conv(*a, None, (1, 1), (1, 1), (1, 1)), (x, K, w), g),
                  "non-contiguous conv")
 
 
@@ -551,7 +664,8 @@ def _bad_cases():
                                                    weight=w, **geo), **kw})
 
     return [
-        ("guide 3-D", dist(guide=f[0]), r"guide must be 4-D"),
+        ("guide 6-D", dist(guide=f[None, None]),
+         r"guide must be one of 3-D \[b, Cg, W\], 4-D \[b, Cg, H, W\], 5-D \[b, Cg, D, H, W\]"),
         ("guide integer", dist(guide=f.long()), r"guide must be a floating-point tensor"),
         ("guide not a tensor", dist(guide=f.numpy()), r"guide must be a torch.Tensor"),
         ("even kernel", dist(kernel_size=4), r"kernel_size must be odd"),
@@ -602,6 +716,48 @@ def _bad_cases():
         ("add alpha", add(alpha="0.5"), r"alpha must be a number"),
         ("add out overlaps x", add(out=xo[:288].view(2, 4, 6, 6), x=xo[288:].view(2, 3, 6, 6)), r"out shares its storage with x"),
         ("add K shape", add(K=K[:1]), r"K must be \[2, 1, 3, 3, 6, 6\]"),
+    ] + _bad_cases_3d()
+
+
+def _bad_cases_3d():
+    """The same mistakes with volumes (and a 2-D view given a volume)."""
+    x = torch.randn(2, 3, 4, 6, 6)
+    f = torch.randn(2, 2, 4, 6, 6)
+    K = torch.rand(2, 1, 3, 3, 3, 4, 6, 6)
+    w = torch.randn(4, 3, 3, 3, 3)
+    geo = dict(stride=1, padding=1, dilation=1)
+
+    def conv(**kw):
+        return lambda: P.pac_conv(**{**dict(x=x, K=K, weight=w, bias=None, **geo), **kw})
+
+    def dist(**kw):
+        return lambda: P.pac_dist(**{**dict(guide=f, center=None, kernel_size=3, **geo), **kw})
+
+    def pool(**kw):
+        return lambda: P.pac_pool(**{**dict(x=x, K=K, kernel_size=3, **geo), **kw})
+
+    return [
+        ("3d kernel pair", dist(kernel_size=(3, 3)), r"must be an int or a triple of ints"),
+        ("3d even kernel depth", dist(kernel_size=(2, 3, 3)), r"kernel_size must be odd"),
+        ("3d negative padding", dist(padding=(0, -1, 0)), r"padding must be >= 0"),
+        ("3d window too large", dist(kernel_size=(5, 3, 3), padding=0, dilation=2),
+         r"the 9x5x5 window .* does not fit the \(4, 6, 6\) input"),
+        ("3d center shape", dist(center=torch.randn(2, 2, 4, 6, 5)),
+         r"center must be \[2, 2, 4, 6, 6\]"),
+        ("3d K 6-D", conv(K=torch.rand(2, 1, 3, 3, 6, 6)), r"K must be 8-D"),
+        ("3d K shape", conv(K=torch.rand(2, 1, 3, 3, 3, 4, 6, 5)),
+         r"K must be \[2, 1, 3, 3, 3, 4, 6, 6\] \[b, channels, kd, kh, kw, od, oh, ow\]"),
+        ("3d K stride", conv(stride=(1, 2, 1)), r"K must be \[2, 1, 3, 3, 3, 4, 3, 6\]"),
+        ("3d weight 4-D", conv(weight=torch.randn(4, 3, 3, 3)), r"weight must be 5-D"),
+        ("3d weight even", conv(weight=torch.randn(4, 3, 3, 2, 3)),
+         r"weight's kernel size must be odd"),
+        ("3d x 6-D", conv(x=x[None]), r"x must be one of 3-D"),
+        ("2d view of a volume", lambda: P.pac_conv2d(x, K, w, None, 1, 1, 1),
+         r"x must be 4-D \[b, C, H, W\]"),
+        ("3d pool K channels", pool(K=torch.rand(2, 2, 3, 3, 3, 4, 6, 6)),
+         r"K must be \[2, 1\|3, 3, 3, 3, 4, 6, 6\]"),
+        ("3d add out shape", lambda: P.pac_conv_add_(torch.zeros(2, 4, 4, 6, 5), x, K, w, 1, 1,
+                                                       1), r"out must be \[2, 4, 4, 6, 6\]"),
     ]
 
 
@@ -625,7 +781,7 @@ def test_errors_are_value_errors_with_hints():
 
 def _calls(monkeypatch):
     seen = []
-    for name in ("pac_dist_fwd", "pac_conv2d_fwd", "pac_pool2d_fwd"):
+    for name in ("pac_dist_fwd", "pac_conv_fwd", "pac_pool_fwd"):
         real = getattr(cpu, name)
         monkeypatch.setattr(cpu, name, lambda *a, _real=real, _n=name, **k: seen.append(_n)
                             or _real(*a, **k))
@@ -645,7 +801,7 @@ def test_backend_default_and_numba_use_the_fused_kernels(monkeypatch):
         K = P.pac_dist(f, None, 3, 1, 1, 1)
         P.pac_conv2d(x, K, torch.randn(2, 3, 3, 3), None, 1, 1, 1)
         P.pac_pool2d(x, K, 3, 1, 1, 1)
-        assert seen == ["pac_dist_fwd", "pac_conv2d_fwd", "pac_pool2d_fwd"]
+        assert seen == ["pac_dist_fwd", "pac_conv_fwd", "pac_pool_fwd"]
 
 
 def test_backend_reference_override(monkeypatch):

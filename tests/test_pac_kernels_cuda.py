@@ -30,8 +30,20 @@ def test_cuda_kernels_match_reference_in_simulator():
     # every op, forward and all gradients, was compared
     for what in ("dist", "conv shared=False", "conv shared=True", "pool kc=1", "pool kc=3"):
         assert f"{what}" in out.stdout
+    for geometry in ("g0 5x6", "g3 3x4x5", "g6 7 "):  # 2-D, 3-D, 1-D
+        assert geometry in out.stdout
     for what in ("fwd", "grad guide", "grad center", "grad x", "grad K", "grad weight"):
         assert f" {what}: max err" in out.stdout
+
+
+@pytest.mark.cudasim
+@pytest.mark.slow
+def test_cuda_kernels_match_reference_in_simulator_every_geometry():
+    """Also the volumes the default run leaves out (strided, padded beyond the half window,
+    a depth-1 volume with depth padding)."""
+    out = _run("--all", timeout=1200)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert "0 failure(s)" in out.stdout and "g5 1x4x5" in out.stdout
 
 
 @pytest.mark.cudasim

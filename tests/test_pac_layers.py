@@ -398,3 +398,145 @@ def test_yaml_net_one_kernel_feeds_two_pac_layers():
                          "layers": layers, "outputs": ["pac2", "pool"]}, device="meta")
     assert {k: tuple(v.shape) for k, v in meta.state_dict().items()} == \
         {k: tuple(v.shape) for k, v in sd.items()}
+
+
+# ----------------------------------------------------------------------------- 5-D bottoms
+
+def _ref_3d(type_name, cfg):
+    """The Python API module a 5-D layer of ``cfg`` must equal."""
+    from pacnet.pac import PacConv3d, PacConvTranspose3d, PacPool3d
+
+    geo = dict(stride=cfg.get("stride", 1), padding=cfg.get("pad", 0),
+               dilation=cfg.get("dilation", 1))
+    kt = dict(kernel_type=cfg.get("kernel_type", "gaussian"),
+              smooth_kernel_type=cfg.get("smooth_kernel_type", "none"),
+              normalize_kernel=cfg.get("normalize_kernel", False))
+    if type_name == "PacConv":
+        return PacConv3d(2, 3, cfg["kernel_size"], **geo, **kt)
+    if type_name == "PacConvTranspose":
+        return PacConvTranspose3d(2, 3, cfg["kernel_size"], output_padding=cfg["output_pad"],
+                                  **geo, **kt)
+    return PacPool3d(cfg["kernel_size"], **geo, **kt)
+
+
+CONV_3D = [
+    ("PacConv", dict(num_output=3, kernel_size=[3, 5, 5], pad=[1, 2, 2], stride=[1, 2, 1])),
+    ("PacConv", dict(num_output=3, kernel_size=3, pad=2, dilation=2, kernel_type="inv_1_-1",
+                     smooth_kernel_type="full_3")),
+    ("PacConvTranspose", dict(num_output=3, kernel_size=[3, 5, 5], stride=[1, 2, 2],
+                              pad=[1, 2, 2], output_pad=[0, 1, 1], normalize_kernel=True)),
+    ("PacPool", dict(kernel_size=[1, 3, 3], pad=[0, 1, 1], stride=1,
+                     smooth_kernel_type="gaussian")),
+]
+
+
+@pytest.mark.parametrize("mode", ["guide", "kernel", "mask2"])
+@pytest.mark.parametrize("type_name, cfg", CONV_3D, ids=lambda v: v if isinstance(v, str) else "")
+def test_5d_bottoms_build_the_3d_modules(type_name, cfg, mode):
+    """A 5-D input makes the layer a PacConv3d / PacConvTranspose3d / PacPool3d: infer()
+    equals the module's outputs, values equal the Python API's, the state_dict is the
+    module's, FLOPs count every tap of the 3-D window."""
+    from pacnet.pac import PacConv3d, PacConvTranspose3d, PacPool3d
+
+    n_bottoms, n_tops = (3, 2) if mode == "mask2" else (2, 1)
+    spec = make_spec(type_name, n_bottoms=n_bottoms, n_tops=n_tops, **cfg)
+    torch.manual_seed(0)
+    ref_layer = _ref_3d(type_name, cfg).double()
+    x = rnd(2, 2, 3, 5, 4)
+    guide_sizes = x.shape[2:]
+    if type_name == "PacConvTranspose":  # the output size (dilation 1)
+        guide_sizes = [(n - 1) * s - 2 * p + k + o for n, s, p, k, o in zip(
+            x.shape[2:], ref_layer.stride, ref_layer.padding, ref_layer.kernel_size,
+            ref_layer.output_padding)]
+    guide = rnd(2, 4, *guide_sizes, seed=1)
+    if mode == "kernel":
+        K, _ = ref_layer.compute_kernel(guide)
+        bottoms, expected = (x, K), (ref_layer(x, None, K),)
+    elif mode == "mask2":
+        mask = mask_of(2, 1, 3, 5, 4)
+        bottoms, expected = (x, guide, mask), ref_layer(x, guide, mask=mask)
+    else:
+        bottoms, expected = (x, guide), (ref_layer(x, guide),)
+    shapes = [tuple(t.shape) for t in bottoms]
+    module = get(type_name).build(spec, shapes).double()
+    cls = {"PacConv": PacConv3d, "PacConvTranspose": PacConvTranspose3d,
+           "PacPool": PacPool3d}[type_name]
+    assert isinstance(module, cls)
+    assert list(module.state_dict()) == list(ref_layer.state_dict())
+    module.load_state_dict(ref_layer.state_dict(), strict=True)
+    tops = run_layer(spec, *bottoms, module=module)   # asserts infer() == real shapes
+    close(tops[0], expected[0])
+    if n_tops == 2:
+        assert tops[1].shape == (2, 1) + tops[0].shape[2:]
+        close(tops[1], expected[1].reshape(tops[1].shape))
+    flops = get(type_name).flops(spec, shapes, infer(spec, *shapes))
+    taps = torch.Size(ref_layer.kernel_size).numel()
+    assert flops >= 2 * tops[0].numel() * taps
+
+
+def test_5d_pac_kernel_layer():
+    spec = make_spec("PacKernel", n_bottoms=2, n_tops=2, kernel_size=[3, 3, 3], stride=[1, 2, 2],
+                     pad=1, output_pad=[0, 1, 1], transposed=True, kernel_type="inv_1_-1")
+    guide, mask = rnd(1, 3, 4, 8, 6), mask_of(1, 1, 4, 4, 3)
+    assert infer(spec, guide.shape, mask.shape) == [(1, 1, 3, 3, 3, 4, 8, 6), (1, 1, 4, 8, 6)]
+    K, m = run_layer(spec, guide, mask)
+    from pacnet.pac import packernel3d
+    want, want_m = packernel3d(guide, mask, kernel_size=3, stride=(1, 2, 2), padding=1,
+                               output_padding=(0, 1, 1), kernel_type="inv_1_-1", transposed=True)
+    close(K, want.float().double() if K.dtype != D64 else want)
+    close(m, want_m.reshape(m.shape))
+
+
+def test_5d_mistakes_are_located():
+    conv = make_spec("PacConv", n_bottoms=2, num_output=2, kernel_size=[3, 5, 5], pad=[1, 2, 2])
+    with layer_error("kernel_size has 3 values", cls=ShapeError):
+        infer(conv, (2, 3, 8, 8), (2, 1, 8, 8))               # a 3-D window on 4-D bottoms
+    with layer_error("5-D guide or an 8-D kernel for the 5-D", cls=ShapeError):
+        infer(conv, (2, 3, 4, 8, 8), (2, 1, 8, 8))            # a 4-D guide for a 5-D input
+    with layer_error(r"the kernel bottom must be \[2, 1, 3, 5, 5, 4, 8, 8\]", cls=ShapeError):
+        infer(conv, (2, 3, 4, 8, 8), (2, 1, 3, 5, 5, 4, 8, 7))
+    with layer_error(r"the guide must be \[2, Cg, 4, 8, 8\]", cls=ShapeError):
+        infer(conv, (2, 3, 4, 8, 8), (2, 1, 3, 8, 8))
+    plain = make_spec("PacConv", n_bottoms=2, num_output=2, kernel_size=3, pad=1)
+    with layer_error("4-D guide or a 6-D kernel", cls=ShapeError):
+        infer(plain, (2, 3, 8, 8), (2, 1, 4, 8, 8))           # a 5-D guide for a 4-D input
+    with layer_error("needs a 4-D .* or a 5-D", cls=ShapeError):
+        infer(plain, (2, 3, 2, 4, 8, 8), (2, 1, 2, 4, 8, 8))  # 6-D bottoms
+    hw = make_spec("PacConv", n_bottoms=2, num_output=2, kernel_h=3, kernel_w=3)
+    with layer_error("2-D bottoms", cls=ShapeError):
+        infer(hw, (2, 3, 4, 8, 8), (2, 1, 4, 8, 8))
+    # written in the layer: caught by check(), before any bottom is known
+    with layer_error("odd"):
+        make_spec("PacConv", n_bottoms=2, num_output=2, kernel_size=[3, 4, 3])
+    with layer_error("exceeds"):
+        make_spec("PacConv", n_bottoms=2, num_output=2, kernel_size=[3, 3, 3], pad=[1, 2, 1])
+    with layer_error("pad has 2 values but kernel_size has 3"):
+        make_spec("PacPool", n_bottoms=2, kernel_size=[3, 3, 3], pad=[1, 1])
+    with layer_error("output_pad"):
+        make_spec("PacConvTranspose", n_bottoms=2, num_output=2, kernel_size=3,
+                  stride=[1, 2, 2], output_pad=[1, 1, 1])
+    tk = make_spec("PacKernel", kernel_size=3, stride=[1, 3, 3], pad=1, transposed=True)
+    with layer_error("output size", cls=ShapeError):
+        infer(tk, (1, 2, 4, 8, 8))
+
+
+def test_yaml_video_net_with_5d_pac_layers():
+    """A 3-D net: PacKernel feeding a PacConv and a transposed PacConv up in H and W."""
+    import pacnet
+
+    layers = [
+        {"name": "K", "type": "PacKernel", "bottom": "guide_lo", "top": "K",
+         "kernel_size": [3, 3, 3], "pad": 1},
+        {"name": "pac1", "type": "PacConv", "bottom": ["data", "K"], "top": "pac1",
+         "num_output": 4, "kernel_size": [3, 3, 3], "pad": 1},
+        {"name": "up", "type": "PacConvTranspose", "bottom": ["pac1", "guide"], "top": "up",
+         "num_output": 2, "kernel_size": [3, 5, 5], "stride": [1, 2, 2], "pad": [1, 2, 2],
+         "output_pad": [0, 1, 1]},
+    ]
+    shapes = {"data": [1, 3, 2, 4, 5], "guide_lo": [1, 2, 2, 4, 5], "guide": [1, 2, 2, 8, 10]}
+    net = pacnet.build({"inputs": shapes, "layers": layers})
+    assert net.shapes["K"] == (1, 1, 3, 3, 3, 2, 4, 5) and net.shapes["up"] == (1, 2, 2, 8, 10)
+    assert tuple(net.state_dict()["up.weight"].shape) == (4, 2, 3, 5, 5)
+    out = net(*(torch.randn(*v) for v in shapes.values()))
+    out["up"].square().mean().backward()
+    assert all(p.grad is not None for p in net.parameters())

@@ -1,9 +1,9 @@
-"""PAC kernels for CUDA: ``pac_conv2d`` as block GEMMs on cuBLAS, gathers in ``numba.cuda``.
+"""PAC kernels for CUDA: ``pac_conv`` as block GEMMs on cuBLAS, gathers in ``numba.cuda``.
 
 Importing this module imports ``numba.cuda`` (the NVIDIA ``numba-cuda`` package);
 :mod:`pacnet.kernels.pac.ops` does so only when a CUDA tensor reaches a PAC op.
 
-``pac_conv2d`` mirrors the CPU design (:mod:`.cpu`).  The output is taken in tiles -- groups
+``pac_conv`` mirrors the CPU design (:mod:`.cpu`).  The output is taken in tiles -- groups
 of whole images, or bands of output rows of one image -- whose K-modulated columns
 ``cols[i, c*k3 + t, q] = K[b, t, q] * x[b, c, pos(q, t)]`` (0 outside the image) a Numba
 kernel writes into a workspace from torch's caching allocator, bounded by
@@ -27,14 +27,15 @@ and the input gradient accumulate in float32 across tiles); ``K`` may be float32
 half data.  bfloat16 arrays reach Numba as their int16 bits (Numba has no bfloat16 arrays)
 and are converted in registers.
 
-The geometry is that of a 3-D convolution -- ``(depth, height, width)`` kernel sizes,
-strides, paddings, dilations; a 2-D call has depth 1 -- so these kernels already serve any
-spatial rank up to 3: ``x`` is viewed as ``[B, C, D, H, W]`` and ``K`` as
-``[B, 1, kd*kh*kw, od*oh, ow]`` (output "rows" are the flattened ``(z, y)`` pairs).
-Launch grids are 3-D (``x`` over output/input columns, ``y`` over rows, ``z`` over channels
+Every kernel is written once, for the geometry of a 3-D window (:mod:`.geometry`:
+``(depth, height, width)`` kernel sizes, strides, paddings, dilations; a 2-D call has depth 1,
+a 1-D call depth and height 1), so it serves every spatial rank: ``x`` is viewed as
+``[B, C, D, H, W]``, ``K`` as ``[B, 1|C, kd*kh*kw, od*oh, ow]`` and outputs as
+``[B, C, od*oh, ow]`` (output "rows" are the flattened ``(z, y)`` pairs).  The GEMM path's
+launch grids are 3-D (``x`` over output/input columns, ``y`` over rows, ``z`` over channels
 or images, with grid-stride loops), so no thread decomposes a flat index by division.
 
-``pac_dist`` and ``pac_pool2d`` (also the shared-filter, depthwise ``pac_conv2d``) are
+``pac_dist`` and ``pac_pool`` (also the shared-filter, depthwise ``pac_conv``) are
 memory-bound gathers without a contraction: one thread per output element (backward: per
 input element), computed in float32/float64.
 
@@ -53,6 +54,8 @@ from numba import cuda
 
 from pacnet.kernels import runtime
 from pacnet.kernels.runtime import as_array, on_device, prep
+
+from .geometry import Geometry
 
 _SIM = bool(numba.config.ENABLE_CUDASIM)
 # Threads per block of the one-thread-per-element kernels.  The simulator runs one Python
@@ -116,7 +119,7 @@ def _st(v, bf):
     return v
 
 
-# ----------------------------------------------------------------------------- pac_conv2d
+# ----------------------------------------------------------------------------- pac_conv
 
 @cuda.jit(device=True, inline=True)
 def _tap(t, ks):
@@ -271,215 +274,244 @@ def _dst(i, t, s, p, d, n_out):
     return o
 
 
-# ----------------------------------------------------------------------------- pac_dist
-
-@cuda.jit(cache=True)
-def _dist_fwd(f, ctr, has_ctr, kh, kw, sh, sw, ph, pw, dh, dw, asym, cw, zero, D):
-    B, Cg, H, W = f.shape
-    oh = D.shape[4]
-    ow = D.shape[5]
-    i = cuda.grid(1)
-    if i >= B * oh * ow:
-        return
-    xo = i % ow
-    y = (i // ow) % oh
-    b = i // (ow * oh)
-    cyi = _src(y, kh // 2, sh, ph, dh, H)
-    cxi = _src(xo, kw // 2, sw, pw, dw, W)
-    for ty in range(kh):
-        iy = _src(y, ty, sh, ph, dh, H)
-        for tx in range(kw):
-            ix = _src(xo, tx, sw, pw, dw, W)
-            acc = zero
-            for cg in range(Cg):
-                c = zero
-                if has_ctr:
-                    c = ctr[b, cg, y, xo]
-                elif cyi >= 0 and cxi >= 0:
-                    c = f[b, cg, cyi, cxi]
-                v = zero
-                if iy >= 0 and ix >= 0:
-                    v = f[b, cg, iy, ix]
-                diff = v - c
-                if asym and diff < 0:
-                    diff = zero
-                if cw:
-                    D[b, cg, ty, tx, y, xo] = diff * diff
-                else:
-                    acc += diff * diff
-            if not cw:
-                D[b, 0, ty, tx, y, xo] = acc
-
-
-@cuda.jit(cache=True)
-def _dist_bwd_ctr(gD, f, ctr, has_ctr, kh, kw, sh, sw, ph, pw, dh, dw, asym, cw, zero, gc):
-    """gc[b, cg, y, x] = -sum_t 2 * diff * gD (the gradient w.r.t. the centre features)."""
-    B, Cg, H, W = f.shape
-    oh = gD.shape[4]
-    ow = gD.shape[5]
-    i = cuda.grid(1)
-    if i >= B * Cg * oh * ow:
-        return
-    xo = i % ow
-    y = (i // ow) % oh
-    cg = (i // (ow * oh)) % Cg
-    b = i // (ow * oh * Cg)
-    dc = cg if cw else 0
-    c = zero
+@cuda.jit(device=True, inline=True)
+def _centre(f, ctr, has_ctr, b, cg, row, z, y, xo, ks, ss, ps, ds, zero):
+    """The centre feature of output ``(row = (z, y), xo)``: given (``ctr``), or the centre
+    tap of ``f`` (0 outside the input)."""
     if has_ctr:
-        c = ctr[b, cg, y, xo]
-    else:
-        cyi = _src(y, kh // 2, sh, ph, dh, H)
-        cxi = _src(xo, kw // 2, sw, pw, dw, W)
-        if cyi >= 0 and cxi >= 0:
-            c = f[b, cg, cyi, cxi]
-    acc = zero
-    for ty in range(kh):
-        iy = _src(y, ty, sh, ph, dh, H)
-        for tx in range(kw):
-            ix = _src(xo, tx, sw, pw, dw, W)
-            v = zero
-            if iy >= 0 and ix >= 0:
-                v = f[b, cg, iy, ix]
-            diff = v - c
-            if asym and diff < 0:
-                diff = zero
-            acc -= (diff + diff) * gD[b, dc, ty, tx, y, xo]
-    gc[b, cg, y, xo] = acc
+        return zero + ctr[b, cg, row, xo]
+    czi = _src(z, ks[0] // 2, ss[0], ps[0], ds[0], f.shape[2])
+    cyi = _src(y, ks[1] // 2, ss[1], ps[1], ds[1], f.shape[3])
+    cxi = _src(xo, ks[2] // 2, ss[2], ps[2], ds[2], f.shape[4])
+    if czi >= 0 and cyi >= 0 and cxi >= 0:
+        return zero + f[b, cg, czi, cyi, cxi]
+    return zero
+
+
+@cuda.jit(device=True, inline=True)
+def _diff(f, b, cg, iz, iy, ix, c, asym, zero):
+    """``f`` at input ``(iz, iy, ix)`` (0 when an index is -1: outside) minus the centre
+    ``c``; negative differences are 0 with ``asym``."""
+    v = zero
+    if iz >= 0 and iy >= 0 and ix >= 0:
+        v = zero + f[b, cg, iz, iy, ix]
+    diff = v - c
+    if asym and diff < 0:
+        diff = zero
+    return diff
+
+
+# ----------------------------------------------------------------------------- pac_dist
+# One thread per output element (backward: per input element).  f/gf [B, Cg, D, H, W];
+# ctr/gc [B, Cg, rows, ow]; D/gD [B, 1|Cg, k3, rows, ow], rows = od*oh (row = z*oh + y).
+
+@cuda.jit(cache=True)
+def _dist_fwd(f, ctr, has_ctr, ks, ss, ps, ds, oh, asym, cw, zero, D):
+    B, Cg, Di, H, W = f.shape
+    rows, ow = D.shape[3], D.shape[4]
+    i = cuda.grid(1)
+    if i >= B * rows * ow:
+        return
+    xo = i % ow
+    row = (i // ow) % rows
+    b = i // (ow * rows)
+    z = row // oh
+    y = row - z * oh
+    t = 0
+    for tz in range(ks[0]):
+        iz = _src(z, tz, ss[0], ps[0], ds[0], Di)
+        for ty in range(ks[1]):
+            iy = _src(y, ty, ss[1], ps[1], ds[1], H)
+            for tx in range(ks[2]):
+                ix = _src(xo, tx, ss[2], ps[2], ds[2], W)
+                acc = zero
+                for cg in range(Cg):
+                    c = _centre(f, ctr, has_ctr, b, cg, row, z, y, xo, ks, ss, ps, ds, zero)
+                    diff = _diff(f, b, cg, iz, iy, ix, c, asym, zero)
+                    if cw:
+                        D[b, cg, t, row, xo] = diff * diff
+                    else:
+                        acc += diff * diff
+                if not cw:
+                    D[b, 0, t, row, xo] = acc
+                t += 1
 
 
 @cuda.jit(cache=True)
-def _dist_bwd_guide(gD, f, ctr, has_ctr, kh, kw, sh, sw, ph, pw, dh, dw, asym, cw, zero, gc,
-                    gf):
-    """gf[b, cg, iy, ix]: the taps that read this pixel, plus (no given centre) the centre term."""
-    B, Cg, H, W = f.shape
-    oh = gD.shape[4]
-    ow = gD.shape[5]
+def _dist_bwd_ctr(gD, f, ctr, has_ctr, ks, ss, ps, ds, oh, asym, cw, zero, gc):
+    """gc[b, cg, row, x] = -sum_t 2 * diff * gD (the gradient w.r.t. the centre features)."""
+    B, Cg, Di, H, W = f.shape
+    rows, ow = gD.shape[3], gD.shape[4]
     i = cuda.grid(1)
-    if i >= B * Cg * H * W:
+    if i >= B * Cg * rows * ow:
         return
-    ix = i % W
-    iy = (i // W) % H
-    cg = (i // (W * H)) % Cg
-    b = i // (W * H * Cg)
+    xo = i % ow
+    row = (i // ow) % rows
+    cg = (i // (ow * rows)) % Cg
+    b = i // (ow * rows * Cg)
+    z = row // oh
+    y = row - z * oh
     dc = cg if cw else 0
-    v = f[b, cg, iy, ix]
+    c = _centre(f, ctr, has_ctr, b, cg, row, z, y, xo, ks, ss, ps, ds, zero)
     acc = zero
-    for ty in range(kh):
-        y = _dst(iy, ty, sh, ph, dh, oh)
-        if y < 0:
-            continue
-        cyi = _src(y, kh // 2, sh, ph, dh, H)
-        for tx in range(kw):
-            xo = _dst(ix, tx, sw, pw, dw, ow)
-            if xo < 0:
-                continue
-            c = zero
-            if has_ctr:
-                c = ctr[b, cg, y, xo]
-            else:
-                cxi = _src(xo, kw // 2, sw, pw, dw, W)
-                if cyi >= 0 and cxi >= 0:
-                    c = f[b, cg, cyi, cxi]
-            diff = v - c
-            if asym and diff < 0:
-                diff = zero
-            acc += (diff + diff) * gD[b, dc, ty, tx, y, xo]
-    if not has_ctr:
-        y = _dst(iy, kh // 2, sh, ph, dh, oh)
-        xo = _dst(ix, kw // 2, sw, pw, dw, ow)
-        if y >= 0 and xo >= 0:
-            acc += gc[b, cg, y, xo]
-    gf[b, cg, iy, ix] = acc
-
-
-# ----------------------------------------------------------------------------- pac_pool2d
-# (also the depthwise shared-filter convolution: tap weights tw [kh*kw] and a bias [C])
-
-@cuda.jit(cache=True)
-def _pool_fwd(x, K, tw, bias, kh, kw, sh, sw, ph, pw, dh, dw, zero, out):
-    B, C, H, W = x.shape
-    kc = K.shape[1]
-    oh = out.shape[2]
-    ow = out.shape[3]
-    i = cuda.grid(1)
-    if i >= B * C * oh * ow:
-        return
-    xo = i % ow
-    y = (i // ow) % oh
-    c = (i // (ow * oh)) % C
-    b = i // (ow * oh * C)
-    kk = c if kc > 1 else 0
-    acc = zero
-    for ty in range(kh):
-        iy = _src(y, ty, sh, ph, dh, H)
-        if iy < 0:
-            continue
-        for tx in range(kw):
-            ix = _src(xo, tx, sw, pw, dw, W)
-            if ix < 0:
-                continue
-            acc += tw[ty * kw + tx] * K[b, kk, ty, tx, y, xo] * x[b, c, iy, ix]
-    out[b, c, y, xo] = acc + bias[c]
+    t = 0
+    for tz in range(ks[0]):
+        iz = _src(z, tz, ss[0], ps[0], ds[0], Di)
+        for ty in range(ks[1]):
+            iy = _src(y, ty, ss[1], ps[1], ds[1], H)
+            for tx in range(ks[2]):
+                ix = _src(xo, tx, ss[2], ps[2], ds[2], W)
+                diff = _diff(f, b, cg, iz, iy, ix, c, asym, zero)
+                acc -= (diff + diff) * gD[b, dc, t, row, xo]
+                t += 1
+    gc[b, cg, row, xo] = acc
 
 
 @cuda.jit(cache=True)
-def _pool_bwd_x(gout, K, tw, kh, kw, sh, sw, ph, pw, dh, dw, zero, gx):
-    B, C, H, W = gx.shape
-    kc = K.shape[1]
-    oh = gout.shape[2]
-    ow = gout.shape[3]
+def _dist_bwd_guide(gD, f, ctr, has_ctr, ks, ss, ps, ds, oh, asym, cw, zero, gc, gf):
+    """gf[b, cg, iz, iy, ix]: the taps that read this element, plus (no given centre) the
+    centre term."""
+    B, Cg, Di, H, W = f.shape
+    rows, ow = gD.shape[3], gD.shape[4]
+    od = rows // oh
     i = cuda.grid(1)
-    if i >= B * C * H * W:
+    if i >= B * Cg * Di * H * W:
         return
     ix = i % W
     iy = (i // W) % H
-    c = (i // (W * H)) % C
-    b = i // (W * H * C)
+    iz = (i // (W * H)) % Di
+    cg = (i // (W * H * Di)) % Cg
+    b = i // (W * H * Di * Cg)
+    dc = cg if cw else 0
+    acc = zero
+    for tz in range(ks[0]):
+        z = _dst(iz, tz, ss[0], ps[0], ds[0], od)
+        if z < 0:
+            continue
+        for ty in range(ks[1]):
+            y = _dst(iy, ty, ss[1], ps[1], ds[1], oh)
+            if y < 0:
+                continue
+            row = z * oh + y
+            for tx in range(ks[2]):
+                xo = _dst(ix, tx, ss[2], ps[2], ds[2], ow)
+                if xo < 0:
+                    continue
+                c = _centre(f, ctr, has_ctr, b, cg, row, z, y, xo, ks, ss, ps, ds, zero)
+                diff = _diff(f, b, cg, iz, iy, ix, c, asym, zero)
+                acc += (diff + diff) * gD[b, dc, (tz * ks[1] + ty) * ks[2] + tx, row, xo]
+    if not has_ctr:
+        z = _dst(iz, ks[0] // 2, ss[0], ps[0], ds[0], od)
+        y = _dst(iy, ks[1] // 2, ss[1], ps[1], ds[1], oh)
+        xo = _dst(ix, ks[2] // 2, ss[2], ps[2], ds[2], ow)
+        if z >= 0 and y >= 0 and xo >= 0:
+            acc += gc[b, cg, z * oh + y, xo]
+    gf[b, cg, iz, iy, ix] = acc
+
+
+# ----------------------------------------------------------------------------- pac_pool
+# (also the depthwise shared-filter convolution: tap weights tw [k3] and a bias [C])
+# x/gx [B, C, D, H, W]; K/gq [B, 1|C, k3, rows, ow]; out/gout [B, C, rows, ow].
+
+@cuda.jit(cache=True)
+def _pool_fwd(x, K, tw, bias, ks, ss, ps, ds, oh, zero, out):
+    B, C, Di, H, W = x.shape
+    kc = K.shape[1]
+    rows, ow = out.shape[2], out.shape[3]
+    i = cuda.grid(1)
+    if i >= B * C * rows * ow:
+        return
+    xo = i % ow
+    row = (i // ow) % rows
+    c = (i // (ow * rows)) % C
+    b = i // (ow * rows * C)
+    z = row // oh
+    y = row - z * oh
     kk = c if kc > 1 else 0
     acc = zero
-    for ty in range(kh):
-        y = _dst(iy, ty, sh, ph, dh, oh)
-        if y < 0:
+    for tz in range(ks[0]):
+        iz = _src(z, tz, ss[0], ps[0], ds[0], Di)
+        if iz < 0:
             continue
-        for tx in range(kw):
-            xo = _dst(ix, tx, sw, pw, dw, ow)
-            if xo < 0:
+        for ty in range(ks[1]):
+            iy = _src(y, ty, ss[1], ps[1], ds[1], H)
+            if iy < 0:
                 continue
-            acc += gout[b, c, y, xo] * (tw[ty * kw + tx] * K[b, kk, ty, tx, y, xo])
-    gx[b, c, iy, ix] = acc
+            t0 = (tz * ks[1] + ty) * ks[2]
+            for tx in range(ks[2]):
+                ix = _src(xo, tx, ss[2], ps[2], ds[2], W)
+                if ix < 0:
+                    continue
+                acc += tw[t0 + tx] * K[b, kk, t0 + tx, row, xo] * x[b, c, iz, iy, ix]
+    out[b, c, row, xo] = acc + bias[c]
 
 
 @cuda.jit(cache=True)
-def _pool_bwd_q(gout, x, kh, kw, sh, sw, ph, pw, dh, dw, zero, gq):
-    """gq[b, kk, t, y, x] = sum over the channels sharing K channel kk of gout * x(pos)."""
-    B, C, H, W = x.shape
-    kc = gq.shape[1]
-    oh = gout.shape[2]
-    ow = gout.shape[3]
+def _pool_bwd_x(gout, K, tw, ks, ss, ps, ds, oh, zero, gx):
+    B, C, Di, H, W = gx.shape
+    kc = K.shape[1]
+    rows, ow = gout.shape[2], gout.shape[3]
+    od = rows // oh
     i = cuda.grid(1)
-    if i >= B * kc * kh * kw * oh * ow:
+    if i >= B * C * Di * H * W:
+        return
+    ix = i % W
+    iy = (i // W) % H
+    iz = (i // (W * H)) % Di
+    c = (i // (W * H * Di)) % C
+    b = i // (W * H * Di * C)
+    kk = c if kc > 1 else 0
+    acc = zero
+    for tz in range(ks[0]):
+        z = _dst(iz, tz, ss[0], ps[0], ds[0], od)
+        if z < 0:
+            continue
+        for ty in range(ks[1]):
+            y = _dst(iy, ty, ss[1], ps[1], ds[1], oh)
+            if y < 0:
+                continue
+            row = z * oh + y
+            t0 = (tz * ks[1] + ty) * ks[2]
+            for tx in range(ks[2]):
+                xo = _dst(ix, tx, ss[2], ps[2], ds[2], ow)
+                if xo < 0:
+                    continue
+                acc += gout[b, c, row, xo] * (tw[t0 + tx] * K[b, kk, t0 + tx, row, xo])
+    gx[b, c, iz, iy, ix] = acc
+
+
+@cuda.jit(cache=True)
+def _pool_bwd_q(gout, x, ks, ss, ps, ds, oh, zero, gq):
+    """gq[b, kk, t, row, x] = sum over the channels sharing K channel kk of gout * x(pos)."""
+    B, C, Di, H, W = x.shape
+    kc, k3 = gq.shape[1], gq.shape[2]
+    rows, ow = gout.shape[2], gout.shape[3]
+    i = cuda.grid(1)
+    if i >= B * kc * k3 * rows * ow:
         return
     xo = i % ow
-    y = (i // ow) % oh
-    t = (i // (ow * oh)) % (kh * kw)
-    kk = (i // (ow * oh * kh * kw)) % kc
-    b = i // (ow * oh * kh * kw * kc)
-    ty = t // kw
-    tx = t % kw
-    iy = _src(y, ty, sh, ph, dh, H)
-    ix = _src(xo, tx, sw, pw, dw, W)
+    row = (i // ow) % rows
+    t = (i // (ow * rows)) % k3
+    kk = (i // (ow * rows * k3)) % kc
+    b = i // (ow * rows * k3 * kc)
+    z = row // oh
+    tz, ty, tx = _tap(t, ks)
+    iz = _src(z, tz, ss[0], ps[0], ds[0], Di)
+    iy = _src(row - z * oh, ty, ss[1], ps[1], ds[1], H)
+    ix = _src(xo, tx, ss[2], ps[2], ds[2], W)
     acc = zero
-    if iy >= 0 and ix >= 0:
+    if iz >= 0 and iy >= 0 and ix >= 0:
         if kc > 1:
-            acc = gout[b, kk, y, xo] * x[b, kk, iy, ix]
+            acc = gout[b, kk, row, xo] * x[b, kk, iz, iy, ix]
         else:
             for c in range(C):
-                acc += gout[b, c, y, xo] * x[b, c, iy, ix]
-    gq[b, kk, ty, tx, y, xo] = acc
+                acc += gout[b, c, row, xo] * x[b, c, iz, iy, ix]
+    gq[b, kk, t, row, xo] = acc
 
 
 # ----------------------------------------------------------------------------- torch wrappers
+# Geometry arguments are sequences of r ints (r = the spatial rank); Geometry turns them
+# into the kernels' 3-D tuples.
 
 def _launch(kernel, n_threads: int, device: torch.device, *args) -> None:
     """A one-thread-per-element kernel over ``n_threads`` threads."""
@@ -501,19 +533,37 @@ def _gemm_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in runtime.HALF_DTYPES + runtime.CPU_DTYPES else torch.float32
 
 
-def _geo3(kernel_size, stride, padding, dilation):
-    """2-D geometry pairs as the kernels' 3-D (depth 1) tuples."""
-    return ((1,) + tuple(kernel_size), (1,) + tuple(stride), (0,) + tuple(padding),
-            (1,) + tuple(dilation))
-
-
 def _grid(n: int, per: int) -> int:
     return max(1, min(_MAX_GRID_YZ, (n + per - 1) // per))
 
 
+def _geo(x: torch.Tensor, kernel_size, stride, padding, dilation) -> Geometry:
+    return Geometry.of(x.shape[2:], kernel_size, stride, padding, dilation)
+
+
+def _args(geo: Geometry) -> tuple:
+    """The geometry arguments of every kernel: ks, ss, ps, ds and oh."""
+    return geo.ks, geo.ss, geo.ps, geo.ds, geo.outs[1]
+
+
+def _vol(t: torch.Tensor, geo: Geometry):
+    """An input-sized ``[B, C, *sizes]`` tensor as the kernels' ``[B, C, D, H, W]`` array."""
+    return as_array(t.view(t.shape[0], t.shape[1], *geo.ins))
+
+
+def _rows(t: torch.Tensor, geo: Geometry, taps: bool = False):
+    """An output-sized ``[B, C, (*k,) *out]`` tensor as ``[B, C, (k3,) rows, ow]``."""
+    lead = (t.shape[0], t.shape[1]) + ((geo.taps,) if taps else ())
+    return as_array(t.view(*lead, geo.rows, geo.outs[2]))
+
+
+def _out_shape(geo: Geometry, b: int, c: int) -> tuple:
+    return (b, c) + geo.outs[3 - geo.rank:]
+
+
 class _Conv:
-    """One ``pac_conv2d`` call's prepared tensors and geometry, as the GEMM kernels see them:
-    ``x5 [B, C, 1, H, W]``, ``K5 [B, 1, k3, oh, ow]``, ``W2 [O, C*k3]`` in the compute dtype
+    """One ``pac_conv`` call's prepared tensors and geometry, as the GEMM kernels see them:
+    ``x5 [B, C, D, H, W]``, ``K5 [B, 1, k3, od*oh, ow]``, ``W2 [O, C*k3]`` in the compute dtype
     (``K`` in float32 beside half data if given so)."""
 
     def __init__(self, x, K, weight, stride, padding, dilation):
@@ -521,14 +571,15 @@ class _Conv:
         kdt = torch.float32 if dt in runtime.HALF_DTYPES and K.dtype == torch.float32 else dt
         xc, w = prep(x, weight, dtype=dt)
         (Kc,) = prep(K, dtype=kdt)
-        O, C, kh, kw = w.shape
-        B, _, H, W = xc.shape
-        self.oh, self.ow = Kc.shape[-2], Kc.shape[-1]
+        geo = Geometry.of(xc.shape[2:], w.shape[2:], stride, padding, dilation)
+        B, C = xc.shape[:2]
+        self.out_sizes = geo.outs[3 - geo.rank:]
+        self.oh, self.ow = geo.outs[1], geo.outs[2]
         self.dtype, self.device = dt, xc.device
-        self.x5 = xc.view(B, C, 1, H, W)
-        self.K5 = Kc.view(B, 1, kh * kw, self.oh, self.ow)
-        self.W2 = w.reshape(O, C * kh * kw)
-        self.geo = _geo3((kh, kw), stride, padding, dilation)
+        self.x5 = xc.view(B, C, *geo.ins)
+        self.K5 = Kc.view(B, 1, geo.taps, geo.rows, self.ow)
+        self.W2 = w.reshape(w.shape[0], -1)
+        self.geo = (geo.ks, geo.ss, geo.ps, geo.ds)
         self.flags = (dt == torch.bfloat16, kdt == torch.bfloat16, _zero(dt))
 
     def tiles(self):
@@ -580,25 +631,25 @@ def _forward_into(cv: _Conv, flat, bias=None, alpha=None) -> None:
 
 
 @on_device
-def pac_conv2d_fwd(x, K, weight, bias, stride, padding, dilation, shared_filters):
-    """CUDA ``pac_conv2d``: ``[b, C, H, W] -> [b, O, oh, ow]`` (see the module docstring)."""
+def pac_conv_fwd(x, K, weight, bias, stride, padding, dilation, shared_filters):
+    """CUDA ``pac_conv``: ``[b, C, *sizes] -> [b, O, *out]`` (see the module docstring)."""
     if shared_filters:
-        return pac_pool2d_fwd(x, K, tuple(weight.shape[-2:]), stride, padding, dilation,
-                              weight=weight, bias=bias)
+        return pac_pool_fwd(x, K, tuple(weight.shape[2:]), stride, padding, dilation,
+                            weight=weight, bias=bias)
     cv = _Conv(x, K, weight, stride, padding, dilation)
     (bc,) = prep(bias, dtype=cv.dtype)
     B, O = x.shape[0], weight.shape[0]
-    out = torch.empty((B, O, cv.oh * cv.ow), dtype=cv.dtype, device=cv.device)
+    out = torch.empty((B, O, cv.K5.shape[3] * cv.ow), dtype=cv.dtype, device=cv.device)
     _forward_into(cv, out, bias=bc)
-    return out.view(B, O, cv.oh, cv.ow).to(x.dtype)
+    return out.view(B, O, *cv.out_sizes).to(x.dtype)
 
 
 @on_device
-def pac_conv2d_add_(out, x, K, weight, stride, padding, dilation, shared_filters, alpha):
-    """``out += alpha * pac_conv2d(x, K, weight)`` in place: the GEMMs accumulate straight
+def pac_conv_add_(out, x, K, weight, stride, padding, dilation, shared_filters, alpha):
+    """``out += alpha * pac_conv(x, K, weight)`` in place: the GEMMs accumulate straight
     into ``out`` (contiguous, of ``x``'s dtype); shared filters add a computed product."""
     if shared_filters or out.dtype != _gemm_dtype(x.dtype):
-        out.add_(pac_conv2d_fwd(x, K, weight, None, stride, padding, dilation, shared_filters),
+        out.add_(pac_conv_fwd(x, K, weight, None, stride, padding, dilation, shared_filters),
                  alpha=alpha)
         return
     cv = _Conv(x, K, weight, stride, padding, dilation)
@@ -606,13 +657,13 @@ def pac_conv2d_add_(out, x, K, weight, stride, padding, dilation, shared_filters
 
 
 @on_device
-def pac_conv2d_bwd(grad, x, K, weight, stride, padding, dilation, shared_filters,
-                   needs=(True, True, True)):
-    """Gradients of ``pac_conv2d`` w.r.t. ``(x, K, weight)``; ``None`` where not needed.
+def pac_conv_bwd(grad, x, K, weight, stride, padding, dilation, shared_filters,
+                 needs=(True, True, True)):
+    """Gradients of ``pac_conv`` w.r.t. ``(x, K, weight)``; ``None`` where not needed.
     ``G = W2^T g`` is formed once per tile and shared by the ``x`` and ``K`` gathers."""
     if shared_filters:
-        return pac_pool2d_bwd(grad, x, K, tuple(weight.shape[-2:]), stride, padding, dilation,
-                              needs=needs, weight=weight)
+        return pac_pool_bwd(grad, x, K, tuple(weight.shape[2:]), stride, padding, dilation,
+                            needs=needs, weight=weight)
     need_x, need_k, need_w = (bool(v) for v in needs)
     cv = _Conv(x, K, weight, stride, padding, dilation)
     (g,) = prep(grad, dtype=cv.dtype)
@@ -638,8 +689,8 @@ def pac_conv2d_bwd(grad, x, K, weight, stride, padding, dilation, shared_filters
             torch.matmul(cv.W2.t(), gb, out=G)
             Ga = as_array(G.view(nb, R, nr, ow))
             if need_x:
-                C, H, W = cv.x5.shape[1], cv.x5.shape[3], cv.x5.shape[4]
-                runtime.launch(_grad_x, (_grid(W, 32), _grid(H, _BY),
+                C, D, H, W = cv.x5.shape[1:]
+                runtime.launch(_grad_x, (_grid(W, 32), _grid(D * H, _BY),
                                          min(nb * C, _MAX_GRID_YZ)),
                                (32, _BY), cv.device, Ga, as_array(cv.K5), *cv.args(b0, r0),
                                as_array(gx))
@@ -656,88 +707,83 @@ def pac_conv2d_bwd(grad, x, K, weight, stride, padding, dilation, shared_filters
 
 @on_device
 def pac_dist_fwd(guide, center, kernel_size, stride, padding, dilation, asym, channel_wise):
-    """CUDA ``pac_dist``: ``[b, Cg, H, W] -> [b, 1|Cg, kh, kw, oh, ow]``."""
+    """CUDA ``pac_dist``: ``[b, Cg, *sizes] -> [b, 1|Cg, *k, *out]``."""
     dtype = guide.dtype
     f, ctr = prep(guide, center)
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
-    B, Cg, H, W = f.shape
-    oh = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    ow = (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    D = _new((B, Cg if channel_wise else 1, kh, kw, oh, ow), f)
-    ctr_a = as_array(ctr if ctr is not None else _new((1, 1, 1, 1), f))
-    _launch(_dist_fwd, B * oh * ow, f.device, as_array(f), ctr_a, ctr is not None, kh, kw,
-            sh, sw, ph, pw, dh, dw, bool(asym), bool(channel_wise), _zero(f.dtype),
-            as_array(D))
+    geo = _geo(f, kernel_size, stride, padding, dilation)
+    B, Cg = f.shape[:2]
+    D = _new((B, Cg if channel_wise else 1) + tuple(kernel_size) + geo.outs[3 - geo.rank:], f)
+    ctr_a = _rows(ctr, geo) if ctr is not None else as_array(_new((1, 1, 1, 1), f))
+    _launch(_dist_fwd, B * geo.rows * geo.outs[2], f.device, _vol(f, geo), ctr_a,
+            ctr is not None, *_args(geo), bool(asym), bool(channel_wise), _zero(f.dtype),
+            _rows(D, geo, taps=True))
     return D.to(dtype)
 
 
 @on_device
 def pac_dist_bwd(grad, guide, center, kernel_size, stride, padding, dilation, asym,
                  channel_wise):
-    """Gradients of ``pac_dist``: ``(grad_guide [b,Cg,H,W], grad_center [b,Cg,oh,ow])``."""
+    """Gradients of ``pac_dist``: ``(grad_guide [b, Cg, *sizes], grad_center [b, Cg, *out])``."""
     dtype = guide.dtype
     gD, f, ctr = prep(grad, guide, center)
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
-    B, Cg, H, W = f.shape
-    oh, ow = gD.shape[4], gD.shape[5]
-    gc = _new((B, Cg, oh, ow), f)
-    gf = _new((B, Cg, H, W), f)
-    args = (as_array(gD), as_array(f),
-            as_array(ctr if ctr is not None else _new((1, 1, 1, 1), f)),
-            ctr is not None, kh, kw, sh, sw, ph, pw, dh, dw, bool(asym), bool(channel_wise),
-            _zero(f.dtype), as_array(gc))
-    _launch(_dist_bwd_ctr, B * Cg * oh * ow, f.device, *args)
-    _launch(_dist_bwd_guide, B * Cg * H * W, f.device, *args, as_array(gf))
+    geo = _geo(f, kernel_size, stride, padding, dilation)
+    B, Cg = f.shape[:2]
+    gc = _new(_out_shape(geo, B, Cg), f)
+    gf = _new(f.shape, f)
+    args = (_rows(gD, geo, taps=True), _vol(f, geo),
+            _rows(ctr, geo) if ctr is not None else as_array(_new((1, 1, 1, 1), f)),
+            ctr is not None, *_args(geo), bool(asym), bool(channel_wise), _zero(f.dtype),
+            _rows(gc, geo))
+    _launch(_dist_bwd_ctr, B * Cg * geo.rows * geo.outs[2], f.device, *args)
+    _launch(_dist_bwd_guide, f.numel(), f.device, *args, _vol(gf, geo))
     return gf.to(dtype), gc.to(dtype)
 
 
 @on_device
-def pac_pool2d_fwd(x, K, kernel_size, stride, padding, dilation, weight=None, bias=None):
-    """CUDA ``pac_pool2d`` (and, with ``weight`` [1,1,kh,kw], shared-filter ``pac_conv2d``);
+def pac_pool_fwd(x, K, kernel_size, stride, padding, dilation, weight=None, bias=None):
+    """CUDA ``pac_pool`` (and, with ``weight`` [1, 1, *k], shared-filter ``pac_conv``);
     computed in float32 (float64 for float64 data), results in ``x``'s dtype."""
     dtype = x.dtype
     xc, Kc, w, bc = prep(x, K, weight, bias)
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    geo = _geo(xc, kernel_size, stride, padding, dilation)
     B, C = xc.shape[:2]
-    oh, ow = Kc.shape[4], Kc.shape[5]
-    tw = w.reshape(kh * kw) if w is not None else torch.ones(kh * kw, dtype=xc.dtype,
-                                                             device=xc.device)
+    tw = w.reshape(-1) if w is not None else torch.ones(geo.taps, dtype=xc.dtype,
+                                                        device=xc.device)
     if bc is None:
         bc = _new((C,), xc, zero=True)
-    out = _new((B, C, oh, ow), xc)
-    _launch(_pool_fwd, B * C * oh * ow, xc.device, as_array(xc), as_array(Kc), as_array(tw),
-            as_array(bc), kh, kw, sh, sw, ph, pw, dh, dw, _zero(xc.dtype), as_array(out))
+    out = _new(_out_shape(geo, B, C), xc)
+    _launch(_pool_fwd, out.numel(), xc.device, _vol(xc, geo), _rows(Kc, geo, taps=True),
+            as_array(tw), as_array(bc), *_args(geo), _zero(xc.dtype), _rows(out, geo))
     return out.to(dtype)
 
 
 @on_device
-def pac_pool2d_bwd(grad, x, K, kernel_size, stride, padding, dilation,
-                   needs=(True, True, False), weight=None):
-    """Gradients of ``pac_pool2d`` w.r.t. ``(x, K[, tap weight])``; ``None`` where not needed."""
+def pac_pool_bwd(grad, x, K, kernel_size, stride, padding, dilation,
+                 needs=(True, True, False), weight=None):
+    """Gradients of ``pac_pool`` w.r.t. ``(x, K[, tap weight])``; ``None`` where not needed."""
     need_x, need_k = bool(needs[0]), bool(needs[1])
     need_w = weight is not None and bool(needs[2])
     dtypes = (x.dtype, K.dtype, weight.dtype if weight is not None else None)
     g, xc, Kc, w = prep(grad, x, K, weight)
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
-    B, C, H, W = xc.shape
-    oh, ow = g.shape[2], g.shape[3]
-    kc = Kc.shape[1]
-    tw = w.reshape(kh * kw) if w is not None else torch.ones(kh * kw, dtype=xc.dtype,
-                                                             device=xc.device)
+    geo = _geo(xc, kernel_size, stride, padding, dilation)
+    tw = w.reshape(-1) if w is not None else torch.ones(geo.taps, dtype=xc.dtype,
+                                                        device=xc.device)
     z = _zero(xc.dtype)
     gx = gK = gW = None
     if need_x:
         gx = _new(xc.shape, xc)
-        _launch(_pool_bwd_x, B * C * H * W, xc.device, as_array(g), as_array(Kc),
-                as_array(tw), kh, kw, sh, sw, ph, pw, dh, dw, z, as_array(gx))
+        _launch(_pool_bwd_x, xc.numel(), xc.device, _rows(g, geo), _rows(Kc, geo, taps=True),
+                as_array(tw), *_args(geo), z, _vol(gx, geo))
         gx = gx.to(dtypes[0])
     if need_k or need_w:
         # gq = dL/d(tw*K); K-sized, like K itself
         gq = _new(Kc.shape, xc)
-        _launch(_pool_bwd_q, B * kc * kh * kw * oh * ow, xc.device, as_array(g), as_array(xc),
-                kh, kw, sh, sw, ph, pw, dh, dw, z, as_array(gq))
+        _launch(_pool_bwd_q, gq.numel(), xc.device, _rows(g, geo), _vol(xc, geo),
+                *_args(geo), z, _rows(gq, geo, taps=True))
+        tws = tw.view(1, 1, *kernel_size, *(1,) * geo.rank)
         if need_k:
-            gK = (gq * tw.view(1, 1, kh, kw, 1, 1)).to(dtypes[1])
+            gK = (gq * tws).to(dtypes[1])
         if need_w:
-            gW = (gq * Kc).sum(dim=(0, 1, 4, 5)).reshape(1, 1, kh, kw).to(dtypes[2])
+            gW = (gq * Kc).sum(dim=(0, 1) + tuple(range(2 + geo.rank, 2 + 2 * geo.rank))
+                               ).view(w.shape).to(dtypes[2])
     return gx, gK, gW
