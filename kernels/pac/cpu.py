@@ -13,11 +13,11 @@ in loops whose innermost loop runs over contiguous memory (so LLVM vectorises it
 ``fastmath``).
 
 ``pac_conv`` contracts over ``C*k^r`` for every output pixel, which is a matrix product; it
-runs as GEMMs (``torch.mm``/``bmm``, i.e. MKL or OpenBLAS) over *blocks* of the output -- a
-few whole images, or a band of rows of one -- whose K-modulated columns are built by a Numba
-kernel into one block-sized scratch buffer (``_BLOCK_BYTES``), a per-thread workspace kept
-between calls (:func:`pacnet.kernels.runtime.release_workspace` frees it).  See the section
-``pac_conv`` below for the exact formulas.
+runs as GEMMs (the BLAS torch uses, MKL on x86-64, called from inside the Numba kernels
+through :mod:`pacnet.kernels.blas`) over *tiles* of the output -- bands of rows of one image
+-- whose K-modulated columns each thread builds into its own cache-sized scratch
+(``_TILE_BYTES``) and contracts at once, the whole forward in one parallel region.  See the
+section ``pac_conv`` below for the exact formulas.
 
 Backward passes scatter into the input gradient.  In ``pac_dist`` and ``pac_pool``, to do
 that without atomics, output rows are grouped into *bands* (:meth:`Geometry.band_unit`: whole
