@@ -17,9 +17,10 @@ One place decides, for every op:
 * **CPU threading** (:func:`parallel`, :func:`use_torch_threads`): Numba's OpenMP regions run
   on *torch's* OpenMP thread pool (see below), as many threads as ``torch.get_num_threads()``;
   small calls and calls in forked children run the serial twin of a kernel.
-* **workspaces** (:func:`workspace`, :func:`row_blocks`): scratch for column tiles, per
-  thread on the CPU (kept between calls), from torch's caching allocator on the current CUDA
-  stream, bounded by :func:`workspace_limit` (``PACNET_WORKSPACE_MB``, default 256 MiB).
+* **workspaces** (:func:`workspace`, :func:`row_blocks`): scratch for CUDA column tiles from
+  torch's caching allocator on the current stream, bounded by :func:`workspace_limit`
+  (``PACNET_WORKSPACE_MB``, default 256 MiB).  (The CPU kernels allocate cache-sized tiles
+  per thread inside their parallel regions.)
 * **op registration** (:func:`custom_op`): a ``torch.library`` custom op whose fake
   (meta) implementation allocates exactly what the real one returns (contiguous tensors of
   the given shapes and dtypes), with its autograd formula and autocast rule.
@@ -49,7 +50,7 @@ from pacnet.errors import PacnetValueError
 
 __all__ = ["backend", "compute_dtype", "prep", "autocast_args", "on_device", "launch",
            "as_array", "parallel", "use_torch_threads", "workspace", "workspace_limit",
-           "row_blocks", "release_workspace", "custom_op", "FUSED_DEVICES"]
+           "row_blocks", "custom_op", "FUSED_DEVICES"]
 
 BACKEND_ENV = "PACNET_BACKEND"
 BACKENDS = ("auto", "reference", "numba")
@@ -299,7 +300,6 @@ def pick(work: int, parallel_fn, serial_fn):
 # ----------------------------------------------------------------------------- workspaces
 
 _DEFAULT_CUDA_WORKSPACE = 256 << 20
-_cpu_ws = threading.local()
 
 
 def workspace_limit() -> int:
@@ -332,24 +332,10 @@ def row_blocks(B: int, R: int, rows: int, cols: int, itemsize: int, limit: int):
 
 
 def workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A ``numel``-element scratch tensor.  CPU: this thread's buffer, kept and grown between
-    calls (one call at a time per thread uses it; allocating and freeing blocks this large
-    every call fragments glibc's heap).  CUDA: a fresh block from torch's caching allocator
-    on the current stream (freed to the cache when the caller drops it); raises torch's
+    """A ``numel``-element CUDA scratch tensor: a fresh block from torch's caching allocator on
+    the current stream (freed to the cache when the caller drops it); raises torch's
     ``OutOfMemoryError``, which callers answer by shrinking their tiles."""
-    nbytes = numel * dtype.itemsize
-    if device.type == "cuda":
-        return torch.empty(numel, dtype=dtype, device=device)
-    buf = getattr(_cpu_ws, "buf", None)
-    if buf is None or buf.numel() < nbytes:
-        _cpu_ws.buf = None  # free the old one before allocating the larger one
-        buf = _cpu_ws.buf = torch.empty(nbytes, dtype=torch.uint8)
-    return buf[:nbytes].view(dtype)
-
-
-def release_workspace() -> None:
-    """Free the calling thread's CPU scratch (reallocated on the next call)."""
-    _cpu_ws.buf = None
+    return torch.empty(numel, dtype=dtype, device=device)
 
 
 # ----------------------------------------------------------------------------- op registration

@@ -231,26 +231,27 @@ def test_backward_bands_are_race_free(monkeypatch, threads, sizes, k, s, d, b):
 
 
 @pytest.mark.parametrize("parallel", [False, True])
-@pytest.mark.parametrize("block_bytes, want", [
-    (1, "one row of one image"), (20000, "a few rows of one image"),
-    (160000, "two whole images"), (1 << 30, "all images")])
+@pytest.mark.parametrize("tile_bytes, want", [
+    (1, "one row"), (20000, "a few rows"), (1 << 30, "whole images")])
 @pytest.mark.parametrize("k, s, p, d", [((3, 3), (1, 1), (2, 2), (2, 2)),
                                         ((5, 3), (2, 1), (1, 3), (1, 2))])
-def test_conv_blocks_tile_the_output(monkeypatch, parallel, block_bytes, want, k, s, p, d):
-    """pac_conv2d's GEMM blocks (image groups or row bands, partial last ones) cover the
-    output exactly once, forward and backward."""
-    monkeypatch.setattr(cpu, "_BLOCK_BYTES", block_bytes)
+def test_conv_tiles_cover_the_output(monkeypatch, parallel, tile_bytes, want, k, s, p, d):
+    """pac_conv2d's GEMM tiles (bands of rows, a partial last one, or whole images; the
+    backward in phases) cover the output exactly once, forward and backward."""
+    monkeypatch.setattr(cpu, "_TILE_BYTES", tile_bytes)
     monkeypatch.setattr(runtime, "PARALLEL_MIN_WORK", 0 if parallel else 1 << 62)
     gen = _gen(7)
     b, c, o, hw = 3, 4, 5, (23, 12)
     oh, ow = R.out_size(hw, k, s, p, d)
-    blocks, _ = cpu._blocks(b, c * k[0] * k[1], oh, ow, 8)
-    shapes = {"one row of one image": lambda: all(nb == 1 and ny == 1 for _, nb, _, ny in blocks),
-              "a few rows of one image": lambda: all(nb == 1 for _, nb, _, _ in blocks)
-              and 1 < blocks[0][3] < oh and blocks[-1][3] < blocks[0][3],
-              "two whole images": lambda: [bl[1] for bl in blocks] == [2, 1],
-              "all images": lambda: blocks == [(0, b, 0, oh)]}
-    assert shapes[want](), blocks
+    geo = Geometry.of(hw, k, s, p, d)
+    nr, nphase, nchunks = cpu._plan_tiles(b, c * k[0] * k[1], geo, 8, parallel)
+    reach = (k[0] - 1) * d[0] // s[0]  # rows apart that two output rows can share input
+    shapes = {"one row": nr == 1 and nphase == reach + 1,
+              "a few rows": 1 < nr < oh and oh % nr and nphase == 1 + -(-reach // nr),
+              # whole images, or 4 tiles per thread
+              "whole images": nr == (oh if not parallel else b * oh // 8)}
+    assert shapes[want], (nr, nphase, nchunks)
+    assert nchunks == (2 if parallel else 1)
     x = _randn(gen, b, c, *hw)
     K = _rand(gen, b, 1, k[0], k[1], oh, ow)
     w, bias = _randn(gen, o, c, *k), _randn(gen, o)
@@ -260,28 +261,71 @@ def test_conv_blocks_tile_the_output(monkeypatch, parallel, block_bytes, want, k
 
 
 @pytest.mark.parametrize("parallel", [False, True])
-def test_conv_blocks_cross_output_planes(monkeypatch, parallel):
-    """3-D: a block of 4 output rows (z, y) starts and ends inside planes of 6 rows."""
+def test_conv_tiles_cross_output_planes(monkeypatch, parallel):
+    """3-D: tiles of 4 output rows (z, y) start and end inside planes of 6 rows, and the
+    backward runs in as many phases as the depth window needs."""
     gen = _gen(8)
     b, c, o, sizes, k, s, p, d = 2, 2, 3, (4, 6, 7), (3, 3, 3), (1, 1, 2), (1, 1, 1), (1, 1, 1)
     out = R.out_size(sizes, k, s, p, d)
-    monkeypatch.setattr(cpu, "_BLOCK_BYTES", 4 * c * 27 * out[2] * 8)
+    monkeypatch.setattr(cpu, "_TILE_BYTES", 4 * c * 27 * out[2] * 8)
     monkeypatch.setattr(runtime, "PARALLEL_MIN_WORK", 0 if parallel else 1 << 62)
-    blocks, _ = cpu._blocks(b, c * 27, out[0] * out[1], out[2], 8)
-    assert {nr for _, _, _, nr in blocks} == {4} and any(r0 % out[1] for _, _, r0, _ in blocks)
+    nr, nphase, _ = cpu._plan_tiles(b, c * 27, Geometry.of(sizes, k, s, p, d), 8, parallel)
+    assert nr == 4 and nphase == 1 + -(-(2 * out[1] + 2) // nr)  # depth reach 2 planes
     x, K = _randn(gen, b, c, *sizes), _rand(gen, b, 1, *k, *out)
     w, bias, grad = _randn(gen, o, c, *k), _randn(gen, o), _randn(gen, b, o, *out)
     _assert_same(_run(lambda *a: P.pac_conv(*a, s, p, d), (x, K, w, bias), grad),
-                 _run(lambda *a: R.pac_conv(*a, s, p, d), (x, K, w, bias), grad), "3-D blocks")
+                 _run(lambda *a: R.pac_conv(*a, s, p, d), (x, K, w, bias), grad), "3-D tiles")
+
+
+def _footprint(geo, rows):
+    """The input rows (iz, iy) that output rows ``rows`` (flat z*oh + y) read."""
+    (kd, kh, _), (sd, sh, _), (pd, ph, _), (dd, dh, _) = geo.ks, geo.ss, geo.ps, geo.ds
+    got = set()
+    for row in rows:
+        z, y = divmod(row, geo.outs[1])
+        for tz in range(kd):
+            for ty in range(kh):
+                iz, iy = z * sd - pd + tz * dd, y * sh - ph + ty * dh
+                if 0 <= iz < geo.ins[0] and 0 <= iy < geo.ins[1]:
+                    got.add((iz, iy))
+    return got
+
+
+@pytest.mark.parametrize("sizes, k, s, p, d", [
+    ((17, 9), (5, 3), (1, 1), (2, 1), (1, 1)), ((17, 9), (3, 3), (2, 1), (2, 1), (3, 1)),
+    ((17, 9), (7, 1), (3, 1), (3, 0), (1, 1)), ((5, 6, 7), (3, 3, 3), (1, 1, 1), (1, 1, 1),
+                                                (1, 1, 1)),
+    ((7, 5, 4), (3, 5, 1), (2, 1, 1), (2, 2, 0), (2, 1, 1))])
+@pytest.mark.parametrize("tile_bytes", [1, 300, 2000, 1 << 30])
+def test_tile_phases_never_scatter_into_one_input_row(monkeypatch, sizes, k, s, p, d,
+                                                      tile_bytes):
+    """The backward's phase policy: tiles of one phase read disjoint input rows (so their
+    scatters into gx never race), with 2 phases for a 2-D layer whose tiles are at least as
+    tall as the window's reach."""
+    monkeypatch.setattr(cpu, "_TILE_BYTES", tile_bytes)
+    geo = Geometry.of(sizes, k, s, p, d)
+    nr, nphase, nchunks = cpu._plan_tiles(1, 4, geo, 4, False)
+    T = -(-geo.rows // nr)
+    assert nchunks == 1 and 1 <= nphase <= T
+    tiles = [range(j * nr, min(geo.rows, (j + 1) * nr)) for j in range(T)]
+    for ph in range(nphase):
+        seen = set()
+        for tile in tiles[ph::nphase]:
+            rows = _footprint(geo, tile)
+            assert not rows & seen, (ph, tile)
+            seen |= rows
+    reach = (geo.ks[1] - 1) * geo.ds[1] // geo.ss[1]
+    if geo.rank == 2 and nr >= reach and T > 1:
+        assert nphase == 2
 
 
 @pytest.mark.parametrize("backend", ["numba", "reference"])
 @pytest.mark.parametrize("shared", [False, True])
-@pytest.mark.parametrize("block_bytes", [1, 1 << 30])
-def test_conv2d_add_accumulates_in_place(monkeypatch, backend, shared, block_bytes):
+@pytest.mark.parametrize("tile_bytes", [1, 1 << 30])
+def test_conv2d_add_accumulates_in_place(monkeypatch, backend, shared, tile_bytes):
     """pac_conv2d_add_(out, ...) == out + alpha * pac_conv2d(...), written into out."""
     monkeypatch.setenv("PACNET_BACKEND", backend)
-    monkeypatch.setattr(cpu, "_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(cpu, "_TILE_BYTES", tile_bytes)
     gen = _gen(9)
     k, s, p, d = (3, 5), (2, 1), (1, 2), (1, 1)
     x = _randn(gen, 2, 3, 9, 8)
@@ -301,34 +345,6 @@ def test_conv2d_add_accumulates_in_place(monkeypatch, backend, shared, block_byt
                       shared_filters=shared)
     torch.testing.assert_close(out16.double(), R.pac_conv(x, K, w, None, s, p, d, shared),
                                rtol=0.05, atol=0.1)
-
-
-def test_conv_scratch_is_a_reused_per_thread_workspace():
-    """pac_conv2d's column scratch is allocated once per thread and reused by later calls
-    (no allocation churn), grown when a call needs more, and freed on request."""
-    import threading
-
-    gen = _gen(10)
-    x, K, w = _randn(gen, 1, 3, 8, 8), _rand(gen, 1, 1, 3, 3, 8, 8), _randn(gen, 4, 3, 3, 3)
-    runtime.release_workspace()
-    P.pac_conv2d(x, K, w, None, 1, 1, 1)
-    first = runtime._cpu_ws.buf
-    assert first.numel() == 3 * 9 * 64 * 8  # one image's float64 columns
-    P.pac_conv2d(x, K, w, None, 1, 1, 1).sum()
-    assert runtime._cpu_ws.buf is first
-    P.pac_conv2d(x.float(), K.float(), w.float(), None, 1, 1, 1)  # smaller: same buffer
-    assert runtime._cpu_ws.buf is first
-    big = _randn(gen, 2, 3, 8, 8)
-    P.pac_conv2d(big, K.expand(2, -1, -1, -1, -1, -1), w, None, 1, 1, 1)
-    assert runtime._cpu_ws.buf.numel() == 2 * first.numel()
-    seen = []
-    thread = threading.Thread(target=lambda: (P.pac_conv2d(x, K, w, None, 1, 1, 1),
-                                              seen.append(runtime._cpu_ws.buf)))
-    thread.start()
-    thread.join()
-    assert seen[0] is not None and seen[0] is not runtime._cpu_ws.buf
-    runtime.release_workspace()
-    assert runtime._cpu_ws.buf is None
 
 
 def test_backward_is_deterministic(monkeypatch):

@@ -13,11 +13,11 @@ in loops whose innermost loop runs over contiguous memory (so LLVM vectorises it
 ``fastmath``).
 
 ``pac_conv`` contracts over ``C*k^r`` for every output pixel, which is a matrix product; it
-runs as GEMMs (``torch.mm``/``bmm``, i.e. MKL or OpenBLAS) over *blocks* of the output -- a
-few whole images, or a band of rows of one -- whose K-modulated columns are built by a Numba
-kernel into one block-sized scratch buffer (``_BLOCK_BYTES``), a per-thread workspace kept
-between calls (:func:`pacnet.kernels.runtime.release_workspace` frees it).  See the section
-``pac_conv`` below for the exact formulas.
+runs as GEMMs (the BLAS torch uses, MKL on x86-64, called from inside the Numba kernels
+through :mod:`pacnet.kernels.blas`) over *tiles* of the output -- bands of rows of one image
+-- whose K-modulated columns each thread builds into its own cache-sized scratch
+(``_TILE_BYTES``) and contracts at once, the whole forward in one parallel region.  See the
+section ``pac_conv`` below for the exact formulas.
 
 Backward passes scatter into the input gradient.  In ``pac_dist`` and ``pac_pool``, to do
 that without atomics, output rows are grouped into *bands* (:meth:`Geometry.band_unit`: whole
@@ -47,6 +47,7 @@ import torch
 from numba import njit, prange
 
 from pacnet.kernels import runtime
+from pacnet.kernels.blas import gemm
 from pacnet.kernels.runtime import CPU_DTYPES, prep
 
 from .geometry import Geometry
@@ -319,33 +320,36 @@ def _dist_bwd_chunk(ch, phase, gD, f, ctr, has_ctr, ks, ss, ps, ds, ins, oh, asy
 
 
 # ----------------------------------------------------------------------------- pac_conv
-# The contraction over C*k3 (k3 = kd*kh*kw taps) is left to torch.mm/bmm (MKL or OpenBLAS,
-# several times the speed of hand-written loops).  The output is taken in *blocks*: ``nb``
-# whole images, or one image's band of ``nr`` output rows when a whole image is too big
-# (``P = nr*ow`` pixels per image).  Per block a [nb, C*k3, P] scratch holds the K-modulated
-# columns ``cols[i, c*k3 + t, p] = K[b0+i, t, p] * x[b0+i, c, pos(p, t)]`` (0 outside the
-# image), and
-#   forward   out[i, :, block]  = W2 @ cols[i]
-#   backward  gW               += g[i, :, block] @ cols[i]^T     (cols rebuilt, not saved)
-#             G[i]              = W2^T @ g[i, :, block]          [C*k3, P]
-#             gK[i, t, p]       = sum_c G[i, c*k3 + t, p] * x[i, c, pos(p, t)]
-#             gx[i, c, pos]    += G[i, c*k3 + t, p] * K[i, t, p]
-# Blocks run one after another, so the scatter into gx never races; inside a block it runs
-# in parallel over (image, channel) pairs, each owning a plane of gx, and gK over
-# (image, tap, row) triples.  Sums run in a fixed order, so results are deterministic.
-# x/gx [B, C, D*H, W]; K/gK [B, 1, k3, rows, ow]; cols/G [nb, C*k3, nr*ow].
+# The contraction over R = C*k3 (k3 = kd*kh*kw taps) for every output pixel is a matrix
+# product, left to the BLAS GEMM torch uses (:mod:`pacnet.kernels.blas`: MKL, several times
+# the speed of hand-written loops), called from inside the kernels.  The output is cut into
+# *tiles*: bands of ``nr`` output rows of one image (``P = nr*ow`` pixels, the last band
+# shorter).  Per tile a thread builds the K-modulated columns
+# ``cols[c*k3 + t, p] = K[b, t, p] * x[b, c, pos(p, t)]`` (0 outside the image) in its own
+# [R, P] scratch and contracts them at once:
+#   forward   out[b, :, tile]  = W2 @ cols                  (W2 = weight as [O, R])
+#   backward  gW[chunk]       += g[b, :, tile] @ cols^T     (cols rebuilt, not saved)
+#             G                = W2^T @ g[b, :, tile]       [R, P], in the same scratch
+#             gK[b, t, p]      = sum_c G[c*k3 + t, p] * x[b, c, pos(p, t)]
+#             gx[b, c, pos]   += G[c*k3 + t, p] * K[b, t, p]
+# One parallel region runs the whole forward (each thread a chunk of tiles, no barrier
+# between a tile's columns and its GEMM), and the backward one region per *phase*: the
+# scatter into gx of two tiles of one image races only when their rows are close, so tile
+# ``j`` runs in phase ``j % nphase``, with enough phases (2 for a 2-D layer) that tiles of
+# one phase never touch the same input row.  Every thread accumulates the weight gradient
+# of its chunk in its own partial sum, added up in a fixed order afterwards: results are
+# deterministic for a given thread count.  (Fewer regions matter: each ends at a barrier,
+# and with another process on the cores a barrier waits for a descheduled thread, a
+# scheduler slice of milliseconds, so a layer cut into ~100 regions ran 3-8x slower.)
+# x/gx [B, C, D*H, W]; K/gK [B, 1, k3, rows, ow]; out/g flat [B*O*rows*ow]; cols/G [R, P].
 
 @njit(cache=True)
-def _cols_row(it, x, K, b0, r0, nr, ks, ss, ps, ds, ins, oh, cols):
-    """Row ``r = c*k3 + t`` of image ``b0 + i`` (``it = i*R + r``) of the modulated columns
-    of output rows ``[r0, r0+nr)``."""
+def _cols_row(r, x, K, b, r0, nr, ks, ss, ps, ds, ins, oh, cols):
+    """Row ``r = c*k3 + t`` of the modulated columns ``cols`` [R, nr*ow] of output rows
+    ``[r0, r0+nr)`` of image ``b``."""
     ow = K.shape[4]
     k3 = K.shape[2]
-    R = cols.shape[1]
     sw = ss[2]
-    i = it // R
-    r = it % R
-    b = b0 + i
     c = r // k3
     t = r % k3
     tz, ty, tx = _tap(t, ks)
@@ -357,7 +361,7 @@ def _cols_row(it, x, K, b0, r0, nr, ks, ss, ps, ds, ins, oh, cols):
     y = r0 - z * oh
     for rr in range(nr):
         q = _in_row(z, y, tz, ty, ss, ps, ds, ins)
-        dst = cols[i, r, rr * ow:(rr + 1) * ow]
+        dst = cols[r, rr * ow:(rr + 1) * ow]
         if q < 0 or m <= 0:
             dst[:] = 0
         else:
@@ -375,29 +379,13 @@ def _cols_row(it, x, K, b0, r0, nr, ks, ss, ps, ds, ins, oh, cols):
             z += 1
 
 
-@njit(**_OPTS)
-def _cols(x, K, b0, r0, nr, ks, ss, ps, ds, ins, oh, cols):
-    for it in prange(cols.shape[0] * cols.shape[1]):
-        _cols_row(it, x, K, b0, r0, nr, ks, ss, ps, ds, ins, oh, cols)
-
-
 @njit(cache=True)
-def _cols_serial(x, K, b0, r0, nr, ks, ss, ps, ds, ins, oh, cols):
-    for it in range(cols.shape[0] * cols.shape[1]):
-        _cols_row(it, x, K, b0, r0, nr, ks, ss, ps, ds, ins, oh, cols)
-
-
-@njit(cache=True)
-def _cols_grad_x_plane(it, G, K, b0, r0, nr, ks, ss, ps, ds, ins, oh, gx):
-    """``gx[b0+i, c] +=`` the block's column gradient ``G[i]`` times ``K``, scattered back
-    (``it = i*C + c``)."""
-    C = gx.shape[1]
+def _cols_grad_x_plane(c, G, K, b, r0, nr, ks, ss, ps, ds, ins, oh, gx):
+    """``gx[b, c] +=`` the tile's column gradient ``G`` [R, nr*ow] times ``K``, scattered
+    back."""
     ow = K.shape[4]
     k3 = K.shape[2]
     sw = ss[2]
-    i = it // C
-    c = it % C
-    b = b0 + i
     for t in range(k3):
         tz, ty, tx = _tap(t, ks)
         off = tx * ds[2] - ps[2]
@@ -406,7 +394,7 @@ def _cols_grad_x_plane(it, G, K, b0, r0, nr, ks, ss, ps, ds, ins, oh, gx):
         if m <= 0:
             continue
         st = lo * sw + off
-        g = G[i, c * k3 + t]
+        g = G[c * k3 + t]
         z = r0 // oh
         y = r0 - z * oh
         for rr in range(nr):
@@ -427,16 +415,14 @@ def _cols_grad_x_plane(it, G, K, b0, r0, nr, ks, ss, ps, ds, ins, oh, gx):
 
 
 @njit(cache=True)
-def _cols_grad_k_row(it, G, x, b0, r0, nr, ks, ss, ps, ds, ins, oh, gK):
-    """``gK[b0+i, 0, t, row] = sum_c G[i, c*k3 + t, row] * x[b0+i, c, pos(row, t)]``
-    (``it`` enumerates ``(i, t, rr)``, ``row = r0 + rr``)."""
+def _cols_grad_k_row(it, G, x, b, r0, nr, ks, ss, ps, ds, ins, oh, gK):
+    """``gK[b, 0, t, row] = sum_c G[c*k3 + t, row] * x[b, c, pos(row, t)]`` (``it``
+    enumerates ``(t, rr)``, ``row = r0 + rr``)."""
     C = x.shape[1]
     k3, ow = gK.shape[2], gK.shape[4]
     sw = ss[2]
-    i = it // (k3 * nr)
-    t = (it // nr) % k3
+    t = it // nr
     rr = it % nr
-    b = b0 + i
     row = r0 + rr
     tz, ty, tx = _tap(t, ks)
     z = row // oh
@@ -451,35 +437,113 @@ def _cols_grad_k_row(it, G, x, b0, r0, nr, ks, ss, ps, ds, ins, oh, gK):
         return
     for c in range(C):
         xr = x[b, c, q]
-        gr = G[i, c * k3 + t, rr * ow + lo:rr * ow + hi]
+        gr = G[c * k3 + t, rr * ow + lo:rr * ow + hi]
         if sw == 1:
             _fma(gkr[lo:hi], gr, xr[st:st + m], m)
         else:
             _fma(gkr[lo:hi], gr, xr[st:st + (m - 1) * sw + 1:sw], m)
 
 
+@njit(cache=True)
+def _conv_fwd_chunk(ch, nchunks, x, K, w, bias, has_bias, alpha, beta, nr, ks, ss, ps, ds,
+                    ins, oh, out):
+    """Chunk ``ch`` of ``nchunks`` of the tiles: ``out = alpha * W2 @ cols + beta * out``
+    (+ bias) for each (``out`` and ``w`` = W2 [O, R] flat)."""
+    B = x.shape[0]
+    rows, ow = K.shape[3], K.shape[4]
+    R = x.shape[1] * K.shape[2]
+    O = w.shape[0] // R
+    T = (rows + nr - 1) // nr
+    n = B * T
+    plane = rows * ow
+    buf = np.empty(R * nr * ow, dtype=x.dtype)
+    for it in range(ch * n // nchunks, (ch + 1) * n // nchunks):
+        b = it // T
+        r0 = (it - b * T) * nr
+        m = min(nr, rows - r0)
+        P = m * ow
+        cols = buf[:R * P].reshape((R, P))
+        for r in range(R):
+            _cols_row(r, x, K, b, r0, m, ks, ss, ps, ds, ins, oh, cols)
+        c0 = b * O * plane + r0 * ow
+        gemm(False, False, O, P, R, alpha, w, 0, R, buf, 0, P, beta, out, c0, plane)
+        if has_bias:
+            for o in range(O):
+                seg = out[c0 + o * plane:c0 + o * plane + P]
+                bo = bias[o]
+                for j in range(P):
+                    seg[j] += bo
+
+
 @njit(**_OPTS)
-def _cols_grad(G, x, K, b0, r0, nr, ks, ss, ps, ds, ins, oh, need_x, need_k, gx, gK):
-    nb = G.shape[0]
-    k3 = K.shape[2]
-    if need_x:
-        for it in prange(nb * x.shape[1]):
-            _cols_grad_x_plane(it, G, K, b0, r0, nr, ks, ss, ps, ds, ins, oh, gx)
-    if need_k:
-        for it in prange(nb * k3 * nr):
-            _cols_grad_k_row(it, G, x, b0, r0, nr, ks, ss, ps, ds, ins, oh, gK)
+def _conv_fwd(nchunks, x, K, w, bias, has_bias, alpha, beta, nr, ks, ss, ps, ds, ins, oh,
+              out):
+    for ch in prange(nchunks):
+        _conv_fwd_chunk(ch, nchunks, x, K, w, bias, has_bias, alpha, beta, nr, ks, ss, ps,
+                        ds, ins, oh, out)
 
 
 @njit(cache=True)
-def _cols_grad_serial(G, x, K, b0, r0, nr, ks, ss, ps, ds, ins, oh, need_x, need_k, gx, gK):
-    nb = G.shape[0]
-    k3 = K.shape[2]
-    if need_x:
-        for it in range(nb * x.shape[1]):
-            _cols_grad_x_plane(it, G, K, b0, r0, nr, ks, ss, ps, ds, ins, oh, gx)
-    if need_k:
-        for it in range(nb * k3 * nr):
-            _cols_grad_k_row(it, G, x, b0, r0, nr, ks, ss, ps, ds, ins, oh, gK)
+def _conv_fwd_serial(nchunks, x, K, w, bias, has_bias, alpha, beta, nr, ks, ss, ps, ds, ins,
+                     oh, out):
+    for ch in range(nchunks):
+        _conv_fwd_chunk(ch, nchunks, x, K, w, bias, has_bias, alpha, beta, nr, ks, ss, ps,
+                        ds, ins, oh, out)
+
+
+@njit(cache=True)
+def _conv_bwd_chunk(ch, nchunks, ph, nphase, g, x, K, w, nr, ks, ss, ps, ds, ins, oh,
+                    need_x, need_k, need_w, gx, gK, gWp):
+    """Chunk ``ch`` of ``nchunks`` of the tiles of phase ``ph`` (tiles ``j`` with
+    ``j % nphase == ph``): the weight gradient into ``gWp[ch]``, then ``G`` into ``gK`` and
+    ``gx`` (``g`` and ``w`` flat)."""
+    B, C = x.shape[0], x.shape[1]
+    k3, rows, ow = K.shape[2], K.shape[3], K.shape[4]
+    R = C * k3
+    O = w.shape[0] // R
+    T = (rows + nr - 1) // nr
+    Tp = (T - ph + nphase - 1) // nphase
+    n = B * Tp
+    plane = rows * ow
+    buf = np.empty(R * nr * ow, dtype=x.dtype)
+    gw = gWp[ch]
+    for it in range(ch * n // nchunks, (ch + 1) * n // nchunks):
+        b = it // Tp
+        r0 = (ph + (it - b * Tp) * nphase) * nr
+        m = min(nr, rows - r0)
+        P = m * ow
+        G = buf[:R * P].reshape((R, P))
+        g0 = b * O * plane + r0 * ow
+        if need_w:
+            for r in range(R):
+                _cols_row(r, x, K, b, r0, m, ks, ss, ps, ds, ins, oh, G)
+            gemm(False, True, O, R, P, 1.0, g, g0, plane, buf, 0, P, 1.0, gw, 0, R)
+        if need_x or need_k:
+            gemm(True, False, R, P, O, 1.0, w, 0, R, g, g0, plane, 0.0, buf, 0, P)
+            if need_k:
+                for i in range(k3 * m):
+                    _cols_grad_k_row(i, G, x, b, r0, m, ks, ss, ps, ds, ins, oh, gK)
+            if need_x:
+                for c in range(C):
+                    _cols_grad_x_plane(c, G, K, b, r0, m, ks, ss, ps, ds, ins, oh, gx)
+
+
+@njit(**_OPTS)
+def _conv_bwd(nchunks, nphase, g, x, K, w, nr, ks, ss, ps, ds, ins, oh, need_x, need_k,
+              need_w, gx, gK, gWp):
+    for ph in range(nphase):
+        for ch in prange(nchunks):
+            _conv_bwd_chunk(ch, nchunks, ph, nphase, g, x, K, w, nr, ks, ss, ps, ds, ins, oh,
+                            need_x, need_k, need_w, gx, gK, gWp)
+
+
+@njit(cache=True)
+def _conv_bwd_serial(nchunks, nphase, g, x, K, w, nr, ks, ss, ps, ds, ins, oh, need_x, need_k,
+                     need_w, gx, gK, gWp):
+    for ph in range(nphase):
+        for ch in range(nchunks):
+            _conv_bwd_chunk(ch, nchunks, ph, nphase, g, x, K, w, nr, ks, ss, ps, ds, ins, oh,
+                            need_x, need_k, need_w, gx, gK, gWp)
 
 
 # ----------------------------------------------------------------------------- pac_pool
@@ -719,7 +783,7 @@ def pac_conv_fwd(x, K, weight, bias, stride, padding, dilation, shared_filters):
     xc, Kc, w, bc = prep(x, K, weight, bias)
     geo = _geo(xc, tuple(w.shape[2:]), stride, padding, dilation)
     out = torch.empty(_out_shape(geo, xc.shape[0], w.shape[0]), dtype=xc.dtype)
-    _conv_fwd_gemm(xc, Kc, w.reshape(w.shape[0], -1), bc, geo, out)
+    _conv_fwd_tiles(xc, Kc, w.reshape(w.shape[0], -1), bc, geo, out)
     return out.to(dtype)
 
 
@@ -732,7 +796,7 @@ def pac_conv_add_(out, x, K, weight, stride, padding, dilation, shared_filters, 
         return
     xc, Kc, w = prep(x, K, weight)
     geo = _geo(xc, tuple(w.shape[2:]), stride, padding, dilation)
-    _conv_fwd_gemm(xc, Kc, w.reshape(w.shape[0], -1), None, geo, out, alpha=alpha)
+    _conv_fwd_tiles(xc, Kc, w.reshape(w.shape[0], -1), None, geo, out, alpha=alpha)
 
 
 def pac_conv_bwd(grad, x, K, weight, stride, padding, dilation, shared_filters,
@@ -751,69 +815,63 @@ def pac_conv_bwd(grad, x, K, weight, stride, padding, dilation, shared_filters,
     geo = _geo(xc, tuple(w.shape[2:]), stride, padding, dilation)
     gx = torch.zeros_like(xc) if need_x else None
     gK = torch.empty_like(Kc) if need_k else None
-    gW2 = torch.zeros((w.shape[0], w[0].numel()), dtype=xc.dtype) if need_w else None
-    _conv_bwd_gemm(g, xc, Kc, w.reshape(w.shape[0], -1), geo, gx, gK, gW2)
+    gW2 = _conv_bwd_tiles(g, xc, Kc, w.reshape(w.shape[0], -1), geo, gx, gK, need_w)
     return (gx.to(dtypes[0]) if need_x else None,
             gK.to(dtypes[1]) if need_k else None,
             gW2.view(w.shape).to(dtypes[2]) if need_w else None)
 
 
-_BLOCK_BYTES = 16 << 20  # one block's column scratch (large blocks keep the GEMMs efficient)
+_TILE_BYTES = 4 << 20  # one tile's column scratch per thread (cache-sized, GEMM-efficient)
 
 
-def _blocks(B: int, R: int, rows: int, ow: int, itemsize: int):
-    """Blocks ``(b0, nb, r0, nr)`` whose ``[nb, R, nr*ow]`` column scratch fits
-    ``_BLOCK_BYTES``: several whole images, or bands of rows of one; and the scratch size."""
-    return runtime.row_blocks(B, R, rows, ow, itemsize, _BLOCK_BYTES)
+def _plan_tiles(B: int, R: int, geo: Geometry, itemsize: int, parallel: bool):
+    """``(nr, nphase, nchunks)``: output rows per tile (a [R, nr*ow] scratch of about
+    ``_TILE_BYTES``, and at least 4 tiles per thread when the output has that many rows),
+    backward phases (tiles ``j`` and ``j + nphase`` of an image never scatter into the same
+    input row) and chunks (one per thread, each with a tile of every phase)."""
+    rows, ow = geo.rows, geo.outs[2]
+    n = runtime.threads() if parallel else 1
+    nr = max(1, min(rows, _TILE_BYTES // max(1, R * ow * itemsize)))
+    if n > 1:
+        nr = max(1, min(nr, B * rows // (4 * n)))
+    T = -(-rows // nr)
+    # output rows (z, y) and (z', y') scatter into one input row only when
+    # |z - z'| <= lz and |y - y'| <= ly, i.e. when their flat rows are closer than `near`
+    lz = (geo.ks[0] - 1) * geo.ds[0] // geo.ss[0]
+    ly = (geo.ks[1] - 1) * geo.ds[1] // geo.ss[1]
+    near = lz * geo.outs[1] + ly + 1
+    nphase = min(T, 1 + -(-(near - 1) // nr))
+    return nr, nphase, max(1, min(n, B * (T // nphase)))
 
 
-def _conv_fwd_gemm(xc, Kc, W2, bc, geo, out, alpha=None):
-    """Forward by block GEMMs into ``out`` [B, O, *out] (``W2`` [O, C*k3]); with ``alpha``,
+def _conv_fwd_tiles(xc, Kc, W2, bc, geo, out, alpha=None):
+    """Forward by tile GEMMs into ``out`` [B, O, *out] (``W2`` [O, C*k3]); with ``alpha``,
     ``out += alpha * W2 @ cols`` instead."""
-    B, O = out.shape[:2]
-    R, rows, ow = W2.shape[1], geo.rows, geo.outs[2]
-    blocks, size = _blocks(B, R, rows, ow, xc.element_size())
-    scratch = runtime.workspace(size, xc.dtype, xc.device)
-    fill = _cols if runtime.parallel(size) else _cols_serial
-    xn, Kn = _rows(xc, geo), _kernel(Kc, geo)
-    flat = out.view(B, O, rows * ow)
-    for b0, nb, r0, nr in blocks:
-        cols = scratch[:nb * R * nr * ow].view(nb, R, nr * ow)
-        fill(xn, Kn, b0, r0, nr, *_args(geo), _np(cols))
-        dst = flat[b0:b0 + nb, :, r0 * ow:(r0 + nr) * ow]
-        if alpha is not None:
-            dst.baddbmm_(W2.expand(nb, -1, -1), cols, alpha=alpha)
-        elif bc is None:
-            torch.matmul(W2, cols, out=dst)
-        else:
-            torch.baddbmm(bc[None, :, None], W2.expand(nb, -1, -1), cols, out=dst)
+    B = out.shape[0]
+    R = W2.shape[1]
+    par = runtime.parallel(B * out.shape[1] * R * geo.rows * geo.outs[2])
+    nr, _, nchunks = _plan_tiles(B, R, geo, xc.element_size(), par)
+    run = _conv_fwd if par else _conv_fwd_serial
+    run(nchunks, _rows(xc, geo), _kernel(Kc, geo), _np(W2.reshape(-1)),
+        _np(bc) if bc is not None else _dummy(xc, 1), bc is not None,
+        1.0 if alpha is None else float(alpha), 0.0 if alpha is None else 1.0, nr,
+        *_args(geo), _np(out.view(-1)))
 
 
-def _conv_bwd_gemm(g, xc, Kc, W2, geo, gx, gK, gW2):
-    """Backward by block GEMMs: accumulates into ``gx`` and ``gW2`` [O, C*k3], fills ``gK``
-    (each ``None`` when not wanted).  One scratch buffer holds a block's columns for the
-    weight gradient, then its column gradient ``G``."""
+def _conv_bwd_tiles(g, xc, Kc, W2, geo, gx, gK, need_w):
+    """Backward by tile GEMMs: accumulates into ``gx``, fills ``gK`` (each ``None`` when not
+    wanted) and returns the weight gradient [O, C*k3] (``None`` without ``need_w``)."""
     B, O = g.shape[:2]
-    R, rows, ow = W2.shape[1], geo.rows, geo.outs[2]
-    blocks, size = _blocks(B, R, rows, ow, xc.element_size())
-    par = runtime.parallel(size)
-    xn, Kn = _rows(xc, geo), _kernel(Kc, geo)
-    flat = g.reshape(B, O, rows * ow)
-    need_x, need_k = gx is not None, gK is not None
-    scratch = runtime.workspace(size, xc.dtype, xc.device)
-    gxn = _rows(gx, geo) if need_x else _dummy(xc, 4)
-    gKn = _kernel(gK, geo) if need_k else _dummy(xc, 5)
-    for b0, nb, r0, nr in blocks:
-        gb = flat[b0:b0 + nb, :, r0 * ow:(r0 + nr) * ow]
-        buf = scratch[:nb * R * nr * ow].view(nb, R, nr * ow)
-        if gW2 is not None:
-            (_cols if par else _cols_serial)(xn, Kn, b0, r0, nr, *_args(geo), _np(buf))
-            for i in range(nb):
-                gW2.addmm_(gb[i], buf[i].t())
-        if need_x or need_k:
-            torch.matmul(W2.t(), gb, out=buf)
-            (_cols_grad if par else _cols_grad_serial)(
-                _np(buf), xn, Kn, b0, r0, nr, *_args(geo), need_x, need_k, gxn, gKn)
+    R = W2.shape[1]
+    par = runtime.parallel(B * O * R * geo.rows * geo.outs[2])
+    nr, nphase, nchunks = _plan_tiles(B, R, geo, xc.element_size(), par)
+    gWp = torch.zeros((nchunks if need_w else 1, O * R if need_w else 1), dtype=xc.dtype)
+    run = _conv_bwd if par else _conv_bwd_serial
+    run(nchunks, nphase, _np(g.reshape(-1)), _rows(xc, geo), _kernel(Kc, geo),
+        _np(W2.reshape(-1)), nr, *_args(geo), gx is not None, gK is not None, need_w,
+        _rows(gx, geo) if gx is not None else _dummy(xc, 4),
+        _kernel(gK, geo) if gK is not None else _dummy(xc, 5), _np(gWp))
+    return gWp.sum(0).view(O, R) if need_w else None
 
 
 def pac_pool_fwd(x, K, kernel_size, stride, padding, dilation, weight=None, bias=None):
