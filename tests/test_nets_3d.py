@@ -17,6 +17,7 @@ import torch
 
 import pacnet
 from pacnet.cli.main import main
+from pacnet.cli.train import fmt
 from pacnet.load import zoo_path
 
 BLOCKS = zoo_path("common/pac_joint_upsample_blocks")
@@ -113,4 +114,8 @@ def test_video_skeleton_trains_on_synthetic_video(net_file, tmp_path, capsys):
     assert test["step"] == 3 and test["rmse"] > 0 and test["bilinear_rmse"] > 0
     assert [r["step"] for r in records if r.get("phase") == "train"] == [0, 1, 2]
     assert (work / "checkpoints" / "iter_00000003.safetensors").exists()
-    assert "rmse/bilinear" in capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())
+    assert "rmse/bilinear" in out  # the record's key
+    # the closing table: clips beside trilinear upsampling, no image figures of the README
+    assert "test set: trained net vs trilinear upsampling" in out and "README" not in out
+    assert f"│ trilinear │ {fmt(test['bilinear_rmse'])} │ 1 │" in out
