@@ -26,9 +26,9 @@ torch 2.13 CPU, numba 0.68), the default run, then ``--procs 3 --repeats 5 --siz
     32^3 ratio           3.7x                 3.1x           12.4x      12.4x   (second run)
     48^3 ratio           4.9x                 4.7x            9.6x      12.4x   (second run)
 
-Of the fused fwd+bwd at 32^3 (``pac_conv`` 100 ms of ~100 under that load, ``pac_dist``
-11 ms), the column gradient's scatter takes ~40%, the two column builds ~25%, the GEMMs the
-rest: with rows of 32 voxels the per-row work is short.
+Timed alone at 32^3 (same load), ``pac_conv`` fwd+bwd takes ~100 ms and ``pac_dist`` ~11 ms;
+of ``pac_conv``, the column gradient's scatter is ~40%, the two column builds ~25%, the GEMMs
+the rest: with rows of 32 voxels the per-row work is short.
 """
 
 from __future__ import annotations
