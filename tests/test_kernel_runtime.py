@@ -121,13 +121,17 @@ class _EveryOp(torch.nn.Module):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_compiled_forward_backward_through_every_op(layout):
     """torch.compile(fullgraph=True, inductor: it checks every op's output strides) forward
-    and backward through every op equals eager."""
+    and backward through every op equals eager.  In float64: inductor's fused softmax and exp
+    round differently from eager's, which float32 gradients with cancellation amplify past
+    any fixed tolerance."""
     torch._dynamo.reset()
+    torch.manual_seed(5)
     gen = torch.Generator().manual_seed(5)
-    x = _layout(torch.randn(2, 3, 9, 8, generator=gen), layout).requires_grad_()
-    guide = _layout(torch.randn(2, 2, 9, 8, generator=gen), layout).requires_grad_()
-    labels = _layout(torch.randint(0, 3, (2, 1, 9, 8), generator=gen).float(), layout)
-    model = _EveryOp()
+    x = _layout(torch.randn(2, 3, 9, 8, generator=gen, dtype=torch.float64), layout)
+    guide = _layout(torch.randn(2, 2, 9, 8, generator=gen, dtype=torch.float64), layout)
+    x, guide = x.requires_grad_(), guide.requires_grad_()
+    labels = _layout(torch.randint(0, 3, (2, 1, 9, 8), generator=gen).double(), layout)
+    model = _EveryOp().double()
     eager = model(x, guide, labels)
     want = torch.autograd.grad(eager.square().sum(), [x, guide, *model.parameters()])
     compiled = torch.compile(model, fullgraph=True)
