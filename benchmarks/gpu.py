@@ -18,6 +18,9 @@ GPU, then one table of the figures issue 13 asks for.
      (cuDNN) of the same shape, in float32 (TF32 as torch allows) and under bfloat16
      autocast.  Targets: fused >= 5x faster than the reference with <= 1/10 of its extra
      memory, within 3x of cuDNN; bfloat16 >= 1.5x faster than fused float32.
+   * PacConv3d(16, 16, 3, padding=1), 4-channel guide, b = 2, 64^3, forward+backward in
+     float32: fused, the 3-D unfold reference and ``nn.Conv3d`` (cuDNN) of the same shape
+     (issue 16; the CPU figures are benchmarks/pac3d.py's).
    * The x8 joint-upsampling net's last PacConvTranspose2d(32, 32, 5, stride 2) (128^2 ->
      256^2, 16-channel guide, b = 8), forward+backward, fused vs reference.
    * PacCRF ``crfi5p4d5641p4d5161`` (21 classes): inference at 512^2 (target < 10 ms) and
@@ -130,6 +133,24 @@ def rows_pac_conv(device, q, repeats):
     return out
 
 
+def rows_pac_conv3d(device, q, repeats):
+    from pacnet.pac import PacConv3d
+
+    b, c, s = (1, 4, 8) if q else (2, 16, 64)
+    torch.manual_seed(0)
+    pac = PacConv3d(c, c, 3, padding=1).to(device)
+    conv = torch.nn.Conv3d(c, c, 3, padding=1).to(device)
+    x = torch.randn(b, c, s, s, s, device=device, requires_grad=True)
+    guide = torch.randn(b, 4, s, s, s, device=device, requires_grad=True)
+    g = torch.randn(b, c, s, s, s, device=device)
+    fused = measure(_grad_step(pac, (x, guide), g), device, repeats)
+    with _Backend("reference"):
+        ref = measure(_grad_step(pac, (x, guide), g), device, max(2, repeats // 4), 1)
+    cudnn = measure(_grad_step(conv, (x,), g), device, repeats)
+    return [(f"PacConv3d({c}, {c}, 3) b{b} {s}^3 guide 4 fwd+bwd float32",
+             {"fused": fused, "reference": ref, "nn.Conv3d": cudnn})]
+
+
 def rows_conv_transpose(device, q, repeats):
     from pacnet.pac import PacConvTranspose2d
 
@@ -218,7 +239,7 @@ def rows_main_job(device, q, repeats):
              {"fused": measure(step, device, repeats)})]
 
 
-ROWS = (rows_pac_conv, rows_conv_transpose, rows_crf, rows_segaware, rows_main_job)
+ROWS = (rows_pac_conv, rows_pac_conv3d, rows_conv_transpose, rows_crf, rows_segaware, rows_main_job)
 
 
 # ----------------------------------------------------------------------------- driver

@@ -72,9 +72,8 @@ def _reset_peak() -> bool:
         return False
 
 
-def worker(size: int, repeats: int, threads: int) -> dict:
-    import resource
-
+def set_threads(threads: int) -> str:
+    """``threads`` threads for torch and Numba; the backend the PAC ops run on."""
     import torch
 
     torch.set_num_threads(threads)
@@ -84,35 +83,32 @@ def worker(size: int, repeats: int, threads: int) -> dict:
     if backend == "numba":
         import numba
         numba.set_num_threads(threads)
+    return backend
 
-    def make(s):
-        gen = torch.Generator().manual_seed(0)
-        bound = 1.0 / (C_IN * K * K) ** 0.5
-        x = torch.randn(BATCH, C_IN, s, s, generator=gen).requires_grad_()
-        f = (0.5 * torch.randn(BATCH, GUIDE, s, s, generator=gen)).requires_grad_()
-        w = ((torch.rand(C_OUT, C_IN, K, K, generator=gen) * 2 - 1) * bound).requires_grad_()
-        b = ((torch.rand(C_OUT, generator=gen) * 2 - 1) * bound).requires_grad_()
-        g = torch.randn(BATCH, C_OUT, s, s, generator=gen)
-        return x, f, w, b, g
 
-    def layer(x, f, w, b):
-        kernel = torch.exp(-0.5 * P.pac_dist(f, None, K, 1, PAD, 1))
-        return P.pac_conv2d(x, kernel, w, b, 1, PAD, 1)
+def measure_step(layer, make, size: int, repeats: int) -> dict:
+    """Forward and forward+backward seconds of ``layer(*inputs)`` (``repeats`` of each, after
+    a run on a small size and a warm-up at full size), with ``make(s) -> (inputs, grad)``:
+    the inputs of size ``s`` (their gradients are computed) and the output gradient; the
+    extra peak RSS of the timed runs and the size of what autograd saves."""
+    import resource
 
-    def step(x, f, w, b, g):
-        for t in (x, f, w, b):
+    import torch
+
+    def step(inputs, grad):
+        for t in inputs:
             t.grad = None
         t0 = time.perf_counter()
-        out = layer(x, f, w, b)
+        out = layer(*inputs)
         t1 = time.perf_counter()
-        out.backward(g)
+        out.backward(grad)
         t2 = time.perf_counter()
         return t1 - t0, t2 - t0
 
-    step(*make(16))  # compile / load kernels
-    inputs = make(size)
-    step(*inputs)  # warm up at full size (allocator, caches)
-    for t in inputs[:4]:
+    step(*make(min(size, 16)))  # compile / load kernels
+    inputs, grad = make(size)
+    step(inputs, grad)  # warm up at full size (allocator, caches)
+    for t in inputs:
         t.grad = None
 
     saved = {}
@@ -122,19 +118,41 @@ def worker(size: int, repeats: int, threads: int) -> dict:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        layer(*inputs[:4])
+        layer(*inputs)
 
     reset = _reset_peak()
     base = _rss_kib("VmRSS") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     fwd, total = [], []
     for _ in range(repeats):
-        a, b = step(*inputs)
+        a, b = step(inputs, grad)
         fwd.append(a)
         total.append(b)
     peak = _rss_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"backend": backend, "size": size, "fwd": fwd, "total": total,
-            "extra_peak_mib": (peak - base) / 1024, "peak_mib": peak / 1024,
-            "saved_mib": sum(saved.values()) / 2**20, "peak_reset": reset}
+    return {"size": size, "fwd": fwd, "total": total, "extra_peak_mib": (peak - base) / 1024,
+            "peak_mib": peak / 1024, "saved_mib": sum(saved.values()) / 2**20,
+            "peak_reset": reset}
+
+
+def worker(size: int, repeats: int, threads: int) -> dict:
+    backend = set_threads(threads)
+    import torch
+
+    import pacnet.kernels.pac as P
+
+    def make(s):
+        gen = torch.Generator().manual_seed(0)
+        bound = 1.0 / (C_IN * K * K) ** 0.5
+        x = torch.randn(BATCH, C_IN, s, s, generator=gen).requires_grad_()
+        f = (0.5 * torch.randn(BATCH, GUIDE, s, s, generator=gen)).requires_grad_()
+        w = ((torch.rand(C_OUT, C_IN, K, K, generator=gen) * 2 - 1) * bound).requires_grad_()
+        b = ((torch.rand(C_OUT, generator=gen) * 2 - 1) * bound).requires_grad_()
+        return (x, f, w, b), torch.randn(BATCH, C_OUT, s, s, generator=gen)
+
+    def layer(x, f, w, b):
+        kernel = torch.exp(-0.5 * P.pac_dist(f, None, K, 1, PAD, 1))
+        return P.pac_conv2d(x, kernel, w, b, 1, PAD, 1)
+
+    return {"backend": backend, **measure_step(layer, make, size, repeats)}
 
 
 def user_worker(repeats: int) -> dict:
@@ -213,15 +231,55 @@ def run_user_code(procs: int, repeats: int) -> None:
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 
-def run_case(backend: str, size: int, repeats: int, threads: int) -> dict:
+def run_case(backend: str, size: int, repeats: int, threads: int, script: str = __file__) -> dict:
+    """One case in a fresh process (``script --worker size``) on ``backend``."""
     env = dict(os.environ, PACNET_BACKEND=backend, NUMBA_NUM_THREADS=str(threads),
                OMP_NUM_THREADS=str(threads))
-    cmd = [sys.executable, __file__, "--worker", str(size), "--repeats", str(repeats),
+    cmd = [sys.executable, script, "--worker", str(size), "--repeats", str(repeats),
            "--threads", str(threads)]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if out.returncode != 0:
         raise SystemExit(f"worker {backend} {size} failed:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def compare(sizes, rank: int, repeats: int, procs: int, threads: int,
+            script: str = __file__) -> dict:
+    """Every size on the reference and the Numba backend (``procs`` fresh processes each,
+    the two backends alternating), printed as a table with the reference / numba ratios;
+    returns the ratios per size: {size: {"fwd+bwd": x, "memory": x}}."""
+    rows = {(backend, size): [] for size in sizes for backend in ("reference", "numba")}
+    for size in sizes:
+        for _ in range(procs):
+            for backend in ("reference", "numba"):
+                rows[backend, size].append(run_case(backend, size, repeats, threads, script))
+    head = (f"{'size':>7} {'backend':>9} {'forward s':>10} {'fwd+bwd s (min-max)':>22} "
+            f"{'extra peak MiB':>15} {'saved MiB':>10}")
+    print(head)
+    print("-" * len(head))
+    ratios = {}
+    for size in sizes:
+        merged = {}
+        for backend in ("reference", "numba"):
+            runs = rows[backend, size]
+            r = merged[backend] = {
+                "fwd": statistics.median(t for run in runs for t in run["fwd"]),
+                "total": [t for run in runs for t in run["total"]],
+                "extra": statistics.median(run["extra_peak_mib"] for run in runs),
+                "saved": runs[0]["saved_mib"]}
+            tot = r["total"]
+            print(f"{size:>4}^{rank} {backend:>9} {r['fwd']:>10.3f} "
+                  f"{statistics.median(tot):>8.3f} ({min(tot):.3f}-{max(tot):.3f}) "
+                  f"{r['extra']:>15.1f} {r['saved']:>10.1f}")
+        ref, fused = merged["reference"], merged["numba"]
+        speed = statistics.median(ref["total"]) / statistics.median(fused["total"])
+        mem = ref["extra"] / max(fused["extra"], 1e-3)
+        print(f"{size:>4}^{rank} {'ratio':>9} {ref['fwd'] / fused['fwd']:>9.1f}x {speed:>21.1f}x "
+              f"{mem:>14.1f}x {ref['saved'] / max(fused['saved'], 1e-9):>9.1f}x   "
+              f"(reference / numba)")
+        ratios[size] = {"fwd+bwd": speed, "memory": mem}
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+    return ratios
 
 
 def main(argv=None) -> None:
@@ -248,34 +306,7 @@ def main(argv=None) -> None:
 
     print(f"PacConv2d({C_IN}, {C_OUT}, {K}, padding={PAD}), guide {GUIDE} ch, batch {BATCH}, "
           f"float32, {args.threads} threads; load average {os.getloadavg()[0]:.1f}")
-    rows = {}
-    for size in args.sizes:
-        for backend in ("reference", "numba"):
-            runs = [run_case(backend, size, args.repeats, args.threads) for _ in range(args.procs)]
-            rows[backend, size] = {
-                "fwd": [t for r in runs for t in r["fwd"]],
-                "total": [t for r in runs for t in r["total"]],
-                "extra": statistics.median(r["extra_peak_mib"] for r in runs),
-                "saved": runs[0]["saved_mib"],
-            }
-    head = (f"{'size':>7} {'backend':>9} {'forward s':>10} {'fwd+bwd s (min-max)':>22} "
-            f"{'extra peak MiB':>15} {'saved MiB':>10}")
-    print(head)
-    print("-" * len(head))
-    for size in args.sizes:
-        for backend in ("reference", "numba"):
-            r = rows[backend, size]
-            tot = r["total"]
-            print(f"{size:>4}^2 {backend:>9} {statistics.median(r['fwd']):>10.3f} "
-                  f"{statistics.median(tot):>8.3f} ({min(tot):.3f}-{max(tot):.3f}) "
-                  f"{r['extra']:>15.1f} {r['saved']:>10.1f}")
-        ref, fused = rows["reference", size], rows["numba", size]
-        speed = statistics.median(ref["total"]) / statistics.median(fused["total"])
-        fspeed = statistics.median(ref["fwd"]) / statistics.median(fused["fwd"])
-        mem = ref["extra"] / max(fused["extra"], 1e-3)
-        print(f"{size:>4}^2 {'ratio':>9} {fspeed:>9.1f}x {speed:>21.1f}x {mem:>14.1f}x "
-              f"{ref['saved'] / max(fused['saved'], 1e-9):>9.1f}x   (reference / numba)")
-    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+    compare(args.sizes, 2, args.repeats, args.procs, args.threads)
     run_user_code(args.user_procs, args.repeats)
 
 

@@ -72,8 +72,7 @@ def run(args: argparse.Namespace) -> int:
     if not found:
         table.add_row("(none)", "the net has no scalar outputs and the data no metric")
     con.print(table)
-    compare = baseline_table(record, name, _data_options(tree, args.net),
-                             f"{args.split} set: net vs bilinear upsampling")
+    compare = baseline_table(record, name, _data_options(tree, args.net), f"{args.split} set: net")
     if compare is not None:
         con.print(compare)
     if args.save_predictions:

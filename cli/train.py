@@ -117,29 +117,39 @@ def results_line(record: Mapping[str, Any]) -> str:
     return ", ".join(f"{k} = {fmt(v)}" for k, v in results(record).items()) or "no results"
 
 
-def baseline_table(record: Mapping[str, Any], name: str, data: Mapping[str, Any], title: str):
-    """A rich Table: the net's RMSE/EPE against bilinear's and, where the README of the PAC
+def baseline_name(data: Mapping[str, Any]) -> str:
+    """The baseline upsampling of the resolved ``data`` options: ``trilinear`` for clips
+    (``synthetic_video`` without ``per_frame``; the clip length is kept, so it is bilinear
+    upsampling of each frame), else ``bilinear``."""
+    clips = data.get("dataset") == "synthetic_video" and not data.get("per_frame")
+    return "trilinear" if clips else "bilinear"
+
+
+def baseline_table(record: Mapping[str, Any], name: str, data: Mapping[str, Any], what: str):
+    """A rich Table titled "``what`` vs <baseline> upsampling": the net's RMSE/EPE against
+    the baseline's (:func:`baseline_name`) and, for images where the README of the PAC
     original has figures for the factor (``data``: the resolved data options), those (NYU
-    v2 RMSE in cm, Sintel EPE); on NYU the RMSE is shown in cm, as there.  None when the
-    record has no baseline."""
+    v2 RMSE in cm, Sintel EPE; not for clips, which the paper has no figures of); on NYU the
+    RMSE is shown in cm, as there.  None when the record has no baseline."""
     from rich.table import Table
 
     metric = next((m for m in ("rmse", "epe") if f"bilinear_{m}" in record and m in record), None)
     if metric is None:
         return None
     own, base = record[metric], record[f"bilinear_{metric}"]
-    readme = README_FIGURES.get((metric, data.get("factor")))
+    baseline = baseline_name(data)
+    readme = README_FIGURES.get((metric, data.get("factor"))) if baseline == "bilinear" else None
     scale, unit = (100, " (cm)") if metric == "rmse" and data.get("dataset") == "nyu" else (1, "")
-    table = Table(title=title, header_style="bold")
+    table = Table(title=f"{what} vs {baseline} upsampling", header_style="bold")
     table.add_column("method")
     table.add_column(f"{metric.upper()}{unit}", justify="right")
-    table.add_column("ratio to bilinear", justify="right")
+    table.add_column(f"ratio to {baseline}", justify="right")
     if readme is not None:
-        what = "NYU v2 RMSE (cm)" if metric == "rmse" else "Sintel EPE"
-        table.add_column(f"README x{data['factor']}: {what}", justify="right")
+        figures = "NYU v2 RMSE (cm)" if metric == "rmse" else "Sintel EPE"
+        table.add_column(f"README x{data['factor']}: {figures}", justify="right")
         table.add_column("README ratio", justify="right")
     ratio = own / base if base else float("nan")
-    table.add_row("bilinear", fmt(scale * base), "1", *((fmt(readme[0]), "1") if readme else ()))
+    table.add_row(baseline, fmt(scale * base), "1", *((fmt(readme[0]), "1") if readme else ()))
     table.add_row(name, fmt(scale * own), f"{ratio:.3f}",
                   *((f"{fmt(readme[1])} (PacJointUpsample)", f"{readme[1] / readme[0]:.3f}")
                     if readme else ()))
@@ -398,6 +408,6 @@ def _summary(con, display: _Display, summary: Mapping[str, Any], name: str,
         table.add_row("test", "no test pass (set solver.test_interval, or run 'pacnet test')")
     con.print(table)
     if test:
-        compare = baseline_table(test, name, data, "test set: trained net vs bilinear upsampling")
+        compare = baseline_table(test, name, data, "test set: trained net")
         if compare is not None:
             con.print(compare)

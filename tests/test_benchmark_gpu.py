@@ -37,7 +37,7 @@ def test_runs_end_to_end_on_the_cpu():
     out = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--quick",
                           "--repeats", "1"], capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    for row in ("PacConv2d(8, 8, 5)", "PacConvTranspose2d", "PacCRF", "segaware conv3",
-                "main job"):
+    for row in ("PacConv2d(8, 8, 5)", "PacConv3d(4, 4, 3)", "PacConvTranspose2d", "PacCRF",
+                "segaware conv3", "main job"):
         assert row in out.stdout
     assert out.stdout.count("check ") == 2 and "0 failure(s)" in out.stdout

@@ -353,6 +353,27 @@ def test_bilinear_baseline_is_the_upsampled_target_in_metres():
     assert "bilinear_epe" not in result
 
 
+@pytest.mark.parametrize("data, baseline, readme", [
+    ({"dataset": "synthetic_video", "factor": 8}, "trilinear", False),
+    ({"dataset": "synthetic_video", "factor": 8, "per_frame": True}, "bilinear", True),
+    ({"dataset": "synthetic_depth", "factor": 8}, "bilinear", True),
+    ({"dataset": "synthetic_depth", "factor": 3}, "bilinear", False),  # no figures for x3
+])
+def test_closing_table_puts_clips_beside_trilinear_and_images_beside_the_readme(data, baseline,
+                                                                                   readme):
+    from rich.console import Console
+
+    from pacnet.cli.train import baseline_table
+
+    con = Console(width=200, record=True)
+    con.print(baseline_table({"rmse": 0.5, "bilinear_rmse": 2.0}, "net", data, "test set: net"))
+    out = " ".join(con.export_text().split())
+    assert f"test set: net vs {baseline} upsampling" in out and f"ratio to {baseline}" in out
+    assert f"│ {baseline} │ 2 │ 1 │" in out and "│ net │ 0.5 │ 0.250 │" in out
+    assert ("README x8: NYU v2 RMSE (cm)" in out and "4.59 (PacJointUpsample)" in out) is readme
+    assert ("README" in out) is readme
+
+
 def test_test_verb_prints_rmse_beside_bilinear(net_file, reference, tmp_path, capsys):
     last = [r for r in WorkDir(str(reference), tensorboard=False).read_metrics("test")][-1]
     out_dir = tmp_path / "pred"

@@ -111,6 +111,7 @@ SLOW_ZOO = {
     "pspnet/pspnet101_cityscapes": (None, {}),
     "jointupsample/djif_x4": (4, {}),
     "jointupsample/djif_x16": (2, {}),
+    "jointupsample/pac_joint_upsample_video_x8": (None, {}),  # 5-D: the file's 8 x 64 x 64 clips
     "fcn/fcn8s_convcrf": (32, {}),
     "fcn/fcn8s_crfi5lp4d5641p4d5161": (32, {}),
     "fcn/fcn8s_crfi5p4d5321": (32, {}),

@@ -1,10 +1,11 @@
-"""A 3-D net end to end: the video joint-upsampling skeleton on 5-D blobs.
+"""3-D nets end to end: the video joint-upsampling skeleton on 5-D blobs, and the zoo net.
 
-The net of the 3-D zoo entry (the joint-upsampling blocks with per-axis windows over
-T x H x W, guides resized trilinearly), with plain Deconvolution where the zoo net will use
-PacConvTranspose on 5-D bottoms: it compiles through the shared blocks, infers shapes,
-FLOPs and parameters, runs forward and backward, and trains with ``pacnet train`` on the
-built-in ``synthetic_video`` clips.
+The skeleton of the 3-D zoo net (the joint-upsampling blocks with per-axis windows over
+T x H x W, guides resized trilinearly), with plain Deconvolution where the zoo net
+(jointupsample/pac_joint_upsample_video_x8) uses PacConvTranspose on 5-D bottoms: it
+compiles through the shared blocks, infers shapes, FLOPs and parameters, runs forward and
+backward, and trains with ``pacnet train`` on the built-in ``synthetic_video`` clips.  The
+zoo net itself takes its own data section's clips and learns through each PAC layer.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 import pacnet
 from pacnet.cli.main import main
+from pacnet.cli.train import fmt
 from pacnet.load import zoo_path
 
 BLOCKS = zoo_path("common/pac_joint_upsample_blocks")
@@ -113,4 +115,66 @@ def test_video_skeleton_trains_on_synthetic_video(net_file, tmp_path, capsys):
     assert test["step"] == 3 and test["rmse"] > 0 and test["bilinear_rmse"] > 0
     assert [r["step"] for r in records if r.get("phase") == "train"] == [0, 1, 2]
     assert (work / "checkpoints" / "iter_00000003.safetensors").exists()
-    assert "rmse/bilinear" in capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())
+    assert "rmse/bilinear" in out  # the record's key
+    # the closing table: clips beside trilinear upsampling, no image figures of the README
+    assert "test set: trained net vs trilinear upsampling" in out and "README" not in out
+    assert f"│ trilinear │ {fmt(test['bilinear_rmse'])} │ 1 │" in out
+
+
+def test_zoo_video_net_takes_its_own_clips_and_learns_through_every_pac_layer():
+    """jointupsample/pac_joint_upsample_video_x8: its data: section gives 4-frame 48 x 48
+    training clips (8 full frames to test), and one train-phase step on (a corner of) a clip
+    sends gradients into each 3-D PacConvTranspose."""
+    from pacnet.engine.data import make_dataset, parse_data
+    from pacnet.load import load
+
+    name = "jointupsample/pac_joint_upsample_video_x8"
+    tree = load(name)
+    train, test = parse_data(tree["data"], "train"), parse_data(tree["data"], "test")
+    assert (train["dataset"], train["factor"], train["frames"]) == ("synthetic_video", 8, 4)
+    assert (test["frames"], test["height"]) == (8, 64)
+    sample = make_dataset(tree["data"], "train")[0]
+    assert sample["guide"].shape == (3, 4, 48, 48) and sample["target"].shape == (1, 4, 6, 6)
+    crop = {"target": (slice(2), slice(2), slice(2)), "guide": (slice(2), slice(16), slice(16))}
+    crop["gt"] = crop["guide"]  # a 2-frame 16 x 16 corner of the clip, to keep the step cheap
+    batch = {k: torch.as_tensor(sample[k])[None][(Ellipsis, *crop[k])] for k in crop}
+    torch.manual_seed(0)
+    net = pacnet.build(name, phase="train", inputs={k: tuple(v.shape) for k, v in batch.items()})
+    out = net(**batch)
+    assert net.shapes["pred"] == (1, 1, 2, 16, 16) and out["loss"] > 0
+    net.total_loss(out).backward()
+    for i in range(3):
+        assert net.get_submodule(f"up_convts/{i}").weight.grad.abs().sum() > 0
+
+
+def test_zoo_video_net_with_centre_frame_weights_is_the_image_net_frame_by_frame():
+    """The video net holds the image net: the image net's weights as the centre frame slice of
+    each 3-D window (zero elsewhere) give the image net's prediction on every frame (float64,
+    a 3-frame clip, 2 x 3 low-res), through 5-D convolutions, trilinear guide resizes and 3-D
+    PacConvTranspose layers whose adaptive kernels see the neighbouring frames."""
+    t, h, w = 3, 2, 3
+    image = pacnet.build("jointupsample/pac_joint_upsample_x8",
+                         inputs={"target": (1, 1, h, w), "guide": (1, 3, 8 * h, 8 * w)}).double()
+    video = pacnet.build("jointupsample/pac_joint_upsample_video_x8",
+                         inputs={"target": (1, 1, t, h, w), "guide": (1, 3, t, 8 * h, 8 * w)})
+    video = video.double()
+    torch.manual_seed(0)
+    weights = {}
+    for key, value in image.state_dict().items():
+        value = torch.randn_like(value) * 0.2  # not the fillers: biases and all taps matter
+        weights[key] = value
+        if value.dim() == 4:  # a 2-D window -> the centre frame of the video net's window
+            depth = video.state_dict()[key].shape[2]
+            value = torch.zeros(value.shape[:2] + (depth,) + value.shape[2:], dtype=value.dtype)
+            value[:, :, depth // 2] = weights[key]
+        video.state_dict()[key].copy_(value)
+    image.load_state_dict(weights)
+    g = torch.Generator().manual_seed(1)
+    target = torch.rand(1, 1, t, h, w, generator=g, dtype=torch.float64)
+    guide = torch.rand(1, 3, t, 8 * h, 8 * w, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        clip = video(target, guide)["pred"]
+        frames = [image(target[:, :, i], guide[:, :, i])["pred"] for i in range(t)]
+    assert clip.shape == (1, 1, t, 8 * h, 8 * w)
+    torch.testing.assert_close(clip, torch.stack(frames, 2), rtol=1e-10, atol=1e-10)

@@ -115,6 +115,14 @@ EXPECTED = {
     "jointupsample/pac_joint_upsample_lite_x8": ({}, {"g": (1, 36, 256, 256), "pred": (1, 1, 256, 256)}, 56_273),
     "jointupsample/pac_joint_upsample_lite_x16": ({}, {"g": (1, 40, 256, 256), "guide0": (1, 10, 32, 32),
                                                        "pred": (1, 1, 256, 256)}, 55_777),
+    # the video net: the x8 net with 3x5x5 up-convolutions, counted from the architecture:
+    # branch_t 832 + 2 x 25632, branch_g 2432 + 25632 + 38448, up_convts 3 x 76832,
+    # branch_f 25632 + 801
+    "jointupsample/pac_joint_upsample_video_x8": ({}, {"t": (1, 32, 8, 8, 8), "g": (1, 48, 8, 64, 64),
+                                                       "guide0": (1, 16, 8, 16, 16),
+                                                       "guide1": (1, 16, 8, 32, 32),
+                                                       "up0": (1, 32, 8, 16, 16),
+                                                       "pred": (1, 1, 8, 64, 64)}, 375_537),
     "jointupsample/djif_x8": ({}, {"target_up": (1, 1, 256, 256), "t": (1, 1, 256, 256),
                                    "pred": (1, 1, 256, 256)}, 56_323),
     "fcn/fcn8s_altpad": ({}, {"pool5": (1, 512, 16, 16), "fc7": (1, 4096, 16, 16),
