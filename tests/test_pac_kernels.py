@@ -261,11 +261,14 @@ def test_conv_tiles_cover_the_output(monkeypatch, parallel, tile_bytes, want, k,
 
 
 @pytest.mark.parametrize("parallel", [False, True])
-def test_conv_tiles_cross_output_planes(monkeypatch, parallel):
+@pytest.mark.parametrize("s", [(1, 1, 2), (1, 1, 1)])
+def test_conv_tiles_cross_output_planes(monkeypatch, parallel, s):
     """3-D: tiles of 4 output rows (z, y) start and end inside planes of 6 rows, and the
-    backward runs in as many phases as the depth window needs."""
+    backward runs in as many phases as the depth window needs.  With stride 1 the rows of a
+    tile that read consecutive input rows are done as runs (one stretch of the input each,
+    cut at the planes' and the input's edges)."""
     gen = _gen(8)
-    b, c, o, sizes, k, s, p, d = 2, 2, 3, (4, 6, 7), (3, 3, 3), (1, 1, 2), (1, 1, 1), (1, 1, 1)
+    b, c, o, sizes, k, p, d = 2, 2, 3, (4, 6, 7), (3, 3, 3), (1, 1, 1), (1, 1, 1)
     out = R.out_size(sizes, k, s, p, d)
     monkeypatch.setattr(cpu, "_TILE_BYTES", 4 * c * 27 * out[2] * 8)
     monkeypatch.setattr(runtime, "PARALLEL_MIN_WORK", 0 if parallel else 1 << 62)

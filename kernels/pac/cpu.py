@@ -344,10 +344,49 @@ def _dist_bwd_chunk(ch, phase, gD, f, ctr, has_ctr, ks, ss, ps, ds, ins, oh, asy
 # x/gx [B, C, D*H, W]; K/gK [B, 1, k3, rows, ow]; out/g flat [B*O*rows*ow]; cols/G [R, P].
 
 @njit(cache=True)
+def _run(z, y, tz, ty, left, fast, ss, ps, ds, ins, oh):
+    """``(q, n)``: the input row ``q`` that tap ``(tz, ty)`` of output row ``(z, y)`` reads
+    (-1 outside the input) and how many output rows from there (at most ``left``) are done
+    as one *run*.  With ``fast`` (stride 1 along H and W, input and output rows of one width,
+    see :func:`_fast`) the rows of a run read consecutive input rows, so their taps are one
+    contiguous stretch of the input (with a few wrong values where a row's window hangs over
+    its edge, which the callers zero): a run goes to the end of the plane or of the input's
+    rows.  Otherwise a run is one row."""
+    q = _in_row(z, y, tz, ty, ss, ps, ds, ins)
+    if q < 0 or not fast:
+        return q, 1
+    return q, min(left, oh - y, ins[1] - (y - ps[1] + ty * ds[1]))
+
+
+@njit(cache=True)
+def _fast(ss, ins, ow):
+    """Whether runs of rows are contiguous stretches of the input (see :func:`_run`)."""
+    return ss[1] == 1 and ss[2] == 1 and ins[2] == ow
+
+
+@njit(cache=True)
+def _next(z, y, n, oh):
+    """Output row ``(z, y)`` moved on by ``n`` rows of a run (never past its plane's end)."""
+    y += n
+    if y >= oh:
+        y -= oh
+        z += 1
+    return z, y
+
+
+@njit(cache=True)
+def _zero_edges(a, n, ow, lo, hi):
+    """Zero the columns outside ``[lo, hi)`` of the ``n`` rows (of ``ow``) of flat ``a``."""
+    for i in range(n):
+        a[i * ow:i * ow + lo] = 0
+        a[i * ow + hi:(i + 1) * ow] = 0
+
+
+@njit(cache=True)
 def _cols_row(r, x, K, b, r0, nr, ks, ss, ps, ds, ins, oh, cols):
     """Row ``r = c*k3 + t`` of the modulated columns ``cols`` [R, nr*ow] of output rows
     ``[r0, r0+nr)`` of image ``b``."""
-    ow = K.shape[4]
+    rows, ow = K.shape[3], K.shape[4]
     k3 = K.shape[2]
     sw = ss[2]
     c = r // k3
@@ -357,35 +396,40 @@ def _cols_row(r, x, K, b, r0, nr, ks, ss, ps, ds, ins, oh, cols):
     lo, hi = _jrange(off, sw, ins[2], ow)
     m = hi - lo
     st = lo * sw + off
+    fast = _fast(ss, ins, ow)
+    xf = x[b, c].reshape(x.shape[2] * x.shape[3])
+    kf = K[b, 0, t].reshape(rows * ow)
     z = r0 // oh
     y = r0 - z * oh
-    for rr in range(nr):
-        q = _in_row(z, y, tz, ty, ss, ps, ds, ins)
-        dst = cols[r, rr * ow:(rr + 1) * ow]
+    rr = 0
+    while rr < nr:
+        q, n = _run(z, y, tz, ty, nr - rr, fast, ss, ps, ds, ins, oh)
+        dst = cols[r, rr * ow:(rr + n) * ow]
         if q < 0 or m <= 0:
             dst[:] = 0
         else:
-            dst[:lo] = 0
-            dst[hi:] = 0
-            xr = x[b, c, q]
-            kr = K[b, 0, t, r0 + rr, lo:hi]
+            e = (n - 1) * ow + hi  # the run's taps: dst[lo:e]
+            xs = q * ins[2] + st
+            k0 = (r0 + rr) * ow
             if sw == 1:
-                _mul(dst[lo:hi], kr, xr[st:st + m], m)
+                _mul(dst[lo:e], kf[k0 + lo:k0 + e], xf[xs:xs + e - lo], e - lo)
             else:
-                _mul(dst[lo:hi], kr, xr[st:st + (m - 1) * sw + 1:sw], m)
-        y += 1
-        if y == oh:
-            y = 0
-            z += 1
+                _mul(dst[lo:hi], kf[k0 + lo:k0 + hi], xf[xs:xs + (m - 1) * sw + 1:sw], m)
+            _zero_edges(dst, n, ow, lo, hi)
+        z, y = _next(z, y, n, oh)
+        rr += n
 
 
 @njit(cache=True)
 def _cols_grad_x_plane(c, G, K, b, r0, nr, ks, ss, ps, ds, ins, oh, gx):
     """``gx[b, c] +=`` the tile's column gradient ``G`` [R, nr*ow] times ``K``, scattered
-    back."""
-    ow = K.shape[4]
+    back.  Zeroes the entries of ``G``'s rows ``c*k3 + t`` whose taps lie outside the input
+    (so run after the kernel gradient, which reads them)."""
+    rows, ow = K.shape[3], K.shape[4]
     k3 = K.shape[2]
     sw = ss[2]
+    fast = _fast(ss, ins, ow)
+    gxf = gx[b, c].reshape(gx.shape[2] * gx.shape[3])
     for t in range(k3):
         tz, ty, tx = _tap(t, ks)
         off = tx * ds[2] - ps[2]
@@ -394,54 +438,62 @@ def _cols_grad_x_plane(c, G, K, b, r0, nr, ks, ss, ps, ds, ins, oh, gx):
         if m <= 0:
             continue
         st = lo * sw + off
-        g = G[c * k3 + t]
+        kf = K[b, 0, t].reshape(rows * ow)
         z = r0 // oh
         y = r0 - z * oh
-        for rr in range(nr):
-            q = _in_row(z, y, tz, ty, ss, ps, ds, ins)
-            y += 1
-            if y == oh:
-                y = 0
-                z += 1
-            if q < 0:
-                continue
-            gxr = gx[b, c, q]
-            gr = g[rr * ow + lo:rr * ow + hi]
-            kr = K[b, 0, t, r0 + rr, lo:hi]
-            if sw == 1:
-                _fma(gxr[st:st + m], gr, kr, m)
-            else:
-                _fma(gxr[st:st + (m - 1) * sw + 1:sw], gr, kr, m)
+        rr = 0
+        while rr < nr:
+            q, n = _run(z, y, tz, ty, nr - rr, fast, ss, ps, ds, ins, oh)
+            if q >= 0:
+                g = G[c * k3 + t, rr * ow:(rr + n) * ow]
+                xs = q * ins[2] + st
+                k0 = (r0 + rr) * ow
+                if sw == 1:
+                    e = (n - 1) * ow + hi
+                    if n > 1:
+                        _zero_edges(g, n, ow, lo, hi)
+                    _fma(gxf[xs:xs + e - lo], g[lo:e], kf[k0 + lo:k0 + e], e - lo)
+                else:
+                    _fma(gxf[xs:xs + (m - 1) * sw + 1:sw], g[lo:hi], kf[k0 + lo:k0 + hi], m)
+            z, y = _next(z, y, n, oh)
+            rr += n
 
 
 @njit(cache=True)
-def _cols_grad_k_row(it, G, x, b, r0, nr, ks, ss, ps, ds, ins, oh, gK):
-    """``gK[b, 0, t, row] = sum_c G[c*k3 + t, row] * x[b, c, pos(row, t)]`` (``it``
-    enumerates ``(t, rr)``, ``row = r0 + rr``)."""
+def _cols_grad_k_tap(t, G, x, b, r0, nr, ks, ss, ps, ds, ins, oh, gK):
+    """``gK[b, 0, t, row] = sum_c G[c*k3 + t, row] * x[b, c, pos(row, t)]`` for the tile's
+    rows ``row`` in ``[r0, r0+nr)``."""
     C = x.shape[1]
-    k3, ow = gK.shape[2], gK.shape[4]
+    k3, rows, ow = gK.shape[2], gK.shape[3], gK.shape[4]
     sw = ss[2]
-    t = it // nr
-    rr = it % nr
-    row = r0 + rr
     tz, ty, tx = _tap(t, ks)
-    z = row // oh
-    q = _in_row(z, row - z * oh, tz, ty, ss, ps, ds, ins)
     off = tx * ds[2] - ps[2]
     lo, hi = _jrange(off, sw, ins[2], ow)
     m = hi - lo
     st = lo * sw + off
-    gkr = gK[b, 0, t, row]
-    gkr[:] = 0
-    if q < 0 or m <= 0:
-        return
-    for c in range(C):
-        xr = x[b, c, q]
-        gr = G[c * k3 + t, rr * ow + lo:rr * ow + hi]
-        if sw == 1:
-            _fma(gkr[lo:hi], gr, xr[st:st + m], m)
-        else:
-            _fma(gkr[lo:hi], gr, xr[st:st + (m - 1) * sw + 1:sw], m)
+    fast = _fast(ss, ins, ow)
+    gkf = gK[b, 0, t].reshape(rows * ow)
+    z = r0 // oh
+    y = r0 - z * oh
+    rr = 0
+    while rr < nr:
+        q, n = _run(z, y, tz, ty, nr - rr, fast, ss, ps, ds, ins, oh)
+        seg = gkf[(r0 + rr) * ow:(r0 + rr + n) * ow]
+        seg[:] = 0
+        if q >= 0 and m > 0:
+            e = (n - 1) * ow + hi
+            xs = q * ins[2] + st
+            for c in range(C):
+                xf = x[b, c].reshape(x.shape[2] * x.shape[3])
+                gr = G[c * k3 + t, rr * ow:(rr + n) * ow]
+                if sw == 1:
+                    _fma(seg[lo:e], gr[lo:e], xf[xs:xs + e - lo], e - lo)
+                else:
+                    _fma(seg[lo:hi], gr[lo:hi], xf[xs:xs + (m - 1) * sw + 1:sw], m)
+            if n > 1:
+                _zero_edges(seg, n, ow, lo, hi)
+        z, y = _next(z, y, n, oh)
+        rr += n
 
 
 @njit(cache=True)
@@ -521,8 +573,8 @@ def _conv_bwd_chunk(ch, nchunks, ph, nphase, g, x, K, w, nr, ks, ss, ps, ds, ins
         if need_x or need_k:
             gemm(True, False, R, P, O, 1.0, w, 0, R, g, g0, plane, 0.0, buf, 0, P)
             if need_k:
-                for i in range(k3 * m):
-                    _cols_grad_k_row(i, G, x, b, r0, m, ks, ss, ps, ds, ins, oh, gK)
+                for t in range(k3):
+                    _cols_grad_k_tap(t, G, x, b, r0, m, ks, ss, ps, ds, ins, oh, gK)
             if need_x:
                 for c in range(C):
                     _cols_grad_x_plane(c, G, K, b, r0, m, ks, ss, ps, ds, ins, oh, gx)
