@@ -25,18 +25,20 @@ twice, alternating processes: with the kernel runtime's default (Numba's paralle
 torch's OpenMP pool) and with ``PACNET_SHARED_OPENMP=0`` (two OpenMP pools, the old
 behaviour), ``--user-procs`` processes each.
 
-Measured (``--sizes 256 --procs 2 --repeats 4 --user-procs 2``; AMD EPYC, 2 cores shared
-with other users' test runs, load average 4.6-6.9 -- not an idle figure; torch 2.13 CPU,
-numba 0.68; ``pac_conv`` as per-thread column tiles contracted by MKL inside one parallel
-region per pass):
+Measured (``--sizes 256 --procs 2 --repeats 4``; AMD EPYC, 2 cores, otherwise quiet: load
+average 1.3-2.1 including the benchmark's own busy process; torch 2.13 CPU, numba 0.68;
+``pac_conv`` as per-thread column tiles contracted by MKL inside one parallel region per
+pass, rows of a tile done as runs):
 
     size  backend    forward s  fwd+bwd s (min-max)  extra peak MiB  saved MiB
-    256^2 reference      3.853  9.487 (8.786-9.780)          1383.7      529.1
-    256^2 numba          0.299  0.971 (0.788-1.101)           106.3       32.6
-          ratio          12.9x                 9.8x           13.0x      16.2x
-    user-code row: runtime default PAC 1290 ms, conv 845 ms, ratio 1.53;
-                   PACNET_SHARED_OPENMP=0 PAC 1338 ms, conv 830 ms, ratio 1.61
+    256^2 reference      1.467  3.644 (3.000-3.797)          1381.5      529.1
+    256^2 numba          0.086  0.247 (0.210-0.292)           104.0       32.6
+          ratio          17.1x                14.7x           13.3x      16.2x
+    user-code row: runtime default PAC 472 ms, conv 353 ms, ratio 1.33;
+                   PACNET_SHARED_OPENMP=0 PAC 453 ms, conv 344 ms, ratio 1.32
 
+Under load 4.6-6.9 (other engineers' tests) the same design gave 9.8x, 13.0x and a
+user-code ratio of 1.53.
 Under the same load, the previous design (a Numba region and a ``torch.mm`` per 16 MiB
 block, ~100 regions per fwd+bwd) took 2.03 s fwd+bwd against 0.60-0.70 s, and its
 user-code ratio was 5.1-5.3 against 1.4-1.7.

@@ -16,19 +16,19 @@ run.  Exit status 1 when a target is missed.
     python benchmarks/pac3d.py                        # 32^3, 2 processes x 4 iterations
     python benchmarks/pac3d.py --sizes 16 32 48 --procs 3 --repeats 5
 
-Measured (Xeon @ 2.8 GHz, 2 cores shared with other engineers' work, load average 1.6-1.9;
-torch 2.13 CPU, numba 0.68), the default run, then ``--procs 3 --repeats 5 --sizes 32 48``:
+Measured (AMD EPYC, 2 cores, otherwise quiet: load average 0.9-1.3; torch 2.13 CPU, numba
+0.68), ``--procs 3 --repeats 5 --sizes 32 48``:
 
     size  backend    forward s  fwd+bwd s (min-max)  extra peak MiB  saved MiB
-    32^3 reference      0.106  0.291 (0.246-0.354)           216.0       73.3
-    32^3 numba          0.024  0.072 (0.065-0.094)            16.7        5.9
-         ratio           4.5x                 4.0x           12.9x      12.4x
-    32^3 ratio           3.7x                 3.1x           12.4x      12.4x   (second run)
-    48^3 ratio           4.9x                 4.7x            9.6x      12.4x   (second run)
+    32^3 reference      0.119  0.315 (0.257-0.343)           218.0       73.3
+    32^3 numba          0.018  0.051 (0.044-0.059)            14.0        5.9
+         ratio           6.7x                 6.2x           15.6x      12.4x
+    48^3 ratio           9.9x                10.1x            9.6x      12.4x
 
-Timed alone at 32^3 (same load), ``pac_conv`` fwd+bwd takes ~100 ms and ``pac_dist`` ~11 ms;
-of ``pac_conv``, the column gradient's scatter is ~40%, the two column builds ~25%, the GEMMs
-the rest: with rows of 32 voxels the per-row work is short.
+3-D rows are short (32 voxels at 32^3), so ``pac_conv`` does the rows of a tile that read
+consecutive input rows as runs, one contiguous stretch each (before that: 3.1-4.0x at 32^3).
+At 48^3 the fused extra peak (68 MiB: the adaptive kernel K alone is 12 MiB, plus the
+per-thread tiles) is just over 1/10 of the reference's.
 """
 
 from __future__ import annotations
