@@ -383,6 +383,17 @@ def _zero_edges(a, n, ow, lo, hi):
 
 
 @njit(cache=True)
+def _tap_cols(t, ks, ss, ps, ds, ins, ow):
+    """Tap ``t``'s ``(tz, ty, lo, hi, st)``: its depth and height offsets, the output columns
+    ``[lo, hi)`` whose input column is inside the input, and the input column ``st`` of
+    output column ``lo``."""
+    tz, ty, tx = _tap(t, ks)
+    off = tx * ds[2] - ps[2]
+    lo, hi = _jrange(off, ss[2], ins[2], ow)
+    return tz, ty, lo, hi, lo * ss[2] + off
+
+
+@njit(cache=True)
 def _cols_row(r, x, K, b, r0, nr, ks, ss, ps, ds, ins, oh, cols):
     """Row ``r = c*k3 + t`` of the modulated columns ``cols`` [R, nr*ow] of output rows
     ``[r0, r0+nr)`` of image ``b``."""
@@ -391,11 +402,8 @@ def _cols_row(r, x, K, b, r0, nr, ks, ss, ps, ds, ins, oh, cols):
     sw = ss[2]
     c = r // k3
     t = r % k3
-    tz, ty, tx = _tap(t, ks)
-    off = tx * ds[2] - ps[2]
-    lo, hi = _jrange(off, sw, ins[2], ow)
+    tz, ty, lo, hi, st = _tap_cols(t, ks, ss, ps, ds, ins, ow)
     m = hi - lo
-    st = lo * sw + off
     fast = _fast(ss, ins, ow)
     xf = x[b, c].reshape(x.shape[2] * x.shape[3])
     kf = K[b, 0, t].reshape(rows * ow)
@@ -431,13 +439,10 @@ def _cols_grad_x_plane(c, G, K, b, r0, nr, ks, ss, ps, ds, ins, oh, gx):
     fast = _fast(ss, ins, ow)
     gxf = gx[b, c].reshape(gx.shape[2] * gx.shape[3])
     for t in range(k3):
-        tz, ty, tx = _tap(t, ks)
-        off = tx * ds[2] - ps[2]
-        lo, hi = _jrange(off, sw, ins[2], ow)
+        tz, ty, lo, hi, st = _tap_cols(t, ks, ss, ps, ds, ins, ow)
         m = hi - lo
         if m <= 0:
             continue
-        st = lo * sw + off
         kf = K[b, 0, t].reshape(rows * ow)
         z = r0 // oh
         y = r0 - z * oh
@@ -466,11 +471,8 @@ def _cols_grad_k_tap(t, G, x, b, r0, nr, ks, ss, ps, ds, ins, oh, gK):
     C = x.shape[1]
     k3, rows, ow = gK.shape[2], gK.shape[3], gK.shape[4]
     sw = ss[2]
-    tz, ty, tx = _tap(t, ks)
-    off = tx * ds[2] - ps[2]
-    lo, hi = _jrange(off, sw, ins[2], ow)
+    tz, ty, lo, hi, st = _tap_cols(t, ks, ss, ps, ds, ins, ow)
     m = hi - lo
-    st = lo * sw + off
     fast = _fast(ss, ins, ow)
     gkf = gK[b, 0, t].reshape(rows * ow)
     z = r0 // oh
