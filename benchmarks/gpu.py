@@ -105,6 +105,17 @@ def _grad_step(module, inputs, grad):
     return step
 
 
+def _fused_reference_cudnn(pac, conv, x, guide, g, device, repeats, wrap=lambda step: step):
+    """``{"fused", "reference", <conv's class>}`` times of fwd+bwd steps of the PAC layer
+    (its fused kernels, then ``PACNET_BACKEND=reference``) and of the plain convolution of
+    the same shape (cuDNN on a GPU); ``wrap`` puts each step in a context (autocast)."""
+    fused = measure(wrap(_grad_step(pac, (x, guide), g)), device, repeats)
+    with _Backend("reference"):
+        ref = measure(wrap(_grad_step(pac, (x, guide), g)), device, max(2, repeats // 4), 1)
+    cudnn = measure(wrap(_grad_step(conv, (x,), g)), device, repeats)
+    return {"fused": fused, "reference": ref, f"nn.{type(conv).__name__}": cudnn}
+
+
 def rows_pac_conv(device, q, repeats):
     from pacnet.pac import PacConv2d
 
@@ -125,11 +136,7 @@ def rows_pac_conv(device, q, repeats):
                     step()
             return f
         tag = f"PacConv2d({c}, {c}, 5) b{b} {s}^2 fwd+bwd {str(dtype)[6:]}"
-        fused = measure(run(_grad_step(pac, (x, guide), g)), device, repeats)
-        with _Backend("reference"):
-            ref = measure(run(_grad_step(pac, (x, guide), g)), device, max(2, repeats // 4), 1)
-        cudnn = measure(run(_grad_step(conv, (x,), g)), device, repeats)
-        out.append((tag, {"fused": fused, "reference": ref, "nn.Conv2d": cudnn}))
+        out.append((tag, _fused_reference_cudnn(pac, conv, x, guide, g, device, repeats, run)))
     return out
 
 
@@ -143,12 +150,8 @@ def rows_pac_conv3d(device, q, repeats):
     x = torch.randn(b, c, s, s, s, device=device, requires_grad=True)
     guide = torch.randn(b, 4, s, s, s, device=device, requires_grad=True)
     g = torch.randn(b, c, s, s, s, device=device)
-    fused = measure(_grad_step(pac, (x, guide), g), device, repeats)
-    with _Backend("reference"):
-        ref = measure(_grad_step(pac, (x, guide), g), device, max(2, repeats // 4), 1)
-    cudnn = measure(_grad_step(conv, (x,), g), device, repeats)
     return [(f"PacConv3d({c}, {c}, 3) b{b} {s}^3 guide 4 fwd+bwd float32",
-             {"fused": fused, "reference": ref, "nn.Conv3d": cudnn})]
+             _fused_reference_cudnn(pac, conv, x, guide, g, device, repeats))]
 
 
 def rows_conv_transpose(device, q, repeats):
